@@ -1,0 +1,160 @@
+"""The `troughfill` command."""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from troughfill import __version__, api
+from troughfill.api import crdgen
+from troughfill.api.batchfile import check_lines
+from troughfill.api.resource import Resource
+
+KINDS: dict[str, type[Resource]] = {r.crd.kind: r for r in api.RESOURCES}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def examples_dir() -> Path:
+    """The example manifests: shipped inside the wheel, or read from a source checkout."""
+    packaged = Path(str(resources.files("troughfill") / "examples"))
+    return packaged if packaged.is_dir() else REPO_ROOT / "manifests" / "examples"
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    with path.open() as stream:
+        return [doc for doc in yaml.safe_load_all(stream) if doc]
+
+
+def parse_resource(document: dict[str, Any]) -> Resource:
+    """A troughfill custom object from YAML/JSON; raises ValueError naming what is wrong."""
+    kind = document.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not a troughfill resource ({', '.join(KINDS)})")
+    return KINDS[kind].model_validate(document)
+
+
+def describe_error(error: ValidationError) -> list[str]:
+    """One line per problem, with the wire path of the offending field."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(object)"
+        lines.append(f"{where}: {problem['msg']}")
+    return lines
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    rendered = crdgen.render(api.RESOURCES, cel=not args.without_cel)
+    directory = Path(args.output)
+    if args.check:
+        stale = crdgen.stale_files(directory, rendered)
+        if stale:
+            print(f"stale CRDs in {directory}: {', '.join(stale)}; run `troughfill crds`", file=sys.stderr)
+            return 1
+        print(f"{directory}: up to date")
+        return 0
+    crdgen.write(directory, rendered)
+    print(f"wrote {len(rendered)} files to {directory}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failures = 0
+    for name in args.files:
+        for index, document in enumerate(load_documents(Path(name))):
+            label = f"{name}[{index}] {document.get('kind')}/{(document.get('metadata') or {}).get('name')}"
+            try:
+                parse_resource(document)
+            except ValidationError as error:
+                failures += 1
+                print(f"{label}: invalid", *(f"  {line}" for line in describe_error(error)), sep="\n")
+            except ValueError as error:
+                failures += 1
+                print(f"{label}: {error}")
+            else:
+                print(f"{label}: valid")
+    return 1 if failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Everything that runs without a cluster today: parse, admit and check the embedded example."""
+    directory = Path(args.examples) if args.examples else examples_dir()
+    objects: dict[str, Resource] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        for document in load_documents(path):
+            if document.get("kind") in KINDS:
+                objects[document["kind"]] = parse_resource(document)
+    job = objects[api.BatchInference.crd.kind]
+    template = objects.get(api.ModelTemplate.crd.kind)
+    pool = objects.get(api.BatchPool.crd.kind)
+    assert isinstance(job, api.BatchInference)
+    admission = api.admit(
+        job,
+        template if isinstance(template, api.ModelTemplate) else None,
+        pool if isinstance(pool, api.BatchPool) else None,
+    )
+    requests_file = directory / "requests.jsonl"
+    with requests_file.open() as stream:
+        summary = check_lines(stream, job.spec.endpoint)
+    report = {
+        "examples": str(directory),
+        "resources": {kind: obj.metadata.name for kind, obj in sorted(objects.items())},
+        "admission": {
+            "allowed": admission.allowed,
+            "reason": admission.reason.value,
+            "message": admission.message,
+            "priorityClassName": admission.priority_class_name,
+            "namespaceQuotaGPUs": admission.max_gpus,
+        },
+        "input": {
+            "file": str(requests_file),
+            "endpoint": job.spec.endpoint.value,
+            "lines": summary.lines,
+            "valid": summary.valid,
+            "problems": [asdict(p) for p in summary.problems],
+        },
+        "crds": [r.crd.name for r in api.RESOURCES],
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if admission.allowed and summary.valid == summary.lines else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="troughfill", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"troughfill {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    crds = commands.add_parser("crds", help="generate CustomResourceDefinitions from the API models")
+    crds.add_argument(
+        "--output", default=str(REPO_ROOT / "crds"), help="directory (default: the repo's crds/)"
+    )
+    crds.add_argument("--check", action="store_true", help="exit 1 if the directory is not up to date")
+    crds.add_argument(
+        "--without-cel", action="store_true", help="omit x-kubernetes-validations (API servers before 1.25)"
+    )
+    crds.set_defaults(handler=cmd_crds)
+
+    validate = commands.add_parser("validate", help="validate troughfill objects in YAML files")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(handler=cmd_validate)
+
+    demo = commands.add_parser("demo", help="run the embedded example")
+    demo.add_argument("--examples", help="directory with pool, template, BatchInference and requests.jsonl")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Typed operator and worker settings, read from TROUGHFILL_* environment variables."""
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from troughfill import constants
+
+
+class Settings(BaseSettings):
+    """Process-wide settings; everything per job or per pool lives in the custom resources instead."""
+
+    model_config = SettingsConfigDict(env_prefix="TROUGHFILL_", extra="ignore", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Ledger Redis; rediss:// enables TLS."""
+    redis_password: SecretStr | None = None
+    """Overrides any password in redis_url, so the URL can live in a ConfigMap and this in a Secret."""
+    redis_tls_ca_file: str | None = None
+    prometheus_url: str = "http://127.0.0.1:9090"
+    """Default Prometheus for pools that name none."""
+    prometheus_timeout_seconds: float = Field(default=5.0, gt=0)
+    namespace: str = constants.OPERATOR_NAMESPACE
+    """Where the operator itself runs (events about cluster-scoped objects go here)."""
+    watch_namespaces: tuple[str, ...] = ()
+    """Namespaces whose BatchInferences are served; empty means the whole cluster."""
+    reconcile_interval_seconds: float = Field(default=2.0, gt=0)
+    metrics_port: int = Field(default=9090, ge=1, le=65535)
+    health_port: int = Field(default=8080, ge=1, le=65535)

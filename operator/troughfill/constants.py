@@ -1,0 +1,55 @@
+"""Every name troughfill puts on the cluster or in Redis, in one place.
+
+Changing a value here changes a wire format: labels, annotations, the finalizer and
+Redis key prefixes are read back by older and newer operator versions alike.
+"""
+
+from typing import Final
+
+API_GROUP: Final = "troughfill.io"
+API_VERSION: Final = "v1alpha1"
+GROUP_VERSION: Final = f"{API_GROUP}/{API_VERSION}"
+
+KIND_BATCH_INFERENCE: Final = "BatchInference"
+KIND_BATCH_POOL: Final = "BatchPool"
+KIND_MODEL_TEMPLATE: Final = "ModelTemplate"
+
+# Kopf's own annotations (progress, last-handled-configuration) live under this prefix
+# instead of kopf.zalando.org, so two operators on one cluster never read each other's state.
+ANNOTATION_PREFIX: Final = "troughfill.io"
+FINALIZER: Final = "troughfill.io/finalizer"
+
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_JOB_NAME: Final = "troughfill.io/batchinference"
+LABEL_JOB_UID: Final = "troughfill.io/batchinference-uid"
+LABEL_POOL: Final = "troughfill.io/pool"
+LABEL_TEMPLATE: Final = "troughfill.io/template"
+PART_OF_VALUE: Final = "troughfill"
+COMPONENT_WORKER: Final = "batch-worker"
+COMPONENT_OPERATOR: Final = "operator"
+
+# Kubernetes honours this annotation (1.22+) when a ReplicaSet picks pods to remove;
+# the operator sets it from progress so the cheapest worker goes first where it applies.
+ANNOTATION_POD_DELETION_COST: Final = "controller.kubernetes.io/pod-deletion-cost"
+
+# The PriorityClass batch workers run at unless the pool allows another for the namespace.
+DEFAULT_BATCH_PRIORITY_CLASS: Final = "troughfill-batch"
+# Below the default priority (0) of any pod that names no class, so online serving always wins.
+DEFAULT_BATCH_PRIORITY_VALUE: Final = -100
+
+DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
+OPERATOR_NAMESPACE: Final = "troughfill-system"
+
+REDIS_KEY_PREFIX: Final = "troughfill"
+
+# Bounds shared by the API models, the generated CRDs and the admission checks.
+MAX_COMPLETION_WINDOW: Final = "168h"
+MIN_COMPLETION_WINDOW: Final = "1m"
+MAX_WORKERS_PER_JOB: Final = 4096
+MAX_RETRY_ATTEMPTS: Final = 20
+MAX_METADATA_KEYS: Final = 16
+MAX_METADATA_KEY_LENGTH: Final = 64
+MAX_METADATA_VALUE_LENGTH: Final = 512
+MAX_CONDITIONS: Final = 16
