@@ -139,6 +139,3 @@ class ResourceRequirements(ApiModel):
 class EnvVar(ApiModel):
     name: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)]
     value: Annotated[str, StringConstraints(max_length=32768)] = ""
-
-
-import troughfill.cli  # noqa

@@ -1,0 +1,238 @@
+"""Start and stop real redis-server and prometheus processes on free loopback ports."""
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the kernel's pick, released at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def find_binary(name: str, fallback_dirs: Sequence[str] = ("/usr/bin", "/usr/sbin")) -> str:
+    found = shutil.which(name) or next(
+        (str(Path(d) / name) for d in fallback_dirs if (Path(d) / name).is_file()), None
+    )
+    if found is None:
+        raise FileNotFoundError(f"{name} not found; run scripts/setup.sh (it installs the Debian package)")
+    return found
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its own session (so a stop reaches everything it spawned) and a log file."""
+
+    name: str
+    args: list[str]
+    workdir: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        atexit.register(self.stop)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def check_alive(self) -> None:
+        if not self.running():
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; safe to call twice."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex((LOOPBACK, port)) == 0
+
+
+@dataclass
+class RedisServer:
+    port: int
+    workdir: Path
+    appendonly: bool
+    password: str | None
+    managed: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
+
+    def restart(self) -> None:
+        """Start again on the same port and data directory (after `stop` or `kill`)."""
+        self.managed.stop()
+        self.managed = _launch_redis(self.port, self.workdir, self.appendonly, self.password)
+
+    def stop(self) -> None:
+        self.managed.stop()
+
+
+def _launch_redis(port: int, workdir: Path, appendonly: bool, password: str | None) -> ManagedProcess:
+    args = [
+        find_binary("redis-server"),
+        "--bind",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--dir",
+        str(workdir),
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+    ]
+    if appendonly:
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+    if password:
+        args += ["--requirepass", password]
+    managed = ManagedProcess("redis", args, workdir)
+
+    def ready() -> bool:
+        managed.check_alive()
+        return _port_open(port)
+
+    wait_until(ready, 20, f"redis-server on port {port}")
+    return managed
+
+
+def start_redis(workdir: Path, *, appendonly: bool = True, password: str | None = None) -> RedisServer:
+    """A redis-server on a free loopback port, AOF with fsync every second unless told otherwise."""
+    port = free_port()
+    return RedisServer(
+        port, workdir, appendonly, password, _launch_redis(port, workdir, appendonly, password)
+    )
+
+
+@dataclass
+class PrometheusServer:
+    port: int
+    workdir: Path
+    managed: ManagedProcess
+    scrape_interval: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def set_targets(self, targets: Sequence[str]) -> None:
+        """Replace the scraped targets and reload the configuration in place."""
+        _write_prometheus_config(self.workdir, targets, self.scrape_interval)
+        request = urllib.request.Request(f"{self.url}/-/reload", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+
+    def stop(self) -> None:
+        self.managed.stop()
+
+
+def _write_prometheus_config(workdir: Path, targets: Sequence[str], scrape_interval: str) -> Path:
+    config = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "scrape_configs": [{"job_name": "targets", "static_configs": [{"targets": list(targets)}]}],
+    }
+    path = workdir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _prometheus_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def start_prometheus(
+    workdir: Path, targets: Sequence[str] = (), scrape_interval: str = "1s"
+) -> PrometheusServer:
+    """A Prometheus server on a free loopback port scraping `targets` (host:port) every `scrape_interval`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = _write_prometheus_config(workdir, targets, scrape_interval)
+    port = free_port()
+    managed = ManagedProcess(
+        "prometheus",
+        [
+            find_binary("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address={LOOPBACK}:{port}",
+            "--web.enable-lifecycle",
+            "--storage.tsdb.retention.time=1d",
+        ],
+        workdir,
+    )
+    server = PrometheusServer(port, workdir, managed, scrape_interval)
+
+    def ready() -> bool:
+        managed.check_alive()
+        return _prometheus_ready(server.url)
+
+    wait_until(ready, 30, f"prometheus on port {port}")
+    return server
