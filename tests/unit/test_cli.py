@@ -1,0 +1,72 @@
+"""The `troughfill` command, run in-process."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.builders import batch_inference
+from troughfill.cli import main
+
+
+def test_crds_check_fails_when_stale_then_passes_after_generation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["crds", "--output", str(tmp_path), "--check"]) == 1
+    assert "run `troughfill crds`" in capsys.readouterr().err
+    assert main(["crds", "--output", str(tmp_path)]) == 0
+    assert main(["crds", "--output", str(tmp_path), "--check"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "batchinferences.troughfill.io.yaml",
+        "batchpools.troughfill.io.yaml",
+        "kustomization.yaml",
+        "modeltemplates.troughfill.io.yaml",
+    ]
+
+
+def test_crds_without_cel_for_old_api_servers(tmp_path: Path) -> None:
+    assert main(["crds", "--output", str(tmp_path), "--without-cel"]) == 0
+    assert not any("x-kubernetes-validations" in p.read_text() for p in tmp_path.iterdir())
+
+
+def test_validate_reports_each_problem_with_its_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump_all(
+            [
+                batch_inference(name="good"),
+                batch_inference(name="bad", minWorkers=5, maxWorkers=1, inputURL="ftp://x"),
+                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}},
+            ]
+        )
+    )
+    assert main(["validate", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "BatchInference/good: valid" in out
+    assert "spec.inputURL: String should match pattern" in out
+    assert "kind 'Pod' is not a troughfill resource" in out
+
+
+def test_validate_accepts_the_examples(repo_root: Path) -> None:
+    examples = sorted(str(p) for p in (repo_root / "manifests" / "examples").glob("*.yaml") if p.stem != "kustomization")
+    assert main(["validate", *examples]) == 0
+
+
+def test_demo_admits_the_embedded_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["admission"]["allowed"] is True
+    assert report["admission"]["priorityClassName"] == "troughfill-batch"
+    assert report["input"]["lines"] == report["input"]["valid"] == 40
+
+
+def test_demo_fails_on_a_refused_job(tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    examples = repo_root / "manifests" / "examples"
+    for path in examples.iterdir():
+        (tmp_path / path.name).write_text(path.read_text())
+    job = yaml.safe_load((examples / "batchinference.yaml").read_text())
+    job["spec"]["engineArgs"] = [{"name": "enforce-eager", "value": "true"}]
+    (tmp_path / "batchinference.yaml").write_text(yaml.safe_dump(job))
+    assert main(["demo", "--examples", str(tmp_path)]) == 1
+    assert json.loads(capsys.readouterr().out)["admission"]["reason"] == "EngineArgNotAllowed"
