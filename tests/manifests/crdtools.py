@@ -1,8 +1,8 @@
 """Validate objects against a generated CRD the way an API server would, without one.
 
 Two halves: the OpenAPI schema (types, patterns, bounds, enums) through jsonschema's
-Draft 4 validator (OpenAPI 3.0 schemas are Draft 4 plus `nullable`), with unknown fields refused as kubectl's default strict field
-validation does, and every
+Draft 4 validator (OpenAPI 3.0 schemas are Draft 4 plus `nullable`), with unknown
+fields refused as kubectl's default strict field validation does, and every
 x-kubernetes-validations rule through cel-python, a real CEL interpreter, with the
 schema's defaults applied first (the API server defaults before it validates).
 """
@@ -50,7 +50,9 @@ def _to_draft4(schema: Any) -> Any:
         return [_to_draft4(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _to_draft4(v) for k, v in schema.items() if not k.startswith("x-kubernetes") and k != "nullable"}
+    out = {
+        k: _to_draft4(v) for k, v in schema.items() if not k.startswith("x-kubernetes") and k != "nullable"
+    }
     if "properties" in schema:
         out["properties"] = {name: _to_draft4(child) for name, child in schema["properties"].items()}
         # Strict field validation, kubectl's default since 1.27: unknown fields are errors, not pruned.
@@ -123,7 +125,7 @@ def cel_failures(schema: Schema, obj: Any, old: Any = None) -> list[str]:
                 failures += cel_failures(child, obj[name], old_child)
         values = schema.get("additionalProperties")
         if isinstance(values, dict):
-            for key, value in obj.items():
+            for value in obj.values():
                 failures += cel_failures(values, value)
     elif isinstance(obj, list) and "items" in schema:
         for item in obj:

@@ -100,7 +100,8 @@ def test_redis_ledger_is_durable() -> None:
     claims = redis["spec"]["volumeClaimTemplates"]
     assert claims[0]["metadata"]["name"] == "data"
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/data"}
-    assert container["readinessProbe"] and container["livenessProbe"]
+    assert container["readinessProbe"]
+    assert container["livenessProbe"]
 
 
 def test_operator_deployment_has_probes_metrics_and_a_tight_security_context() -> None:
@@ -162,7 +163,7 @@ def test_argocd_applications_point_at_kustomizations_in_order() -> None:
     apps = {}
     for path in (REPO_ROOT / "manifests" / "argocd").glob("*.yaml"):
         app = yaml.safe_load(path.read_text())
-        assert app["apiVersion"] == "argoproj.io/v1alpha1" and app["kind"] == "Application"
+        assert (app["apiVersion"], app["kind"]) == ("argoproj.io/v1alpha1", "Application")
         source = REPO_ROOT / app["spec"]["source"]["path"]
         assert (source / "kustomization.yaml").is_file(), source
         apps[Path(app["spec"]["source"]["path"]).name] = app

@@ -114,4 +114,8 @@ def test_admitted_jobs_get_their_class_and_quota(
     decision = decide(job, template(allowedEngineArgs=["max-num-seqs"]), pool_wire)
     assert decision.allowed, decision.message
     assert decision.reason == Reason.ADMITTED
-    assert (decision.priority_class_name, decision.max_gpus, decision.weight) == (priority_class, max_gpus, weight)
+    assert (decision.priority_class_name, decision.max_gpus, decision.weight) == (
+        priority_class,
+        max_gpus,
+        weight,
+    )

@@ -30,7 +30,9 @@ def test_crds_without_cel_for_old_api_servers(tmp_path: Path) -> None:
     assert not any("x-kubernetes-validations" in p.read_text() for p in tmp_path.iterdir())
 
 
-def test_validate_reports_each_problem_with_its_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_reports_each_problem_with_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         yaml.safe_dump_all(
@@ -49,7 +51,9 @@ def test_validate_reports_each_problem_with_its_path(tmp_path: Path, capsys: pyt
 
 
 def test_validate_accepts_the_examples(repo_root: Path) -> None:
-    examples = sorted(str(p) for p in (repo_root / "manifests" / "examples").glob("*.yaml") if p.stem != "kustomization")
+    examples = sorted(
+        str(p) for p in (repo_root / "manifests" / "examples").glob("*.yaml") if p.stem != "kustomization"
+    )
     assert main(["validate", *examples]) == 0
 
 
@@ -61,7 +65,9 @@ def test_demo_admits_the_embedded_example(capsys: pytest.CaptureFixture[str]) ->
     assert report["input"]["lines"] == report["input"]["valid"] == 40
 
 
-def test_demo_fails_on_a_refused_job(tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_fails_on_a_refused_job(
+    tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     examples = repo_root / "manifests" / "examples"
     for path in examples.iterdir():
         (tmp_path / path.name).write_text(path.read_text())

@@ -20,7 +20,12 @@ T1 = T0 + timedelta(minutes=5)
 
 def test_first_set_appends_with_the_current_time() -> None:
     conditions = set_condition(
-        [], JobConditionType.RUNNING, status=ConditionStatus.TRUE, reason=Reason.WORKERS_READY, message="2 ready", now=T0
+        [],
+        JobConditionType.RUNNING,
+        status=ConditionStatus.TRUE,
+        reason=Reason.WORKERS_READY,
+        message="2 ready",
+        now=T0,
     )
     assert len(conditions) == 1
     assert conditions[0].last_transition_time == T0
@@ -29,14 +34,29 @@ def test_first_set_appends_with_the_current_time() -> None:
 
 def test_same_status_keeps_the_transition_time_and_equal_input_gives_equal_output() -> None:
     first = set_condition(
-        [], JobConditionType.RUNNING, status=ConditionStatus.TRUE, reason=Reason.WORKERS_READY, message="2", now=T0
+        [],
+        JobConditionType.RUNNING,
+        status=ConditionStatus.TRUE,
+        reason=Reason.WORKERS_READY,
+        message="2",
+        now=T0,
     )
     again = set_condition(
-        first, JobConditionType.RUNNING, status=ConditionStatus.TRUE, reason=Reason.WORKERS_READY, message="2", now=T1
+        first,
+        JobConditionType.RUNNING,
+        status=ConditionStatus.TRUE,
+        reason=Reason.WORKERS_READY,
+        message="2",
+        now=T1,
     )
     assert again == first  # nothing to write
     reworded = set_condition(
-        first, JobConditionType.RUNNING, status=ConditionStatus.TRUE, reason=Reason.WORKERS_READY, message="3", now=T1
+        first,
+        JobConditionType.RUNNING,
+        status=ConditionStatus.TRUE,
+        reason=Reason.WORKERS_READY,
+        message="3",
+        now=T1,
     )
     assert reworded[0].last_transition_time == T0
     assert reworded[0].message == "3"
@@ -47,10 +67,20 @@ def test_flip_moves_the_transition_time_and_keeps_order() -> None:
         [], JobConditionType.ADMITTED, status=ConditionStatus.TRUE, reason=Reason.ADMITTED, message="", now=T0
     )
     conditions = set_condition(
-        conditions, JobConditionType.RUNNING, status=ConditionStatus.TRUE, reason=Reason.WORKERS_READY, message="", now=T0
+        conditions,
+        JobConditionType.RUNNING,
+        status=ConditionStatus.TRUE,
+        reason=Reason.WORKERS_READY,
+        message="",
+        now=T0,
     )
     conditions = set_condition(
-        conditions, JobConditionType.RUNNING, status=ConditionStatus.FALSE, reason=Reason.ONLINE_DEMAND, message="", now=T1
+        conditions,
+        JobConditionType.RUNNING,
+        status=ConditionStatus.FALSE,
+        reason=Reason.ONLINE_DEMAND,
+        message="",
+        now=T1,
     )
     assert [c.type for c in conditions] == ["Admitted", "Running"]
     running = find_condition(conditions, JobConditionType.RUNNING)
@@ -63,10 +93,17 @@ def test_condition_list_is_bounded() -> None:
     conditions = []
     for index in range(constants.MAX_CONDITIONS):
         conditions = set_condition(
-            conditions, f"Type{index}", status=ConditionStatus.TRUE, reason=Reason.ADMITTED, message="", now=T0
+            conditions,
+            f"Type{index}",
+            status=ConditionStatus.TRUE,
+            reason=Reason.ADMITTED,
+            message="",
+            now=T0,
         )
     with pytest.raises(ValueError, match="more than 16 condition types"):
-        set_condition(conditions, "OneMore", status=ConditionStatus.TRUE, reason=Reason.ADMITTED, message="", now=T0)
+        set_condition(
+            conditions, "OneMore", status=ConditionStatus.TRUE, reason=Reason.ADMITTED, message="", now=T0
+        )
 
 
 def test_reasons_are_unique_camel_case() -> None:

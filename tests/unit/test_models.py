@@ -39,14 +39,31 @@ INVALID_CASES = [
     (BatchInference, batch_inference(outputURL="s3://"), "spec.outputURL", "should match pattern"),
     (BatchInference, batch_inference(endpoint="/v1/images"), "spec.endpoint", "Input should be"),
     (BatchInference, batch_inference(templateRef="Not_A_Name"), "spec.templateRef", "should match pattern"),
-    (BatchInference, batch_inference(minWorkers=3, maxWorkers=2), "spec", "minWorkers must not exceed maxWorkers"),
+    (
+        BatchInference,
+        batch_inference(minWorkers=3, maxWorkers=2),
+        "spec",
+        "minWorkers must not exceed maxWorkers",
+    ),
     (BatchInference, batch_inference(maxWorkers=0), "spec.maxWorkers", "greater than or equal to 1"),
-    (BatchInference, batch_inference(completionWindow="30s"), "spec", "completionWindow must be between 1m and 168h"),
-    (BatchInference, batch_inference(completionWindow="169h"), "spec", "completionWindow must be between 1m and 168h"),
+    (
+        BatchInference,
+        batch_inference(completionWindow="30s"),
+        "spec",
+        "completionWindow must be between 1m and 168h",
+    ),
+    (
+        BatchInference,
+        batch_inference(completionWindow="169h"),
+        "spec",
+        "completionWindow must be between 1m and 168h",
+    ),
     (BatchInference, batch_inference(completionWindow="1d"), "spec.completionWindow", "should match pattern"),
     (
         BatchInference,
-        batch_inference(engineArgs=[{"name": "max-num-seqs", "value": "1"}, {"name": "max-num-seqs", "value": "2"}]),
+        batch_inference(
+            engineArgs=[{"name": "max-num-seqs", "value": "1"}, {"name": "max-num-seqs", "value": "2"}]
+        ),
         "spec",
         "engineArgs has more than one entry with name=max-num-seqs",
     ),
@@ -56,13 +73,28 @@ INVALID_CASES = [
         "spec.engineArgs.0.name",
         "should match pattern",
     ),
-    (BatchInference, batch_inference(retry={"maxAttempts": 0}), "spec.retry.maxAttempts", "greater than or equal"),
-    (BatchInference, batch_inference(metadata={f"k{i}": "v" for i in range(17)}), "spec.metadata", "at most 16"),
+    (
+        BatchInference,
+        batch_inference(retry={"maxAttempts": 0}),
+        "spec.retry.maxAttempts",
+        "greater than or equal",
+    ),
+    (
+        BatchInference,
+        batch_inference(metadata={f"k{i}": "v" for i in range(17)}),
+        "spec.metadata",
+        "at most 16",
+    ),
     (BatchInference, batch_inference(metadata={"k" * 65: "v"}), "spec.metadata.k", "at most 64"),
     (BatchInference, batch_inference(metadata={"k": "v" * 513}), "spec.metadata.k", "at most 512"),
     # Users choose a template, never an image, GPU type or model source.
     (BatchInference, batch_inference(image="evil:latest"), "spec.image", "Extra inputs are not permitted"),
-    (BatchInference, batch_inference(gpusPerWorker=8), "spec.gpusPerWorker", "Extra inputs are not permitted"),
+    (
+        BatchInference,
+        batch_inference(gpusPerWorker=8),
+        "spec.gpusPerWorker",
+        "Extra inputs are not permitted",
+    ),
     (BatchInference, batch_inference(suspend="maybe"), "spec.suspend", "valid boolean"),
     (BatchInference, with_path(batch_inference(), "kind", "Pod"), "kind", "Input should be 'BatchInference'"),
     (
@@ -72,7 +104,12 @@ INVALID_CASES = [
         "should match pattern",
     ),
     # BatchPool
-    (BatchPool, pool(gpus={"resourceName": "nvidia.com/gpu"}), "spec.gpus", "gpus needs a nodeSelector or a count"),
+    (
+        BatchPool,
+        pool(gpus={"resourceName": "nvidia.com/gpu"}),
+        "spec.gpus",
+        "gpus needs a nodeSelector or a count",
+    ),
     (BatchPool, pool(gpus={"count": -1}), "spec.gpus.count", "greater than or equal to 0"),
     (
         BatchPool,
@@ -80,7 +117,12 @@ INVALID_CASES = [
         "spec",
         "quotas has more than one entry with namespace=a",
     ),
-    (BatchPool, pool(quotas=[{"namespace": "a", "maxGPUs": 1, "weight": 0}]), "spec.quotas.0.weight", "greater than or equal to 1"),
+    (
+        BatchPool,
+        pool(quotas=[{"namespace": "a", "maxGPUs": 1, "weight": 0}]),
+        "spec.quotas.0.weight",
+        "greater than or equal to 1",
+    ),
     (BatchPool, pool(headroomGPUs=-1), "spec.headroomGPUs", "greater than or equal to 0"),
     (BatchPool, pool(signal={"maxStaleness": "2h"}), "spec.signal", "maxStaleness must be between 1s and 1h"),
     (BatchPool, pool(signal={"onStale": "Panic"}), "spec.signal.onStale", "'Yield' or 'Hold'"),
@@ -88,7 +130,14 @@ INVALID_CASES = [
     (BatchPool, pool(gpuHourlyCostUSD="-1"), "spec.gpuHourlyCostUSD", "should match pattern"),
     (
         BatchPool,
-        pool(online={"pressure": [{"name": "q", "query": "x", "threshold": 1}, {"name": "q", "query": "y", "threshold": 2}]}),
+        pool(
+            online={
+                "pressure": [
+                    {"name": "q", "query": "x", "threshold": 1},
+                    {"name": "q", "query": "y", "threshold": 2},
+                ]
+            }
+        ),
         "spec.online",
         "pressure has more than one entry with name=q",
     ),
@@ -106,7 +155,9 @@ INVALID_CASES = [
     ),
     (
         BatchPool,
-        pool(online={"selector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]}}),
+        pool(
+            online={"selector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]}}
+        ),
         "spec.online.selector.matchExpressions.0",
         "values must be non-empty for In and NotIn, and empty for Exists",
     ),
@@ -132,7 +183,12 @@ INVALID_CASES = [
         "spec.resources",
         "GPUs are set by gpusPerWorker, not in resources",
     ),
-    (ModelTemplate, template(resources={"requests": {"cpu": "four"}}), "spec.resources.requests.cpu", "pattern"),
+    (
+        ModelTemplate,
+        template(resources={"requests": {"cpu": "four"}}),
+        "spec.resources.requests.cpu",
+        "pattern",
+    ),
     (
         ModelTemplate,
         template(engine={"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}),
@@ -140,7 +196,12 @@ INVALID_CASES = [
         "env has more than one entry with name=A",
     ),
     (ModelTemplate, template(engine={"command": []}), "spec.engine.command", "at least 1 item"),
-    (ModelTemplate, template(model={"uri": "relative/path", "servedModelName": "x"}), "spec.model.uri", "pattern"),
+    (
+        ModelTemplate,
+        template(model={"uri": "relative/path", "servedModelName": "x"}),
+        "spec.model.uri",
+        "pattern",
+    ),
 ]
 
 

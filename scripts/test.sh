@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set everything up (idempotent) and run every check: ruff, mypy --strict, import-linter, pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k crds).
+set -euo pipefail
+# shellcheck source=scripts/setup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+cd "$TROUGHFILL_REPO"
+
+echo "== ruff"
+ruff check operator tests
+ruff format --check operator tests
+echo "== mypy --strict"
+mypy
+echo "== import-linter"
+lint-imports --no-cache
+echo "== pytest"
+status=0
+python -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure here" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,34 @@
+"""Integration tier: real `redis-server` and `prometheus` (Debian packages installed by
+scripts/setup.sh), each started once per session on a free 127.0.0.1 port in a scratch
+directory, and stopped at the end. Metrics endpoints are real HTTP servers
+(prometheus-client) that the tests move; Prometheus scrapes them every second.
+Nothing is faked."""
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from troughfill.devenv import PrometheusServer, RedisServer, start_prometheus, start_redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator["redis.Redis[bytes]"]:
+    client: redis.Redis[bytes] = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    server = start_prometheus(tmp_path_factory.mktemp("prometheus"), scrape_interval="1s")
+    yield server
+    server.stop()
