@@ -142,11 +142,11 @@ def to_structural(node: JsonDict, defs: JsonDict, name: str | None = None) -> Js
     return leading | {k: v for k, v in out.items() if k not in leading}
 
 
-def _strip_validations(node: Any) -> Any:
+def strip_validations(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: _strip_validations(v) for k, v in node.items() if k != VALIDATIONS_KEY}
+        return {k: strip_validations(v) for k, v in node.items() if k != VALIDATIONS_KEY}
     if isinstance(node, list):
-        return [_strip_validations(v) for v in node]
+        return [strip_validations(v) for v in node]
     return node
 
 
@@ -178,7 +178,7 @@ def crd_manifest(resource: type[Resource], *, cel: bool = True) -> JsonDict:
     info = resource.crd
     schema = openapi_schema(resource)
     if not cel:
-        schema = _strip_validations(schema)
+        schema = strip_validations(schema)
     names: JsonDict = {
         "kind": info.kind,
         "listKind": f"{info.kind}List",

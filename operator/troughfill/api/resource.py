@@ -46,7 +46,7 @@ class CrdInfo:
 class ObjectMeta(BaseModel):
     """The subset of metav1.ObjectMeta troughfill reads; everything else passes through untouched."""
 
-    model_config = ConfigDict(extra="allow", alias_generator=None)
+    model_config = ConfigDict(extra="allow")
 
     name: DnsSubdomain
     namespace: str | None = None
