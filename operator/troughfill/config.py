@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     """Overrides any password in redis_url, so the URL can live in a ConfigMap and this in a Secret."""
     redis_tls_ca_file: str | None = None
+    s3_endpoint_url: str | None = None
+    """S3-protocol endpoint for s3:// URLs (MinIO, Ceph, ...); AWS when unset. Credentials come
+    from the usual AWS_* variables or the pod's identity."""
     prometheus_url: str = "http://127.0.0.1:9090"
     """Default Prometheus for pools that name none."""
     prometheus_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -4,12 +4,15 @@ directory, and stopped at the end. Metrics endpoints are real HTTP servers
 (prometheus-client) that the tests move; Prometheus scrapes them every second.
 Nothing is faked."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+from redis.asyncio import Redis
 
+from tests.ledgertools import FakeClock
 from troughfill.devenv import PrometheusServer, RedisServer, start_prometheus, start_redis
+from troughfill.storage import ObjectStore
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +35,20 @@ def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom
     server = start_prometheus(tmp_path_factory.mktemp("prometheus"), scrape_interval="1s")
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def aredis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store() -> ObjectStore:
+    return ObjectStore()

@@ -43,22 +43,87 @@ def check_lines(lines: Iterable[str], endpoint: Endpoint) -> InputSummary:
         if not text.strip():
             continue
         summary.lines += 1
-        try:
-            line = RequestLine.model_validate_json(text)
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "line"
-            summary.problems.append(LineProblem(number, None, f"{where}: {first['msg']}"))
-            continue
-        if line.url != endpoint:
-            summary.problems.append(
-                LineProblem(
-                    number, line.custom_id, f"url {line.url.value} differs from the job's {endpoint.value}"
-                )
-            )
-        elif line.custom_id in seen:
-            summary.problems.append(LineProblem(number, line.custom_id, "duplicate custom_id"))
-        else:
+        line, code, message = classify_line(text.encode(), endpoint)
+        custom_id = line.custom_id if line else None
+        if code is None and custom_id in seen:
+            code, message = ErrorCode.DUPLICATE_CUSTOM_ID, "duplicate custom_id"
+        if code is None and line is not None:
             seen.add(line.custom_id)
             summary.valid += 1
+        else:
+            summary.problems.append(LineProblem(number, custom_id, message))
     return summary
+
+
+# OpenAI Batch output and error lines. A request's id is derived from the job and the line,
+# so a request redone after a crash gets the same id as the first attempt would have.
+
+
+def request_id(job_token: str, index: int) -> str:
+    return f"batch_req_{job_token}_{index}"
+
+
+def output_record(
+    job_token: str, index: int, custom_id: str, *, status_code: int, body: dict[str, Any], upstream_id: str
+) -> dict[str, Any]:
+    """A line of the output file: the engine's answer to one request."""
+    return {
+        "id": request_id(job_token, index),
+        "custom_id": custom_id,
+        "response": {"status_code": status_code, "request_id": upstream_id, "body": body},
+        "error": None,
+    }
+
+
+class ErrorCode:
+    """`error.code` values of the error file."""
+
+    INVALID_JSON_LINE = "invalid_json_line"
+    INVALID_REQUEST = "invalid_request"
+    WRONG_URL = "invalid_url"
+    DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+    MAX_ATTEMPTS = "max_attempts_exceeded"
+    EXPIRED = "batch_expired"
+    CANCELLED = "batch_cancelled"
+
+
+ERROR_MESSAGES = {
+    ErrorCode.MAX_ATTEMPTS: "The request failed on every attempt its job allows.",
+    ErrorCode.EXPIRED: "This request could not be executed before the completion window expired.",
+    ErrorCode.CANCELLED: "This request was not executed because the batch was cancelled.",
+}
+
+
+def error_record(
+    job_token: str,
+    index: int,
+    custom_id: str | None,
+    code: str,
+    *,
+    message: str | None = None,
+    response: dict[str, Any] | None = None,
+    line: int | None = None,
+) -> dict[str, Any]:
+    """A line of the error file; `line` (1-based, as editors count) where the input line was at fault."""
+    error: dict[str, Any] = {"code": code, "message": message or ERROR_MESSAGES.get(code, code)}
+    if line is not None:
+        error["line"] = line
+    return {"id": request_id(job_token, index), "custom_id": custom_id, "response": response, "error": error}
+
+
+def classify_line(raw: bytes, endpoint: Endpoint) -> tuple[RequestLine | None, str | None, str]:
+    """(parsed line, error code, message) for one raw input line; the code is None when it is valid.
+
+    Duplicate custom_ids need the whole file and are the caller's to detect.
+    """
+    try:
+        line = RequestLine.model_validate_json(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            return None, ErrorCode.INVALID_JSON_LINE, f"line is not valid JSON: {first['msg']}"
+        where = ".".join(str(p) for p in first["loc"]) or "line"
+        return None, ErrorCode.INVALID_REQUEST, f"{where}: {first['msg']}"
+    if line.url != endpoint:
+        return line, ErrorCode.WRONG_URL, f"url {line.url.value} differs from the job's {endpoint.value}"
+    return line, None, ""

@@ -1,23 +1,28 @@
 """Local stand-ins for a cluster's services, for tests and the demo: real binaries on loopback.
 
 Nothing here is simulated: `redis-server` and `prometheus` are the Debian packages that
-scripts/setup.sh installs, started on free 127.0.0.1 ports in a scratch directory.
+scripts/setup.sh installs, the S3 server is moto's server mode speaking the S3 protocol
+over HTTP; each starts on a free 127.0.0.1 port in a scratch directory.
 """
 
 from troughfill.devenv.services import (
     ManagedProcess,
     PrometheusServer,
     RedisServer,
+    S3Server,
     free_port,
     start_prometheus,
     start_redis,
+    start_s3,
 )
 
 __all__ = [
     "ManagedProcess",
     "PrometheusServer",
     "RedisServer",
+    "S3Server",
     "free_port",
     "start_prometheus",
     "start_redis",
+    "start_s3",
 ]

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -236,3 +237,40 @@ def start_prometheus(
 
     wait_until(ready, 30, f"prometheus on port {port}")
     return server
+
+
+@dataclass
+class S3Server:
+    """A real S3-protocol server (moto's server mode) on loopback."""
+
+    port: int
+    managed: ManagedProcess
+    access_key: str = "troughfill"
+    secret_key: str = "troughfill-secret"
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def s3_options(self) -> dict[str, str]:
+        """fsspec/s3fs options that reach this server."""
+        return {"endpoint_url": self.url, "key": self.access_key, "secret": self.secret_key}
+
+    def stop(self) -> None:
+        self.managed.stop()
+
+
+def start_s3(workdir: Path) -> S3Server:
+    """An S3-protocol server process on a free loopback port (buckets are created by the caller)."""
+    port = free_port()
+    managed = ManagedProcess(
+        "s3", [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)], workdir
+    )
+
+    def ready() -> bool:
+        managed.check_alive()
+        return _port_open(port)
+
+    wait_until(ready, 30, f"S3 server on port {port}")
+    return S3Server(port, managed)

@@ -1,0 +1,236 @@
+"""A job's data path, ledger and object storage together: index the input, hand requests to
+workers, store their results exactly once, merge the output.
+
+Storage calls are blocking (fsspec) and run in threads; the ledger is asyncio.
+"""
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from troughfill.api.batchfile import ErrorCode, RequestLine, classify_line, error_record
+from troughfill.api.batchinference import Phase
+from troughfill.ledger import JobLedger, LedgerClosedError, Outcome
+from troughfill.storage import (
+    ERROR_FILE,
+    OUTPUT_FILE,
+    Line,
+    ObjectStore,
+    RecordKind,
+    SegmentRecord,
+    join,
+    new_segment_id,
+    read_segment,
+    write_segment,
+)
+
+INDEX_BATCH_LINES = 10_000
+INDEX_ERRORS_PER_SEGMENT = 10_000
+
+
+def _next_batch(lines: Iterator[Line], size: int) -> list[Line]:
+    batch = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) >= size:
+            break
+    return batch
+
+
+@dataclass
+class IndexReport:
+    total: int = 0
+    invalid: int = 0
+
+
+async def index_input(ledger: JobLedger, store: ObjectStore) -> IndexReport:
+    """Read the input once: remember where every request's line is, and send invalid lines
+    (bad JSON, wrong method or url, duplicate custom_id) to the error file. Then start the job.
+
+    Safe to re-run after a crash: a job still validating is re-indexed from scratch.
+    """
+    config = await ledger.config()
+    await ledger.reset_index()
+    report = IndexReport()
+    errors: list[SegmentRecord] = []
+    lines = store.iter_lines(config.input_url)
+    while batch := await asyncio.to_thread(_next_batch, lines, INDEX_BATCH_LINES):
+        parsed = [classify_line(line.data, config.endpoint) for line in batch]
+        valid_ids = [request.custom_id for request, code, _ in parsed if code is None and request is not None]
+        fresh = iter(await ledger.add_custom_ids(valid_ids))
+        for line, (request, problem, detail) in zip(batch, parsed, strict=True):
+            code, message = problem, detail
+            if code is None and not next(fresh):
+                code, message = ErrorCode.DUPLICATE_CUSTOM_ID, "custom_id appears on an earlier line"
+            if code is not None:
+                custom_id = request.custom_id if request else None
+                record = error_record(
+                    ledger.job_token, line.index, custom_id, code, message=message, line=line.number
+                )
+                errors.append(SegmentRecord(line.index, RecordKind.ERROR, record))
+        await ledger.append_spans([(line.start, line.length) for line in batch])
+        report.total += len(batch)
+        if len(errors) >= INDEX_ERRORS_PER_SEGMENT:
+            report.invalid += await _store_errors(ledger, store, config.output_url, errors)
+            errors = []
+    report.invalid += await _store_errors(ledger, store, config.output_url, errors)
+    await ledger.finish_index(report.total)
+    await ledger.transition(Phase.IN_PROGRESS)
+    return report
+
+
+async def _store_errors(
+    ledger: JobLedger, store: ObjectStore, output_url: str, errors: list[SegmentRecord]
+) -> int:
+    if not errors:
+        return 0
+    writer = ResultWriter(ledger, store, output_url, writer="index")
+    for record in errors:
+        writer.add(record, Outcome(record.index, failed=True))
+    await writer.flush()
+    return len(errors)
+
+
+async def load_requests(ledger: JobLedger, store: ObjectStore, indices: list[int]) -> list[RequestLine]:
+    """The parsed input lines of these requests, in the same order (one ranged read per run)."""
+    config = await ledger.config()
+    spans = await ledger.spans(indices)
+    raw = await asyncio.to_thread(store.read_ranges, config.input_url, spans)
+    return [RequestLine.model_validate_json(data) for data in raw]
+
+
+@dataclass
+class ResultWriter:
+    """Buffers one worker's results; `flush` stores them as a segment, then commits them.
+
+    The order is the exactly-once argument: a result counts only once its segment is
+    durable, and a segment counts only for the requests its commit won.
+    """
+
+    ledger: JobLedger
+    store: ObjectStore
+    output_url: str
+    writer: str
+    records: list[SegmentRecord] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def add(self, record: SegmentRecord, outcome: Outcome) -> None:
+        self.records.append(record)
+        self.outcomes.append(outcome)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    async def flush(self, lease_id: int | None = None) -> int:
+        """Store and commit what is buffered; returns how many requests this flush won."""
+        if not self.records:
+            return 0
+        segment_id = new_segment_id(self.writer)
+        records, outcomes = self.records, self.outcomes
+        self.records, self.outcomes = [], []
+        await asyncio.to_thread(write_segment, self.store, self.output_url, segment_id, records)
+        return await self.ledger.commit(segment_id, outcomes, lease_id)
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    state: Phase
+    output_url: str
+    error_url: str
+    outputs: int
+    errors: int
+
+
+async def finalize(ledger: JobLedger, store: ObjectStore, outcome: Phase = Phase.COMPLETED) -> FinalReport:
+    """Merge committed segments into output.jsonl and errors.jsonl, then end the job.
+
+    `outcome` is completed (every request done), expired (the window ended: the rest is
+    reported as batch_expired) or cancelled (as batch_cancelled). Each request appears in
+    exactly one of the two files, once. Re-running after a crash rewrites both files whole.
+    """
+    config = await ledger.config()
+    if outcome == Phase.CANCELLED:
+        await ledger.close()
+    else:
+        await ledger.transition(Phase.FINALIZING)
+    progress = await ledger.progress()
+    if outcome == Phase.COMPLETED and progress.finished < progress.total:
+        raise RuntimeError(f"{progress.total - progress.finished} requests are not done; finalize as expired")
+    output_url, error_url = join(config.output_url, OUTPUT_FILE), join(config.output_url, ERROR_FILE)
+    with store.writer(output_url) as outputs, store.writer(error_url) as errors:
+        counts = await _merge(ledger, store, config.output_url, outputs, errors)
+        unfinished_code = ErrorCode.CANCELLED if outcome == Phase.CANCELLED else ErrorCode.EXPIRED
+        counts[RecordKind.ERROR] += await _write_final_errors(
+            ledger, store, errors, progress.total, unfinished_code
+        )
+    if counts[RecordKind.OUTPUT] + counts[RecordKind.ERROR] != progress.total:
+        raise RuntimeError(f"merged {sum(counts.values())} records for {progress.total} requests")
+    await ledger.transition(outcome)
+    await asyncio.to_thread(store.delete_prefix, join(config.output_url, "_segments"))
+    return FinalReport(outcome, output_url, error_url, counts[RecordKind.OUTPUT], counts[RecordKind.ERROR])
+
+
+def _write_line(stream: IO[bytes], record: dict[str, Any]) -> None:
+    stream.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+
+
+def _read_all(store: ObjectStore, output_prefix: str, segment_id: str) -> list[SegmentRecord]:
+    return list(read_segment(store, output_prefix, segment_id))
+
+
+async def _merge(
+    ledger: JobLedger, store: ObjectStore, output_prefix: str, outputs: IO[bytes], errors: IO[bytes]
+) -> dict[RecordKind, int]:
+    counts = {RecordKind.OUTPUT: 0, RecordKind.ERROR: 0}
+    async for segment_id in ledger.segments():
+        won = await ledger.segment_won(segment_id)
+        records = await asyncio.to_thread(_read_all, store, output_prefix, segment_id)
+        for item in records:
+            if item.index in won:
+                won.discard(item.index)
+                _write_line(outputs if item.kind == RecordKind.OUTPUT else errors, item.record)
+                counts[item.kind] += 1
+        if won:
+            raise RuntimeError(f"segment {segment_id} lacks {len(won)} requests it committed")
+    return counts
+
+
+async def _write_final_errors(
+    ledger: JobLedger, store: ObjectStore, errors: IO[bytes], total: int, unfinished_code: str
+) -> int:
+    """Error lines for requests that never got a result: dead letters, then unfinished ones."""
+    written = 0
+    batch: list[tuple[int, str]] = []
+    async for item in ledger.dead_letters():
+        batch.append(item)
+        if len(batch) >= INDEX_BATCH_LINES:
+            written += await _error_lines(ledger, store, errors, batch)
+            batch = []
+    written += await _error_lines(ledger, store, errors, batch)
+    async for indices in ledger.unfinished(total, batch=INDEX_BATCH_LINES):
+        written += await _error_lines(ledger, store, errors, [(i, unfinished_code) for i in indices])
+    return written
+
+
+async def _error_lines(
+    ledger: JobLedger, store: ObjectStore, errors: IO[bytes], items: list[tuple[int, str]]
+) -> int:
+    if not items:
+        return 0
+    requests = await load_requests(ledger, store, [index for index, _ in items])
+    for (index, code), request in zip(items, requests, strict=True):
+        _write_line(errors, error_record(ledger.job_token, index, request.custom_id, code))
+    return len(items)
+
+
+__all__ = [
+    "FinalReport",
+    "IndexReport",
+    "LedgerClosedError",
+    "ResultWriter",
+    "finalize",
+    "index_input",
+    "load_requests",
+]

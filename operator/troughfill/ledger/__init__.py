@@ -1,0 +1,29 @@
+"""The work ledger in Redis: job state, request leases, completions, usage, partial output."""
+
+from troughfill.ledger.keys import JobKeys
+from troughfill.ledger.ledger import (
+    Claim,
+    JobConfig,
+    JobLedger,
+    LedgerClosedError,
+    Outcome,
+    Partial,
+    Progress,
+    connect,
+)
+from troughfill.ledger.states import TERMINAL, TRANSITIONS, InvalidTransitionError
+
+__all__ = [
+    "TERMINAL",
+    "TRANSITIONS",
+    "Claim",
+    "InvalidTransitionError",
+    "JobConfig",
+    "JobKeys",
+    "JobLedger",
+    "LedgerClosedError",
+    "Outcome",
+    "Partial",
+    "Progress",
+    "connect",
+]

@@ -1,0 +1,432 @@
+"""JobLedger: one BatchInference's durable state in Redis (asyncio)."""
+
+import hashlib
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from troughfill.api.batchinference import Endpoint, Phase
+from troughfill.config import Settings
+from troughfill.ledger import lua
+from troughfill.ledger.keys import CUSTOM_IDS, OFFSETS, JobKeys
+from troughfill.ledger.states import InvalidTransitionError, sources_of
+
+SPAN = struct.Struct(">QI")
+WON = struct.Struct(">I")
+DEFAULT_LEASE_SECONDS = 15.0
+BITMAP_READ_BYTES = 64 << 10
+
+Redis = aioredis.Redis
+
+
+def connect(settings: Settings) -> Redis:
+    """A client for the ledger Redis: URL, password and TLS from settings."""
+    options: dict[str, Any] = {"health_check_interval": 30}
+    if settings.redis_password is not None:
+        options["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_tls_ca_file:
+        options["ssl_ca_certs"] = settings.redis_tls_ca_file
+    client: Redis = aioredis.Redis.from_url(settings.redis_url, **options)
+    return client
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What the ledger needs to know of a job, fixed when the job is created."""
+
+    input_url: str
+    output_url: str
+    endpoint: Endpoint
+    max_attempts: int
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+
+
+@dataclass(frozen=True)
+class Claim:
+    lease_id: int
+    indices: list[int]
+    failed_attempts: list[int]
+    """Failed attempts each request had before this claim."""
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one request as the ledger counts it."""
+
+    index: int
+    failed: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    state: Phase | None
+    total: int
+    completed: int
+    failed: int
+    dead: int
+    failed_attempts: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    wasted_tokens: int
+    leases: int
+    indexed: bool
+    state_times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.failed
+
+    @property
+    def all_done(self) -> bool:
+        return self.indexed and self.finished >= self.total
+
+
+@dataclass(frozen=True)
+class Partial:
+    text: str
+    tokens: int
+
+
+class LedgerClosedError(Exception):
+    """The job no longer accepts results (finalizing or terminal)."""
+
+
+class JobLedger:
+    """Claims, leases, completions and usage of one job. All moves are single Lua scripts."""
+
+    def __init__(self, client: Redis, keys: JobKeys, clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.keys = keys
+        self.clock = clock
+        self._scripts: dict[str, AsyncScript] = {}
+        self._lease_seconds: float | None = None
+
+    @property
+    def job_token(self) -> str:
+        """Short stable id of this job, used in request ids."""
+        return hashlib.sha256(self.keys.prefix.encode()).hexdigest()[:12]
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self.client.register_script(getattr(lua, name))
+            self._scripts[name] = script
+        return await script(keys=self.keys.script_keys, args=[self.keys.prefix, *args])
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def create(self, config: JobConfig) -> bool:
+        """Record a new job in state validating; False (and nothing changed) if it exists."""
+        meta = self.keys.key("meta")
+        now = self.clock()
+        if not await self.client.hsetnx(meta, "state", Phase.VALIDATING.value):
+            return False
+        await self.client.hset(
+            meta,
+            mapping={
+                "at:validating": now,
+                "input_url": config.input_url,
+                "output_url": config.output_url,
+                "endpoint": config.endpoint.value,
+                "max_attempts": config.max_attempts,
+                "lease_seconds": config.lease_seconds,
+                "indexed": 0,
+            },
+        )
+        return True
+
+    async def config(self) -> JobConfig:
+        meta = await self._meta()
+        if "input_url" not in meta:
+            raise KeyError(f"no job at {self.keys.prefix}")
+        return JobConfig(
+            input_url=meta["input_url"],
+            output_url=meta["output_url"],
+            endpoint=Endpoint(meta["endpoint"]),
+            max_attempts=int(meta["max_attempts"]),
+            lease_seconds=float(meta["lease_seconds"]),
+        )
+
+    async def _meta(self) -> dict[str, str]:
+        raw = await self.client.hgetall(self.keys.key("meta"))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def state(self) -> Phase | None:
+        value = await self.client.hget(self.keys.key("meta"), "state")
+        return Phase(_text(value)) if value else None
+
+    async def transition(self, target: Phase) -> bool:
+        """Move to `target` if the table allows it from the current state.
+
+        Returns False when the job is already in `target` (idempotent); raises
+        InvalidTransitionError for any other move the table does not allow.
+        """
+        sources = sorted(s.value for s in sources_of(target))
+        moved, current = await self._run("TRANSITION", target.value, self.clock(), *sources)
+        if moved:
+            return True
+        state = Phase(_text(current)) if current else None
+        if state == target:
+            return False
+        raise InvalidTransitionError(state, target)
+
+    async def close(self) -> None:
+        """Accept no more results; what is committed now is what finalize merges."""
+        await self._run("CLOSE")
+
+    async def delete(self) -> int:
+        """Remove every key of the job (outputs in object storage are kept)."""
+        removed = 0
+        batch: list[bytes] = []
+        async for key in self.client.scan_iter(match=_glob_escape(self.keys.prefix) + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += await self.client.unlink(*batch)
+                batch = []
+        if batch:
+            removed += await self.client.unlink(*batch)
+        return removed
+
+    # --- indexing --------------------------------------------------------------------------
+
+    async def reset_index(self) -> None:
+        """Forget a partial indexing pass (validating only): everything but the job's config."""
+        if await self.state() != Phase.VALIDATING:
+            raise InvalidTransitionError(await self.state(), Phase.VALIDATING)
+        meta = self.keys.key("meta")
+        keep = {
+            "state",
+            "at:validating",
+            "input_url",
+            "output_url",
+            "endpoint",
+            "max_attempts",
+            "lease_seconds",
+        }
+        async for key in self.client.scan_iter(match=_glob_escape(self.keys.prefix) + "*", count=1000):
+            if _text(key) != meta:
+                await self.client.unlink(key)
+        fields = [f for f in await self.client.hkeys(meta) if _text(f) not in keep]
+        if fields:
+            await self.client.hdel(meta, *fields)
+        await self.client.hset(meta, "indexed", 0)
+
+    async def add_custom_ids(self, custom_ids: Sequence[str]) -> list[bool]:
+        """For each id, whether it is new to this job (False: a duplicate)."""
+        pipe = self.client.pipeline(transaction=False)
+        for custom_id in custom_ids:
+            pipe.sadd(self.keys.key(CUSTOM_IDS), custom_id)
+        return [bool(added) for added in await pipe.execute()]
+
+    async def append_spans(self, spans: Sequence[tuple[int, int]]) -> None:
+        """Append where the next requests' lines are: (byte offset, length) each."""
+        packed = b"".join(SPAN.pack(start, length) for start, length in spans)
+        await self.client.append(self.keys.key(OFFSETS), packed)
+
+    async def finish_index(self, total: int) -> None:
+        stored = await self.client.strlen(self.keys.key(OFFSETS))
+        if stored != total * SPAN.size:
+            raise ValueError(f"index holds {stored // SPAN.size} spans, expected {total}")
+        await self.client.hset(self.keys.key("meta"), mapping={"total": total, "indexed": 1})
+        await self.client.unlink(self.keys.key(CUSTOM_IDS))
+
+    async def spans(self, indices: Sequence[int]) -> list[tuple[int, int]]:
+        """(byte offset, length) of each request's line, reading runs of indices in one call."""
+        runs = _runs(sorted(set(indices)))
+        pipe = self.client.pipeline(transaction=False)
+        for first, last in runs:
+            pipe.getrange(self.keys.key(OFFSETS), first * SPAN.size, (last + 1) * SPAN.size - 1)
+        found: dict[int, tuple[int, int]] = {}
+        for (first, _), blob in zip(runs, await pipe.execute(), strict=True):
+            for k, span in enumerate(SPAN.iter_unpack(blob)):
+                found[first + k] = span
+        return [found[i] for i in indices]
+
+    # --- work ----------------------------------------------------------------------------------
+
+    async def _lease_time(self) -> float:
+        if self._lease_seconds is None:  # fixed at creation: read once
+            stored = await self.client.hget(self.keys.key("meta"), "lease_seconds")
+            self._lease_seconds = float(stored) if stored else DEFAULT_LEASE_SECONDS
+        return self._lease_seconds
+
+    async def claim(self, worker: str, max_count: int) -> Claim | None:
+        """Lease up to `max_count` pending requests (retries first), or None if there are none now."""
+        lease_seconds = await self._lease_time()
+        now = self.clock()
+        lease_id, _, indices, attempts = await self._run("CLAIM", worker, max_count, now, now + lease_seconds)
+        if not lease_id:
+            return None
+        return Claim(
+            lease_id=int(lease_id),
+            indices=[int(i) for i in indices],
+            failed_attempts=[int(a) for a in attempts],
+            expires_at=now + lease_seconds,
+        )
+
+    async def renew(self, worker: str, lease_id: int) -> bool:
+        """Extend a lease by the job's lease time; False if it already expired or is not ours."""
+        lease_seconds = await self._lease_time()
+        now = self.clock()
+        return bool(await self._run("RENEW", worker, lease_id, now, now + lease_seconds))
+
+    async def release(self, worker: str, lease_id: int) -> int:
+        """Give a lease back: its unfinished requests are pending again, no attempt counted."""
+        return int(await self._run("RELEASE", worker, lease_id))
+
+    async def nack(self, worker: str, lease_id: int, indices: Iterable[int]) -> int:
+        """Requests of a lease that failed this attempt: pending again, or dead past max attempts."""
+        return int(await self._run("NACK", worker, lease_id, *indices))
+
+    async def reap(self) -> int:
+        """Return the requests of expired leases to pending (or dead); the number of leases reaped."""
+        return int(await self._run("REAP", self.clock()))
+
+    async def commit(self, segment_id: str, outcomes: Sequence[Outcome], lease_id: int | None = None) -> int:
+        """Mark requests done once their segment is stored; returns how many this segment won.
+
+        A request already done (a crash between upload and commit, a late worker) is not won
+        again, so its tokens are not counted twice and its record is not merged twice.
+        """
+        args: list[Any] = [lease_id if lease_id is not None else "", segment_id, len(outcomes)]
+        for outcome in outcomes:
+            args += [
+                outcome.index,
+                int(outcome.failed),
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.cached_tokens,
+            ]
+        won, state = await self._run("COMMIT", *args)
+        if won < 0:
+            raise LedgerClosedError(f"job is {_text(state) or 'gone'}; results are no longer accepted")
+        return int(won)
+
+    async def record_waste(self, tokens: int) -> None:
+        """Tokens generated and then thrown away (an aborted attempt), for accounting."""
+        if tokens:
+            await self.client.hincrby(self.keys.key("counters"), "wasted_tokens", tokens)
+
+    # --- partial generations -------------------------------------------------------------
+
+    async def save_partial(self, index: int, text: str, tokens: int) -> None:
+        await self.client.hset(
+            self.keys.key("partial"), str(index), json.dumps({"text": text, "tokens": tokens})
+        )
+
+    async def load_partials(self, indices: Sequence[int]) -> dict[int, Partial]:
+        if not indices:
+            return {}
+        values = await self.client.hmget(self.keys.key("partial"), [str(i) for i in indices])
+        found = {}
+        for index, value in zip(indices, values, strict=True):
+            if value:
+                item = json.loads(value)
+                found[index] = Partial(text=item["text"], tokens=int(item["tokens"]))
+        return found
+
+    # --- reading back ------------------------------------------------------------------------
+
+    async def progress(self) -> Progress:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.key("meta"))
+        pipe.hgetall(self.keys.key("counters"))
+        pipe.zcard(self.keys.key("leases"))
+        meta_raw, counters_raw, leases = await pipe.execute()
+        meta = {_text(k): _text(v) for k, v in meta_raw.items()}
+        counters = {_text(k): int(v) for k, v in counters_raw.items()}
+        return Progress(
+            state=Phase(meta["state"]) if "state" in meta else None,
+            total=int(meta.get("total", 0)),
+            completed=counters.get("completed", 0),
+            failed=counters.get("failed", 0),
+            dead=counters.get("dead", 0),
+            failed_attempts=counters.get("failed_attempts", 0),
+            prompt_tokens=counters.get("prompt_tokens", 0),
+            completion_tokens=counters.get("completion_tokens", 0),
+            cached_tokens=counters.get("cached_tokens", 0),
+            wasted_tokens=counters.get("wasted_tokens", 0),
+            leases=int(leases),
+            indexed=meta.get("indexed") == "1",
+            state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},
+        )
+
+    async def segments(self, page: int = 1000) -> AsyncIterator[str]:
+        """Committed segment ids, in commit order."""
+        start = 0
+        while True:
+            chunk = await self.client.lrange(self.keys.key("segments"), start, start + page - 1)
+            for item in chunk:
+                yield _text(item)
+            if len(chunk) < page:
+                return
+            start += page
+
+    async def segment_won(self, segment_id: str) -> set[int]:
+        blob = _bytes(await self.client.get(self.keys.segment_won(segment_id)))
+        return {index for (index,) in WON.iter_unpack(blob)}
+
+    async def dead_letters(self) -> AsyncIterator[tuple[int, str]]:
+        async for index, code in self.client.hscan_iter(self.keys.key("dead"), count=1000):
+            yield int(index), _text(code)
+
+    async def unfinished(self, total: int, batch: int = 10_000) -> AsyncIterator[list[int]]:
+        """Requests not done, at most `batch` at a time, reading the done bitmap 64 KiB at a time."""
+        done_key = self.keys.key("done")
+        bitmap_bytes = (total + 7) // 8
+        pending: list[int] = []
+        for byte_start in range(0, bitmap_bytes, BITMAP_READ_BYTES):
+            chunk = _bytes(
+                await self.client.getrange(done_key, byte_start, byte_start + BITMAP_READ_BYTES - 1)
+            )
+            chunk = chunk.ljust(min(BITMAP_READ_BYTES, bitmap_bytes - byte_start), b"\0")
+            for offset, byte in enumerate(chunk):
+                if byte == 0xFF:
+                    continue
+                for bit in range(8):
+                    index = (byte_start + offset) * 8 + bit
+                    if index < total and not byte & (0x80 >> bit):
+                        pending.append(index)
+                if len(pending) >= batch:
+                    yield pending[:batch]
+                    pending = pending[batch:]
+        while pending:
+            yield pending[:batch]
+            pending = pending[batch:]
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted indices as (first, last) runs of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
+
+
+def _bytes(value: object) -> bytes:
+    """redis-py types replies as bytes or str; this client never decodes, so it is bytes."""
+    if isinstance(value, bytes):
+        return value
+    return value.encode() if isinstance(value, str) else b""
+
+
+def _text(value: object) -> str:
+    return _bytes(value).decode()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,222 @@
+"""The ledger's Lua scripts: each move of a request between pending, leased and done is atomic.
+
+Every script gets the same KEYS (see keys.SCRIPT_KEY_NAMES) and ARGV[1] = the job's key
+prefix, for the per-lease and per-segment keys (same hash tag, so Cluster-safe).
+
+A request is always in exactly one place: never claimed (index >= cursor), the retry list,
+one lease's set, or done (its bit set). The done bit is set once, by whoever commits first;
+that commit "wins" the request, and only the winner's record reaches the merged output.
+"""
+
+PRELUDE = """
+local K_META, K_DONE, K_RETRY, K_LEASES, K_OWNERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_ATTEMPTS, K_COUNTERS, K_DEAD, K_SEGMENTS, K_PARTIAL = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local PREFIX = ARGV[1]
+
+local function max_attempts()
+  return tonumber(redis.call('HGET', K_META, 'max_attempts') or '1')
+end
+
+local function give_up(i, code)
+  redis.call('SETBIT', K_DONE, i, 1)
+  redis.call('HSET', K_DEAD, i, code)
+  redis.call('HDEL', K_PARTIAL, i)
+  redis.call('HINCRBY', K_COUNTERS, 'failed', 1)
+  redis.call('HINCRBY', K_COUNTERS, 'dead', 1)
+end
+
+-- Unfinished requests go back to pending. A failed attempt (lease expired, nack) counts
+-- towards max_attempts; a voluntary release (yield, drain) does not.
+local function requeue(indices, failed_attempt)
+  local limit = max_attempts()
+  local back = 0
+  for _, i in ipairs(indices) do
+    if redis.call('GETBIT', K_DONE, i) == 0 then
+      local dead = false
+      if failed_attempt then
+        redis.call('HINCRBY', K_COUNTERS, 'failed_attempts', 1)
+        if redis.call('HINCRBY', K_ATTEMPTS, i, 1) >= limit then
+          give_up(i, 'max_attempts_exceeded')
+          dead = true
+        end
+      end
+      if not dead then
+        redis.call('RPUSH', K_RETRY, i)
+        back = back + 1
+      end
+    end
+  end
+  return back
+end
+
+local function drop_lease(id)
+  redis.call('DEL', PREFIX .. 'lease:' .. id)
+  redis.call('ZREM', K_LEASES, id)
+  redis.call('HDEL', K_OWNERS, id)
+end
+
+local function reap(now)
+  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 256)
+  for _, id in ipairs(expired) do
+    requeue(redis.call('SMEMBERS', PREFIX .. 'lease:' .. id), true)
+    drop_lease(id)
+  end
+  return #expired
+end
+
+local function owned(id, worker)
+  return redis.call('HGET', K_OWNERS, id) == worker
+end
+"""
+
+# ARGV: prefix, worker, max_count, now, expires_at
+# -> {lease_id (0: none), state, {indices}, {failed attempts so far}}
+CLAIM = (
+    PRELUDE
+    + """
+local state = redis.call('HGET', K_META, 'state') or ''
+if state ~= 'in_progress' or redis.call('HGET', K_META, 'closed') == '1' then
+  return {0, state, {}, {}}
+end
+reap(ARGV[4])
+local want = tonumber(ARGV[3])
+local picked = {}
+while #picked < want do
+  local batch = redis.call('LPOP', K_RETRY, want - #picked)
+  if not batch then break end
+  for _, i in ipairs(batch) do
+    if redis.call('GETBIT', K_DONE, i) == 0 then picked[#picked + 1] = i end
+  end
+end
+local cursor = tonumber(redis.call('HGET', K_META, 'cursor') or '0')
+local total = tonumber(redis.call('HGET', K_META, 'total') or '0')
+while #picked < want and cursor < total do
+  if redis.call('GETBIT', K_DONE, cursor) == 0 then picked[#picked + 1] = tostring(cursor) end
+  cursor = cursor + 1
+end
+redis.call('HSET', K_META, 'cursor', cursor)
+if #picked == 0 then return {0, state, {}, {}} end
+local id = redis.call('HINCRBY', K_META, 'lease_seq', 1)
+local attempts = {}
+for s = 1, #picked, 1000 do
+  local last = math.min(s + 999, #picked)
+  redis.call('SADD', PREFIX .. 'lease:' .. id, unpack(picked, s, last))
+  for _, a in ipairs(redis.call('HMGET', K_ATTEMPTS, unpack(picked, s, last))) do
+    attempts[#attempts + 1] = a or '0'
+  end
+end
+redis.call('ZADD', K_LEASES, ARGV[5], id)
+redis.call('HSET', K_OWNERS, id, ARGV[2])
+return {id, state, picked, attempts}
+"""
+)
+
+# ARGV: prefix, worker, lease_id, now, expires_at -> 1 renewed, 0 lost (expired or not ours)
+RENEW = (
+    PRELUDE
+    + """
+if not owned(ARGV[3], ARGV[2]) then return 0 end
+local score = redis.call('ZSCORE', K_LEASES, ARGV[3])
+if not score or tonumber(score) < tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', K_LEASES, 'XX', ARGV[5], ARGV[3])
+return 1
+"""
+)
+
+# ARGV: prefix, worker, lease_id -> requests returned to pending (-1: not our lease)
+RELEASE = (
+    PRELUDE
+    + """
+if not owned(ARGV[3], ARGV[2]) then return -1 end
+local back = requeue(redis.call('SMEMBERS', PREFIX .. 'lease:' .. ARGV[3]), false)
+drop_lease(ARGV[3])
+return back
+"""
+)
+
+# ARGV: prefix, worker, lease_id, index... -> requests returned (failed attempt counted)
+NACK = (
+    PRELUDE
+    + """
+local lease_key = PREFIX .. 'lease:' .. ARGV[3]
+if not owned(ARGV[3], ARGV[2]) then return -1 end
+local mine = {}
+for k = 4, #ARGV do
+  if redis.call('SREM', lease_key, ARGV[k]) == 1 then mine[#mine + 1] = ARGV[k] end
+end
+return requeue(mine, true)
+"""
+)
+
+# ARGV: prefix, lease_id ('' for none), segment_id, n, then n x (index, failed 0/1, prompt,
+# completion, cached) -> {requests won (-1: ledger closed), state}
+COMMIT = (
+    PRELUDE
+    + """
+local state = redis.call('HGET', K_META, 'state') or ''
+if (state ~= 'validating' and state ~= 'in_progress' and state ~= 'cancelling')
+    or redis.call('HGET', K_META, 'closed') == '1' then
+  return {-1, state}
+end
+local lease_key = nil
+if ARGV[2] ~= '' then lease_key = PREFIX .. 'lease:' .. ARGV[2] end
+local won = {}
+local completed, failed, prompt, completion, cached = 0, 0, 0, 0, 0
+for k = 0, tonumber(ARGV[4]) - 1 do
+  local at = 5 + k * 5
+  local i = ARGV[at]
+  if lease_key then redis.call('SREM', lease_key, i) end
+  if redis.call('SETBIT', K_DONE, i, 1) == 0 then
+    won[#won + 1] = struct.pack('>I4', tonumber(i))
+    if ARGV[at + 1] == '1' then failed = failed + 1 else completed = completed + 1 end
+    prompt = prompt + tonumber(ARGV[at + 2])
+    completion = completion + tonumber(ARGV[at + 3])
+    cached = cached + tonumber(ARGV[at + 4])
+    redis.call('HDEL', K_PARTIAL, i)
+  end
+end
+if #won > 0 then
+  redis.call('APPEND', PREFIX .. 'segwon:' .. ARGV[3], table.concat(won))
+  redis.call('RPUSH', K_SEGMENTS, ARGV[3])
+  redis.call('HINCRBY', K_COUNTERS, 'completed', completed)
+  redis.call('HINCRBY', K_COUNTERS, 'failed', failed)
+  redis.call('HINCRBY', K_COUNTERS, 'prompt_tokens', prompt)
+  redis.call('HINCRBY', K_COUNTERS, 'completion_tokens', completion)
+  redis.call('HINCRBY', K_COUNTERS, 'cached_tokens', cached)
+end
+return {#won, state}
+"""
+)
+
+# ARGV: prefix, now -> leases reaped
+REAP = (
+    PRELUDE
+    + """
+return reap(ARGV[2])
+"""
+)
+
+# ARGV: prefix, target, now, source... -> {1, target} moved, {0, current} refused
+TRANSITION = (
+    PRELUDE
+    + """
+local state = redis.call('HGET', K_META, 'state') or ''
+for k = 4, #ARGV do
+  if state == ARGV[k] then
+    redis.call('HSET', K_META, 'state', ARGV[2], 'at:' .. ARGV[2], ARGV[3])
+    if ARGV[2] == 'finalizing' then redis.call('HSET', K_META, 'closed', '1') end
+    return {1, ARGV[2]}
+  end
+end
+return {0, state}
+"""
+)
+
+# ARGV: prefix -> 1 closed (no result is committed after this returns)
+CLOSE = (
+    PRELUDE
+    + """
+redis.call('HSET', K_META, 'closed', '1')
+return 1
+"""
+)

@@ -1,0 +1,28 @@
+"""Object storage adapter: input lines by byte range, output segments, merged results (fsspec)."""
+
+from troughfill.storage.objects import Line, ObjectStore, join, store_for
+from troughfill.storage.segments import (
+    ERROR_FILE,
+    OUTPUT_FILE,
+    RecordKind,
+    SegmentRecord,
+    new_segment_id,
+    read_segment,
+    segment_url,
+    write_segment,
+)
+
+__all__ = [
+    "ERROR_FILE",
+    "OUTPUT_FILE",
+    "Line",
+    "ObjectStore",
+    "RecordKind",
+    "SegmentRecord",
+    "join",
+    "new_segment_id",
+    "read_segment",
+    "segment_url",
+    "store_for",
+    "write_segment",
+]

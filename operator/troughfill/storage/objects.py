@@ -1,0 +1,151 @@
+"""Input, output and segment objects through fsspec: file:// and s3:// (any S3-protocol store).
+
+Everything streams: input is read in fixed-size chunks, lines are fetched by byte range,
+outputs are written through a stream. Nothing holds a whole file in memory.
+"""
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from fsspec.core import url_to_fs
+
+from troughfill.config import Settings
+
+READ_CHUNK_BYTES = 1 << 20
+# Ranges closer than this are fetched in one read: one round trip beats two small ones.
+RANGE_MERGE_GAP_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class Line:
+    """One non-blank line of the input: its ordinal among non-blank lines, where it is, its text."""
+
+    index: int
+    number: int
+    """1-based physical line number, blank lines counted, as an editor shows it."""
+    start: int
+    length: int
+    """Bytes up to, not including, the newline (and a preceding carriage return)."""
+    data: bytes
+
+
+def join(prefix: str, name: str) -> str:
+    return prefix.rstrip("/") + "/" + name
+
+
+@dataclass
+class ObjectStore:
+    """fsspec behind the few operations troughfill needs; options per scheme, e.g. {"s3": {...}}."""
+
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def _fs(self, url: str) -> tuple[Any, str]:
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        fs, path = url_to_fs(url, **dict(self.options.get(scheme, {})))
+        return fs, str(path)
+
+    def iter_lines(self, url: str) -> Iterator[Line]:
+        """Every non-blank line with its byte span, reading the object in 1 MiB chunks."""
+        fs, path = self._fs(url)
+        index = 0
+        number = 0
+        position = 0
+        pending = b""
+        with fs.open(path, "rb") as stream:
+            while True:
+                chunk = stream.read(READ_CHUNK_BYTES)
+                if not chunk:
+                    break
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    number += 1
+                    line = raw.removesuffix(b"\r")
+                    if line.strip():
+                        yield Line(index, number, position, len(line), line)
+                        index += 1
+                    position += len(raw) + 1
+        line = pending.removesuffix(b"\r")
+        if line.strip():
+            yield Line(index, number + 1, position, len(line), line)
+
+    def read_ranges(self, url: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each (start, length) span, in order, with nearby spans fetched together."""
+        if not spans:
+            return []
+        fs, path = self._fs(url)
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        results: list[bytes] = [b""] * len(spans)
+        group: list[int] = []
+
+        def fetch(members: list[int]) -> None:
+            low = spans[members[0]][0]
+            high = max(spans[i][0] + spans[i][1] for i in members)
+            blob: bytes = fs.cat_file(path, start=low, end=high)
+            for i in members:
+                start, length = spans[i]
+                results[i] = blob[start - low : start - low + length]
+
+        for i in order:
+            if group:
+                group_end = max(spans[j][0] + spans[j][1] for j in group)
+                if spans[i][0] - group_end > RANGE_MERGE_GAP_BYTES:
+                    fetch(group)
+                    group = []
+            group.append(i)
+        fetch(group)
+        return results
+
+    @contextlib.contextmanager
+    def writer(self, url: str) -> Iterator[IO[bytes]]:
+        """A binary stream whose object appears whole at `url` only when the block exits normally.
+
+        It is written under a temporary name and moved into place at the end (a rename on
+        local disks, a server-side copy on S3), so readers never see a partial file, and a
+        failure leaves the previous object, if any, untouched.
+        """
+        fs, path = self._fs(url)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        parent = fs._parent(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        try:
+            with fs.open(temporary, "wb") as stream:
+                yield stream
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.rm(temporary)
+            raise
+        fs.mv(temporary, path)
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        with self.writer(url) as stream:
+            stream.write(data)
+
+    def read_jsonl(self, url: str) -> Iterator[dict[str, Any]]:
+        fs, path = self._fs(url)
+        with fs.open(path, "rb") as stream:
+            for raw in stream:
+                if raw.strip():
+                    yield json.loads(raw)
+
+    def exists(self, url: str) -> bool:
+        fs, path = self._fs(url)
+        return bool(fs.exists(path))
+
+    def delete_prefix(self, url: str) -> None:
+        fs, path = self._fs(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def store_for(settings: Settings) -> ObjectStore:
+    """The object store the settings describe."""
+    s3: dict[str, Any] = {}
+    if settings.s3_endpoint_url:
+        s3["endpoint_url"] = settings.s3_endpoint_url
+    return ObjectStore(options={"s3": s3})
