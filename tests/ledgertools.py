@@ -44,7 +44,9 @@ def write_input(path: Path, lines: Iterable[str]) -> str:
     return path.as_uri()
 
 
-def new_ledger(client: Redis, clock: FakeClock | None = None, namespace: str = "team-a", name: str = "job") -> JobLedger:
+def new_ledger(
+    client: Redis, clock: FakeClock | None = None, namespace: str = "team-a", name: str = "job"
+) -> JobLedger:
     keys = JobKeys(namespace, name, uuid.uuid4().hex)
     return JobLedger(client, keys, clock=clock) if clock else JobLedger(client, keys)
 
@@ -69,7 +71,11 @@ def tokens_for(index: int) -> int:
 
 def fake_result(ledger: JobLedger, index: int, request: RequestLine) -> tuple[SegmentRecord, Outcome]:
     """What an engine would answer, derived from the request so tests can check it."""
-    body = {"object": "chat.completion", "echo": request.custom_id, "usage": {"completion_tokens": tokens_for(index)}}
+    body = {
+        "object": "chat.completion",
+        "echo": request.custom_id,
+        "usage": {"completion_tokens": tokens_for(index)},
+    }
     record = output_record(
         ledger.job_token, index, request.custom_id, status_code=200, body=body, upstream_id=f"up-{index}"
     )
@@ -124,7 +130,9 @@ class FakeWorker:
         self.claim = None
 
 
-async def drain(ledger: JobLedger, store: ObjectStore, output_url: str, name: str = "rescuer", chunk: int = 50) -> None:
+async def drain(
+    ledger: JobLedger, store: ObjectStore, output_url: str, name: str = "rescuer", chunk: int = 50
+) -> None:
     """A healthy worker finishing whatever is pending."""
     worker = FakeWorker(ledger, store, output_url, name)
     while await worker.take(chunk):

@@ -20,6 +20,7 @@ from troughfill.storage import (
     ObjectStore,
     RecordKind,
     SegmentRecord,
+    StoredRecord,
     join,
     new_segment_id,
     read_segment,
@@ -176,7 +177,7 @@ def _write_line(stream: IO[bytes], record: dict[str, Any]) -> None:
     stream.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
 
-def _read_all(store: ObjectStore, output_prefix: str, segment_id: str) -> list[SegmentRecord]:
+def _read_all(store: ObjectStore, output_prefix: str, segment_id: str) -> list[StoredRecord]:
     return list(read_segment(store, output_prefix, segment_id))
 
 
@@ -190,7 +191,7 @@ async def _merge(
         for item in records:
             if item.index in won:
                 won.discard(item.index)
-                _write_line(outputs if item.kind == RecordKind.OUTPUT else errors, item.record)
+                (outputs if item.kind == RecordKind.OUTPUT else errors).write(item.line + b"\n")
                 counts[item.kind] += 1
         if won:
             raise RuntimeError(f"segment {segment_id} lacks {len(won)} requests it committed")

@@ -2,7 +2,8 @@
 scripts/setup.sh), each started once per session on a free 127.0.0.1 port in a scratch
 directory, and stopped at the end. Metrics endpoints are real HTTP servers
 (prometheus-client) that the tests move; Prometheus scrapes them every second.
-Nothing is faked."""
+The S3 server is moto in server mode: a separate process speaking the S3 protocol over HTTP,
+reached through s3fs exactly as a real object store would be. Nothing is faked."""
 
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,7 +12,7 @@ import redis
 from redis.asyncio import Redis
 
 from tests.ledgertools import FakeClock
-from troughfill.devenv import PrometheusServer, RedisServer, start_prometheus, start_redis
+from troughfill.devenv import PrometheusServer, RedisServer, S3Server, start_prometheus, start_redis, start_s3
 from troughfill.storage import ObjectStore
 
 
@@ -52,3 +53,10 @@ def clock() -> FakeClock:
 @pytest.fixture
 def store() -> ObjectStore:
     return ObjectStore()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_s3(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

@@ -90,7 +90,10 @@ async def test_indexing_validates_lines_and_maps_each_request_to_its_bytes(
     await drain(ledger, store, (tmp_path / "out").as_uri())
     final = await finalize(ledger, store)
     assert (final.outputs, final.errors) == (3, 4)
-    errors = {(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in read_jsonl(tmp_path / "out/errors.jsonl")}
+    errors = {
+        (e["custom_id"], e["error"]["code"], e["error"]["line"])
+        for e in read_jsonl(tmp_path / "out/errors.jsonl")
+    }
     assert errors == {
         (None, "invalid_json_line", 3),
         ("b", "invalid_url", 4),
@@ -128,7 +131,14 @@ async def test_claims_are_chunks_and_an_expired_lease_returns_its_requests(
     third = await ledger.claim("w3", 10)
     assert third is not None
     assert sorted(third.indices) == [4, 5, 6, 7, 8, 9]  # w2's requests first, then the rest
-    assert dict(zip(third.indices, third.failed_attempts, strict=True)) == {4: 1, 5: 1, 6: 1, 7: 1, 8: 0, 9: 0}
+    assert dict(zip(third.indices, third.failed_attempts, strict=True)) == {
+        4: 1,
+        5: 1,
+        6: 1,
+        7: 1,
+        8: 0,
+        9: 0,
+    }
     assert not await ledger.renew("w2", second.lease_id)
     assert not await ledger.renew("w3", first.lease_id)  # not its lease
 
@@ -150,7 +160,7 @@ async def test_release_gives_work_back_without_counting_an_attempt(
 async def test_requests_that_keep_failing_become_dead_letters(
     aredis: Redis, tmp_path: Path, store: ObjectStore, clock: FakeClock
 ) -> None:
-    ledger, output_url = await ready_job(aredis, tmp_path, store, clock, count=2, max_attempts=2, lease_seconds=5)
+    ledger, _ = await ready_job(aredis, tmp_path, store, clock, count=2, max_attempts=2, lease_seconds=5)
     claim = await ledger.claim("w1", 2)
     assert claim is not None
     assert await ledger.nack("w1", claim.lease_id, [0]) == 1  # attempt 1 of request 0 failed
@@ -203,7 +213,7 @@ async def test_no_result_is_accepted_once_the_job_is_finalizing(
 async def test_partial_generations_are_saved_and_dropped_once_the_request_is_done(
     aredis: Redis, tmp_path: Path, store: ObjectStore, clock: FakeClock
 ) -> None:
-    ledger, output_url = await ready_job(aredis, tmp_path, store, clock, count=3)
+    ledger, _ = await ready_job(aredis, tmp_path, store, clock, count=3)
     await ledger.save_partial(1, "Once upon a", 3)
     await ledger.save_partial(2, "Über", 1)
     partials = await ledger.load_partials([0, 1, 2])
@@ -221,7 +231,14 @@ async def test_keys_of_a_job_share_one_cluster_slot_and_jobs_never_collide(
     await drain(a, store, output_url)
     await a.save_partial(0, "x", 1)
     keys = [k.decode() async for k in aredis.scan_iter(match=a.keys.prefix.replace("{", "\\{") + "*")]
-    assert {k.removeprefix(a.keys.prefix) for k in keys} >= {"meta", "offsets", "done", "counters", "segments", "partial"}
+    assert {k.removeprefix(a.keys.prefix) for k in keys} >= {
+        "meta",
+        "offsets",
+        "done",
+        "counters",
+        "segments",
+        "partial",
+    }
     assert len({key_slot(k.encode()) for k in keys}) == 1
     assert all(k.startswith(a.keys.prefix) for k in keys)
     assert await a.delete() == len(keys)
@@ -292,9 +309,14 @@ async def test_expired_leases_return_within_seconds_of_real_time(
     await index_input(ledger, store)
     assert await ledger.claim("doomed", 3)
     started = asyncio.get_running_loop().time()
-    while not (claim := await ledger.claim("rescuer", 3)):
+    claim = None
+    for _ in range(100):  # a rescuer polling every 50 ms, for at most 5 s
+        claim = await ledger.claim("rescuer", 3)
+        if claim:
+            break
         await asyncio.sleep(0.05)
     waited = asyncio.get_running_loop().time() - started
+    assert claim is not None
     assert sorted(claim.indices) == [0, 1, 2]
     assert 0.9 <= waited <= 2.0
     assert json.dumps(claim.failed_attempts) == "[1, 1, 1]"

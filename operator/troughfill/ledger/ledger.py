@@ -19,6 +19,9 @@ from troughfill.ledger.states import InvalidTransitionError, sources_of
 
 SPAN = struct.Struct(">QI")
 WON = struct.Struct(">I")
+U32 = struct.Struct(">I")
+# One outcome on the wire to the commit script: index, failed, prompt, completion, cached tokens.
+OUTCOME = struct.Struct(">IBIII")
 DEFAULT_LEASE_SECONDS = 15.0
 BITMAP_READ_BYTES = 64 << 10
 
@@ -56,9 +59,9 @@ class Claim:
     expires_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
-    """The result of one request as the ledger counts it."""
+    """The result of one request as the ledger counts it (slots, not frozen: one per request)."""
 
     index: int
     failed: bool = False
@@ -111,18 +114,18 @@ class JobLedger:
         self.clock = clock
         self._scripts: dict[str, AsyncScript] = {}
         self._lease_seconds: float | None = None
-
-    @property
-    def job_token(self) -> str:
+        self.job_token = hashlib.sha256(keys.prefix.encode()).hexdigest()[:12]
         """Short stable id of this job, used in request ids."""
-        return hashlib.sha256(self.keys.prefix.encode()).hexdigest()[:12]
 
-    async def _run(self, name: str, *args: Any) -> Any:
+    def _script(self, name: str) -> AsyncScript:
         script = self._scripts.get(name)
         if script is None:
             script = self.client.register_script(getattr(lua, name))
             self._scripts[name] = script
-        return await script(keys=self.keys.script_keys, args=[self.keys.prefix, *args])
+        return script
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        return await self._script(name)(keys=self.keys.script_keys, args=[self.keys.prefix, *args])
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -224,10 +227,10 @@ class JobLedger:
 
     async def add_custom_ids(self, custom_ids: Sequence[str]) -> list[bool]:
         """For each id, whether it is new to this job (False: a duplicate)."""
-        pipe = self.client.pipeline(transaction=False)
-        for custom_id in custom_ids:
-            pipe.sadd(self.keys.key(CUSTOM_IDS), custom_id)
-        return [bool(added) for added in await pipe.execute()]
+        if not custom_ids:
+            return []
+        flags = await self._script("NEW_CUSTOM_IDS")(keys=[self.keys.key(CUSTOM_IDS)], args=list(custom_ids))
+        return [flag == ord("1") for flag in _bytes(flags)]
 
     async def append_spans(self, spans: Sequence[tuple[int, int]]) -> None:
         """Append where the next requests' lines are: (byte offset, length) each."""
@@ -270,8 +273,8 @@ class JobLedger:
             return None
         return Claim(
             lease_id=int(lease_id),
-            indices=[int(i) for i in indices],
-            failed_attempts=[int(a) for a in attempts],
+            indices=[i for (i,) in U32.iter_unpack(indices)],
+            failed_attempts=[a for (a,) in U32.iter_unpack(attempts)],
             expires_at=now + lease_seconds,
         )
 
@@ -299,16 +302,11 @@ class JobLedger:
         A request already done (a crash between upload and commit, a late worker) is not won
         again, so its tokens are not counted twice and its record is not merged twice.
         """
-        args: list[Any] = [lease_id if lease_id is not None else "", segment_id, len(outcomes)]
-        for outcome in outcomes:
-            args += [
-                outcome.index,
-                int(outcome.failed),
-                outcome.prompt_tokens,
-                outcome.completion_tokens,
-                outcome.cached_tokens,
-            ]
-        won, state = await self._run("COMMIT", *args)
+        packed = b"".join(
+            OUTCOME.pack(o.index, o.failed, o.prompt_tokens, o.completion_tokens, o.cached_tokens)
+            for o in outcomes
+        )
+        won, state = await self._run("COMMIT", lease_id if lease_id is not None else "", segment_id, packed)
         if won < 0:
             raise LedgerClosedError(f"job is {_text(state) or 'gone'}; results are no longer accepted")
         return int(won)

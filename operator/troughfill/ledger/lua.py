@@ -70,13 +70,13 @@ end
 """
 
 # ARGV: prefix, worker, max_count, now, expires_at
-# -> {lease_id (0: none), state, {indices}, {failed attempts so far}}
+# -> {lease_id (0: none), state, indices, failed attempts so far} (both packed big-endian uint32)
 CLAIM = (
     PRELUDE
     + """
 local state = redis.call('HGET', K_META, 'state') or ''
 if state ~= 'in_progress' or redis.call('HGET', K_META, 'closed') == '1' then
-  return {0, state, {}, {}}
+  return {0, state, '', ''}
 end
 reap(ARGV[4])
 local want = tonumber(ARGV[3])
@@ -95,19 +95,20 @@ while #picked < want and cursor < total do
   cursor = cursor + 1
 end
 redis.call('HSET', K_META, 'cursor', cursor)
-if #picked == 0 then return {0, state, {}, {}} end
+if #picked == 0 then return {0, state, '', ''} end
 local id = redis.call('HINCRBY', K_META, 'lease_seq', 1)
-local attempts = {}
+local packed_indices, packed_attempts = {}, {}
 for s = 1, #picked, 1000 do
   local last = math.min(s + 999, #picked)
   redis.call('SADD', PREFIX .. 'lease:' .. id, unpack(picked, s, last))
-  for _, a in ipairs(redis.call('HMGET', K_ATTEMPTS, unpack(picked, s, last))) do
-    attempts[#attempts + 1] = a or '0'
+  for k, a in ipairs(redis.call('HMGET', K_ATTEMPTS, unpack(picked, s, last))) do
+    packed_indices[#packed_indices + 1] = struct.pack('>I4', tonumber(picked[s + k - 1]))
+    packed_attempts[#packed_attempts + 1] = struct.pack('>I4', tonumber(a or '0'))
   end
 end
 redis.call('ZADD', K_LEASES, ARGV[5], id)
 redis.call('HSET', K_OWNERS, id, ARGV[2])
-return {id, state, picked, attempts}
+return {id, state, table.concat(packed_indices), table.concat(packed_attempts)}
 """
 )
 
@@ -148,8 +149,9 @@ return requeue(mine, true)
 """
 )
 
-# ARGV: prefix, lease_id ('' for none), segment_id, n, then n x (index, failed 0/1, prompt,
-# completion, cached) -> {requests won (-1: ledger closed), state}
+# ARGV: prefix, lease_id ('' for none), segment_id, outcomes: packed big-endian records of
+# (index u32, failed u8, prompt u32, completion u32, cached u32)
+# -> {requests won (-1: ledger closed), state}
 COMMIT = (
     PRELUDE
     + """
@@ -158,21 +160,21 @@ if (state ~= 'validating' and state ~= 'in_progress' and state ~= 'cancelling')
     or redis.call('HGET', K_META, 'closed') == '1' then
   return {-1, state}
 end
-local lease_key = nil
-if ARGV[2] ~= '' then lease_key = PREFIX .. 'lease:' .. ARGV[2] end
+-- Done requests stay in their lease's set: every requeue skips done requests, and the set
+-- goes when the lease is released or reaped. ARGV[2] (the lease) is informational.
+local has_partials = redis.call('EXISTS', K_PARTIAL) == 1
 local won = {}
 local completed, failed, prompt, completion, cached = 0, 0, 0, 0, 0
-for k = 0, tonumber(ARGV[4]) - 1 do
-  local at = 5 + k * 5
-  local i = ARGV[at]
-  if lease_key then redis.call('SREM', lease_key, i) end
+local blob = ARGV[4]
+for at = 1, #blob, 17 do
+  local i, is_failed, p, c, ca = struct.unpack('>I4BI4I4I4', blob, at)
   if redis.call('SETBIT', K_DONE, i, 1) == 0 then
-    won[#won + 1] = struct.pack('>I4', tonumber(i))
-    if ARGV[at + 1] == '1' then failed = failed + 1 else completed = completed + 1 end
-    prompt = prompt + tonumber(ARGV[at + 2])
-    completion = completion + tonumber(ARGV[at + 3])
-    cached = cached + tonumber(ARGV[at + 4])
-    redis.call('HDEL', K_PARTIAL, i)
+    won[#won + 1] = struct.pack('>I4', i)
+    if is_failed == 1 then failed = failed + 1 else completed = completed + 1 end
+    prompt = prompt + p
+    completion = completion + c
+    cached = cached + ca
+    if has_partials then redis.call('HDEL', K_PARTIAL, i) end
   end
 end
 if #won > 0 then
@@ -220,3 +222,12 @@ redis.call('HSET', K_META, 'closed', '1')
 return 1
 """
 )
+
+# KEYS: the custom-id set; ARGV: custom_id... -> one byte per id: 1 new, 0 seen before
+NEW_CUSTOM_IDS = """
+local flags = {}
+for k = 1, #ARGV do
+  flags[k] = redis.call('SADD', KEYS[1], ARGV[k]) == 1 and '1' or '0'
+end
+return table.concat(flags)
+"""

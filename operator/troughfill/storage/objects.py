@@ -126,16 +126,27 @@ class ObjectStore:
         with self.writer(url) as stream:
             stream.write(data)
 
-    def read_jsonl(self, url: str) -> Iterator[dict[str, Any]]:
+    def read_lines(self, url: str) -> Iterator[bytes]:
+        """Non-blank lines, without their line endings."""
         fs, path = self._fs(url)
         with fs.open(path, "rb") as stream:
             for raw in stream:
-                if raw.strip():
-                    yield json.loads(raw)
+                line = raw.rstrip(b"\r\n")
+                if line.strip():
+                    yield line
+
+    def read_jsonl(self, url: str) -> Iterator[dict[str, Any]]:
+        for line in self.read_lines(url):
+            yield json.loads(line)
 
     def exists(self, url: str) -> bool:
         fs, path = self._fs(url)
         return bool(fs.exists(path))
+
+    def names(self, url: str) -> list[str]:
+        """Names of the objects directly under a prefix, sorted."""
+        fs, path = self._fs(url)
+        return sorted(str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
 
     def delete_prefix(self, url: str) -> None:
         fs, path = self._fs(url)

@@ -3,6 +3,9 @@
 A segment is written whole before the ledger hears of it, so a crash leaves either no
 segment or one the ledger never committed; finalize reads only committed segments, and
 from each only the requests that segment won.
+
+Each line is `index<TAB>kind<TAB>record-json`: finalize routes records by index and kind
+and copies the JSON through without decoding it.
 """
 
 import json
@@ -24,8 +27,10 @@ class RecordKind(StrEnum):
     ERROR = "error"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SegmentRecord:
+    """One result for a segment (slots, not frozen: one per request)."""
+
     index: int
     kind: RecordKind
     record: dict[str, Any]
@@ -40,22 +45,27 @@ def new_segment_id(writer: str) -> str:
     return f"{writer}-{uuid.uuid4().hex[:16]}"
 
 
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record read back from a segment: the JSON line exactly as it will be merged."""
+
+    index: int
+    kind: RecordKind
+    line: bytes
+
+
 def write_segment(
     store: ObjectStore, output_prefix: str, segment_id: str, records: list[SegmentRecord]
 ) -> str:
     """Upload one segment (all or nothing) and return its URL."""
     url = segment_url(output_prefix, segment_id)
-    body = b"".join(
-        json.dumps(
-            {"index": r.index, "kind": r.kind.value, "record": r.record}, separators=(",", ":")
-        ).encode()
-        + b"\n"
-        for r in records
-    )
+    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    body = "".join(f"{r.index}\t{r.kind.value}\t{dumps(r.record)}\n" for r in records).encode()
     store.write_bytes(url, body)
     return url
 
 
-def read_segment(store: ObjectStore, output_prefix: str, segment_id: str) -> Iterator[SegmentRecord]:
-    for item in store.read_jsonl(segment_url(output_prefix, segment_id)):
-        yield SegmentRecord(int(item["index"]), RecordKind(item["kind"]), item["record"])
+def read_segment(store: ObjectStore, output_prefix: str, segment_id: str) -> Iterator[StoredRecord]:
+    for raw in store.read_lines(segment_url(output_prefix, segment_id)):
+        index, kind, line = raw.split(b"\t", 2)
+        yield StoredRecord(int(index), RecordKind(kind.decode()), line)
