@@ -11,6 +11,7 @@ are synthetic (no engine); everything else is what a job does. Prints one JSON o
 import argparse
 import asyncio
 import json
+import resource
 import tempfile
 import time
 import uuid
@@ -128,6 +129,7 @@ async def run(redis_url: str, workdir: Path, requests: int, chunk: int, workers:
         "end_to_end_per_s": round(requests / (claim_s + complete_s)),
         "finalize_per_s": round(requests / finalize_s),
         "redis_bytes_per_request_indexed": round((memory_indexed - memory_before) / requests, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": {
             "index": round(index_s, 3),
             "claim": round(claim_s, 3),
