@@ -9,8 +9,11 @@ import redis
 import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from pydantic import SecretStr
 
+from troughfill.config import Settings
 from troughfill.devenv import PrometheusServer, free_port, start_prometheus, start_redis
+from troughfill.ledger import connect
 
 
 def test_redis_is_real_and_durable_by_default(redis_client: "redis.Redis[bytes]") -> None:
@@ -88,3 +91,16 @@ def test_prometheus_stopped_means_no_answer(tmp_path: Path) -> None:
     server.stop()
     with pytest.raises(requests.exceptions.ConnectionError):
         client.check_prometheus_connection()
+
+
+async def test_ledger_connects_with_password_from_settings(tmp_path: Path) -> None:
+    server = start_redis(tmp_path / "redis", password="from-a-secret")
+    try:
+        plain_url = f"redis://127.0.0.1:{server.port}/0"
+        client = connect(Settings(redis_url=plain_url, redis_password=SecretStr("from-a-secret")))
+        assert await client.ping()
+        await client.aclose()
+        with pytest.raises(redis.AuthenticationError):
+            await connect(Settings(redis_url=plain_url)).ping()
+    finally:
+        server.stop()
