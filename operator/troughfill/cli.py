@@ -16,6 +16,7 @@ from troughfill import __version__, api
 from troughfill.api import crdgen
 from troughfill.api.batchfile import check_lines
 from troughfill.api.resource import Resource
+from troughfill.worker import main as worker_main
 
 KINDS: dict[str, type[Resource]] = {r.crd.kind: r for r in api.RESOURCES}
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the embedded example")
     demo.add_argument("--examples", help="directory with pool, template, BatchInference and requests.jsonl")
     demo.set_defaults(handler=cmd_demo)
+
+    worker_main.add_arguments(commands)
     return parser
 
 

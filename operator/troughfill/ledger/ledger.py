@@ -99,6 +99,7 @@ class Progress:
 class Partial:
     text: str
     tokens: int
+    prompt_tokens: int | None = None
 
 
 class LedgerClosedError(Exception):
@@ -288,9 +289,12 @@ class JobLedger:
         """Give a lease back: its unfinished requests are pending again, no attempt counted."""
         return int(await self._run("RELEASE", worker, lease_id))
 
-    async def nack(self, worker: str, lease_id: int, indices: Iterable[int]) -> int:
-        """Requests of a lease that failed this attempt: pending again, or dead past max attempts."""
-        return int(await self._run("NACK", worker, lease_id, *indices))
+    async def nack(
+        self, worker: str, lease_id: int, indices: Iterable[int], *, count_attempt: bool = True
+    ) -> int:
+        """Give some requests of a lease back. Counted (a failed attempt): pending again, or dead
+        past max attempts. Not counted (aborted by a shutdown, not the request's fault): pending."""
+        return int(await self._run("NACK", worker, lease_id, "1" if count_attempt else "0", *indices))
 
     async def reap(self) -> int:
         """Return the requests of expired leases to pending (or dead); the number of leases reaped."""
@@ -318,10 +322,12 @@ class JobLedger:
 
     # --- partial generations -------------------------------------------------------------
 
-    async def save_partial(self, index: int, text: str, tokens: int) -> None:
-        await self.client.hset(
-            self.keys.key("partial"), str(index), json.dumps({"text": text, "tokens": tokens})
-        )
+    async def save_partial(
+        self, index: int, text: str, tokens: int, prompt_tokens: int | None = None
+    ) -> None:
+        """What an interrupted request generated so far, for the worker that resumes it."""
+        value = json.dumps({"text": text, "tokens": tokens, "prompt_tokens": prompt_tokens})
+        await self.client.hset(self.keys.key("partial"), str(index), value)
 
     async def load_partials(self, indices: Sequence[int]) -> dict[int, Partial]:
         if not indices:
@@ -331,8 +337,36 @@ class JobLedger:
         for index, value in zip(indices, values, strict=True):
             if value:
                 item = json.loads(value)
-                found[index] = Partial(text=item["text"], tokens=int(item["tokens"]))
+                found[index] = Partial(
+                    text=item["text"], tokens=int(item["tokens"]), prompt_tokens=item.get("prompt_tokens")
+                )
         return found
+
+    async def pending(self) -> int:
+        """Requests nobody holds: retries plus never-claimed ones (some may already be done)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(self.keys.key("retry"))
+        pipe.hmget(self.keys.key("meta"), ["total", "cursor"])
+        retries, (total, cursor) = await pipe.execute()
+        return int(retries) + max(0, int(total or 0) - int(cursor or 0))
+
+    # --- workers ---------------------------------------------------------------------------------
+
+    async def heartbeat(self, worker: str, status: dict[str, Any], ttl: float) -> None:
+        """A worker's liveness key; it vanishes `ttl` seconds after the last beat."""
+        await self.client.set(self.keys.key(f"worker:{worker}"), json.dumps(status), px=int(ttl * 1000))
+
+    async def last_heartbeat(self, worker: str) -> dict[str, Any] | None:
+        value = await self.client.get(self.keys.key(f"worker:{worker}"))
+        return json.loads(value) if value else None
+
+    async def request_stop(self, worker: str, mode: str, ttl: float = 600.0) -> None:
+        """How `worker` should stop on its next SIGTERM (the operator sets this before deleting it)."""
+        await self.client.set(self.keys.key(f"stop:{worker}"), mode, px=int(ttl * 1000))
+
+    async def stop_mode(self, worker: str) -> str | None:
+        value = await self.client.get(self.keys.key(f"stop:{worker}"))
+        return _text(value) if value else None
 
     # --- reading back ------------------------------------------------------------------------
 

@@ -135,17 +135,18 @@ return back
 """
 )
 
-# ARGV: prefix, worker, lease_id, index... -> requests returned (failed attempt counted)
+# ARGV: prefix, worker, lease_id, count the attempt ('1'/'0'), index...
+# -> requests returned (-1: not our lease)
 NACK = (
     PRELUDE
     + """
 local lease_key = PREFIX .. 'lease:' .. ARGV[3]
 if not owned(ARGV[3], ARGV[2]) then return -1 end
 local mine = {}
-for k = 4, #ARGV do
+for k = 5, #ARGV do
   if redis.call('SREM', lease_key, ARGV[k]) == 1 then mine[#mine + 1] = ARGV[k] end
 end
-return requeue(mine, true)
+return requeue(mine, ARGV[4] == '1')
 """
 )
 

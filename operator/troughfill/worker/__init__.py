@@ -1,0 +1,1 @@
+"""The batch worker beside an inference engine (`troughfill worker`)."""

@@ -1,0 +1,166 @@
+"""The inference engine beside the worker: a vLLM OpenAI-compatible server it starts or attaches to."""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from troughfill.worker.concurrency import EngineLoad
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE = "vllm:kv_cache_usage_perc"
+
+
+class EngineDeadError(Exception):
+    """The engine process exited or stopped answering."""
+
+
+@dataclass
+class EngineHttpError(Exception):
+    """The engine answered with an error status."""
+
+    status: int
+    body: dict[str, Any]
+
+    def __str__(self) -> str:
+        return f"engine answered {self.status}: {self.body}"
+
+
+class EngineProcess:
+    """The engine as a child process in its own session (a stop reaches all its processes)."""
+
+    def __init__(
+        self, command: Sequence[str], env: dict[str, str] | None = None, log_path: str | None = None
+    ) -> None:
+        self.command = list(command)
+        log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            self.command,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def parse_load(metrics_text: str) -> EngineLoad:
+    """The engine's own gauges, summed over its label sets (one per engine core)."""
+    totals = {RUNNING: 0.0, WAITING: 0.0, KV_CACHE: 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return EngineLoad(running=totals[RUNNING], waiting=totals[WAITING], kv_cache_usage=totals[KV_CACHE])
+
+
+class EngineClient:
+    """HTTP to the engine: health, load gauges, and calls (streamed or not)."""
+
+    def __init__(
+        self, base_url: str, process: EngineProcess | None = None, request_timeout: float = 900.0
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.process = process
+        self.request_timeout = request_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=5),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def process_alive(self) -> bool:
+        return self.process is None or self.process.alive()
+
+    async def healthy(self) -> bool:
+        if not self.process_alive():
+            return False
+        try:
+            async with self.session.get(
+                f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=3)
+            ) as reply:
+                return reply.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def wait_ready(self, within: float) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if not self.process_alive():
+                raise EngineDeadError(
+                    f"engine exited with {self.process.returncode if self.process else '?'}"
+                )
+            if await self.healthy():
+                return
+            await asyncio.sleep(0.5)
+        raise EngineDeadError(f"engine not healthy after {within:.0f}s")
+
+    async def load(self) -> EngineLoad:
+        async with self.session.get(
+            f"{self.base_url}/metrics", timeout=aiohttp.ClientTimeout(total=3)
+        ) as reply:
+            return parse_load(await reply.text())
+
+    async def call(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """A non-streamed call: (response body, upstream request id)."""
+        async with self.session.post(f"{self.base_url}{path}", json=body) as reply:
+            payload = await _json_or_text(reply)
+            if reply.status >= 400:
+                raise EngineHttpError(reply.status, payload)
+            return payload, reply.headers.get("x-request-id", str(payload.get("id", "")))
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A streamed call; leaving the block early closes the connection, which aborts it upstream."""
+        async with self.session.post(f"{self.base_url}{path}", json=body) as reply:
+            if reply.status >= 400:
+                raise EngineHttpError(reply.status, await _json_or_text(reply))
+            yield reply
+
+
+async def _json_or_text(reply: aiohttp.ClientResponse) -> dict[str, Any]:
+    text = await reply.text()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return {"error": {"message": text[:2000]}}
+    return parsed if isinstance(parsed, dict) else {"data": parsed}

@@ -1,0 +1,129 @@
+"""`troughfill worker run|check`: the process in every batch worker pod."""
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+
+from troughfill.config import Settings
+from troughfill.ledger import JobKeys, JobLedger, connect
+from troughfill.storage import store_for
+from troughfill.worker.concurrency import ConcurrencyPolicy
+from troughfill.worker.engine import EngineClient, EngineProcess
+from troughfill.worker.runner import ExitCode, StopMode, Worker, WorkerOptions, install_signal_handlers
+
+
+def job_keys(text: str) -> JobKeys:
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError("expected NAMESPACE/NAME/UID")
+    return JobKeys(*parts)
+
+
+def default_worker_id() -> str:
+    """The pod name where there is one (the operator addresses stop requests to it)."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    worker = commands.add_parser("worker", help="the batch worker that runs beside an inference engine")
+    actions = worker.add_subparsers(dest="worker_command", required=True)
+
+    run = actions.add_parser("run", help="work on a job until stopped (or, with --burst, until it is done)")
+    run.add_argument("--job", type=job_keys, required=True, help="NAMESPACE/NAME/UID of the BatchInference")
+    run.add_argument("--worker-id", default=default_worker_id())
+    run.add_argument("--engine-url", help="attach to a running engine instead of starting one")
+    run.add_argument("--engine-port", type=int, default=8000, help="port of the engine this worker starts")
+    run.add_argument("--engine-log", help="file for the started engine's output")
+    run.add_argument("--served-model", help="model name the engine serves (replaces body.model)")
+    run.add_argument("--on-sigterm", choices=[m.value for m in StopMode], default=StopMode.YIELD.value)
+    run.add_argument("--drain-timeout", type=float, default=25.0)
+    run.add_argument("--concurrency", type=int, default=16, help="initial in-flight limit")
+    run.add_argument("--max-concurrency", type=int, default=256)
+    run.add_argument("--checkpoint-tokens", type=int, default=16)
+    run.add_argument("--no-resume", action="store_true", help="do not save or resume partial output")
+    run.add_argument("--burst", action="store_true", help="exit 0 once the job has no pending work")
+    run.add_argument("engine_command", nargs=argparse.REMAINDER, help="-- then the engine command line")
+    run.set_defaults(handler=cmd_run)
+
+    check = actions.add_parser("check", help="exit 0 if the worker's heartbeat is fresh (a probe)")
+    check.add_argument("--job", type=job_keys, required=True)
+    check.add_argument("--worker-id", default=default_worker_id())
+    check.set_defaults(handler=cmd_check)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    client = connect(settings)
+    command = [part for part in args.engine_command if part != "--"] if args.engine_command else []
+    process = None
+    if args.engine_url:
+        base_url = args.engine_url
+    elif command:
+        process = EngineProcess(command, log_path=args.engine_log)
+        base_url = f"http://127.0.0.1:{args.engine_port}"
+    else:
+        print("give --engine-url or an engine command after --", file=sys.stderr)
+        return ExitCode.FAILED
+    engine = EngineClient(base_url, process)
+    options = WorkerOptions(
+        worker_id=args.worker_id,
+        served_model=args.served_model,
+        initial_concurrency=args.concurrency,
+        policy=ConcurrencyPolicy(maximum=args.max_concurrency),
+        checkpoint_tokens=args.checkpoint_tokens,
+        resume=not args.no_resume,
+        burst=args.burst,
+        stop_mode=StopMode(args.on_sigterm),
+        drain_timeout=args.drain_timeout,
+    )
+    worker = Worker(JobLedger(client, args.job), store_for(settings), engine, options)
+    install_signal_handlers(worker)
+    try:
+        code = await worker.run()
+    finally:
+        await engine.close()
+        if process is not None:
+            await asyncio.to_thread(process.stop)
+        await client.aclose()
+    s = worker.stats
+    logging.getLogger("troughfill.worker").info(
+        "exit %s: %d results, %d errors, %d retried, %d resumed, %d tokens wasted",
+        code.name,
+        s.results,
+        s.errors,
+        s.retries,
+        s.resumed,
+        s.wasted_tokens,
+    )
+    return int(code)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return asyncio.run(_run(args))
+
+
+async def _check(args: argparse.Namespace) -> int:
+    client = connect(Settings())
+    try:
+        beat = await JobLedger(client, args.job).last_heartbeat(args.worker_id)
+    finally:
+        await client.aclose()
+    if beat is None:
+        print(f"no heartbeat from {args.worker_id}", file=sys.stderr)
+        return 1
+    if not beat.get("engine", False):
+        print(f"{args.worker_id}: engine down", file=sys.stderr)
+        return 1
+    print(
+        f"{args.worker_id}: alive {time.time() - float(beat['at']):.1f}s ago, {beat['in_flight']} in flight"
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    return asyncio.run(_check(args))

@@ -1,0 +1,470 @@
+"""The batch worker: claim requests, keep the engine saturated, store results exactly once.
+
+One asyncio loop. Requests are claimed in chunks no larger than the engine can take, sent at
+the concurrency the engine's own gauges allow, and their results buffered and flushed as
+output segments. Leases are renewed by a heartbeat and released once all their requests are
+committed.
+
+SIGTERM stops claiming at once; then
+- drain: finish in-flight requests (up to the drain timeout), flush, release, exit;
+- yield: save every in-flight request's partial output, abort the calls, flush what is
+  done, give every lease back without counting an attempt, exit (in well under 2 s).
+The operator can choose the mode per stop (`JobLedger.request_stop`); the flag is the default.
+"""
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from troughfill.api.batchfile import RequestLine, output_record
+from troughfill.api.batchinference import Endpoint
+from troughfill.jobs import ResultWriter, load_requests
+from troughfill.ledger import JobLedger, LedgerClosedError, Outcome
+from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
+from troughfill.worker import requests as calls
+from troughfill.worker.concurrency import ConcurrencyPolicy, next_limit
+from troughfill.worker.engine import EngineClient, EngineDeadError, EngineHttpError
+
+log = logging.getLogger("troughfill.worker")
+
+
+class StopMode(enum.StrEnum):
+    DRAIN = "drain"
+    YIELD = "yield"
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILED = 1
+    ENGINE_DIED = 3
+
+
+@dataclass
+class WorkerOptions:
+    worker_id: str
+    served_model: str | None = None
+    """Overrides `body.model`: the template, not the user, chooses the model."""
+    max_claim: int = 64
+    initial_concurrency: int = 16
+    policy: ConcurrencyPolicy = field(default_factory=ConcurrencyPolicy)
+    flush_results: int = 64
+    flush_seconds: float = 2.0
+    checkpoint_tokens: int = 16
+    checkpoint_seconds: float = 2.0
+    resume: bool = True
+    """Save partial output and resume from it; off, an interrupted request starts over."""
+    burst: bool = False
+    """Exit 0 as soon as the job has no pending work."""
+    stop_mode: StopMode = StopMode.YIELD
+    drain_timeout: float = 25.0
+    engine_ready_timeout: float = 600.0
+    poll_seconds: float = 0.5
+
+
+@dataclass
+class Item:
+    index: int
+    lease_id: int
+    request: RequestLine
+    saved: calls.Progress | None
+
+
+@dataclass
+class Finished:
+    item: Item
+    record: SegmentRecord | None = None
+    outcome: Outcome | None = None
+    retry: bool = False
+    count_attempt: bool = True
+
+
+@dataclass
+class Stats:
+    results: int = 0
+    errors: int = 0
+    retries: int = 0
+    resumed: int = 0
+    wasted_tokens: int = 0
+
+
+class Worker:
+    def __init__(
+        self, ledger: JobLedger, store: ObjectStore, engine: EngineClient, options: WorkerOptions
+    ) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.engine = engine
+        self.options = options
+        self.limit = options.initial_concurrency
+        self.queue: list[Item] = []
+        self.in_flight: dict[asyncio.Task[Finished], Item] = {}
+        self.progress: dict[int, calls.Progress] = {}
+        self.outstanding: dict[int, set[int]] = {}
+        """lease id -> requests of it not yet committed or given back."""
+        self.stats = Stats()
+        self.stopping = asyncio.Event()
+        self.engine_dead = False
+        self.job_closed = False
+        self.writer: ResultWriter | None = None
+        self.endpoint = Endpoint.CHAT_COMPLETIONS
+        self._last_flush = time.monotonic()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> ExitCode:
+        config = await self.ledger.config()
+        self.endpoint = config.endpoint
+        self.writer = ResultWriter(self.ledger, self.store, config.output_url, writer=self.options.worker_id)
+        try:
+            await self.engine.wait_ready(within=self.options.engine_ready_timeout)
+        except EngineDeadError as error:
+            log.error("engine never became ready: %s", error)
+            return ExitCode.ENGINE_DIED
+        background = [
+            asyncio.create_task(self._heartbeat(config.lease_seconds)),
+            asyncio.create_task(self._tune()),
+            asyncio.create_task(self._watch_engine()),
+        ]
+        try:
+            await self._loop()
+            mode = await self._stop_mode()
+            if self.engine_dead:
+                await self._abandon_in_flight(count_attempt=True)
+            elif mode == StopMode.DRAIN:
+                await self._drain()
+            else:
+                await self._yield()
+            await self._flush(force=True)
+            await self._give_back_everything()
+        except LedgerClosedError:
+            log.info("job no longer accepts results; stopping")
+            self.job_closed = True
+            await self._abandon_in_flight(count_attempt=False)
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+        if self.stats.wasted_tokens:
+            await self.ledger.record_waste(self.stats.wasted_tokens)
+        return ExitCode.ENGINE_DIED if self.engine_dead else ExitCode.OK
+
+    async def _stop_mode(self) -> StopMode:
+        override = await self.ledger.stop_mode(self.options.worker_id)
+        return StopMode(override) if override in {m.value for m in StopMode} else self.options.stop_mode
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while not self.stopping.is_set() and not self.engine_dead:
+            await self._fill()
+            if not self.in_flight and not self.queue:
+                if self.writer and len(self.writer):
+                    await self._flush(force=True)
+                if self.options.burst and await self._job_has_no_pending_work():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.options.poll_seconds)
+                continue
+            await self._collect(wait=0.25)
+            await self._flush()
+
+    async def _job_has_no_pending_work(self) -> bool:
+        """Nothing to claim now and no lease anywhere that could return work later."""
+        if self.outstanding or await self.ledger.pending():
+            return False
+        await self.ledger.reap()
+        progress = await self.ledger.progress()
+        return progress.all_done or (progress.leases == 0 and not await self.ledger.pending())
+
+    async def _fill(self) -> None:
+        wanted = self.limit - len(self.in_flight) - len(self.queue)
+        if wanted > 0 and not self.stopping.is_set():
+            await self._claim(min(wanted + self.limit // 2, self.options.max_claim))
+        while self.queue and len(self.in_flight) < self.limit and not self.stopping.is_set():
+            item = self.queue.pop(0)
+            self.in_flight[asyncio.create_task(self._process(item))] = item
+
+    async def _claim(self, count: int) -> None:
+        claim = await self.ledger.claim(self.options.worker_id, count)
+        if claim is None:
+            return
+        self.outstanding[claim.lease_id] = set(claim.indices)
+        requests = await load_requests(self.ledger, self.store, claim.indices)
+        partials = await self.ledger.load_partials(claim.indices) if self.options.resume else {}
+        for index, request in zip(claim.indices, requests, strict=True):
+            partial = partials.get(index)
+            saved = (
+                calls.Progress(
+                    text=partial.text, completion_tokens=partial.tokens, prompt_tokens=partial.prompt_tokens
+                )
+                if partial
+                else None
+            )
+            self.queue.append(Item(index, claim.lease_id, request, saved))
+
+    async def _collect(self, wait: float) -> None:
+        if not self.in_flight:
+            return
+        done, _ = await asyncio.wait(self.in_flight, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            item = self.in_flight.pop(task)
+            self.progress.pop(item.index, None)
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is not None:
+                log.warning("request %s failed in the worker: %r", item.index, error)
+                await self._give_back([item], count_attempt=True)
+                continue
+            await self._settle(task.result())
+
+    async def _settle(self, finished: Finished) -> None:
+        if finished.retry:
+            self.stats.retries += 1
+            await self._give_back([finished.item], count_attempt=finished.count_attempt)
+            return
+        if finished.record is None or finished.outcome is None or self.writer is None:
+            raise RuntimeError(f"request {finished.item.index} finished without a result")
+        self.writer.add(finished.record, finished.outcome)
+        if finished.record.kind == RecordKind.OUTPUT:
+            self.stats.results += 1
+        else:
+            self.stats.errors += 1
+
+    # --- one request -------------------------------------------------------------------------
+
+    async def _process(self, item: Item) -> Finished:
+        body = item.request.body
+        if calls.budget_spent(body, item.saved) and item.saved is not None:
+            item.saved.finish_reason = item.saved.finish_reason or "length"
+            return self._result(
+                item, calls.assembled_body(self.endpoint, item.saved), item.saved.stream_id or ""
+            )
+        request, streamed = calls.engine_body(self.endpoint, body, self.options.served_model, item.saved)
+        try:
+            if streamed:
+                return await self._stream(item, request)
+            payload, upstream = await self.engine.call(self.endpoint.value, request)
+        except EngineHttpError as failure:
+            if failure.status in {408, 429} or failure.status >= 500:
+                return Finished(item, retry=True)
+            return self._http_error(item, failure)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
+            log.warning("request %s: engine connection failed: %r", item.index, error)
+            return Finished(item, retry=True, count_attempt=await self.engine.healthy())
+        if calls.ABORTED in calls.finish_reasons(payload):
+            return Finished(item, retry=True, count_attempt=False)
+        return self._result(item, payload, upstream)
+
+    async def _stream(self, item: Item, request: dict[str, Any]) -> Finished:
+        progress = calls.Progress(
+            text=item.saved.text if item.saved else "",
+            completion_tokens=item.saved.completion_tokens if item.saved else 0,
+            prompt_tokens=item.saved.prompt_tokens if item.saved else None,
+        )
+        if item.saved:
+            self.stats.resumed += 1
+        self.progress[item.index] = progress
+        saved_tokens, saved_at = progress.completion_tokens, time.monotonic()
+        async with self.engine.stream(self.endpoint.value, request) as reply:
+            async for line in reply.content:
+                chunk = calls.parse_sse_line(line)
+                if chunk is None:
+                    continue
+                calls.apply_chunk(progress, chunk, item.saved)
+                due = progress.completion_tokens - saved_tokens >= self.options.checkpoint_tokens or (
+                    time.monotonic() - saved_at >= self.options.checkpoint_seconds
+                )
+                if self.options.resume and due and progress.finish_reason is None:
+                    await self.ledger.save_partial(
+                        item.index, progress.text, progress.completion_tokens, progress.prompt_tokens
+                    )
+                    saved_tokens, saved_at = progress.completion_tokens, time.monotonic()
+        if progress.finish_reason in (None, calls.ABORTED):
+            # Stream ended without an answer (the engine stopped): not a result.
+            self._waste(item, progress, saved_tokens)
+            return Finished(item, retry=True, count_attempt=False)
+        return self._result(item, calls.assembled_body(self.endpoint, progress), progress.stream_id or "")
+
+    def _result(self, item: Item, body: dict[str, Any], upstream: str) -> Finished:
+        prompt, completion, cached = calls.usage_of(body)
+        record = output_record(
+            self.ledger.job_token,
+            item.index,
+            item.request.custom_id,
+            status_code=200,
+            body=body,
+            upstream_id=upstream,
+        )
+        return Finished(
+            item,
+            record=SegmentRecord(item.index, RecordKind.OUTPUT, record),
+            outcome=Outcome(
+                item.index, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached
+            ),
+        )
+
+    def _http_error(self, item: Item, failure: EngineHttpError) -> Finished:
+        record = output_record(
+            self.ledger.job_token,
+            item.index,
+            item.request.custom_id,
+            status_code=failure.status,
+            body=failure.body,
+            upstream_id="",
+        )
+        return Finished(
+            item,
+            record=SegmentRecord(item.index, RecordKind.ERROR, record),
+            outcome=Outcome(item.index, failed=True),
+        )
+
+    def _waste(self, item: Item, progress: calls.Progress, checkpointed: int) -> None:
+        """Tokens generated in this attempt that no later attempt will reuse."""
+        reusable = (
+            checkpointed if self.options.resume else (item.saved.completion_tokens if item.saved else 0)
+        )
+        self.stats.wasted_tokens += max(0, progress.completion_tokens - reusable)
+
+    # --- results and leases ------------------------------------------------------------------
+
+    async def _flush(self, force: bool = False) -> None:
+        writer = self.writer
+        if writer is None or not len(writer):
+            return
+        due = (
+            len(writer) >= self.options.flush_results
+            or time.monotonic() - self._last_flush >= self.options.flush_seconds
+        )
+        if not (force or due):
+            return
+        committed = [record.index for record in writer.records]
+        await writer.flush()
+        self._last_flush = time.monotonic()
+        await self._forget(committed)
+
+    async def _forget(self, indices: list[int]) -> None:
+        """Requests that are settled; leases with nothing left are released."""
+        wanted = set(indices)
+        for lease_id in list(self.outstanding):
+            remaining = self.outstanding[lease_id]
+            remaining -= wanted
+            if not remaining:
+                del self.outstanding[lease_id]
+                await self.ledger.release(self.options.worker_id, lease_id)
+
+    async def _give_back(self, items: list[Item], *, count_attempt: bool) -> None:
+        by_lease: dict[int, list[int]] = {}
+        for item in items:
+            by_lease.setdefault(item.lease_id, []).append(item.index)
+        for lease_id, indices in by_lease.items():
+            await self.ledger.nack(self.options.worker_id, lease_id, indices, count_attempt=count_attempt)
+        await self._forget([item.index for item in items])
+
+    async def _give_back_everything(self) -> None:
+        """Release every lease still held: its unfinished requests go back without an attempt."""
+        self.queue.clear()
+        for lease_id in list(self.outstanding):
+            del self.outstanding[lease_id]
+            await self.ledger.release(self.options.worker_id, lease_id)
+
+    # --- stopping --------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.options.drain_timeout
+        while self.in_flight and time.monotonic() < deadline and not self.engine_dead:
+            await self._collect(wait=min(0.25, max(0.0, deadline - time.monotonic())))
+            await self._flush()
+        if self.in_flight:
+            log.warning("drain timeout with %d requests in flight; yielding them", len(self.in_flight))
+            await self._yield()
+
+    async def _yield(self) -> None:
+        """Checkpoint and abort everything in flight; done results are kept, nothing counts as an attempt."""
+        interrupted = list(self.in_flight.items())
+        for task, _ in interrupted:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in interrupted), return_exceptions=True)
+        saves = []
+        for task, item in interrupted:
+            self.in_flight.pop(task, None)
+            if not task.cancelled() and task.exception() is None:
+                await self._settle(task.result())  # finished just before the cancel
+                continue
+            progress = self.progress.pop(item.index, None)
+            if progress is None:
+                continue
+            if self.options.resume and progress.text:
+                saves.append(
+                    self.ledger.save_partial(
+                        item.index, progress.text, progress.completion_tokens, progress.prompt_tokens
+                    )
+                )
+            else:
+                self._waste(item, progress, 0)
+        await asyncio.gather(*saves)
+
+    async def _abandon_in_flight(self, *, count_attempt: bool) -> None:
+        """The engine died (or the job closed): in-flight requests are not results."""
+        interrupted = list(self.in_flight.values())
+        for task in list(self.in_flight):
+            task.cancel()
+        await asyncio.gather(*self.in_flight, return_exceptions=True)
+        self.in_flight.clear()
+        if not self.job_closed:
+            with contextlib.suppress(LedgerClosedError):
+                await self._flush(force=True)
+            await self._give_back(interrupted, count_attempt=count_attempt)
+            await self._give_back_everything()
+
+    # --- background --------------------------------------------------------------------------
+
+    async def _heartbeat(self, lease_seconds: float) -> None:
+        interval = max(0.5, lease_seconds / 3)
+        while True:
+            for lease_id in list(self.outstanding):
+                await self.ledger.renew(self.options.worker_id, lease_id)
+            status = {
+                "pid": os.getpid(),
+                "at": time.time(),
+                "in_flight": len(self.in_flight),
+                "limit": self.limit,
+                "results": self.stats.results,
+                "engine": not self.engine_dead,
+            }
+            await self.ledger.heartbeat(self.options.worker_id, status, ttl=interval * 3)
+            await asyncio.sleep(interval)
+
+    async def _tune(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
+                load = await self.engine.load()
+                self.limit = next_limit(self.limit, load, len(self.in_flight), self.options.policy)
+
+    async def _watch_engine(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(1.0)
+            healthy = await self.engine.healthy()
+            failures = 0 if healthy else failures + 1
+            if not self.engine.process_alive() or failures >= 3:
+                log.error("engine is gone; stopping without marking in-flight requests done")
+                self.engine_dead = True
+                self.stopping.set()
+                return
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
