@@ -2,7 +2,8 @@
 
 Nothing here is simulated: `redis-server` and `prometheus` are the Debian packages that
 scripts/setup.sh installs, the S3 server is moto's server mode speaking the S3 protocol
-over HTTP; each starts on a free 127.0.0.1 port in a scratch directory.
+over HTTP, vLLM is the real engine (CPU build) in its own virtual environment; each starts
+on a free 127.0.0.1 port in a scratch directory.
 """
 
 from troughfill.devenv.services import (
@@ -10,10 +11,13 @@ from troughfill.devenv.services import (
     PrometheusServer,
     RedisServer,
     S3Server,
+    VllmServer,
     free_port,
     start_prometheus,
     start_redis,
     start_s3,
+    start_vllm,
+    vllm_command,
 )
 
 __all__ = [
@@ -21,8 +25,11 @@ __all__ = [
     "PrometheusServer",
     "RedisServer",
     "S3Server",
+    "VllmServer",
     "free_port",
     "start_prometheus",
     "start_redis",
     "start_s3",
+    "start_vllm",
+    "vllm_command",
 ]

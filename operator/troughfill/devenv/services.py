@@ -53,6 +53,7 @@ class ManagedProcess:
     name: str
     args: list[str]
     workdir: Path
+    env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +66,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         atexit.register(self.stop)
 
@@ -203,11 +205,7 @@ def _write_prometheus_config(workdir: Path, targets: Sequence[str], scrape_inter
 
 
 def _prometheus_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
+    return _http_ok(f"{url}/-/ready")
 
 
 def start_prometheus(
@@ -274,3 +272,64 @@ def start_s3(workdir: Path) -> S3Server:
 
     wait_until(ready, 30, f"S3 server on port {port}")
     return S3Server(port, managed)
+
+
+VLLM_ENV = {
+    # The CPU backend reserves this many GiB of KV cache; the default outgrows small machines.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def vllm_command(
+    python: str, model: str, port: int, served_model: str = "tiny", max_num_seqs: int = 64
+) -> list[str]:
+    """The OpenAI-compatible vLLM server for a local model directory, eager mode (fast start)."""
+    return [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--served-model-name", served_model,
+        "--host", LOOPBACK,
+        "--port", str(port),
+        "--enforce-eager",
+        "--max-model-len", "1024",
+        "--max-num-seqs", str(max_num_seqs),
+    ]  # fmt: skip
+
+
+@dataclass
+class VllmServer:
+    port: int
+    managed: ManagedProcess
+    served_model: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def stop(self) -> None:
+        self.managed.stop(timeout=30)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def start_vllm(python: str, model: str, workdir: Path, served_model: str = "tiny") -> VllmServer:
+    """A real vLLM engine (CPU) on a free loopback port; ready when /health answers (about 30-40 s)."""
+    port = free_port()
+    managed = ManagedProcess("vllm", vllm_command(python, model, port, served_model), workdir, env=VLLM_ENV)
+
+    def ready() -> bool:
+        managed.check_alive()
+        return _http_ok(f"http://{LOOPBACK}:{port}/health")
+
+    wait_until(ready, 300, f"vLLM on port {port}", interval=0.5)
+    return VllmServer(port, managed, served_model)

@@ -356,6 +356,9 @@ class JobLedger:
         """A worker's liveness key; it vanishes `ttl` seconds after the last beat."""
         await self.client.set(self.keys.key(f"worker:{worker}"), json.dumps(status), px=int(ttl * 1000))
 
+    async def clear_heartbeat(self, worker: str) -> None:
+        await self.client.unlink(self.keys.key(f"worker:{worker}"))
+
     async def last_heartbeat(self, worker: str) -> dict[str, Any] | None:
         value = await self.client.get(self.keys.key(f"worker:{worker}"))
         return json.loads(value) if value else None

@@ -20,6 +20,8 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+
+import aiohttp
 from typing import Any
 
 from troughfill.api.batchfile import RequestLine, output_record
@@ -153,6 +155,7 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.ledger.clear_heartbeat(self.options.worker_id)
         if self.stats.wasted_tokens:
             await self.ledger.record_waste(self.stats.wasted_tokens)
         return ExitCode.ENGINE_DIED if self.engine_dead else ExitCode.OK
@@ -206,7 +209,7 @@ class Worker:
                 calls.Progress(
                     text=partial.text, completion_tokens=partial.tokens, prompt_tokens=partial.prompt_tokens
                 )
-                if partial
+                if partial and partial.text
                 else None
             )
             self.queue.append(Item(index, claim.lease_id, request, saved))
@@ -258,7 +261,7 @@ class Worker:
             if failure.status in {408, 429} or failure.status >= 500:
                 return Finished(item, retry=True)
             return self._http_error(item, failure)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
+        except (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError) as error:
             log.warning("request %s: engine connection failed: %r", item.index, error)
             return Finished(item, retry=True, count_attempt=await self.engine.healthy())
         if calls.ABORTED in calls.finish_reasons(payload):
@@ -284,7 +287,8 @@ class Worker:
                 due = progress.completion_tokens - saved_tokens >= self.options.checkpoint_tokens or (
                     time.monotonic() - saved_at >= self.options.checkpoint_seconds
                 )
-                if self.options.resume and due and progress.finish_reason is None:
+                # Tokens that decoded to no text yet cannot be continued from: keep going.
+                if self.options.resume and due and progress.text and progress.finish_reason is None:
                     await self.ledger.save_partial(
                         item.index, progress.text, progress.completion_tokens, progress.prompt_tokens
                     )
@@ -435,6 +439,7 @@ class Worker:
                 await self.ledger.renew(self.options.worker_id, lease_id)
             status = {
                 "pid": os.getpid(),
+                "engine_pid": self.engine.process.process.pid if self.engine.process else None,
                 "at": time.time(),
                 "in_flight": len(self.in_flight),
                 "limit": self.limit,
