@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run every check: ruff, mypy --strict, import-linter, pytest.
+# Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB) and run
+# every check: ruff, mypy --strict, import-linter, pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k crds).
 set -euo pipefail
 # shellcheck source=scripts/setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+# shellcheck source=scripts/setup_vllm.sh
+source "$TROUGHFILL_REPO/scripts/setup_vllm.sh"
 cd "$TROUGHFILL_REPO"
 
 echo "== ruff"

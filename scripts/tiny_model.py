@@ -48,9 +48,9 @@ def build(target: Path, seed: int = 0) -> None:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    # No full byte alphabet: a random model that can emit a lone UTF-8 continuation byte
+    # produces text that never decodes. Only characters of the corpus (printable ASCII).
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL)
     tokenizer.train_from_iterator(corpus(5000, seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"

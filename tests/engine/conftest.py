@@ -41,7 +41,9 @@ def engine_paths() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(engine_paths: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def vllm_engine(
+    engine_paths: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
     python, model = engine_paths
     server = start_vllm(python, model, tmp_path_factory.mktemp("vllm"))
     yield server
@@ -88,8 +90,18 @@ class Job:
     def worker(self, name: str, *extra: str, attach: bool = True) -> subprocess.Popen[bytes]:
         """`troughfill worker run` as its own process; attached to the shared engine unless
         `attach` is False (then `extra` ends with `--` and the engine command it starts)."""
-        args = [sys.executable, "-m", "troughfill.cli", "worker", "run", "--job", self.spec, "--worker-id", name]
-        args += ["--served-model", "tiny", "--checkpoint-tokens", "8"]
+        args = [
+            sys.executable,
+            "-m",
+            "troughfill.cli",
+            "worker",
+            "run",
+            "--job",
+            self.spec,
+            "--worker-id",
+            name,
+        ]
+        args += ["--served-model", "tiny", "--checkpoint-seconds", "0.2", "--resume-min-tokens", "32"]
         if attach:
             args += ["--engine-url", self.engine_url]
         log = (self.workdir / f"{name}.log").open("ab")
@@ -110,10 +122,10 @@ async def make_job(
     vllm_engine: VllmServer,
     workdir: Path,
     lines: list[str],
+    *,
     lease_seconds: float = 10.0,
 ) -> Job:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "in.jsonl").write_text("".join(line + "\n" for line in lines))
+    await asyncio.to_thread(_write_lines, workdir, lines)
     ledger = JobLedger(aredis, JobKeys("team-a", "job", uuid.uuid4().hex))
     await create_job(
         ledger,
@@ -126,11 +138,16 @@ async def make_job(
     return Job(ledger, workdir, redis_server.url, vllm_engine.url)
 
 
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 120.0) -> float:
-    """Poll `check` every 50 ms; the seconds it took, or fail after `timeout`."""
+def _write_lines(workdir: Path, lines: list[str]) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "in.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = 120.0) -> float:
+    """Poll `check` every 50 ms; the seconds it took, or fail after `within` seconds."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
+    while time.monotonic() - started < within:
         if await check():
             return time.monotonic() - started
         await asyncio.sleep(0.05)
-    pytest.fail(f"{what} did not happen within {timeout:.0f}s")
+    pytest.fail(f"{what} did not happen within {within:.0f}s")

@@ -3,6 +3,8 @@
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +35,9 @@ async def finish_with_fresh_worker(job: Job, name: str = "rescuer") -> int:
 async def test_a_200_request_job_completes_with_every_custom_id_once(
     aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
 ) -> None:
-    job = await make_job(aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 16) for i in range(200)])
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 16) for i in range(200)]
+    )
     worker = job.worker("w1", "--burst")
     assert await asyncio.to_thread(worker.wait, 300) == 0, job.log("w1")
     progress = await job.ledger.progress()
@@ -49,11 +53,19 @@ async def test_a_200_request_job_completes_with_every_custom_id_once(
     assert await job.ledger.last_heartbeat("w1") is None  # a clean exit takes its heartbeat along
 
 
-async def stop_mid_job(job: Job, name: str, sig: int, *extra: str) -> tuple[int, float, int]:
-    """Start a worker, wait until it is well into the job, signal it: (exit code, seconds to exit, done)."""
+async def stop_mid_job(
+    job: Job, name: str, sig: int, *extra: str, mid_generation: bool = False
+) -> tuple[int, float, int]:
+    """Start a worker, wait until it is well into the job, signal it: (exit code, seconds to exit, done).
+
+    With `mid_generation`, wait for partial-output checkpoints instead, so that requests are
+    caught half-written (requests of equal length otherwise start and end in waves).
+    """
     worker = job.worker(name, *extra)
 
     async def under_way() -> bool:
+        if mid_generation:
+            return bool(await job.ledger.client.hlen(job.ledger.keys.key("partial")) >= 5)
         return (await job.ledger.progress()).completed >= 40
 
     await until(under_way, "the worker getting going")
@@ -66,7 +78,9 @@ async def stop_mid_job(job: Job, name: str, sig: int, *extra: str) -> tuple[int,
 async def test_drain_finishes_in_flight_requests_then_a_new_worker_finishes_the_job(
     aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
 ) -> None:
-    job = await make_job(aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 64) for i in range(300)])
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 64) for i in range(300)]
+    )
     code, _, done = await stop_mid_job(job, "drainer", signal.SIGTERM, "--on-sigterm", "drain")
     assert code == 0, job.log("drainer")
     progress = await job.ledger.progress()
@@ -81,40 +95,50 @@ async def test_drain_finishes_in_flight_requests_then_a_new_worker_finishes_the_
 async def test_yield_gives_everything_back_within_two_seconds_and_work_resumes_elsewhere(
     aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
 ) -> None:
-    job = await make_job(aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 96) for i in range(300)])
-    code, seconds, done = await stop_mid_job(job, "yielder", signal.SIGTERM, "--on-sigterm", "yield")
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 900) for i in range(60)]
+    )
+    code, seconds, done = await stop_mid_job(
+        job, "yielder", signal.SIGTERM, "--on-sigterm", "yield", mid_generation=True
+    )
     assert code == 0, job.log("yielder")
     assert seconds <= 2.0, f"yield took {seconds:.2f}s"
     progress = await job.ledger.progress()
     assert progress.leases == 0
-    partials = await job.ledger.load_partials(list(range(300)))
+    partials = await job.ledger.load_partials(list(range(60)))
     assert partials, "in-flight requests left no partial output"
     assert progress.failed_attempts == 0  # yielding is not the requests' fault
     await finish_with_fresh_worker(job)
-    outputs = exactly_once(job, 300)
+    outputs = exactly_once(job, 60)
     assert "resumed" in job.log("rescuer")
     resumed = [o for o in outputs if int(str(o["id"]).rsplit("_", 1)[1]) in partials]
     assert resumed
     for output in resumed:
         index = int(str(output["id"]).rsplit("_", 1)[1])
         body = output["response"]["body"]  # type: ignore[index]
-        assert body["usage"]["completion_tokens"] == 96, "the resumed request overran or fell short of its budget"
+        assert body["usage"]["completion_tokens"] == 900, (
+            "the resumed request overran or fell short of its budget"
+        )
         assert body["choices"][0]["message"]["content"].startswith(partials[index].text)
-    assert await job.ledger.load_partials(list(range(300))) == {}  # dropped once committed
+    assert await job.ledger.load_partials(list(range(60))) == {}  # dropped once committed
     print(f"\nyield took {seconds:.2f}s; {done} done before it; {len(partials)} requests resumed")
 
 
 async def test_operator_can_pick_the_stop_mode_per_worker(
     aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
 ) -> None:
-    job = await make_job(aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 96) for i in range(200)])
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 900) for i in range(40)]
+    )
     await job.ledger.request_stop("told-to-yield", "yield")
-    code, seconds, _ = await stop_mid_job(job, "told-to-yield", signal.SIGTERM, "--on-sigterm", "drain")
+    code, seconds, _ = await stop_mid_job(
+        job, "told-to-yield", signal.SIGTERM, "--on-sigterm", "drain", mid_generation=True
+    )
     assert code == 0
     assert seconds <= 2.0
-    assert await job.ledger.load_partials(list(range(200)))  # it yielded, despite its drain default
+    assert await job.ledger.load_partials(list(range(40)))  # it yielded, despite its drain default
     await finish_with_fresh_worker(job)
-    exactly_once(job, 200)
+    exactly_once(job, 40)
 
 
 async def test_a_killed_worker_s_requests_come_back_through_lease_expiry(
@@ -136,7 +160,9 @@ async def test_a_killed_worker_s_requests_come_back_through_lease_expiry(
 async def test_a_resumed_request_gets_only_the_rest_of_its_token_budget(
     aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
 ) -> None:
-    job = await make_job(aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 40) for i in range(3)])
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 40) for i in range(3)]
+    )
     await job.ledger.save_partial(0, "billing billing", 10, prompt_tokens=7)
     await job.ledger.save_partial(1, "all of it", 40, prompt_tokens=7)  # the budget was already spent
     await finish_with_fresh_worker(job)
@@ -161,18 +187,27 @@ async def test_an_engine_crash_makes_the_worker_fail_without_marking_in_flight_w
     engine_paths: tuple[str, str],
     tmp_path: Path,
 ) -> None:
-    job = await make_job(aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 64) for i in range(300)])
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 64) for i in range(300)]
+    )
     python, model = engine_paths
     port = free_port()
     engine = vllm_command(python, model, port)
     worker = job.worker(
-        "owner", "--engine-port", str(port), "--engine-log", str(tmp_path / "engine.log"), "--", *engine, attach=False
+        "owner",
+        "--engine-port",
+        str(port),
+        "--engine-log",
+        str(tmp_path / "engine.log"),
+        "--",
+        *engine,
+        attach=False,
     )
 
     async def working() -> bool:
         return (await job.ledger.progress()).completed >= 20
 
-    await until(working, "the worker's own engine starting and serving", timeout=300)
+    await until(working, "the worker's own engine starting and serving", within=300)
     beat = await job.ledger.last_heartbeat("owner")
     assert beat is not None
     assert beat["engine_pid"]
@@ -184,3 +219,38 @@ async def test_an_engine_crash_makes_the_worker_fail_without_marking_in_flight_w
     assert progress.leases == 0  # in-flight work handed back at once, not left to expire
     await finish_with_fresh_worker(job)
     exactly_once(job, 300)
+
+
+async def test_worker_check_is_a_probe(
+    aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
+) -> None:
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 64) for i in range(100)]
+    )
+
+    def check() -> int:
+        env = {**os.environ, "TROUGHFILL_REDIS_URL": job.redis_url}
+        args = [
+            sys.executable,
+            "-m",
+            "troughfill.cli",
+            "worker",
+            "check",
+            "--job",
+            job.spec,
+            "--worker-id",
+            "probed",
+        ]
+        return subprocess.run(args, env=env, capture_output=True, check=False, timeout=60).returncode
+
+    assert await asyncio.to_thread(check) == 1  # no such worker yet
+    worker = job.worker("probed")  # no --burst: it idles when the job is done
+
+    async def beating() -> bool:
+        return await job.ledger.last_heartbeat("probed") is not None
+
+    await until(beating, "a first heartbeat")
+    assert await asyncio.to_thread(check) == 0
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.wait, 60) == 0
+    assert await asyncio.to_thread(check) == 1

@@ -329,6 +329,17 @@ class JobLedger:
         value = json.dumps({"text": text, "tokens": tokens, "prompt_tokens": prompt_tokens})
         await self.client.hset(self.keys.key("partial"), str(index), value)
 
+    async def save_partials(self, partials: dict[int, Partial]) -> None:
+        """Several partial outputs in one round trip."""
+        items: list[str] = []
+        for index, p in partials.items():
+            items += [
+                str(index),
+                json.dumps({"text": p.text, "tokens": p.tokens, "prompt_tokens": p.prompt_tokens}),
+            ]
+        if items:
+            await self.client.hset(self.keys.key("partial"), items=items)
+
     async def load_partials(self, indices: Sequence[int]) -> dict[int, Partial]:
         if not indices:
             return {}

@@ -43,8 +43,16 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--drain-timeout", type=float, default=25.0)
     run.add_argument("--concurrency", type=int, default=16, help="initial in-flight limit")
     run.add_argument("--max-concurrency", type=int, default=256)
-    run.add_argument("--checkpoint-tokens", type=int, default=16)
+    run.add_argument(
+        "--checkpoint-seconds", type=float, default=1.0, help="how often partial output is saved"
+    )
     run.add_argument("--no-resume", action="store_true", help="do not save or resume partial output")
+    run.add_argument(
+        "--resume-min-tokens",
+        type=int,
+        default=256,
+        help="stream and checkpoint requests allowed this many tokens",
+    )
     run.add_argument("--burst", action="store_true", help="exit 0 once the job has no pending work")
     run.add_argument("engine_command", nargs=argparse.REMAINDER, help="-- then the engine command line")
     run.set_defaults(handler=cmd_run)
@@ -74,8 +82,9 @@ async def _run(args: argparse.Namespace) -> int:
         served_model=args.served_model,
         initial_concurrency=args.concurrency,
         policy=ConcurrencyPolicy(maximum=args.max_concurrency),
-        checkpoint_tokens=args.checkpoint_tokens,
+        checkpoint_seconds=args.checkpoint_seconds,
         resume=not args.no_resume,
+        resume_min_tokens=args.resume_min_tokens,
         burst=args.burst,
         stop_mode=StopMode(args.on_sigterm),
         drain_timeout=args.drain_timeout,
@@ -103,7 +112,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("TROUGHFILL_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     return asyncio.run(_run(args))
 
 

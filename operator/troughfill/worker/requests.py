@@ -19,8 +19,16 @@ from troughfill.api.batchinference import Endpoint
 _UNRESUMABLE_KEYS = ("tools", "functions", "logprobs", "top_logprobs", "response_format", "echo", "suffix")
 
 
-def resumable(endpoint: Endpoint, body: dict[str, Any]) -> bool:
+def resumable(endpoint: Endpoint, body: dict[str, Any], min_tokens: int = 0) -> bool:
+    """Whether to stream the request so that an interruption can resume from its partial output.
+
+    Requests whose budget is below `min_tokens` are not worth it: streaming costs the engine's
+    API server per token, and a short request is cheap to redo.
+    """
     if endpoint == Endpoint.EMBEDDINGS or body.get("stream"):
+        return False
+    budget = body.get(_budget_key(body))
+    if budget is not None and int(budget) < min_tokens:
         return False
     if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
         return False
@@ -49,13 +57,17 @@ class Progress:
 
 
 def engine_body(
-    endpoint: Endpoint, body: dict[str, Any], served_model: str | None, saved: Progress | None
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    served_model: str | None,
+    saved: Progress | None,
+    min_tokens: int = 0,
 ) -> tuple[dict[str, Any], bool]:
     """(the body to send, whether it is streamed). `saved` continues an interrupted request."""
     request = copy.deepcopy(body)
     if served_model:
         request["model"] = served_model
-    if not resumable(endpoint, body):
+    if not (saved and saved.text) and not resumable(endpoint, body, min_tokens):
         return request, False
     request["stream"] = True
     request["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}

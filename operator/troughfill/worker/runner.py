@@ -20,14 +20,14 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
-from typing import Any
 
 from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.api.batchinference import Endpoint
 from troughfill.jobs import ResultWriter, load_requests
-from troughfill.ledger import JobLedger, LedgerClosedError, Outcome
+from troughfill.ledger import JobLedger, LedgerClosedError, Outcome, Partial
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
 from troughfill.worker import requests as calls
 from troughfill.worker.concurrency import ConcurrencyPolicy, next_limit
@@ -57,10 +57,12 @@ class WorkerOptions:
     policy: ConcurrencyPolicy = field(default_factory=ConcurrencyPolicy)
     flush_results: int = 64
     flush_seconds: float = 2.0
-    checkpoint_tokens: int = 16
-    checkpoint_seconds: float = 2.0
+    checkpoint_seconds: float = 1.0
+    """How often the partial output of streamed requests is saved."""
     resume: bool = True
     """Save partial output and resume from it; off, an interrupted request starts over."""
+    resume_min_tokens: int = 256
+    """Only requests allowed at least this many tokens are streamed and checkpointed."""
     burst: bool = False
     """Exit 0 as soon as the job has no pending work."""
     stop_mode: StopMode = StopMode.YIELD
@@ -107,6 +109,9 @@ class Worker:
         self.queue: list[Item] = []
         self.in_flight: dict[asyncio.Task[Finished], Item] = {}
         self.progress: dict[int, calls.Progress] = {}
+        """Streamed requests in flight: what each has generated so far."""
+        self.checkpointed: dict[int, int] = {}
+        """Tokens of each in-flight request already saved as partial output."""
         self.outstanding: dict[int, set[int]] = {}
         """lease id -> requests of it not yet committed or given back."""
         self.stats = Stats()
@@ -120,6 +125,7 @@ class Worker:
     # --- lifecycle -------------------------------------------------------------------------
 
     def request_stop(self) -> None:
+        log.info("stop requested with %d requests in flight", len(self.in_flight))
         self.stopping.set()
 
     async def run(self) -> ExitCode:
@@ -136,9 +142,12 @@ class Worker:
             asyncio.create_task(self._tune()),
             asyncio.create_task(self._watch_engine()),
         ]
+        if self.options.resume:
+            background.append(asyncio.create_task(self._checkpoint()))
         try:
             await self._loop()
             mode = await self._stop_mode()
+            log.info("stopping: %s", mode.value)
             if self.engine_dead:
                 await self._abandon_in_flight(count_attempt=True)
             elif mode == StopMode.DRAIN:
@@ -178,7 +187,8 @@ class Worker:
                     await asyncio.wait_for(self.stopping.wait(), self.options.poll_seconds)
                 continue
             await self._collect(wait=0.25)
-            await self._flush()
+            if not self.stopping.is_set():
+                await self._flush()
 
     async def _job_has_no_pending_work(self) -> bool:
         """Nothing to claim now and no lease anywhere that could return work later."""
@@ -189,9 +199,13 @@ class Worker:
         return progress.all_done or (progress.leases == 0 and not await self.ledger.pending())
 
     async def _fill(self) -> None:
-        wanted = self.limit - len(self.in_flight) - len(self.queue)
-        if wanted > 0 and not self.stopping.is_set():
-            await self._claim(min(wanted + self.limit // 2, self.options.max_claim))
+        # Keep a local queue of about half the limit, refilled when it runs low: claims come in
+        # batches (each costs a round trip the engine's free slots would wait on), and no worker
+        # hoards more than it can start soon.
+        if len(self.queue) < max(1, self.limit // 4) and not self.stopping.is_set():
+            wanted = self.limit - len(self.in_flight) + self.limit // 2 - len(self.queue)
+            if wanted > 0:
+                await self._claim(min(wanted, self.options.max_claim))
         while self.queue and len(self.in_flight) < self.limit and not self.stopping.is_set():
             item = self.queue.pop(0)
             self.in_flight[asyncio.create_task(self._process(item))] = item
@@ -217,10 +231,14 @@ class Worker:
     async def _collect(self, wait: float) -> None:
         if not self.in_flight:
             return
-        done, _ = await asyncio.wait(self.in_flight, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
+        # A stop request wakes the loop at once: yielding must not wait for a request to finish.
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait([*self.in_flight, stop], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        for task in [task for task in self.in_flight if task.done()]:
             item = self.in_flight.pop(task)
             self.progress.pop(item.index, None)
+            self.checkpointed.pop(item.index, None)
             if task.cancelled():
                 continue
             error = task.exception()
@@ -252,7 +270,10 @@ class Worker:
             return self._result(
                 item, calls.assembled_body(self.endpoint, item.saved), item.saved.stream_id or ""
             )
-        request, streamed = calls.engine_body(self.endpoint, body, self.options.served_model, item.saved)
+        min_tokens = self.options.resume_min_tokens if self.options.resume else 1 << 62
+        request, streamed = calls.engine_body(
+            self.endpoint, body, self.options.served_model, item.saved, min_tokens
+        )
         try:
             if streamed:
                 return await self._stream(item, request)
@@ -277,25 +298,17 @@ class Worker:
         if item.saved:
             self.stats.resumed += 1
         self.progress[item.index] = progress
-        saved_tokens, saved_at = progress.completion_tokens, time.monotonic()
+        self.checkpointed[item.index] = progress.completion_tokens
+        # No awaits but the stream's own in this loop: a yield cancels this task, and
+        # checkpoints are written by `_checkpoint` from `self.progress` instead.
         async with self.engine.stream(self.endpoint.value, request) as reply:
             async for line in reply.content:
                 chunk = calls.parse_sse_line(line)
-                if chunk is None:
-                    continue
-                calls.apply_chunk(progress, chunk, item.saved)
-                due = progress.completion_tokens - saved_tokens >= self.options.checkpoint_tokens or (
-                    time.monotonic() - saved_at >= self.options.checkpoint_seconds
-                )
-                # Tokens that decoded to no text yet cannot be continued from: keep going.
-                if self.options.resume and due and progress.text and progress.finish_reason is None:
-                    await self.ledger.save_partial(
-                        item.index, progress.text, progress.completion_tokens, progress.prompt_tokens
-                    )
-                    saved_tokens, saved_at = progress.completion_tokens, time.monotonic()
+                if chunk is not None:
+                    calls.apply_chunk(progress, chunk, item.saved)
         if progress.finish_reason in (None, calls.ABORTED):
             # Stream ended without an answer (the engine stopped): not a result.
-            self._waste(item, progress, saved_tokens)
+            self._waste(item, progress, self.checkpointed.get(item.index, 0))
             return Finished(item, retry=True, count_attempt=False)
         return self._result(item, calls.assembled_body(self.endpoint, progress), progress.stream_id or "")
 
@@ -397,32 +410,35 @@ class Worker:
         interrupted = list(self.in_flight.items())
         for task, _ in interrupted:
             task.cancel()
-        await asyncio.gather(*(task for task, _ in interrupted), return_exceptions=True)
-        saves = []
+        # Bounded: what matters is in self.progress; a task slow to die must not hold up the yield.
+        if interrupted:
+            await asyncio.wait([task for task, _ in interrupted], timeout=0.5)
+        saves: dict[int, calls.Progress] = {}
         for task, item in interrupted:
             self.in_flight.pop(task, None)
-            if not task.cancelled() and task.exception() is None:
+            if task.done() and not task.cancelled() and task.exception() is None:
                 await self._settle(task.result())  # finished just before the cancel
                 continue
             progress = self.progress.pop(item.index, None)
             if progress is None:
                 continue
             if self.options.resume and progress.text:
-                saves.append(
-                    self.ledger.save_partial(
-                        item.index, progress.text, progress.completion_tokens, progress.prompt_tokens
-                    )
-                )
+                saves[item.index] = progress
             else:
                 self._waste(item, progress, 0)
-        await asyncio.gather(*saves)
+        if saves:
+            await self._save_partials(saves)
+        log.info(
+            "yielded: %d requests were in flight, %d partial outputs saved", len(interrupted), len(saves)
+        )
 
     async def _abandon_in_flight(self, *, count_attempt: bool) -> None:
         """The engine died (or the job closed): in-flight requests are not results."""
         interrupted = list(self.in_flight.values())
         for task in list(self.in_flight):
             task.cancel()
-        await asyncio.gather(*self.in_flight, return_exceptions=True)
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=0.5)
         self.in_flight.clear()
         if not self.job_closed:
             with contextlib.suppress(LedgerClosedError):
@@ -448,6 +464,32 @@ class Worker:
             }
             await self.ledger.heartbeat(self.options.worker_id, status, ttl=interval * 3)
             await asyncio.sleep(interval)
+
+    async def _checkpoint(self) -> None:
+        """Save the partial output of streamed requests in flight, all in one round trip.
+
+        Kept out of the request tasks on purpose: cancelling a task while it awaits Redis can
+        be lost in the client library (seen with redis-py 8.1), and a yield relies on cancel.
+        """
+        while True:
+            await asyncio.sleep(self.options.checkpoint_seconds)
+            due = {
+                index: progress
+                for index, progress in list(self.progress.items())
+                # Tokens that decoded to no text yet cannot be continued from.
+                if progress.text
+                and progress.finish_reason is None
+                and progress.completion_tokens > self.checkpointed.get(index, 0)
+            }
+            if due:
+                await self._save_partials(due)
+
+    async def _save_partials(self, partials: dict[int, calls.Progress]) -> None:
+        await self.ledger.save_partials(
+            {i: Partial(p.text, p.completion_tokens, p.prompt_tokens) for i, p in partials.items()}
+        )
+        for index, progress in partials.items():
+            self.checkpointed[index] = progress.completion_tokens
 
     async def _tune(self) -> None:
         while True:

@@ -1,0 +1,151 @@
+"""The worker's pure parts: concurrency control, engine request building, stream assembly."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from troughfill.api import Endpoint
+from troughfill.worker import requests as calls
+from troughfill.worker.concurrency import ConcurrencyPolicy, EngineLoad, next_limit
+from troughfill.worker.engine import parse_load
+
+POLICY = ConcurrencyPolicy(minimum=2, maximum=64, step=4, backoff=0.5)
+
+
+@pytest.mark.parametrize(
+    ("current", "load", "in_flight", "expected", "why"),
+    [
+        (16, EngineLoad(running=16, waiting=0, kv_cache_usage=0.3), 16, 20, "all running, room left: grow"),
+        (16, EngineLoad(running=10, waiting=0, kv_cache_usage=0.3), 10, 16, "not using the limit: hold"),
+        (16, EngineLoad(running=16, waiting=2, kv_cache_usage=0.3), 16, 16, "a short queue is the target"),
+        (16, EngineLoad(running=16, waiting=9, kv_cache_usage=0.3), 16, 8, "queueing: back off"),
+        (16, EngineLoad(running=16, waiting=0, kv_cache_usage=0.97), 16, 8, "KV cache nearly full: back off"),
+        (62, EngineLoad(running=62, waiting=0, kv_cache_usage=0.1), 62, 64, "never above the maximum"),
+        (3, EngineLoad(running=3, waiting=50, kv_cache_usage=0.1), 3, 2, "never below the minimum"),
+    ],
+)
+def test_concurrency_follows_the_engine_gauges(
+    current: int, load: EngineLoad, in_flight: int, expected: int, why: str
+) -> None:
+    assert next_limit(current, load, in_flight, POLICY) == expected, why
+
+
+def test_engine_gauges_are_read_from_a_real_vllm_metrics_page() -> None:
+    text = (Path(__file__).parent / "data" / "vllm-0.32.0-metrics.txt").read_text()
+    load = parse_load(text)
+    assert load.running == 40.0
+    assert load.waiting == 0.0  # num_requests_waiting_by_reason is a different series
+    assert 0 < load.kv_cache_usage < 0.01
+
+
+CHAT = {"model": "user-choice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "expected"),
+    [
+        (Endpoint.CHAT_COMPLETIONS, CHAT, True),
+        (Endpoint.CHAT_COMPLETIONS, {**CHAT, "n": 2}, False),
+        (Endpoint.CHAT_COMPLETIONS, {**CHAT, "logprobs": True}, False),
+        (Endpoint.CHAT_COMPLETIONS, {**CHAT, "tools": [{"type": "function"}]}, False),
+        (Endpoint.COMPLETIONS, {"model": "m", "prompt": "Once"}, True),
+        (Endpoint.COMPLETIONS, {"model": "m", "prompt": [1, 2, 3]}, False),
+        (Endpoint.EMBEDDINGS, {"model": "m", "input": "x"}, False),
+    ],
+)
+def test_which_requests_can_be_resumed(endpoint: Endpoint, body: dict[str, object], expected: bool) -> None:
+    assert calls.resumable(endpoint, body) is expected
+
+
+def test_a_fresh_chat_request_is_streamed_with_usage_and_the_template_model() -> None:
+    request, streamed = calls.engine_body(Endpoint.CHAT_COMPLETIONS, CHAT, "tiny", None)
+    assert streamed
+    assert request["model"] == "tiny"
+    assert request["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert request["max_tokens"] == 50
+    assert CHAT["model"] == "user-choice"  # the batch request itself is untouched
+
+
+def test_a_resumed_chat_request_continues_the_assistant_message_with_the_rest_of_the_budget() -> None:
+    saved = calls.Progress(text="The answer is", completion_tokens=20, prompt_tokens=5)
+    request, _ = calls.engine_body(Endpoint.CHAT_COMPLETIONS, CHAT, None, saved)
+    assert request["messages"][-1] == {"role": "assistant", "content": "The answer is"}
+    assert request["continue_final_message"] is True
+    assert request["add_generation_prompt"] is False
+    assert request["max_tokens"] == 30
+    with_new_key = {**CHAT, "max_completion_tokens": 40}
+    del with_new_key["max_tokens"]
+    request, _ = calls.engine_body(Endpoint.CHAT_COMPLETIONS, with_new_key, None, saved)
+    assert request["max_completion_tokens"] == 20
+
+
+def test_a_resumed_completion_appends_the_partial_text_to_the_prompt() -> None:
+    saved = calls.Progress(text=" upon a time", completion_tokens=3)
+    body = {"model": "m", "prompt": "Once", "max_tokens": 10}
+    request, _ = calls.engine_body(Endpoint.COMPLETIONS, body, None, saved)
+    assert request["prompt"] == "Once upon a time"
+    assert request["max_tokens"] == 7
+    assert calls.budget_spent(body, calls.Progress(text="x", completion_tokens=10))
+    assert not calls.budget_spent(body, saved)
+
+
+def sse(chunk: dict[str, object]) -> bytes:
+    return b"data: " + json.dumps(chunk).encode() + b"\n"
+
+
+def test_a_stream_is_assembled_into_the_non_streamed_shape() -> None:
+    lines = [
+        sse({"id": "c1", "created": 7, "model": "tiny",
+             "choices": [{"delta": {"role": "assistant", "content": ""}}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 0}}),
+        sse({"id": "c1", "choices": [{"delta": {"content": "bill"}}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 1}}),
+        b"\n",
+        sse({"id": "c1", "choices": [{"delta": {"content": "ing"}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 2}}),
+        sse({"id": "c1", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}),
+        b"data: [DONE]\n",
+    ]  # fmt: skip
+    progress = calls.Progress()
+    for line in lines:
+        chunk = calls.parse_sse_line(line)
+        if chunk is not None:
+            calls.apply_chunk(progress, chunk, None)
+    body = calls.assembled_body(Endpoint.CHAT_COMPLETIONS, progress)
+    assert body == {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 7,
+        "model": "tiny",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "billing"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "total_tokens": 7,
+            "prompt_tokens_details": None,
+        },
+    }
+
+
+def test_usage_of_a_resumed_stream_counts_what_was_generated_against_the_original_prompt() -> None:
+    saved = calls.Progress(text="bill", completion_tokens=1, prompt_tokens=5)
+    progress = calls.Progress(text=saved.text, completion_tokens=1, prompt_tokens=5)
+    chunk = {
+        "id": "c2",
+        "choices": [{"text": "ing", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 6, "completion_tokens": 1},
+    }
+    calls.apply_chunk(progress, chunk, saved)
+    assert (progress.text, progress.completion_tokens, progress.prompt_tokens) == ("billing", 2, 5)
+    body = calls.assembled_body(Endpoint.COMPLETIONS, progress)
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "billing"
+    assert calls.usage_of(body) == (5, 2, 0)
