@@ -98,7 +98,9 @@ class EngineClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                # Drop idle connections before the engine's HTTP server does (uvicorn, 5 s by
+                # default): reusing one it just closed fails the request with "Server disconnected".
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=5),
             )
         return self._session
