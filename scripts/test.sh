@@ -10,8 +10,8 @@ source "$TROUGHFILL_REPO/scripts/setup_vllm.sh"
 cd "$TROUGHFILL_REPO"
 
 echo "== ruff"
-ruff check operator tests
-ruff format --check operator tests
+ruff check operator tests scripts
+ruff format --check operator tests scripts
 echo "== mypy --strict"
 mypy
 echo "== import-linter"

@@ -5,8 +5,9 @@ Runs in the vLLM virtual environment (it needs transformers, tokenizers and torc
     python scripts/tiny_model.py OUTPUT_DIR
 
 Nothing is downloaded: the tokenizer is trained on text generated here, the weights are
-random (seeded), head size 64 (the CPU attention kernels support no smaller). The model talks nonsense, fast, which is all an engine test needs: real
-tokenization, a real chat template, real sampling, real KV cache.
+random (seeded), head size 64 (the CPU attention kernels support no smaller). The model
+talks nonsense, fast, which is all an engine test needs: real tokenization,
+a real chat template, real sampling, real KV cache.
 """
 
 import json
@@ -26,12 +27,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SPECIAL = ["<unk>", "<s>", "</s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-WORDS = (
+VOCABULARY = (
     "the a an ticket customer billing refund login password account shipping order delivery bug "
     "report feature request team engineering logistics accounts support route classify reply "
     "with one word please thanks hello urgent angry polite confused about issue problem help "
     "record summary extract score label positive negative neutral yes no maybe"
-).split()
+)
+WORDS = VOCABULARY.split()
 
 
 def corpus(lines: int, seed: int) -> list[str]:

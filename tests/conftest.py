@@ -7,10 +7,14 @@ Tiers (each folder's conftest says what in it is real):
 - integration/: real redis-server and prometheus processes on loopback.
 """
 
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from redis.asyncio import Redis
+
+from troughfill.devenv import RedisServer, start_redis
 
 # Shared 2-core machines time out fast examples at random; a property failing is what matters.
 settings.register_profile("default", deadline=None)
@@ -22,3 +26,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the session (integration and engine tiers; started on first use)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def aredis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from tests.ledgertools import create_job
 from troughfill.api import Endpoint
-from troughfill.devenv import RedisServer, VllmServer, start_redis, start_vllm
+from troughfill.devenv import RedisServer, VllmServer, start_vllm
 from troughfill.devenv.services import VLLM_ENV
 from troughfill.jobs import index_input
 from troughfill.ledger import JobKeys, JobLedger
@@ -48,20 +48,6 @@ def vllm_engine(
     server = start_vllm(python, model, tmp_path_factory.mktemp("vllm"))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def aredis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client: Redis = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 def chat_line(custom_id: str, max_tokens: int, content: str = "classify this ticket") -> str:

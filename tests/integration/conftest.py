@@ -5,22 +5,14 @@ directory, and stopped at the end. Metrics endpoints are real HTTP servers
 The S3 server is moto in server mode: a separate process speaking the S3 protocol over HTTP,
 reached through s3fs exactly as a real object store would be. Nothing is faked."""
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
-from redis.asyncio import Redis
 
 from tests.ledgertools import FakeClock
-from troughfill.devenv import PrometheusServer, RedisServer, S3Server, start_prometheus, start_redis, start_s3
+from troughfill.devenv import PrometheusServer, RedisServer, S3Server, start_prometheus, start_s3
 from troughfill.storage import ObjectStore
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -36,13 +28,6 @@ def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom
     server = start_prometheus(tmp_path_factory.mktemp("prometheus"), scrape_interval="1s")
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def aredis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client: Redis = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from troughfill.processes import stop_process_group
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -88,16 +90,7 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; safe to call twice."""
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process_group(self.process, timeout)
 
     def kill(self) -> None:
         """SIGKILL at once, as a crash would."""

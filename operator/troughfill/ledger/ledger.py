@@ -324,21 +324,25 @@ class JobLedger:
 
     async def save_partial(
         self, index: int, text: str, tokens: int, prompt_tokens: int | None = None
-    ) -> None:
-        """What an interrupted request generated so far, for the worker that resumes it."""
-        value = json.dumps({"text": text, "tokens": tokens, "prompt_tokens": prompt_tokens})
-        await self.client.hset(self.keys.key("partial"), str(index), value)
+    ) -> bool:
+        """What an interrupted request generated so far, for the worker that resumes it.
 
-    async def save_partials(self, partials: dict[int, Partial]) -> None:
-        """Several partial outputs in one round trip."""
+        False when the request is already done (or the ledger closed): nothing is written."""
+        return bool(await self.save_partials({index: Partial(text, tokens, prompt_tokens)}))
+
+    async def save_partials(self, partials: dict[int, Partial]) -> int:
+        """Several partial outputs in one round trip; those of done requests are dropped.
+
+        Returns how many were written."""
         items: list[str] = []
         for index, p in partials.items():
             items += [
                 str(index),
                 json.dumps({"text": p.text, "tokens": p.tokens, "prompt_tokens": p.prompt_tokens}),
             ]
-        if items:
-            await self.client.hset(self.keys.key("partial"), items=items)
+        if not items:
+            return 0
+        return int(await self._run("SAVE_PARTIALS", *items))
 
     async def load_partials(self, indices: Sequence[int]) -> dict[int, Partial]:
         if not indices:

@@ -215,6 +215,24 @@ return {0, state}
 """
 )
 
+# ARGV: prefix, index, value, index, value, ... -> partials written
+# A checkpoint can reach Redis after its request's commit (they travel separately); one for a
+# done request, or once the ledger is closed, is dropped rather than left behind forever.
+SAVE_PARTIALS = (
+    PRELUDE
+    + """
+if redis.call('HGET', K_META, 'closed') == '1' then return 0 end
+local written = 0
+for k = 2, #ARGV, 2 do
+  if redis.call('GETBIT', K_DONE, tonumber(ARGV[k])) == 0 then
+    redis.call('HSET', K_PARTIAL, ARGV[k], ARGV[k + 1])
+    written = written + 1
+  end
+end
+return written
+"""
+)
+
 # ARGV: prefix -> 1 closed (no result is committed after this returns)
 CLOSE = (
     PRELUDE

@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -14,6 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from troughfill.processes import stop_process_group
 from troughfill.worker.concurrency import EngineLoad
 
 RUNNING = "vllm:num_requests_running"
@@ -61,16 +61,7 @@ class EngineProcess:
         return self.process.poll()
 
     def stop(self, timeout: float = 15.0) -> None:
-        if not self.alive():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process_group(self.process, timeout)
 
 
 def parse_load(metrics_text: str) -> EngineLoad:
