@@ -274,6 +274,8 @@ VLLM_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
+    # Idle keep-alive connections outlive the clients' (see worker.engine.ENGINE_KEEP_ALIVE_ENV).
+    "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60",
 }
 
 

@@ -36,6 +36,12 @@ class EngineHttpError(Exception):
         return f"engine answered {self.status}: {self.body}"
 
 
+# vLLM's HTTP server closes idle keep-alive connections after 5 s by default. On a busy host its
+# event loop can stall past that; it then closes a connection the client has just sent a request
+# on ("Server disconnected"). A longer server timeout than the client's keeps the race away.
+ENGINE_KEEP_ALIVE_ENV = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60"}
+
+
 class EngineProcess:
     """The engine as a child process in its own session (a stop reaches all its processes)."""
 
@@ -46,7 +52,7 @@ class EngineProcess:
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             self.command,
-            env={**os.environ, **(env or {})},
+            env={**ENGINE_KEEP_ALIVE_ENV, **os.environ, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
