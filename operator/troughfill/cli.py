@@ -16,6 +16,7 @@ from troughfill import __version__, api
 from troughfill.api import crdgen
 from troughfill.api.batchfile import check_lines
 from troughfill.api.resource import Resource
+from troughfill.sim import main as sim_main
 from troughfill.worker import main as worker_main
 
 KINDS: dict[str, type[Resource]] = {r.crd.kind: r for r in api.RESOURCES}
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     worker_main.add_arguments(commands)
+    sim_main.add_arguments(commands)
     return parser
 
 

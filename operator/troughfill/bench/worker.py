@@ -41,6 +41,8 @@ from troughfill.worker.engine import EngineClient
 from troughfill.worker.runner import StopMode, Worker, WorkerOptions
 
 SERVED = "tiny"
+# The engines started here keep idle connections for 60 s (devenv's VLLM_ENV).
+KEEPALIVE = 30.0
 
 
 def request_body(i: int, max_tokens: int) -> dict[str, Any]:
@@ -126,7 +128,7 @@ def options(
 async def through_worker(engine_url: str, client: aioredis.Redis, workdir: Path, bodies: list[dict[str, Any]],
                          concurrency: int) -> float:  # fmt: skip
     ledger = await new_job(client, workdir, bodies)
-    engine = EngineClient(engine_url)
+    engine = EngineClient(engine_url, keepalive_seconds=KEEPALIVE)
     started = time.perf_counter()
     await Worker(ledger, ObjectStore(), engine, options("bench", concurrency)).run()
     seconds = time.perf_counter() - started
@@ -149,7 +151,7 @@ async def yield_and_resume(
 ) -> dict[str, Any]:
     ledger = await new_job(client, workdir, bodies)
     before = await generated_tokens(engine_url)
-    engine = EngineClient(engine_url)
+    engine = EngineClient(engine_url, keepalive_seconds=KEEPALIVE)
     # Every request streamed and checkpointed, whatever its length: this measures resume itself.
     first = Worker(
         ledger,

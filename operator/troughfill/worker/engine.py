@@ -84,21 +84,29 @@ class EngineClient:
     """HTTP to the engine: health, load gauges, and calls (streamed or not)."""
 
     def __init__(
-        self, base_url: str, process: EngineProcess | None = None, request_timeout: float = 900.0
+        self,
+        base_url: str,
+        process: EngineProcess | None = None,
+        request_timeout: float = 900.0,
+        keepalive_seconds: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.process = process
         self.request_timeout = request_timeout
+        # An engine this worker started keeps idle connections 60 s (ENGINE_KEEP_ALIVE_ENV); one
+        # it attaches to may use vLLM's default of 5 s, so connections are retired well before.
+        self.keepalive_seconds = keepalive_seconds or (30.0 if process is not None else 2.0)
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                # Drop idle connections before the engine's HTTP server does (uvicorn, 5 s by
-                # default): reusing one it just closed fails the request with "Server disconnected".
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
-                timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=5),
+                # Drop idle connections before the engine's HTTP server does: reusing one it just
+                # closed fails the request with "Server disconnected".
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive_seconds),
+                # A busy engine host can take seconds to accept a connection.
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=30),
             )
         return self._session
 

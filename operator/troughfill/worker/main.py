@@ -38,6 +38,12 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--engine-url", help="attach to a running engine instead of starting one")
     run.add_argument("--engine-port", type=int, default=8000, help="port of the engine this worker starts")
     run.add_argument("--engine-log", help="file for the started engine's output")
+    run.add_argument(
+        "--engine-keepalive",
+        type=float,
+        help="seconds an idle engine connection is kept (below the engine's own keep-alive); "
+        "30 for an engine the worker starts, 2 for one it attaches to",
+    )
     run.add_argument("--served-model", help="model name the engine serves (replaces body.model)")
     run.add_argument("--on-sigterm", choices=[m.value for m in StopMode], default=StopMode.YIELD.value)
     run.add_argument("--drain-timeout", type=float, default=25.0)
@@ -76,7 +82,7 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         print("give --engine-url or an engine command after --", file=sys.stderr)
         return ExitCode.FAILED
-    engine = EngineClient(base_url, process)
+    engine = EngineClient(base_url, process, keepalive_seconds=args.engine_keepalive)
     options = WorkerOptions(
         worker_id=args.worker_id,
         served_model=args.served_model,
