@@ -2,6 +2,7 @@
 test moves, a real Prometheus scraping it every second, the signals adapter querying it, and
 the planner deciding from what the adapter read."""
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ def exporter() -> Iterator[OnlineExporter]:
 
 @pytest.fixture
 def prometheus(tmp_path: Path, exporter: OnlineExporter) -> Iterator[PrometheusServer]:
-    server = start_prometheus(tmp_path / "prometheus", [exporter.target], scrape_interval=f"{SCRAPE_SECONDS:g}s")
+    server = start_prometheus(
+        tmp_path / "prometheus", [exporter.target], scrape_interval=f"{SCRAPE_SECONDS:g}s"
+    )
     yield server
     server.stop()
 
@@ -77,7 +80,9 @@ def decide(reading: SignalReading, now: float) -> Plan:
     return plan(Snapshot(now=now, pool=POOL, online=reading.online_signal(), jobs=(held,)))
 
 
-def wait_for(signals: PrometheusSignals, check: Callable[[SignalReading], bool], timeout: float) -> tuple[float, SignalReading]:
+def wait_for(
+    signals: PrometheusSignals, check: Callable[[SignalReading], bool], timeout: float
+) -> tuple[float, SignalReading]:
     start = time.monotonic()
     while True:
         reading = signals.read("pool", ONLINE)
@@ -103,7 +108,9 @@ def test_planner_input_follows_the_online_metric_within_one_scrape_interval(
         assert result.signal is SignalState.FRESH
         assert result.trough_gpus == 16 - value - 1
         assert result.batch_gpus <= 16 - value - 1
-    print(f"\nplanner input followed the metric after {', '.join(f'{s:.2f}s' for s in latencies)} (scrape 1s)")
+    print(
+        f"\nplanner input followed the metric after {', '.join(f'{s:.2f}s' for s in latencies)} (scrape 1s)"
+    )
     # one scrape interval, plus Prometheus's scrape jitter and query time
     assert max(latencies) <= SCRAPE_SECONDS + 0.6
 
@@ -140,12 +147,18 @@ def test_prometheus_stopped_goes_stale_and_batch_yields(
     assert len(result.stops) == 6
 
 
-def test_exporter_gone_means_no_value_then_stale(exporter: OnlineExporter, prometheus: PrometheusServer) -> None:
+def test_exporter_gone_means_no_value_then_stale(
+    exporter: OnlineExporter, prometheus: PrometheusServer
+) -> None:
     signals = PrometheusSignals(prometheus.url, timeout_seconds=2.0)
     wait_for(signals, lambda r: r.gpus_in_use == 2, timeout=20)
     exporter.stop()
     # Prometheus marks the target's series stale on the first failed scrape: the query turns empty.
-    seconds, reading = wait_for(signals, lambda r: r.error is None and r.read_at is not None and time.time() - r.read_at > 1.5, timeout=10)
+    _, reading = wait_for(
+        signals,
+        lambda r: r.error is None and r.read_at is not None and time.time() - r.read_at > 1.5,
+        timeout=10,
+    )
     assert reading.pressure == {}
     print(f"\nseries vanished; last good value {time.time() - (reading.read_at or 0):.1f}s old")
     time.sleep(POOL.max_staleness_seconds)
@@ -156,7 +169,8 @@ def test_never_read_is_missing() -> None:
     signals = PrometheusSignals(f"http://127.0.0.1:{free_port()}", timeout_seconds=0.5)
     reading = signals.read("pool", ONLINE)
     assert reading.gpus_in_use is None
-    assert reading.error and "Connection" in reading.error
+    assert reading.error is not None
+    assert "Connection" in reading.error
     assert decide(reading, time.time()).signal is SignalState.MISSING
 
 
@@ -170,4 +184,4 @@ def test_history_for_the_forecast(exporter: OnlineExporter, prometheus: Promethe
     values = [v for _, v in history]
     assert values[-1] == 5
     assert 2 in values
-    assert all(a < b for (a, _), (b, _) in zip(history, history[1:], strict=False))
+    assert all(a < b for (a, _), (b, _) in itertools.pairwise(history))

@@ -93,9 +93,11 @@ def victim_order(worker: WorkerState) -> tuple[bool, int, float, str]:
 class _Allocation:
     """Whole workers per job, class by class; mutable scratch space of one planning cycle."""
 
-    def __init__(self, pool: PoolPolicy, budget: int, now: float) -> None:
+    def __init__(self, pool: PoolPolicy, budget: int, now: float, active: dict[str, int]) -> None:
         self.pool = pool
         self.now = now
+        self.active = active
+        self.weights: dict[str, int] = {}
         self.budget_left = budget
         self.quota_left: dict[str, int] = {}
         self.workers: dict[str, int] = {}
@@ -108,12 +110,18 @@ class _Allocation:
             self.quota_left[namespace] = self.pool.quota(namespace).max_gpus
         return self.quota_left[namespace]
 
+    def weight(self, namespace: str) -> int:
+        if namespace not in self.weights:
+            self.weights[namespace] = self.pool.quota(namespace).weight
+        return self.weights[namespace]
+
     def give(self, job: JobState, up_to: int) -> None:
         """Raise the job's workers towards `up_to` as far as budget, quota and cap allow."""
         have = self.workers[job.key]
-        room = min(self.budget_left, self.quota(job.namespace)) // job.gpus_per_worker
-        more = max(0, min(up_to, self.caps[job.key]) - have)
-        more = min(more, room)
+        more = min(up_to, self.caps[job.key]) - have
+        if more <= 0:
+            return
+        more = min(more, min(self.budget_left, self.quota(job.namespace)) // job.gpus_per_worker)
         if more:
             self.workers[job.key] = have + more
             self.budget_left -= more * job.gpus_per_worker
@@ -123,31 +131,33 @@ class _Allocation:
         for job in jobs:
             self.workers[job.key] = 0
             self.caps[job.key] = job.worker_cap()
-        needs = {job.key: job.workers_for_deadline(self.now) for job in jobs}
-        behind = [j for j in jobs if needs[j.key] > j.active_workers]
-        if behind:
-            # A job is at risk when fair share alone would not give it what its deadline needs;
-            # those get their needs first (earliest deadline first), the rest is shared as usual.
-            saved = (self.budget_left, dict(self.quota_left), dict(self.workers))
-            self.allocate_fairly(jobs, [], needs)
-            fair = dict(self.workers)
-            self.budget_left, self.quota_left, self.workers = saved
-            self.at_risk.update(j.key for j in behind if needs[j.key] > fair[j.key])
-        risky = sorted((j for j in jobs if j.key in self.at_risk), key=lambda j: (j.deadline or 0.0, j.key))
-        self.allocate_fairly(jobs, risky, needs)
-
-    def allocate_fairly(self, jobs: list[JobState], favoured: list[JobState], needs: dict[str, int]) -> None:
         for job in jobs:
             self.give(job, job.min_workers)
-        for job in favoured:
-            self.give(job, needs[job.key])
-        self.share(jobs)
-
-    def share(self, jobs: list[JobState]) -> None:
-        """Weighted fair share of what is left between namespaces, equal between their jobs."""
         by_namespace: dict[str, list[JobState]] = defaultdict(list)
         for job in jobs:
             by_namespace[job.namespace].append(job)
+        needs = {job.key: job.workers_for_deadline(self.now) for job in jobs}
+        if any(needs.values()):
+            # At risk: its fair share, even rounded up, is below the workers its deadline needs.
+            # Those get their needs first (earliest deadline first), the rest is shared as
+            # usual. Judged against fair share, not against the workers it has now, or a job
+            # would be favoured, catch up, lose the favour and fall behind again, cycle after cycle.
+            fair = self.fair_targets(by_namespace)
+            self.at_risk.update(
+                j.key
+                for j in jobs
+                if needs[j.key] > self.workers[j.key]
+                and needs[j.key] > math.ceil(fair[j.key] / j.gpus_per_worker - _EPSILON)
+            )
+            risky = sorted(
+                (j for j in jobs if j.key in self.at_risk), key=lambda j: (j.deadline or 0.0, j.key)
+            )
+            for job in risky:
+                self.give(job, needs[job.key])
+        self.share(by_namespace)
+
+    def fair_targets(self, by_namespace: dict[str, list[JobState]]) -> dict[str, float]:
+        """Each job's (and namespace's) weighted max-min fair share in GPUs, continuous."""
         namespaces = sorted(by_namespace)
         floors, caps, weights = [], [], []
         for namespace in namespaces:
@@ -156,34 +166,53 @@ class _Allocation:
             wanted = sum((self.caps[j.key] - self.workers[j.key]) * j.gpus_per_worker for j in group)
             floors.append(float(have))
             caps.append(float(have + min(self.quota(namespace), wanted)))
-            weights.append(float(self.pool.quota(namespace).weight))
-        targets = fill_levels(floors, caps, weights, sum(floors) + self.budget_left)
-        for namespace, target in zip(namespaces, targets, strict=True):
+            weights.append(float(self.weight(namespace)))
+        targets: dict[str, float] = {}
+        for namespace, target in zip(
+            namespaces, fill_levels(floors, caps, weights, sum(floors) + self.budget_left), strict=True
+        ):
             group = by_namespace[namespace]
+            targets[namespace] = target  # namespaces and job keys ("ns/name") never collide
             job_targets = fill_levels(
                 [float(self.workers[j.key] * j.gpus_per_worker) for j in group],
                 [float(self.caps[j.key] * j.gpus_per_worker) for j in group],
                 [1.0] * len(group),
                 target,
             )
-            for job, job_target in zip(group, job_targets, strict=True):
-                self.give(job, math.floor(job_target / job.gpus_per_worker + _EPSILON))
-        self.hand_out_leftovers(by_namespace)
+            targets.update((job.key, t) for job, t in zip(group, job_targets, strict=True))
+        return targets
 
-    def hand_out_leftovers(self, by_namespace: dict[str, list[JobState]]) -> None:
-        """Whole workers lost to rounding go one at a time to the job furthest below its share."""
+    def share(self, by_namespace: dict[str, list[JobState]]) -> None:
+        """Weighted fair share of what is left between namespaces, equal between their jobs."""
+        targets = self.fair_targets(by_namespace)
+        for group in by_namespace.values():
+            for job in group:
+                self.give(job, math.floor(targets[job.key] / job.gpus_per_worker + _EPSILON))
+        self.hand_out_leftovers(by_namespace, targets)
+
+    def hand_out_leftovers(self, by_namespace: dict[str, list[JobState]], targets: dict[str, float]) -> None:
+        """Whole workers lost to rounding go one at a time to the job furthest below its share.
+
+        A job already running one worker more than its rounded-down share keeps it first:
+        otherwise rounding would move a worker between jobs whenever the trough moves a little,
+        and every such move costs a cold start. The bonus is one worker at most per job, and
+        only while its namespace is still below its own fair share."""
         namespace_gpus = {
             ns: sum(self.workers[j.key] * j.gpus_per_worker for j in group)
             for ns, group in by_namespace.items()
         }
+        floors = {j.key: self.workers[j.key] for group in by_namespace.values() for j in group}
 
-        def key(job: JobState) -> tuple[float, int, int, str]:
-            weight = self.pool.quota(job.namespace).weight
-            # keeping a running worker beats starting an equivalent one elsewhere
+        def key(job: JobState) -> tuple[bool, float, int, int, str]:
+            keeps_running = (
+                self.workers[job.key] == floors[job.key] < self.active[job.key]
+                and namespace_gpus[job.namespace] < targets[job.namespace] - _EPSILON
+            )
             return (
-                namespace_gpus[job.namespace] / weight,
+                not keeps_running,
+                namespace_gpus[job.namespace] / self.weight(job.namespace),
                 self.workers[job.key],
-                -job.active_workers,
+                -self.active[job.key],
                 job.key,
             )
 
@@ -194,7 +223,7 @@ class _Allocation:
             popped, job_key = heapq.heappop(heap)
             job = jobs[job_key]
             current = key(job)
-            if current > popped:
+            if current != popped:
                 heapq.heappush(heap, (current, job_key))
                 continue
             before = self.workers[job_key]
@@ -211,7 +240,8 @@ def plan(snapshot: Snapshot, memory: PlannerMemory | None = None) -> Plan:
     now, pool = snapshot.now, snapshot.pool
     jobs = sorted(snapshot.jobs, key=lambda j: (-j.priority, j.key))
 
-    active_gpus = sum(j.active_workers * j.gpus_per_worker for j in jobs)
+    active = {j.key: j.active_workers for j in jobs}
+    active_gpus = sum(active[j.key] * j.gpus_per_worker for j in jobs)
     stopping: list[tuple[JobState, WorkerState]] = [
         (j, w) for j in jobs for w in j.workers if w.stopping is not None
     ]
@@ -221,7 +251,7 @@ def plan(snapshot: Snapshot, memory: PlannerMemory | None = None) -> Plan:
     stable = growth_cap(memory, now, pool.scale_up_delay_seconds)
     budget = min(trough, max(active_gpus, stable if stable is not None else 0))
 
-    allocation = _Allocation(pool, budget, now)
+    allocation = _Allocation(pool, budget, now, active)
     classes: dict[int, list[JobState]] = defaultdict(list)
     for job in jobs:
         classes[job.priority].append(job)
@@ -276,21 +306,23 @@ def _choose_stops(
     drains: list[tuple[JobState, WorkerState]] = []
     kept_gpus = 0
     for job in jobs:
-        running = [w for w in job.workers if w.stopping is None]
         target = allocation.workers[job.key]
-        kept_gpus += min(target, len(running)) * job.gpus_per_worker
-        if len(running) > target:
-            victims = sorted(running, key=victim_order)[: len(running) - target]
+        running_count = allocation.active[job.key]
+        kept_gpus += min(target, running_count) * job.gpus_per_worker
+        if running_count > target:
+            running = [w for w in job.workers if w.stopping is None]
+            victims = heapq.nsmallest(running_count - target, running, key=victim_order)
             drains += [(job, w) for w in victims]
     drains += [(j, w) for j, w in stopping if w.stopping is StopMode.DRAIN]
     yielding_gpus = sum(j.gpus_per_worker for j, w in stopping if w.stopping is StopMode.YIELD)
     draining_gpus = sum(j.gpus_per_worker for j, _ in drains)
-    # Online needs the GPUs now: lowest priority, cheapest first, yield instead of draining
-    # (a worker already draining is told to yield instead).
-    drains.sort(key=lambda jw: (jw[0].priority, victim_order(jw[1]), jw[0].key))
     excess = kept_gpus + draining_gpus - trough
     urgent: list[Stop] = []
     gentle: list[Stop] = []
+    if excess > 0:
+        # Online needs the GPUs now: lowest priority, cheapest first, yield instead of draining
+        # (a worker already draining is told to yield instead).
+        drains.sort(key=lambda jw: (jw[0].priority, victim_order(jw[1]), jw[0].key))
     for job, worker in drains:
         if excess > 0:
             excess -= job.gpus_per_worker
@@ -318,7 +350,7 @@ def _choose_starts(
     running_total = kept_gpus
     starts: dict[str, int] = {}
     for job in jobs:
-        want = allocation.workers[job.key] - job.active_workers
+        want = allocation.workers[job.key] - allocation.active[job.key]
         if want <= 0:
             starts[job.key] = 0
             continue

@@ -169,6 +169,10 @@ def run_oracle(scenario: Scenario, demand: list[int]) -> PolicyRun:
     return PolicyRun("oracle", totals, jobs, samples, time.perf_counter() - started)
 
 
+def ratio(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
 def summarise(run: PolicyRun, oracle: PolicyRun, scenario: Scenario) -> dict[str, Any]:
     params = scenario.params
     t = run.totals
@@ -181,14 +185,12 @@ def summarise(run: PolicyRun, oracle: PolicyRun, scenario: Scenario) -> dict[str
     )
     pool_tokens_per_s = params.tokens_per_gpu_second * params.capacity_gpus
     return {
-        "trough_capture": round(
-            t.batch_productive_gpu_seconds / oracle.totals.batch_productive_gpu_seconds, 4
-        )
-        if oracle.totals.batch_productive_gpu_seconds
-        else None,
-        "held_vs_oracle": round(t.batch_held_gpu_seconds / oracle.totals.batch_held_gpu_seconds, 4)
-        if oracle.totals.batch_held_gpu_seconds
-        else None,
+        # productive batch GPU-time inside the trough (capacity - online - headroom) / the oracle's
+        "trough_capture": ratio(t.batch_in_trough_gpu_seconds, oracle.totals.batch_in_trough_gpu_seconds),
+        # the same without the trough bound: GPU-time taken out of online's headroom counts too
+        "productive_vs_oracle": ratio(
+            t.batch_productive_gpu_seconds, oracle.totals.batch_productive_gpu_seconds
+        ),
         "online_interference": round(t.online_displaced_gpu_seconds / t.online_demand_gpu_seconds, 6)
         if t.online_demand_gpu_seconds
         else 0.0,
