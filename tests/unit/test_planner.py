@@ -314,6 +314,18 @@ def test_seasonal_forecast_scales_yesterday_to_todays_level() -> None:
     history[-1] = (now, 20.0)  # today runs at twice yesterday's trough
     forecast = seasonal_forecast(history, now=now, horizon=1200)
     assert forecast is not None
-    assert forecast.peak(now, now + 300) == pytest.approx(20.0)
-    assert forecast.peak(now, now + 1200) == pytest.approx(60.0)  # 30 * (20 / 10), capped ratio 2
+    assert forecast.peak(now, now + 240) == pytest.approx(20.0)
+    # yesterday rose by 20 after this hour; today runs at twice yesterday's level: +40
+    assert forecast.peak(now, now + 1200) == pytest.approx(60.0)
     assert seasonal_forecast(history[-100:], now=now, horizon=600) is None  # no day of history
+
+
+def test_seasonal_forecast_ignores_yesterdays_minute_noise() -> None:
+    day = 86_400.0
+    noisy = [(float(t), 20.0 + (3.0 if (t // 60) % 2 else -3.0)) for t in range(0, int(day) + 3600, 60)]
+    now = noisy[-1][0]
+    forecast = seasonal_forecast(noisy, now=now, horizon=600)
+    assert forecast is not None
+    peak = forecast.peak(now, now + 600)
+    assert peak is not None
+    assert peak < noisy[-1][1] + 1.0

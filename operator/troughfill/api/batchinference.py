@@ -74,7 +74,7 @@ class BatchInferenceSpec(ApiModel):
     priority_class_name: DnsSubdomain | None = None
     """A PriorityClass the pool allows for this namespace; the pool's default when unset."""
     min_workers: int = Field(default=0, ge=0, le=constants.MAX_WORKERS_PER_JOB)
-    """Workers kept even when online demand leaves no trough (still bounded by quota)."""
+    """Workers this job gets before its class shares the trough (never beyond the trough or quota)."""
     max_workers: int | None = Field(default=None, ge=1, le=constants.MAX_WORKERS_PER_JOB)
     """Upper bound on workers; unbounded (quota and trough permitting) when unset."""
     suspend: bool = False
