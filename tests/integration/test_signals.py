@@ -23,8 +23,10 @@ ONLINE = OnlineWorkload.model_validate(
         "gpusInUseQuery": 'sum(online_gpus_in_use{model="chat"})',
         "utilizationQuery": "avg(dcgm_gpu_utilization)",
         "pressure": [
-            {"name": "queue", "query": "sum(vllm:num_requests_waiting)", "threshold": 5},
-            {"name": "kv-cache", "query": "max(vllm:kv_cache_usage_perc)", "threshold": 0.9},
+            # Depending on the Prometheus and client versions, vLLM's "vllm:x" is stored as
+            # "vllm:x" or escaped to "vllm_x"; a name regex matches both.
+            {"name": "queue", "query": 'sum({__name__=~"vllm[:_]num_requests_waiting"})', "threshold": 5},
+            {"name": "kv-cache", "query": 'max({__name__=~"vllm[:_]kv_cache_usage_perc"})', "threshold": 0.9},
         ],
     }
 )
@@ -179,6 +181,7 @@ def test_history_for_the_forecast(exporter: OnlineExporter, prometheus: Promethe
     wait_for(signals, lambda r: r.gpus_in_use == 2, timeout=20)
     exporter.gpus.set(5)
     wait_for(signals, lambda r: r.gpus_in_use == 5, timeout=5)
+    time.sleep(1.5)  # range queries take whole-second bounds
     now = time.time()
     history = signals.history('online_gpus_in_use{model="chat"}', now - 30, now, step=1)
     values = [v for _, v in history]

@@ -23,7 +23,7 @@ from troughfill.planner import (
     WorkerState,
     plan,
 )
-from troughfill.planner.plan import victim_order, whole_gpus
+from troughfill.planner.plan import forecast_gpus, victim_order, whole_gpus
 
 NAMESPACES = ("a", "b", "c")
 
@@ -229,7 +229,7 @@ def test_no_start_into_a_trough_forecast_to_close(snapshot: Snapshot) -> None:
         horizon = job.cold_start_seconds + snapshot.pool.min_useful_seconds
         peak = snapshot.forecast.peak(NOW, NOW + horizon)
         if peak is not None:
-            room = snapshot.pool.capacity_gpus - whole_gpus(peak) - snapshot.pool.headroom_gpus
+            room = snapshot.pool.capacity_gpus - forecast_gpus(peak) - snapshot.pool.headroom_gpus
             assert kept + added <= room
 
 

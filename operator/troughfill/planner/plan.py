@@ -377,7 +377,13 @@ def _forecast_room(snapshot: Snapshot, job: JobState) -> int:
     peak = snapshot.forecast.peak(snapshot.now, snapshot.now + horizon)
     if peak is None:
         return pool.capacity_gpus
-    return pool.capacity_gpus - whole_gpus(peak) - pool.headroom_gpus
+    # A forecast is an estimate, not a count of GPUs in use: a predicted rise of a fraction of
+    # a GPU is noise, so it is rounded rather than rounded up.
+    return pool.capacity_gpus - forecast_gpus(peak) - pool.headroom_gpus
+
+
+def forecast_gpus(value: float) -> int:
+    return max(0, math.floor(value + 0.5))
 
 
 def _limit(

@@ -98,7 +98,8 @@ class PrometheusSignals:
             return self._clients[url]
 
     def query(self, client: PrometheusConnect, promql: str) -> float | None:
-        params = {"timeout": f"{self.timeout_seconds}s"}
+        # Prometheus durations take integers: "2500ms", not "2.5s".
+        params = {"timeout": f"{max(1, round(self.timeout_seconds * 1000))}ms"}
         return vector_sum(client.custom_query(promql, params=params))
 
     def read(self, pool_name: str, online: OnlineWorkload) -> SignalReading:

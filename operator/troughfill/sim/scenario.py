@@ -41,7 +41,7 @@ class Scenario:
     online_scale_down_seconds: int = 300
     seed: int = 7
     params: ClusterParams = field(default_factory=ClusterParams)
-    scale_up_delay_seconds: float = 30.0
+    scale_up_delay_seconds: float = 10.0
     min_useful_seconds: float = 300.0
     reconcile_seconds: int = 2
     daily_job_gpu_hours: float = 150.0
