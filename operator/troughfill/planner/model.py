@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from troughfill.api.batchpool import BatchPoolSpec, StalePolicy
 from troughfill.api.types import parse_duration
@@ -180,15 +181,15 @@ class PlannerMemory:
     """(time, budget) samples of the scale-up window, increasing budgets: the first is the minimum."""
 
 
-@dataclass(frozen=True, slots=True)
-class Stop:
+class Stop(NamedTuple):
+    """(A tuple: plans for thousands of jobs are built every cycle, and tuples build fastest.)"""
+
     job: str
     worker: str
     mode: StopMode
 
 
-@dataclass(frozen=True, slots=True)
-class JobPlan:
+class JobPlan(NamedTuple):
     key: str
     desired_workers: int
     """Workers the job should run (not counting those stopping)."""

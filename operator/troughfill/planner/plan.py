@@ -137,6 +137,7 @@ class _Allocation:
         for job in jobs:
             by_namespace[job.namespace].append(job)
         needs = {job.key: job.workers_for_deadline(self.now) for job in jobs}
+        fair: dict[str, float] | None = None
         if any(needs.values()):
             # At risk: its fair share, even rounded up, is below the workers its deadline needs.
             # Those get their needs first (earliest deadline first), the rest is shared as
@@ -154,7 +155,9 @@ class _Allocation:
             )
             for job in risky:
                 self.give(job, needs[job.key])
-        self.share(by_namespace)
+            if risky:
+                fair = None  # the favoured needs changed the floors: share anew
+        self.share(by_namespace, fair)
 
     def fair_targets(self, by_namespace: dict[str, list[JobState]]) -> dict[str, float]:
         """Each job's (and namespace's) weighted max-min fair share in GPUs, continuous."""
@@ -182,9 +185,9 @@ class _Allocation:
             targets.update((job.key, t) for job, t in zip(group, job_targets, strict=True))
         return targets
 
-    def share(self, by_namespace: dict[str, list[JobState]]) -> None:
+    def share(self, by_namespace: dict[str, list[JobState]], targets: dict[str, float] | None = None) -> None:
         """Weighted fair share of what is left between namespaces, equal between their jobs."""
-        targets = self.fair_targets(by_namespace)
+        targets = targets if targets is not None else self.fair_targets(by_namespace)
         for group in by_namespace.values():
             for job in group:
                 self.give(job, math.floor(targets[job.key] / job.gpus_per_worker + _EPSILON))
