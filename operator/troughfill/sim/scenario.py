@@ -236,8 +236,9 @@ def run(scenario: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
     online_only = float(np.mean(np.minimum(demand_model.gpus, params.capacity_gpus))) / params.capacity_gpus
     report: dict[str, Any] = {
         "scenario": {
+            # file names only: a report should not carry the paths of the machine that made it
             **{
-                k: (str(v) if isinstance(v, Path) else v)
+                k: (v.name if isinstance(v, Path) else v)
                 for k, v in asdict(replace(scenario, params=params)).items()
             },
             "per_gpu_rps": round(demand_model.per_gpu_rps, 2),
