@@ -103,7 +103,6 @@ class _Allocation:
         self.workers: dict[str, int] = {}
         self.caps: dict[str, int] = {}
         self.at_risk: set[str] = set()
-        self.granted_to_higher_class = False
 
     def quota(self, namespace: str) -> int:
         if namespace not in self.quota_left:
@@ -259,20 +258,27 @@ def plan(snapshot: Snapshot, memory: PlannerMemory | None = None) -> Plan:
     for job in jobs:
         classes[job.priority].append(job)
     limits: dict[str, Limit] = {}
+    granted_higher = 0  # workers given to classes above the current one
     for priority in sorted(classes, reverse=True):
         members = classes[priority]
-        higher_took = allocation.granted_to_higher_class
         allocation.allocate_class(members)
+        granted_here = sum(allocation.workers[j.key] for j in members)
         for job in members:
             limits[job.key] = _limit(
-                job, allocation, state=state, budget=budget, trough=trough, higher_took=higher_took
+                job,
+                allocation,
+                state=state,
+                budget=budget,
+                trough=trough,
+                higher_took=granted_higher > 0,
+                others_took=granted_here - allocation.workers[job.key] > 0,
             )
-        if any(allocation.workers[j.key] for j in members):
-            allocation.granted_to_higher_class = True
+        granted_higher += granted_here
 
-    stops, urgent, gentle, kept_gpus, draining_gpus, yielding_gpus = _choose_stops(
-        jobs, allocation, stopping, trough
-    )
+    ordered_stops, kept_gpus, draining_gpus, yielding_gpus = _choose_stops(jobs, allocation, stopping, trough)
+    stops: dict[str, list[Stop]] = defaultdict(list)
+    for stop in ordered_stops:
+        stops[stop.job].append(stop)
     free = trough - kept_gpus - draining_gpus - yielding_gpus
     starts, running_total = _choose_starts(snapshot, jobs, allocation, limits, free=free, kept_gpus=kept_gpus)
 
@@ -294,7 +300,7 @@ def plan(snapshot: Snapshot, memory: PlannerMemory | None = None) -> Plan:
         budget_gpus=budget,
         batch_gpus=running_total + draining_gpus,
         jobs=plans,
-        stops=tuple(urgent + gentle),
+        stops=tuple(ordered_stops),
         memory=memory,
     )
 
@@ -304,8 +310,9 @@ def _choose_stops(
     allocation: _Allocation,
     stopping: list[tuple[JobState, WorkerState]],
     trough: int,
-) -> tuple[dict[str, list[Stop]], list[Stop], list[Stop], int, int, int]:
-    """Victims of jobs above their allocation; they yield while batch holds more than the trough."""
+) -> tuple[list[Stop], int, int, int]:
+    """Victims of jobs above their allocation, urgent (yield) ones first; they yield while batch
+    holds more than the trough. Also returns GPUs kept, still draining and yielding."""
     drains: list[tuple[JobState, WorkerState]] = []
     kept_gpus = 0
     for job in jobs:
@@ -334,10 +341,7 @@ def _choose_stops(
             urgent.append(Stop(job.key, worker.name, StopMode.YIELD))
         elif worker.stopping is None:
             gentle.append(Stop(job.key, worker.name, StopMode.DRAIN))
-    stops: dict[str, list[Stop]] = defaultdict(list)
-    for stop in urgent + gentle:
-        stops[stop.job].append(stop)
-    return stops, urgent, gentle, kept_gpus, draining_gpus, yielding_gpus
+    return urgent + gentle, kept_gpus, draining_gpus, yielding_gpus
 
 
 def _choose_starts(
@@ -390,7 +394,14 @@ def forecast_gpus(value: float) -> int:
 
 
 def _limit(
-    job: JobState, allocation: _Allocation, *, state: SignalState, budget: int, trough: int, higher_took: bool
+    job: JobState,
+    allocation: _Allocation,
+    *,
+    state: SignalState,
+    budget: int,
+    trough: int,
+    higher_took: bool,
+    others_took: bool,
 ) -> Limit:
     if allocation.workers[job.key] >= allocation.caps[job.key]:
         return Limit.NONE
@@ -402,8 +413,4 @@ def _limit(
         return Limit.SCALE_UP_DELAY
     if higher_took:
         return Limit.PRIORITY
-    return Limit.FAIR_SHARE if _others_granted(job, allocation) else Limit.NO_TROUGH
-
-
-def _others_granted(job: JobState, allocation: _Allocation) -> bool:
-    return any(count for key, count in allocation.workers.items() if key != job.key)
+    return Limit.FAIR_SHARE if others_took else Limit.NO_TROUGH
