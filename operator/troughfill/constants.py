@@ -53,3 +53,11 @@ MAX_METADATA_KEYS: Final = 16
 MAX_METADATA_KEY_LENGTH: Final = 64
 MAX_METADATA_VALUE_LENGTH: Final = 512
 MAX_CONDITIONS: Final = 16
+
+# vLLM's HTTP server closes idle keep-alive connections after 5 s by default; on a busy host its
+# event loop can stall past that and close a connection a request was just sent on ("Server
+# disconnected"). Engines troughfill starts get this longer timeout, and clients retire idle
+# connections well before it (at half); engines it only attaches to may keep vLLM's 5 s.
+ENGINE_KEEP_ALIVE_SECONDS: Final = 60
+CLIENT_KEEP_ALIVE_SECONDS: Final = ENGINE_KEEP_ALIVE_SECONDS / 2
+ATTACHED_ENGINE_CLIENT_KEEP_ALIVE_SECONDS: Final = 2.0

@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from troughfill import constants
 from troughfill.api.batchinference import Endpoint
 from troughfill.devenv import start_redis, start_vllm
 from troughfill.jobs import finalize, index_input
@@ -41,8 +42,8 @@ from troughfill.worker.engine import EngineClient
 from troughfill.worker.runner import StopMode, Worker, WorkerOptions
 
 SERVED = "tiny"
-# The engines started here keep idle connections for 60 s (devenv's VLLM_ENV).
-KEEPALIVE = 30.0
+# The engines started here keep idle connections as long as the worker's own (devenv's VLLM_ENV).
+KEEPALIVE = constants.CLIENT_KEEP_ALIVE_SECONDS
 
 
 def request_body(i: int, max_tokens: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from troughfill import constants
 from troughfill.processes import stop_process_group
 
 LOOPBACK = "127.0.0.1"
@@ -274,8 +275,8 @@ VLLM_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
-    # Idle keep-alive connections outlive the clients' (see worker.engine.ENGINE_KEEP_ALIVE_ENV).
-    "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60",
+    # Idle keep-alive connections outlive the clients' (see constants.ENGINE_KEEP_ALIVE_SECONDS).
+    "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(constants.ENGINE_KEEP_ALIVE_SECONDS),
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from troughfill import constants
 from troughfill.processes import stop_process_group
 from troughfill.worker.concurrency import EngineLoad
 
@@ -36,10 +37,7 @@ class EngineHttpError(Exception):
         return f"engine answered {self.status}: {self.body}"
 
 
-# vLLM's HTTP server closes idle keep-alive connections after 5 s by default. On a busy host its
-# event loop can stall past that; it then closes a connection the client has just sent a request
-# on ("Server disconnected"). A longer server timeout than the client's keeps the race away.
-ENGINE_KEEP_ALIVE_ENV = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60"}
+ENGINE_KEEP_ALIVE_ENV = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(constants.ENGINE_KEEP_ALIVE_SECONDS)}
 
 
 class EngineProcess:
@@ -93,9 +91,12 @@ class EngineClient:
         self.base_url = base_url.rstrip("/")
         self.process = process
         self.request_timeout = request_timeout
-        # An engine this worker started keeps idle connections 60 s (ENGINE_KEEP_ALIVE_ENV); one
-        # it attaches to may use vLLM's default of 5 s, so connections are retired well before.
-        self.keepalive_seconds = keepalive_seconds or (30.0 if process is not None else 2.0)
+        # Below the engine's own keep-alive (see constants.ENGINE_KEEP_ALIVE_SECONDS).
+        self.keepalive_seconds = keepalive_seconds or (
+            constants.CLIENT_KEEP_ALIVE_SECONDS
+            if process is not None
+            else constants.ATTACHED_ENGINE_CLIENT_KEEP_ALIVE_SECONDS
+        )
         self._session: aiohttp.ClientSession | None = None
 
     @property

@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 
+from troughfill import constants
 from troughfill.config import Settings
 from troughfill.ledger import JobKeys, JobLedger, connect
 from troughfill.storage import store_for
@@ -42,7 +43,8 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
         "--engine-keepalive",
         type=float,
         help="seconds an idle engine connection is kept (below the engine's own keep-alive); "
-        "30 for an engine the worker starts, 2 for one it attaches to",
+        f"{constants.CLIENT_KEEP_ALIVE_SECONDS:g} for an engine the worker starts, "
+        f"{constants.ATTACHED_ENGINE_CLIENT_KEEP_ALIVE_SECONDS:g} for one it attaches to",
     )
     run.add_argument("--served-model", help="model name the engine serves (replaces body.model)")
     run.add_argument("--on-sigterm", choices=[m.value for m in StopMode], default=StopMode.YIELD.value)
