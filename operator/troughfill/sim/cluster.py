@@ -26,6 +26,31 @@ from troughfill.planner import StopMode
 QUEUE = "queue"
 """Workers of queue-style policies pull from every job, highest priority first."""
 
+SAMPLE_SECONDS = 600
+"""Resolution of the time series kept for plots (10-minute means)."""
+
+
+def queue_order(job: "SimJob") -> tuple[int, float, str]:
+    """The order a shared queue serves jobs in: priority, then earliest deadline."""
+    return (-job.priority, job.deadline if job.deadline is not None else math.inf, job.key)
+
+
+class WindowMeans:
+    """Means of consecutive windows of per-second values, kept as they come."""
+
+    def __init__(self, window: int = SAMPLE_SECONDS) -> None:
+        self.window = window
+        self.means: list[float] = []
+        self._sum = 0.0
+        self._count = 0
+
+    def add(self, value: float) -> None:
+        self._sum += value
+        self._count += 1
+        if self._count == self.window:
+            self.means.append(self._sum / self.window)
+            self._sum, self._count = 0.0, 0
+
 
 @dataclass(frozen=True)
 class ClusterParams:
@@ -139,20 +164,18 @@ class Cluster:
         demand: list[int],
         jobs: list[SimJob],
         policy: Policy,
-        sample_every: int = 600,
     ) -> None:
         self.params = params
         self.demand = demand
         self.jobs = {job.key: job for job in jobs}
+        self.queue_order = sorted(jobs, key=queue_order)
         self.policy = policy
         self.workers: dict[str, SimWorker] = {}
         self.pending: list[str] = []
         self.events: list[tuple[int, int, str]] = []  # (time, 0 ready / 1 exit, worker)
         self.productive: dict[str, int] = {}
         self.totals = Totals()
-        self.sample_every = sample_every
-        self.samples: list[float] = []
-        self._sample_sum = 0.0
+        self.samples = WindowMeans()
         self._serial = 0
         self.held = 0
 
@@ -173,9 +196,7 @@ class Cluster:
     def stop(self, worker: SimWorker, mode: StopMode, now: int, delay: int = 0) -> None:
         if worker.stopping is not None and not (worker.stopping is StopMode.DRAIN and mode is StopMode.YIELD):
             return
-        if not worker.placed:
-            self.pending.remove(worker.name)
-            del self.workers[worker.name]
+        if self.discard_unplaced(worker):
             return
         worker.stopping = mode
         worker.exits_at = now + delay + self.stop_seconds(mode)
@@ -203,11 +224,17 @@ class Cluster:
         self.pending.append(worker.name)
         self.totals.starts += 1
 
+    def discard_unplaced(self, worker: SimWorker) -> bool:
+        """A worker still waiting for GPUs just disappears; True if it was one."""
+        if worker.placed:
+            return False
+        self.pending.remove(worker.name)
+        del self.workers[worker.name]
+        return True
+
     def retire(self, worker: SimWorker, now: int) -> None:
         """Out of requests: the worker exits on its own (burst mode) with nothing in flight."""
-        if not worker.placed:
-            self.pending.remove(worker.name)
-            del self.workers[worker.name]
+        if self.discard_unplaced(worker):
             return
         self.uncount(worker)
         worker.stopping = StopMode.DRAIN
@@ -292,10 +319,9 @@ class Cluster:
                 self.credit(job, gpus * rate, now)
         self.totals.batch_productive_gpu_seconds += productive_gpus
         if queue_tokens:
-            for job in sorted(
-                (j for j in self.jobs.values() if j.active(now)),
-                key=lambda j: (-j.priority, j.deadline if j.deadline is not None else math.inf, j.key),
-            ):
+            for job in self.queue_order:
+                if not job.active(now):
+                    continue
                 queue_tokens -= self.credit(job, queue_tokens, now)
                 if queue_tokens <= 0:
                     break
@@ -356,10 +382,7 @@ class Cluster:
             if now % interval == 0:
                 self.apply(self.policy.decide(self.view(now, online - served)), now)
             self.totals.batch_held_gpu_seconds += self.held
-            self._sample_sum += self.held
-            if (now + 1) % self.sample_every == 0:
-                self.samples.append(self._sample_sum / self.sample_every)
-                self._sample_sum = 0.0
+            self.samples.add(self.held)
             if progress is not None and now % 86_400 == 0:
                 progress(now)
         self.totals.seconds = len(self.demand)

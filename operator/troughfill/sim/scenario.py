@@ -14,9 +14,24 @@ from typing import Any
 
 import numpy as np
 
-from troughfill.sim.cluster import Cluster, ClusterParams, Policy, SimJob, Totals
+from troughfill.sim.cluster import (
+    SAMPLE_SECONDS,
+    Cluster,
+    ClusterParams,
+    Policy,
+    SimJob,
+    Totals,
+    WindowMeans,
+    queue_order,
+)
 from troughfill.sim.policies import KedaPolicy, StaticPolicy, TroughfillPolicy, pool_policy
-from troughfill.sim.trace import OnlineDemand, load_burst_profile, load_rate_trace, online_demand
+from troughfill.sim.trace import (
+    OnlineDemand,
+    load_burst_profile,
+    load_rate_trace,
+    online_demand,
+    resample_mean,
+)
 
 DATA = resources.files("troughfill.sim") / "data"
 DEFAULT_TRACE = "servegen_rate_10min_msmall_mmid.csv"
@@ -126,7 +141,7 @@ def run_policy(name: str, scenario: Scenario, demand: list[int]) -> PolicyRun:
     started = time.perf_counter()
     cluster = Cluster(scenario.params, demand, jobs, make_policy(name, scenario, demand))
     totals = cluster.run()
-    return PolicyRun(name, totals, jobs, cluster.samples, time.perf_counter() - started)
+    return PolicyRun(name, totals, jobs, cluster.samples.means, time.perf_counter() - started)
 
 
 def run_oracle(scenario: Scenario, demand: list[int]) -> PolicyRun:
@@ -136,11 +151,8 @@ def run_oracle(scenario: Scenario, demand: list[int]) -> PolicyRun:
     started = time.perf_counter()
     totals = Totals(seconds=len(demand))
     rate = params.tokens_per_gpu_second
-    samples: list[float] = []
-    window_sum = 0.0
-    order = sorted(
-        jobs, key=lambda j: (-j.priority, j.deadline if j.deadline is not None else math.inf, j.key)
-    )
+    samples = WindowMeans()
+    order = sorted(jobs, key=queue_order)
     for now, wanted in enumerate(demand):
         online = min(wanted, params.capacity_gpus)
         batch = max(0, params.capacity_gpus - online - params.headroom_gpus)
@@ -162,11 +174,8 @@ def run_oracle(scenario: Scenario, demand: list[int]) -> PolicyRun:
             totals.tokens_generated += used
             if job.remaining_tokens <= 0:
                 job.finished_at = now
-        window_sum += batch
-        if (now + 1) % 600 == 0:
-            samples.append(window_sum / 600)
-            window_sum = 0.0
-    return PolicyRun("oracle", totals, jobs, samples, time.perf_counter() - started)
+        samples.add(batch)
+    return PolicyRun("oracle", totals, jobs, samples.means, time.perf_counter() - started)
 
 
 def ratio(part: float, whole: float) -> float | None:
@@ -255,15 +264,10 @@ def run(scenario: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
         | {r.name: summarise(r, oracle, scenario) for r in runs},
     }
     series = {
-        "online_gpus": [
-            float(x)
-            for x in np.asarray(demand, dtype=np.float64)[: len(oracle.samples) * 600]
-            .reshape(-1, 600)
-            .mean(axis=1)
-        ],
+        "online_gpus": resample_mean(demand, SAMPLE_SECONDS).tolist(),
         "capacity": params.capacity_gpus,
         "batch_gpus": {"oracle": oracle.samples} | {r.name: r.samples for r in runs},
-        "sample_seconds": 600,
+        "sample_seconds": SAMPLE_SECONDS,
     }
     return report, series
 
