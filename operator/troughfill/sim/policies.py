@@ -64,6 +64,8 @@ class TroughfillPolicy:
                     name=w.name,
                     started_at=float(w.created_at),
                     ready=w.ready_at is not None and w.ready_at <= view.now,
+                    # Tokens are not tracked per worker here: what a worker has not checkpointed
+                    # cycles through [0, checkpoint_tokens) as it generates (7 tokens a second).
                     unsaved_tokens=(view.now - w.created_at) * 7 % self.params.checkpoint_tokens,
                     stopping=w.stopping,
                 )

@@ -94,8 +94,8 @@ def sliding_max(values: IntArray, width: int) -> IntArray:
     prefix = np.maximum.accumulate(blocks, axis=1).ravel()
     suffix = np.maximum.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].ravel()
     result = np.empty(n, dtype=np.int64)
-    for i in range(min(width - 1, n)):
-        result[i] = values[: i + 1].max()
+    head = min(width - 1, n)
+    result[:head] = np.maximum.accumulate(values[:head])  # windows not yet full
     if n >= width:
         ends = np.arange(width - 1, n)
         result[width - 1 :] = np.maximum(suffix[ends - width + 1], prefix[ends])
