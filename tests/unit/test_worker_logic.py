@@ -39,6 +39,21 @@ def test_engine_gauges_are_read_from_a_real_vllm_metrics_page() -> None:
     assert 0 < load.kv_cache_usage < 0.01
 
 
+def test_engine_gauges_sum_label_sets_and_ignore_look_alikes() -> None:
+    text = "\n".join(
+        [
+            "# HELP vllm:num_requests_running x",
+            'vllm:num_requests_running{engine="0",model_name="a model } with spaces"} 3.0',
+            'vllm:num_requests_running{engine="1",model_name="a"} 4.0 1700000000000',
+            "vllm:num_requests_waiting 2",
+            'vllm:num_requests_waiting_by_reason{reason="capacity"} 9.0',
+            'vllm:kv_cache_usage_perc{engine="0"} 0.25',
+            'vllm:kv_cache_usage_perc_total{engine="0"} 7',
+        ]
+    )
+    assert parse_load(text) == EngineLoad(running=7.0, waiting=2.0, kv_cache_usage=0.25)
+
+
 CHAT = {"model": "user-choice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
 
 

@@ -14,7 +14,9 @@
    (`vllm:generation_tokens_total` generated minus completion tokens delivered).
 
 Starts redis-server and a vLLM engine (the tiny test model from scripts/setup_vllm.sh)
-unless --engine-url is given. Prints one JSON object.
+unless --engine-url is given. The engine gets half of this host's CPUs and this process and
+Redis the other half (devenv.split_cpus: the CPU engine's busy-polling otherwise starves its
+clients on a small host, whichever client it is). Prints one JSON object.
 """
 
 import argparse
@@ -33,7 +35,7 @@ import redis.asyncio as aioredis
 
 from troughfill import constants
 from troughfill.api.batchinference import Endpoint
-from troughfill.devenv import start_redis, start_vllm
+from troughfill.devenv import split_cpus, start_redis, start_vllm
 from troughfill.jobs import finalize, index_input
 from troughfill.ledger import JobConfig, JobKeys, JobLedger
 from troughfill.storage import ObjectStore
@@ -257,6 +259,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--engine-url")
     args = parser.parse_args()
+    split = split_cpus()
+    if split is not None and not args.engine_url:
+        os.sched_setaffinity(0, split[1])  # this process, and Redis started below
     with tempfile.TemporaryDirectory(prefix="troughfill-bench-") as scratch:
         workdir = Path(scratch)
         redis = start_redis(workdir / "redis", appendonly=False)
@@ -265,7 +270,7 @@ def main() -> None:
             python, model = os.environ.get("TROUGHFILL_VLLM_PYTHON"), os.environ.get("TROUGHFILL_TINY_MODEL")
             if not python or not model:
                 raise SystemExit("source scripts/setup.sh and scripts/setup_vllm.sh, or give --engine-url")
-            engine = start_vllm(python, model, workdir / "vllm")
+            engine = start_vllm(python, model, workdir / "vllm", cpus=split[0] if split else None)
         try:
             url = args.engine_url or (engine.url if engine else "")
             result = asyncio.run(
@@ -283,6 +288,8 @@ def main() -> None:
             if engine:
                 engine.stop()
             redis.stop()
+    if split is not None and not args.engine_url:
+        result["cpus"] = {"engine": sorted(split[0]), "clients_and_redis": sorted(split[1])}
     print(json.dumps(result, indent=2))
 
 

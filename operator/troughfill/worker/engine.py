@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from troughfill import constants
 from troughfill.processes import stop_process_group
@@ -69,12 +68,20 @@ class EngineProcess:
 
 
 def parse_load(metrics_text: str) -> EngineLoad:
-    """The engine's own gauges, summed over its label sets (one per engine core)."""
+    """The engine's own gauges, summed over their label sets (one per engine core).
+
+    Read every second while the engine works, so only the three series' lines are parsed
+    (a full parse of vLLM's ~600-line page cost this process about 25 ms of CPU each time).
+    """
     totals = {RUNNING: 0.0, WAITING: 0.0, KV_CACHE: 0.0}
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
+    for line in metrics_text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name_end = min((at for at in (line.find("{"), line.find(" ")) if at >= 0), default=-1)
+        name = line[:name_end]
+        if name in totals:
+            after_labels = line[line.rfind("}") + 1 :] if "{" in line[:name_end + 1] else line[name_end:]
+            totals[name] += float(after_labels.split()[0])
     return EngineLoad(running=totals[RUNNING], waiting=totals[WAITING], kv_cache_usage=totals[KV_CACHE])
 
 

@@ -202,10 +202,15 @@ class Worker:
         # Keep a local queue of about half the limit, refilled when it runs low: claims come in
         # batches (each costs a round trip the engine's free slots would wait on), and no worker
         # hoards more than it can start soon.
+        # What is queued goes to the engine before the claim's round trips, not after them.
+        self._start_queued()
         if len(self.queue) < max(1, self.limit // 4) and not self.stopping.is_set():
             wanted = self.limit - len(self.in_flight) + self.limit // 2 - len(self.queue)
             if wanted > 0:
                 await self._claim(min(wanted, self.options.max_claim))
+                self._start_queued()
+
+    def _start_queued(self) -> None:
         while self.queue and len(self.in_flight) < self.limit and not self.stopping.is_set():
             item = self.queue.pop(0)
             self.in_flight[asyncio.create_task(self._process(item))] = item
@@ -492,6 +497,9 @@ class Worker:
             self.checkpointed[index] = progress.completion_tokens
 
     async def _tune(self) -> None:
+        policy = self.options.policy
+        if policy.minimum >= policy.maximum:
+            return  # a fixed limit: reading the engine's load (a metrics page it renders) buys nothing
         while True:
             await asyncio.sleep(1.0)
             with contextlib.suppress(OSError, TimeoutError, ValueError):
