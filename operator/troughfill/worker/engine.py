@@ -80,7 +80,7 @@ def parse_load(metrics_text: str) -> EngineLoad:
         name_end = min((at for at in (line.find("{"), line.find(" ")) if at >= 0), default=-1)
         name = line[:name_end]
         if name in totals:
-            after_labels = line[line.rfind("}") + 1 :] if "{" in line[:name_end + 1] else line[name_end:]
+            after_labels = line[line.rfind("}") + 1 :] if "{" in line[: name_end + 1] else line[name_end:]
             totals[name] += float(after_labels.split()[0])
     return EngineLoad(running=totals[RUNNING], waiting=totals[WAITING], kv_cache_usage=totals[KV_CACHE])
 
