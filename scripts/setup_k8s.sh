@@ -9,7 +9,7 @@
 # Source it after scripts/setup.sh (it exports TROUGHFILL_K8S_BIN), or run it on its own.
 set -euo pipefail
 
-if [ -z "${TROUGHFILL_CACHE:-}" ]; then
+if ! declare -F apt_install >/dev/null; then
   # shellcheck source=scripts/setup.sh
   source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 fi

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB) and run
+# Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB, and builds
+# the local Kubernetes control plane from Debian's source, about 8 minutes) and run
 # every check: ruff, mypy --strict, import-linter, pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k crds).
 set -euo pipefail
@@ -7,6 +8,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 # shellcheck source=scripts/setup_vllm.sh
 source "$TROUGHFILL_REPO/scripts/setup_vllm.sh"
+# shellcheck source=scripts/setup_k8s.sh
+source "$TROUGHFILL_REPO/scripts/setup_k8s.sh"
 cd "$TROUGHFILL_REPO"
 
 echo "== ruff"

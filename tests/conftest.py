@@ -5,6 +5,8 @@ Tiers (each folder's conftest says what in it is real):
 - manifests/: the generated CRDs and kustomize output, built with a real kubectl and
   checked against Kubernetes' published OpenAPI schemas and a real CEL interpreter.
 - integration/: real redis-server and prometheus processes on loopback.
+- engine/: a real vLLM engine (CPU build, tiny random-weight model).
+- e2e/: a real Kubernetes control plane (or the cluster KUBECONFIG names).
 """
 
 from collections.abc import AsyncIterator, Iterator

@@ -1,0 +1,395 @@
+"""A real Kubernetes control plane on loopback, for tests and the demo (no containers needed).
+
+etcd (Debian's etcd-server) and kube-apiserver, kube-scheduler and kube-controller-manager
+(1.20.2, built from Debian's source package by scripts/setup_k8s.sh) on free 127.0.0.1
+ports, with TLS serving certificates and client certificates made by openssl, RBAC
+authorisation and service-account signing keys. Each component has its own identity
+(system:kube-scheduler, system:kube-controller-manager); the admin is in system:masters.
+
+Pods need a node to run on: see devenv.nodeagent, which registers Node objects and runs bound
+pods' commands as local processes.
+"""
+
+import base64
+import json
+import os
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from troughfill.devenv.services import LOOPBACK, ManagedProcess, free_port, wait_until
+
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
+NODE_AGENT_USER = "troughfill:node-agent"
+"""The node agent's identity (a client certificate), bound to what a kubelet may do."""
+
+
+def k8s_bin_dir() -> Path:
+    """Where scripts/setup_k8s.sh left the binaries ($TROUGHFILL_K8S_BIN)."""
+    found = os.environ.get("TROUGHFILL_K8S_BIN")
+    if not found:
+        raise FileNotFoundError("TROUGHFILL_K8S_BIN is not set: source scripts/setup_k8s.sh")
+    return Path(found)
+
+
+# --- certificates ---------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class Identity:
+    cert: Path
+    key: Path
+
+
+class Pki:
+    """A throwaway CA and the certificates and keys the control plane needs (EC P-256, fast)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = Identity(self.dir / "ca.crt", self.dir / "ca.key")
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=self.dir)
+        _openssl(
+            "req", "-x509", "-new", "-key", "ca.key", "-out", "ca.crt", "-days", "3650",
+            "-subj", "/CN=troughfill-local-ca", cwd=self.dir,
+        )  # fmt: skip
+        # Service-account tokens are signed with RSA (RS256), which every client verifies.
+        _openssl("genrsa", "-out", "sa.key", "2048", cwd=self.dir)
+        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=self.dir)
+        self.sa_key, self.sa_pub = self.dir / "sa.key", self.dir / "sa.pub"
+
+    def issue(self, name: str, subject: str, *, server: bool = False) -> Identity:
+        key, csr, crt, ext = (self.dir / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key.name, cwd=self.dir)
+        _openssl("req", "-new", "-key", key.name, "-out", csr.name, "-subj", subject, cwd=self.dir)
+        lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment"]
+        if server:
+            sans = [
+                "IP:127.0.0.1",
+                "IP:10.0.0.1",
+                "DNS:localhost",
+                "DNS:kubernetes",
+                "DNS:kubernetes.default",
+            ]
+            lines += ["extendedKeyUsage=serverAuth", "subjectAltName=" + ",".join(sans)]
+        else:
+            lines += ["extendedKeyUsage=clientAuth"]
+        ext.write_text("\n".join(lines) + "\n")
+        _openssl(
+            "x509", "-req", "-in", csr.name, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", crt.name, "-days", "3650", "-extfile", ext.name, cwd=self.dir,
+        )  # fmt: skip
+        return Identity(crt, key)
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, identity: Identity, user: str) -> Path:
+    """A kubeconfig with everything embedded (it can be copied elsewhere and still work)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "troughfill-local",
+                "cluster": {"server": server, "certificate-authority-data": _b64(ca)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate-data": _b64(identity.cert),
+                    "client-key-data": _b64(identity.key),
+                },
+            }
+        ],
+        "contexts": [{"name": "troughfill-local", "context": {"cluster": "troughfill-local", "user": user}}],
+        "current-context": "troughfill-local",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+# --- the control plane ------------------------------------------------------------------------
+
+
+@dataclass
+class ControlPlane:
+    workdir: Path
+    server: str
+    kubeconfig: Path
+    """The admin's (system:masters)."""
+    node_agent_kubeconfig: Path
+    """The node agent's own identity, with a kubelet's permissions."""
+    ca: Path
+    admin: Identity
+    processes: list[ManagedProcess] = field(default_factory=list)
+    started_seconds: float = 0.0
+
+    def stop(self) -> None:
+        """Stop every process it started, newest first (the API server before etcd)."""
+        for process in reversed(self.processes):
+            process.stop(timeout=10)
+
+    def running(self) -> bool:
+        return all(p.running() for p in self.processes)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.admin.cert), str(self.admin.key))
+        return context
+
+    def get(self, path: str, timeout: float = 5) -> tuple[int, str]:
+        """An admin GET to the API server: (status, body)."""
+        try:
+            with urllib.request.urlopen(
+                f"{self.server}{path}", context=self.ssl_context(), timeout=timeout
+            ) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+
+    def apply_json(self, path: str, body: dict[str, object]) -> int:
+        """An admin POST (create); 409 (already there) counts as done."""
+        request = urllib.request.Request(
+            f"{self.server}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, context=self.ssl_context(), timeout=10) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as error:
+            if error.code == 409:
+                return 409
+            raise RuntimeError(
+                f"POST {path}: {error.code} {error.read().decode(errors='replace')}"
+            ) from error
+
+
+def _https_ok(url: str, context: ssl.SSLContext) -> bool:
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError):
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _alive_and(process: ManagedProcess, ready: Callable[[], bool]) -> bool:
+    """For wait_until: raise at once if the process died, else whether it is ready."""
+    process.check_alive()
+    return ready()
+
+
+def _find(name: str, bin_dir: Path) -> str:
+    path = bin_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run scripts/setup_k8s.sh")
+    return str(path)
+
+
+def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: float = 90) -> ControlPlane:
+    """etcd + kube-apiserver + kube-scheduler + kube-controller-manager, ready to use.
+
+    Ready means: the API server answers /readyz, the scheduler and the controller manager
+    answer /healthz, and the controller manager has created the default namespace's service
+    account (its controllers are working).
+    """
+    started = time.monotonic()
+    bin_dir = bin_dir or k8s_bin_dir()
+    workdir.mkdir(parents=True, exist_ok=True)
+    pki = Pki(workdir / "pki")
+    apiserver_cert = pki.issue("apiserver", "/CN=kube-apiserver", server=True)
+    admin = pki.issue("admin", "/O=system:masters/CN=troughfill-admin")
+    scheduler = pki.issue("scheduler", "/CN=system:kube-scheduler")
+    controller_manager = pki.issue("controller-manager", "/CN=system:kube-controller-manager")
+    node_agent = pki.issue("node-agent", f"/CN={NODE_AGENT_USER}")
+
+    etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
+    scheduler_port, cm_port = free_port(), free_port()
+    server = f"https://{LOOPBACK}:{api_port}"
+    kubeconfigs = workdir / "kubeconfig"
+    kubeconfigs.mkdir(exist_ok=True)
+    admin_kc = write_kubeconfig(kubeconfigs / "admin.yaml", server, pki.ca.cert, admin, "admin")
+    scheduler_kc = write_kubeconfig(
+        kubeconfigs / "scheduler.yaml", server, pki.ca.cert, scheduler, "scheduler"
+    )
+    cm_kc = write_kubeconfig(
+        kubeconfigs / "controller-manager.yaml", server, pki.ca.cert, controller_manager, "controller-manager"
+    )
+    agent_kc = write_kubeconfig(
+        kubeconfigs / "node-agent.yaml", server, pki.ca.cert, node_agent, "node-agent"
+    )
+    plane = ControlPlane(workdir, server, admin_kc, agent_kc, pki.ca.cert, admin)
+
+    try:
+        etcd = ManagedProcess(
+            "etcd",
+            [
+                "etcd", "--name", "troughfill", "--data-dir", str(workdir / "etcd-data"),
+                "--listen-client-urls", f"http://{LOOPBACK}:{etcd_port}",
+                "--advertise-client-urls", f"http://{LOOPBACK}:{etcd_port}",
+                "--listen-peer-urls", f"http://{LOOPBACK}:{etcd_peer}",
+                "--initial-advertise-peer-urls", f"http://{LOOPBACK}:{etcd_peer}",
+                "--initial-cluster", f"troughfill=http://{LOOPBACK}:{etcd_peer}",
+                "--listen-metrics-urls", "",
+            ],
+            workdir / "etcd",
+        )  # fmt: skip
+        plane.processes.append(etcd)
+        wait_until(
+            lambda: _alive_and(etcd, lambda: _http_ok(f"http://{LOOPBACK}:{etcd_port}/health")),
+            timeout,
+            "etcd",
+        )
+
+        apiserver = ManagedProcess(
+            "kube-apiserver",
+            [
+                _find("kube-apiserver", bin_dir),
+                f"--etcd-servers=http://{LOOPBACK}:{etcd_port}",
+                f"--bind-address={LOOPBACK}", f"--advertise-address={LOOPBACK}",
+                f"--secure-port={api_port}", "--insecure-port=0",
+                f"--tls-cert-file={apiserver_cert.cert}", f"--tls-private-key-file={apiserver_cert.key}",
+                f"--client-ca-file={pki.ca.cert}",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                f"--cert-dir={workdir / 'apiserver-certs'}",
+                "--profiling=false",
+                "--v=1",
+            ],
+            workdir / "kube-apiserver",
+        )  # fmt: skip
+        plane.processes.append(apiserver)
+        context = plane.ssl_context()
+        wait_until(
+            lambda: _alive_and(apiserver, lambda: _https_ok(f"{server}/readyz", context)),
+            timeout,
+            "kube-apiserver",
+        )
+        _grant_node_agent(plane)
+
+        sched = ManagedProcess(
+            "kube-scheduler",
+            [
+                _find("kube-scheduler", bin_dir),
+                f"--kubeconfig={scheduler_kc}",
+                f"--authentication-kubeconfig={scheduler_kc}", f"--authorization-kubeconfig={scheduler_kc}",
+                f"--bind-address={LOOPBACK}", f"--secure-port={scheduler_port}", "--port=0",
+                f"--cert-dir={workdir / 'scheduler-certs'}",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+            workdir / "kube-scheduler",
+        )  # fmt: skip
+        plane.processes.append(sched)
+        cm = ManagedProcess(
+            "kube-controller-manager",
+            [
+                _find("kube-controller-manager", bin_dir),
+                f"--kubeconfig={cm_kc}",
+                f"--authentication-kubeconfig={cm_kc}", f"--authorization-kubeconfig={cm_kc}",
+                f"--bind-address={LOOPBACK}", f"--secure-port={cm_port}", "--port=0",
+                f"--cert-dir={workdir / 'controller-manager-certs'}",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={pki.sa_key}",
+                f"--root-ca-file={pki.ca.cert}",
+                "--use-service-account-credentials=true",
+                # Notice a node agent that stopped heartbeating within seconds, not minutes.
+                "--node-monitor-period=1s",
+                "--v=1",
+            ],
+            workdir / "kube-controller-manager",
+        )  # fmt: skip
+        plane.processes.append(cm)
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE  # their self-signed serving certs; only /healthz is read
+        wait_until(
+            lambda: _alive_and(
+                sched, lambda: _https_ok(f"https://{LOOPBACK}:{scheduler_port}/healthz", insecure)
+            ),
+            timeout,
+            "kube-scheduler",
+        )
+        wait_until(
+            lambda: _alive_and(cm, lambda: _https_ok(f"https://{LOOPBACK}:{cm_port}/healthz", insecure)),
+            timeout,
+            "kube-controller-manager",
+        )
+        wait_until(
+            lambda: plane.get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
+            timeout,
+            "the default service account (controllers working)",
+            interval=0.2,
+        )
+    except BaseException:
+        plane.stop()
+        raise
+    plane.started_seconds = time.monotonic() - started
+    return plane
+
+
+def _grant_node_agent(plane: ControlPlane) -> None:
+    """What the node agent does, as RBAC: register nodes, run pods, report their status."""
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    plane.apply_json(
+        f"{rbac}/clusterroles",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "troughfill:node-agent"},
+            "rules": [
+                {"apiGroups": [""], "resources": ["nodes", "nodes/status"], "verbs": ["*"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+                {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch", "update"]},
+                {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get"]},
+                {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]},
+            ],
+        },
+    )
+    plane.apply_json(
+        f"{rbac}/clusterrolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "troughfill:node-agent"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "troughfill:node-agent",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": NODE_AGENT_USER}],
+        },
+    )

@@ -1,0 +1,676 @@
+"""Test and demo infrastructure, not part of the operator: a node agent that runs pods as processes.
+
+There is no container runtime here, so this stands in for the kubelet on a local control
+plane (devenv.cluster):
+
+- registers Node objects with a number of GPUs as an extended resource (`nvidia.com/gpu: 8`,
+  say), Ready, and keeps their Ready heartbeat fresh;
+- for each pod bound to one of its nodes, runs each container's `command` + `args` as a local
+  process (the image is ignored: the command must exist on this machine), with the container's
+  `env` (literal values, fieldRef, configMap/secret keys, envFrom), in a scratch directory per
+  pod, output to `<workdir>/<namespace>_<pod>/<container>.log`; reports Running, Succeeded or
+  Failed with container statuses, restarts containers per the pod's restartPolicy (back-off
+  1 s doubling to 30 s, CrashLoopBackOff while waiting), runs exec and httpGet readiness and
+  liveness probes;
+- on pod deletion (a graceful delete sets deletionTimestamp) sends SIGTERM to the pod's process
+  groups, waits the pod's grace period, SIGKILLs what is left, then removes the pod object,
+  as the kubelet does. The scheduler's priority preemption therefore really evicts pods.
+
+Not supported (the pod is marked Failed with a reason saying so): init containers. Volumes,
+ports, resource limits and security contexts are not enforced. `kubectl logs` and `exec`
+need a kubelet and do not work; read the log files instead.
+
+Run it as `python -m troughfill.devenv.nodeagent --kubeconfig K --nodes 2 --gpus 8 --workdir D`.
+"""
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("troughfill.nodeagent")
+
+GPU_RESOURCE = "nvidia.com/gpu"
+AGENT_LABEL = "troughfill.dev/node-agent"
+PID_ANNOTATION = "troughfill.dev/node-agent-pids"
+"""Set on each running pod: {container: pid} of its local processes (tests look at them)."""
+HEARTBEAT_SECONDS = 5.0
+BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+"""Host variables a container also gets (its command runs here, it needs a PATH)."""
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Container:
+    name: str
+    spec: dict[str, Any]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: str | None = None
+    restarts: int = 0
+    last_terminated: dict[str, Any] | None = None
+    terminated: dict[str, Any] | None = None
+    backoff_until: float = 0.0
+    ready: bool = False
+    probe_due: float = 0.0
+    liveness_due: float = 0.0
+    liveness_failures: int = 0
+    readiness_failures: int = 0
+    readiness_successes: int = 0
+
+
+@dataclass
+class LocalPod:
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    spec: dict[str, Any]
+    metadata: dict[str, Any]
+    directory: Path
+    containers: list[Container] = field(default_factory=list)
+    started_at: str = field(default_factory=now)
+    terminating: bool = False
+    finished: bool = False
+    reported: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        workdir: Path,
+        node_names: list[str],
+        gpus: int,
+        *,
+        cpu: str = "64",
+        memory: str = "256Gi",
+        gpu_product: str = "local-process-gpu",
+    ) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.workdir = workdir
+        self.node_names = node_names
+        self.gpus = gpus
+        self.cpu, self.memory, self.gpu_product = cpu, memory, gpu_product
+        self.pods: dict[str, LocalPod] = {}
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+
+    # --- nodes ---------------------------------------------------------------------------
+
+    def register_nodes(self) -> None:
+        capacity = {"cpu": self.cpu, "memory": self.memory, "pods": "110", GPU_RESOURCE: str(self.gpus)}
+        for name in self.node_names:
+            body = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "labels": {
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        AGENT_LABEL: "true",
+                        "nvidia.com/gpu.product": self.gpu_product,
+                    },
+                },
+            }
+            with contextlib.suppress(ApiException):
+                self.core.create_node(body)
+            self.core.patch_node_status(
+                name,
+                {
+                    "status": {
+                        "capacity": capacity,
+                        "allocatable": capacity,
+                        "addresses": [
+                            {"type": "InternalIP", "address": "127.0.0.1"},
+                            {"type": "Hostname", "address": name},
+                        ],
+                        "nodeInfo": {
+                            "kubeletVersion": "v1.20.2-troughfill-node-agent",
+                            "kubeProxyVersion": "",
+                            "operatingSystem": "linux",
+                            "architecture": "amd64",
+                            "containerRuntimeVersion": "local-process://0",
+                            "machineID": name,
+                            "systemUUID": name,
+                            "bootID": name,
+                            "kernelVersion": os.uname().release,
+                            "osImage": "local processes",
+                        },
+                        "conditions": self._node_conditions(),
+                    }
+                },
+            )
+
+    def _node_conditions(self) -> list[dict[str, str]]:
+        stamp = now()
+        healthy = [
+            ("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+            ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+            ("PIDPressure", "False", "KubeletHasSufficientPID"),
+            ("Ready", "True", "KubeletReady"),
+        ]
+        return [
+            {"type": t, "status": s, "reason": r, "message": "troughfill node agent",
+             "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+            for t, s, r in healthy
+        ]  # fmt: skip
+
+    def _heartbeat(self) -> None:
+        while not self.stopping.wait(HEARTBEAT_SECONDS):
+            for name in self.node_names:
+                try:
+                    self.core.patch_node_status(name, {"status": {"conditions": self._node_conditions()}})
+                except ApiException as error:
+                    log.warning("heartbeat for %s failed: %s", name, error.reason)
+
+    # --- pods ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.register_nodes()
+        threads = [
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True),
+            threading.Thread(target=self._supervise, name="supervise", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            self._watch_pods()
+        finally:
+            self.stopping.set()
+            self.stop_all()
+
+    def _watch_pods(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                listing = self.core.list_pod_for_all_namespaces(_preload_content=False)
+                data = json.loads(listing.data)
+                seen = set()
+                for item in data["items"]:
+                    seen.add(f"{item['metadata']['namespace']}/{item['metadata']['name']}")
+                    self._observe(item)
+                with self.lock:
+                    for key in [k for k in self.pods if k not in seen]:
+                        self._gone(self.pods[key])
+                version = data["metadata"]["resourceVersion"]
+                stream = watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    resource_version=version,
+                    timeout_seconds=60,
+                )
+                for event in stream:
+                    if self.stopping.is_set():
+                        return
+                    pod = event["raw_object"]
+                    if event["type"] == "DELETED":
+                        with self.lock:
+                            local = self.pods.get(f"{pod['metadata']['namespace']}/{pod['metadata']['name']}")
+                            if local and local.uid == pod["metadata"]["uid"]:
+                                self._gone(local)
+                    elif event["type"] in {"ADDED", "MODIFIED"}:
+                        self._observe(pod)
+            except (ApiException, urllib.error.URLError, OSError, ValueError) as error:
+                if self.stopping.is_set():
+                    return
+                log.warning("pod watch failed (%s); relisting", error)
+                time.sleep(0.5)
+
+    def _observe(self, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod.get("spec", {})
+        if spec.get("nodeName") not in self.node_names:
+            return
+        key = f"{meta['namespace']}/{meta['name']}"
+        with self.lock:
+            local = self.pods.get(key)
+            if local is not None and local.uid != meta["uid"]:
+                self._gone(local)  # a new pod of the same name
+                local = None
+            if local is None:
+                phase = pod.get("status", {}).get("phase")
+                if phase in {"Succeeded", "Failed"}:
+                    if meta.get("deletionTimestamp"):
+                        self._remove(meta["namespace"], meta["name"], meta["uid"])
+                    return
+                local = self._start_pod(pod)
+                if local is None:
+                    return
+            if meta.get("deletionTimestamp") and not local.terminating:
+                local.terminating = True
+                grace = meta.get("deletionGracePeriodSeconds")
+                if grace is None:
+                    grace = spec.get("terminationGracePeriodSeconds", 30)
+                threading.Thread(
+                    target=self._terminate, args=(local, float(grace)), name=f"stop {key}", daemon=True
+                ).start()
+
+    def _start_pod(self, pod: dict[str, Any]) -> LocalPod | None:
+        meta, spec = pod["metadata"], pod["spec"]
+        directory = self.workdir / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        directory.mkdir(parents=True, exist_ok=True)
+        local = LocalPod(
+            namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], node=spec["nodeName"],
+            spec=spec, metadata=meta, directory=directory,
+            containers=[Container(c["name"], c) for c in spec.get("containers", [])],
+        )  # fmt: skip
+        self.pods[local.key] = local
+        if spec.get("initContainers"):
+            local.finished = True
+            self._patch_status(
+                local,
+                {
+                    "phase": "Failed",
+                    "reason": "Unsupported",
+                    "message": "the node agent does not run init containers",
+                },
+            )
+            return local
+        for container in local.containers:
+            self._start_container(local, container)
+        self._report(local)
+        log.info("started pod %s on %s", local.key, local.node)
+        return local
+
+    def _environment(self, local: LocalPod, spec: dict[str, Any]) -> dict[str, str]:
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        env.update({"HOSTNAME": local.name, "KUBERNETES_NODE_NAME": local.node})
+        for source in spec.get("envFrom", []):
+            prefix = source.get("prefix", "")
+            if "configMapRef" in source:
+                data = self._config_map(local.namespace, source["configMapRef"]["name"])
+            else:
+                data = self._secret(local.namespace, source["secretRef"]["name"])
+            env.update({prefix + k: v for k, v in data.items()})
+        for item in spec.get("env", []):
+            if "value" in item:
+                env[item["name"]] = _expand(str(item["value"]), env)
+            elif "valueFrom" in item:
+                env[item["name"]] = self._value_from(local, item["valueFrom"])
+        return env
+
+    def _value_from(self, local: LocalPod, source: dict[str, Any]) -> str:
+        if "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            fields = {
+                "metadata.name": local.name,
+                "metadata.namespace": local.namespace,
+                "metadata.uid": local.uid,
+                "spec.nodeName": local.node,
+                "spec.serviceAccountName": local.spec.get("serviceAccountName", "default"),
+                "status.podIP": "127.0.0.1",
+                "status.hostIP": "127.0.0.1",
+            }
+            if path in fields:
+                return str(fields[path])
+            for prefix, mapping in (("metadata.labels", "labels"), ("metadata.annotations", "annotations")):
+                if path.startswith(prefix + "['"):
+                    return str(local.metadata.get(mapping, {}).get(path[len(prefix) + 2 : -2], ""))
+            return ""
+        if "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            return self._config_map(local.namespace, ref["name"]).get(ref["key"], "")
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            return self._secret(local.namespace, ref["name"]).get(ref["key"], "")
+        return ""
+
+    def _config_map(self, namespace: str, name: str) -> dict[str, str]:
+        return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+
+    def _secret(self, namespace: str, name: str) -> dict[str, str]:
+        data = self.core.read_namespaced_secret(name, namespace).data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def _start_container(self, local: LocalPod, container: Container) -> None:
+        spec = container.spec
+        argv = [*spec.get("command", []), *spec.get("args", [])]
+        try:
+            env = self._environment(local, spec)
+            argv = [_expand(a, env) for a in argv]
+            if not argv:
+                raise ValueError("no command: the node agent cannot run an image's entrypoint")
+            cwd = spec.get("workingDir")
+            if not cwd or not Path(cwd).is_dir():
+                cwd = str(local.directory)
+            with (local.directory / f"{container.name}.log").open("ab") as output:
+                container.process = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+        except (OSError, ValueError, ApiException) as error:
+            log.warning("pod %s container %s did not start: %s", local.key, container.name, error)
+            container.process = None
+            container.terminated = {
+                "exitCode": 128, "reason": "StartError", "message": str(error)[:500],
+                "startedAt": now(), "finishedAt": now(),
+            }  # fmt: skip
+            return
+        container.started_at = now()
+        container.terminated = None
+        container.ready = not spec.get("readinessProbe")
+        probe = spec.get("readinessProbe") or {}
+        container.probe_due = time.monotonic() + float(probe.get("initialDelaySeconds", 0))
+        liveness = spec.get("livenessProbe") or {}
+        container.liveness_due = time.monotonic() + float(liveness.get("initialDelaySeconds", 0))
+        container.liveness_failures = container.readiness_failures = container.readiness_successes = 0
+
+    # --- supervision ---------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self.stopping.wait(0.1):
+            with self.lock:
+                pods = [p for p in self.pods.values() if not p.finished and not p.terminating]
+            for local in pods:
+                try:
+                    self._check(local)
+                except ApiException as error:
+                    if error.status != 404:
+                        log.warning("status of %s: %s", local.key, error.reason)
+                except Exception:  # one pod's trouble must not stop the agent
+                    log.exception("supervising %s", local.key)
+
+    def _check(self, local: LocalPod) -> None:
+        policy = local.spec.get("restartPolicy", "Always")
+        for container in local.containers:
+            process = container.process
+            if process is not None and process.poll() is not None:
+                code = process.returncode
+                container.process = None
+                container.ready = False
+                container.terminated = {
+                    "exitCode": code if code >= 0 else 128 - code,
+                    "reason": "Completed" if code == 0 else "Error",
+                    "startedAt": container.started_at, "finishedAt": now(),
+                }  # fmt: skip
+                if code < 0:
+                    container.terminated["signal"] = -code
+                restart = policy == "Always" or (policy == "OnFailure" and code != 0)
+                if restart:
+                    delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** min(container.restarts, 8))
+                    container.backoff_until = time.monotonic() + delay
+                    log.info(
+                        "pod %s container %s exited %s; restart in %.0fs",
+                        local.key,
+                        container.name,
+                        code,
+                        delay,
+                    )
+            elif process is None and container.terminated and container.backoff_until:
+                if time.monotonic() >= container.backoff_until:
+                    container.backoff_until = 0.0
+                    container.last_terminated = container.terminated
+                    container.restarts += 1
+                    self._start_container(local, container)
+            elif process is not None:
+                self._probe(local, container)
+        if all(c.process is None and c.terminated and not c.backoff_until for c in local.containers):
+            local.finished = True
+        self._report(local)
+
+    def _probe(self, local: LocalPod, container: Container) -> None:
+        readiness = container.spec.get("readinessProbe")
+        clock = time.monotonic()
+        if readiness and clock >= container.probe_due:
+            container.probe_due = clock + float(readiness.get("periodSeconds", 10))
+            if self._run_probe(local, container, readiness):
+                container.readiness_successes += 1
+                container.readiness_failures = 0
+                if container.readiness_successes >= int(readiness.get("successThreshold", 1)):
+                    container.ready = True
+            else:
+                container.readiness_successes = 0
+                container.readiness_failures += 1
+                if container.readiness_failures >= int(readiness.get("failureThreshold", 3)):
+                    container.ready = False
+        liveness = container.spec.get("livenessProbe")
+        if liveness and clock >= container.liveness_due:
+            container.liveness_due = clock + float(liveness.get("periodSeconds", 10))
+            if self._run_probe(local, container, liveness):
+                container.liveness_failures = 0
+            else:
+                container.liveness_failures += 1
+                if (
+                    container.liveness_failures >= int(liveness.get("failureThreshold", 3))
+                    and container.process
+                ):
+                    log.info(
+                        "pod %s container %s failed its liveness probe; killing it", local.key, container.name
+                    )
+                    _signal_group(container.process, signal.SIGKILL)
+
+    def _run_probe(self, local: LocalPod, container: Container, probe: dict[str, Any]) -> bool:
+        timeout = float(probe.get("timeoutSeconds", 1))
+        if "exec" in probe:
+            env = self._environment(local, container.spec)
+            try:
+                done = subprocess.run(
+                    probe["exec"]["command"], env=env, cwd=str(local.directory), timeout=timeout,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                )  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired):
+                return False
+            return done.returncode == 0
+        if "httpGet" in probe:
+            get = probe["httpGet"]
+            port = get.get("port")
+            if isinstance(port, str):
+                named = [p for p in container.spec.get("ports", []) if p.get("name") == port]
+                port = named[0]["containerPort"] if named else port
+            url = f"http://127.0.0.1:{port}{get.get('path', '/')}"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as reply:
+                    return bool(200 <= reply.status < 400)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+                return False
+        if "tcpSocket" in probe:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", int(probe["tcpSocket"]["port"])), timeout=timeout),
+            ):
+                return True
+            return False
+        return True
+
+    # --- status --------------------------------------------------------------------------
+
+    def _container_status(self, container: Container) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "name": container.name,
+            "image": container.spec.get("image", ""),
+            "imageID": "",
+            "restartCount": container.restarts,
+            "ready": container.ready and container.process is not None,
+            "started": container.process is not None,
+        }
+        if container.process is not None:
+            status["state"] = {"running": {"startedAt": container.started_at}}
+            status["containerID"] = f"local-process://{container.process.pid}"
+        elif container.backoff_until:
+            status["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting"}}
+        else:
+            status["state"] = {"terminated": container.terminated or {"exitCode": 0, "reason": "Completed"}}
+        last = container.terminated if container.backoff_until else container.last_terminated
+        if last:
+            status["lastState"] = {"terminated": last}
+        return status
+
+    def _report(self, local: LocalPod) -> None:
+        statuses = [self._container_status(c) for c in local.containers]
+        ready = all(s["ready"] for s in statuses)
+        if local.finished:
+            failed = any((c.terminated or {}).get("exitCode", 0) != 0 for c in local.containers)
+            phase = "Failed" if failed else "Succeeded"
+        else:
+            phase = "Running"
+        stamp = now()
+        status = {
+            "phase": phase,
+            "hostIP": "127.0.0.1",
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "startTime": local.started_at,
+            "containerStatuses": statuses,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
+                {"type": "Ready", "status": str(ready and phase == "Running"), "lastTransitionTime": stamp},
+                {"type": "ContainersReady", "status": str(ready), "lastTransitionTime": stamp},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
+            ],
+        }
+        fingerprint = json.dumps(
+            [phase, ready, [(s["state"].keys(), s["restartCount"], s["ready"]) for s in statuses]],
+            default=list,
+        )
+        if fingerprint == local.reported:
+            return
+        pids = {c.name: c.process.pid for c in local.containers if c.process is not None}
+        self._patch_status(local, status, pids)
+        local.reported = fingerprint
+
+    def _patch_status(
+        self, local: LocalPod, status: dict[str, Any], pids: dict[str, int] | None = None
+    ) -> None:
+        try:
+            self.core.patch_namespaced_pod_status(local.name, local.namespace, {"status": status})
+            if pids is not None:
+                self.core.patch_namespaced_pod(
+                    local.name,
+                    local.namespace,
+                    {"metadata": {"annotations": {PID_ANNOTATION: json.dumps(pids)}}},
+                )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def _terminate(self, local: LocalPod, grace: float) -> None:
+        """What the kubelet does for a graceful delete: SIGTERM, the grace period, SIGKILL, remove."""
+        started = time.monotonic()
+        processes = [c.process for c in local.containers if c.process is not None]
+        for process in processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = started + grace
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+            time.sleep(0.05)
+        for process in processes:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+        log.info("pod %s stopped in %.2fs (grace %.0fs)", local.key, time.monotonic() - started, grace)
+        local.finished = True
+        self._remove(local.namespace, local.name, local.uid)
+        with self.lock:
+            if self.pods.get(local.key) is local:
+                del self.pods[local.key]
+
+    def _remove(self, namespace: str, name: str, uid: str) -> None:
+        with contextlib.suppress(ApiException):
+            self.core.delete_namespaced_pod(
+                name,
+                namespace,
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)
+                ),
+            )
+
+    def _gone(self, local: LocalPod) -> None:
+        """The pod object vanished (force-deleted): its processes go at once."""
+        for container in local.containers:
+            if container.process is not None and container.process.poll() is None:
+                _signal_group(container.process, signal.SIGKILL)
+        local.finished = True
+        self.pods.pop(local.key, None)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            pods = list(self.pods.values())
+        for local in pods:
+            for container in local.containers:
+                if container.process is not None and container.process.poll() is None:
+                    _signal_group(container.process, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for local in pods:
+            for container in local.containers:
+                if container.process is None:
+                    continue
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    container.process.wait(max(0.0, deadline - time.monotonic()))
+                if container.process.poll() is None:
+                    _signal_group(container.process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) references in command, args and env values ($$ escapes)."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif text.startswith("$(", i) and ")" in text[i:]:
+            end = text.index(")", i)
+            name = text[i + 2 : end]
+            out.append(env.get(name, text[i : end + 1]))
+            i = end + 1
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus", type=int, default=8, help=f"{GPU_RESOURCE} per node")
+    parser.add_argument("--node-prefix", default="troughfill-node")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    api = config.new_client_from_config(config_file=args.kubeconfig)
+    agent = NodeAgent(api, args.workdir, [f"{args.node_prefix}-{i}" for i in range(args.nodes)], args.gpus)
+
+    def stop(*_: object) -> None:
+        agent.stopping.set()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        agent.run()
+    except SystemExit:
+        agent.stop_all()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""End-to-end tier: a real Kubernetes control plane.
+
+By default the harness starts one for the session (devenv.cluster: etcd, kube-apiserver,
+kube-scheduler and kube-controller-manager 1.20.2 built from Debian's source by
+scripts/setup_k8s.sh) and the node agent (devenv.nodeagent: two nodes with 8
+`nvidia.com/gpu` each, pods run as local processes). With KUBECONFIG pointing at a file, the
+same tests run unchanged against that cluster instead and no harness is started; checks
+that only make sense with the node agent (local process ids) are skipped there.
+"""
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+
+from troughfill.devenv import ManagedProcess
+from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane
+from troughfill.devenv.nodeagent import AGENT_LABEL, GPU_RESOURCE
+
+GPUS_PER_NODE = 8
+
+
+@dataclass
+class Kube:
+    kubeconfig: Path
+    api: client.ApiClient
+    plane: ControlPlane | None
+    """None: an external cluster (KUBECONFIG)."""
+    agent_workdir: Path | None
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def local(self) -> bool:
+        return self.plane is not None
+
+    def kubectl(self) -> str:
+        if self.plane is not None:
+            return str(k8s_bin_dir() / "kubectl")
+        return "kubectl"
+
+
+def _nodes_ready(core: client.CoreV1Api, count: int) -> bool:
+    nodes = core.list_node(label_selector=f"{AGENT_LABEL}=true").items
+    ready = [
+        n
+        for n in nodes
+        if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+        and not any(t.key == "node.kubernetes.io/not-ready" for t in n.spec.taints or [])
+    ]
+    return len(ready) >= count
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    external = os.environ.get("KUBECONFIG")
+    if external and Path(external).is_file():
+        yield Kube(Path(external), config.new_client_from_config(config_file=external), None, None)
+        return
+    workdir = tmp_path_factory.mktemp("cluster")
+    plane = start_control_plane(workdir / "plane")
+    agent_workdir = workdir / "pods"
+    agent = ManagedProcess(
+        "node-agent",
+        [
+            os.environ.get("PYTHON", "python"), "-m", "troughfill.devenv.nodeagent",
+            "--kubeconfig", str(plane.node_agent_kubeconfig), "--workdir", str(agent_workdir),
+            "--nodes", "2", "--gpus", str(GPUS_PER_NODE),
+        ],
+        workdir / "agent",
+    )  # fmt: skip
+    api = config.new_client_from_config(config_file=str(plane.kubeconfig))
+    try:
+        deadline = time.monotonic() + 60
+        while not _nodes_ready(client.CoreV1Api(api), 2):
+            agent.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nodes not ready:\n{agent.log_tail()}")
+            time.sleep(0.2)
+        print(f"\ncontrol plane ready in {plane.started_seconds:.1f}s; nodes ready after it")
+        previous = os.environ.get("KUBECONFIG")
+        os.environ["KUBECONFIG"] = str(plane.kubeconfig)  # for Kopf and kubectl
+        try:
+            yield Kube(plane.kubeconfig, api, plane, agent_workdir)
+        finally:
+            if previous is None:
+                os.environ.pop("KUBECONFIG", None)
+            else:
+                os.environ["KUBECONFIG"] = previous
+    finally:
+        agent.stop(timeout=15)
+        plane.stop()
+
+
+@pytest.fixture
+def namespace(kube: Kube) -> Iterator[str]:
+    """A fresh namespace, ready for pods (its default service account exists)."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    deadline = time.monotonic() + 30
+    while not kube.core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no default service account in {name}")
+        time.sleep(0.1)
+    yield name
+    kube.core.delete_namespace(name)
+
+
+@pytest.fixture
+def gpu_node(kube: Kube) -> tuple[str, int]:
+    """A schedulable node with GPUs: (name, GPUs allocatable)."""
+    for node in kube.core.list_node().items:
+        gpus = int((node.status.allocatable or {}).get(GPU_RESOURCE, "0"))
+        if gpus > 0 and not node.spec.unschedulable:
+            return node.metadata.name, gpus
+    pytest.skip(f"no node with {GPU_RESOURCE}")
