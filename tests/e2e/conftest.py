@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client, config
+from kubernetes.config import kube_config
 
 from troughfill.devenv import ManagedProcess
 from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane
@@ -40,6 +41,12 @@ class Kube:
     @property
     def local(self) -> bool:
         return self.plane is not None
+
+    @property
+    def secret_tokens(self) -> bool:
+        """Before 1.24 a pod can only be created once its service account has a token secret."""
+        version = client.VersionApi(self.api).get_code()
+        return (int(version.major), int(version.minor.rstrip("+"))) < (1, 24)
 
     def kubectl(self) -> str:
         if self.plane is not None:
@@ -85,15 +92,18 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
                 raise TimeoutError(f"nodes not ready:\n{agent.log_tail()}")
             time.sleep(0.2)
         print(f"\ncontrol plane ready in {plane.started_seconds:.1f}s; nodes ready after it")
-        previous = os.environ.get("KUBECONFIG")
-        os.environ["KUBECONFIG"] = str(plane.kubeconfig)  # for Kopf and kubectl
+        previous = os.environ.get("KUBECONFIG"), kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        # For Kopf in this process and kubectl: the client library reads $KUBECONFIG once, at
+        # import (before this fixture ran), so its default location is set too.
+        os.environ["KUBECONFIG"] = kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(plane.kubeconfig)
         try:
             yield Kube(plane.kubeconfig, api, plane, agent_workdir)
         finally:
-            if previous is None:
+            if previous[0] is None:
                 os.environ.pop("KUBECONFIG", None)
             else:
-                os.environ["KUBECONFIG"] = previous
+                os.environ["KUBECONFIG"] = previous[0]
+            kube_config.KUBE_CONFIG_DEFAULT_LOCATION = previous[1]
     finally:
         agent.stop(timeout=15)
         plane.stop()
@@ -101,13 +111,19 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 
 @pytest.fixture
 def namespace(kube: Kube) -> Iterator[str]:
-    """A fresh namespace, ready for pods (its default service account exists)."""
+    """A fresh namespace, ready for pods (its default service account exists, with a token where needed)."""
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    tokens = kube.secret_tokens
     deadline = time.monotonic() + 30
-    while not kube.core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+    while True:
+        accounts = kube.core.list_namespaced_service_account(
+            name, field_selector="metadata.name=default"
+        ).items
+        if accounts and (accounts[0].secrets or not tokens):
+            break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no default service account in {name}")
+            raise TimeoutError(f"no default service account (with its token) in {name}")
         time.sleep(0.1)
     yield name
     kube.core.delete_namespace(name)

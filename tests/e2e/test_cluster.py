@@ -159,7 +159,7 @@ def test_kopf_reacts_to_a_custom_resource(kube: Kube, namespace: str, tmp_path: 
     operator = tmp_path / "probe_operator.py"
     operator.write_text(PROBE_OPERATOR)
     custom = client.CustomObjectsApi(kube.api)
-    args = ["run", "--standalone", "--namespace", namespace, "--verbose", str(operator)]
+    args = ["run", "--standalone", "--namespace", namespace, str(operator)]
     with KopfRunner(args, timeout=60) as runner:
         message = f"hello {uuid.uuid4().hex[:6]}"
         created = time.monotonic()
@@ -173,11 +173,19 @@ def test_kopf_reacts_to_a_custom_resource(kube: Kube, namespace: str, tmp_path: 
             obj = custom.get_namespaced_custom_object("e2e.troughfill.dev", "v1", namespace, "probes", "p1")
             return bool(obj.get("status", {}).get("echo") == message)
 
-        until(echoed, 30, "Kopf's status patch")
+        try:
+            until(echoed, 30, "Kopf's status patch")
+        except TimeoutError:
+            print(
+                "\n".join(line for line in runner.output.splitlines() if "kubernetes.client" not in line)[
+                    -8000:
+                ]
+            )
+            raise
         reacted = time.monotonic() - created
     assert runner.exit_code == 0, runner.output
     assert runner.exception is None
-    assert "Handler 'echo' succeeded" in runner.output
+    assert "Handler 'echo' succeeded" in runner.output, runner.output
     print(f"\nKopf reacted to the custom resource in {reacted:.2f}s")
 
 

@@ -371,7 +371,11 @@ def _grant_node_agent(plane: ControlPlane) -> None:
             "metadata": {"name": "troughfill:node-agent"},
             "rules": [
                 {"apiGroups": [""], "resources": ["nodes", "nodes/status"], "verbs": ["*"]},
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["pods"],
+                    "verbs": ["get", "list", "watch", "delete", "patch"],
+                },
                 {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch", "update"]},
                 {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get"]},
                 {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

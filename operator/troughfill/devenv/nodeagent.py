@@ -555,13 +555,13 @@ class NodeAgent:
         self, local: LocalPod, status: dict[str, Any], pids: dict[str, int] | None = None
     ) -> None:
         try:
-            self.core.patch_namespaced_pod_status(local.name, local.namespace, {"status": status})
-            if pids is not None:
+            if pids is not None:  # first: whoever sees the new status sees these process ids
                 self.core.patch_namespaced_pod(
                     local.name,
                     local.namespace,
                     {"metadata": {"annotations": {PID_ANNOTATION: json.dumps(pids)}}},
                 )
+            self.core.patch_namespaced_pod_status(local.name, local.namespace, {"status": status})
         except ApiException as error:
             if error.status != 404:
                 raise
