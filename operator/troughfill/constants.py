@@ -61,3 +61,6 @@ MAX_CONDITIONS: Final = 16
 ENGINE_KEEP_ALIVE_SECONDS: Final = 60
 CLIENT_KEEP_ALIVE_SECONDS: Final = ENGINE_KEEP_ALIVE_SECONDS / 2
 ATTACHED_ENGINE_CLIENT_KEEP_ALIVE_SECONDS: Final = 2.0
+
+# In a worker pod's engine command, replaced by the port the worker picked (`--engine-port auto`).
+ENGINE_PORT_PLACEHOLDER: Final = "{engine_port}"

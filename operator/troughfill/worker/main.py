@@ -24,6 +24,19 @@ def job_keys(text: str) -> JobKeys:
     return JobKeys(*parts)
 
 
+def engine_port(text: str) -> int:
+    """A port number, or 'auto': a free loopback port (pods sharing one network, as on a test node)."""
+    if text == "auto":
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+            return port
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"not a port: {text}")
+    return value
+
+
 def default_worker_id() -> str:
     """The pod name where there is one (the operator addresses stop requests to it)."""
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
@@ -37,7 +50,13 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--job", type=job_keys, required=True, help="NAMESPACE/NAME/UID of the BatchInference")
     run.add_argument("--worker-id", default=default_worker_id())
     run.add_argument("--engine-url", help="attach to a running engine instead of starting one")
-    run.add_argument("--engine-port", type=int, default=8000, help="port of the engine this worker starts")
+    run.add_argument(
+        "--engine-port",
+        type=engine_port,
+        default=8000,
+        help="port of the engine this worker starts; 'auto' picks a free one, and the engine command "
+        f"gets it wherever it says {constants.ENGINE_PORT_PLACEHOLDER}",
+    )
     run.add_argument("--engine-log", help="file for the started engine's output")
     run.add_argument(
         "--engine-keepalive",
@@ -74,7 +93,11 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
 async def _run(args: argparse.Namespace) -> int:
     settings = Settings()
     client = connect(settings)
-    command = [part for part in args.engine_command if part != "--"] if args.engine_command else []
+    command = [
+        part.replace(constants.ENGINE_PORT_PLACEHOLDER, str(args.engine_port))
+        for part in (args.engine_command or [])
+        if part != "--"
+    ]
     process = None
     if args.engine_url:
         base_url = args.engine_url

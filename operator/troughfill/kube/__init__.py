@@ -1,0 +1,1 @@
+"""The Kubernetes side: worker pod manifests (pure) and the cluster adapter."""

@@ -1,0 +1,167 @@
+"""The batch worker pod of a job: pure, from the job, its template, its pool and its admission.
+
+Everything a user could use to pick an image, a GPU type or a model comes from the
+admin's ModelTemplate and BatchPool; from the job only the allowlisted engine flags pass
+(admission has checked them). The pod runs `troughfill worker run`, which starts the engine
+from the template's command and reports through the ledger.
+
+Workers are bare pods owned by the BatchInference (not a Deployment or Jobs): the planner
+chooses *which* worker stops (least unsaved progress first) and *how* (drain or yield), which
+a ReplicaSet's scale-down cannot be told on Kubernetes 1.20 (pod-deletion-cost is 1.22+ and
+only a hint), and a finished worker must not be restarted in place.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from troughfill import constants
+from troughfill.api.admission import Admission
+from troughfill.api.batchinference import BatchInference
+from troughfill.api.batchpool import BatchPool
+from troughfill.api.modeltemplate import ModelTemplate
+from troughfill.api.types import parse_duration
+
+WORKER_CONTAINER = "worker"
+YIELD_GRACE_SECONDS = 10
+"""A yielding worker exits in about 2 s; the rest is margin before SIGKILL."""
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    """Operator-wide settings every worker needs (where the ledger and object storage are)."""
+
+    redis_url: str
+    redis_password_secret: tuple[str, str] | None = None
+    """(Secret name, key) holding the Redis password, in the job's namespace."""
+    s3_endpoint_url: str | None = None
+    worker_command: tuple[str, ...] = ("troughfill",)
+    """How the worker program is invoked in the template's image."""
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+
+def job_ref(job: BatchInference) -> str:
+    return f"{job.metadata.namespace}/{job.metadata.name}/{job.metadata.uid}"
+
+
+def model_argument(uri: str) -> str:
+    """What vLLM's --model takes for a template's model URI (a local path or a hub name)."""
+    for prefix in ("file://", "hf://"):
+        if uri.startswith(prefix):
+            return uri[len(prefix) :]
+    return uri
+
+
+def worker_labels(job: BatchInference, template: ModelTemplate) -> dict[str, str]:
+    return {
+        constants.LABEL_PART_OF: constants.PART_OF_VALUE,
+        constants.LABEL_COMPONENT: constants.COMPONENT_WORKER,
+        constants.LABEL_MANAGED_BY: constants.PART_OF_VALUE,
+        constants.LABEL_JOB_NAME: job.metadata.name,
+        constants.LABEL_JOB_UID: job.metadata.uid or "",
+        constants.LABEL_POOL: template.spec.pool_ref,
+        constants.LABEL_TEMPLATE: template.metadata.name,
+    }
+
+
+def worker_pod(
+    name: str,
+    job: BatchInference,
+    template: ModelTemplate,
+    pool: BatchPool,
+    admission: Admission,
+    *,
+    environment: WorkerEnvironment,
+) -> dict[str, Any]:
+    """The pod manifest for one worker of `job` (a plain dict, as the API takes it)."""
+    spec, tspec = job.spec, template.spec
+    served = tspec.model.served_model_name
+    drain_seconds = int(parse_duration(pool.spec.drain_grace_period).total_seconds())
+    ref = job_ref(job)
+    engine = [
+        *tspec.engine.command,
+        *tspec.engine.args,
+        "--model", model_argument(tspec.model.uri),
+        "--served-model-name", served,
+        "--host", "127.0.0.1",
+        "--port", constants.ENGINE_PORT_PLACEHOLDER,
+    ]  # fmt: skip
+    for arg in spec.engine_args:
+        engine += [f"--{arg.name}", arg.value]
+    command = [
+        *environment.worker_command, "worker", "run",
+        "--job", ref,
+        "--served-model", served,
+        "--on-sigterm", "drain",
+        "--drain-timeout", str(drain_seconds),
+        "--engine-port", "auto",
+        "--", *engine,
+    ]  # fmt: skip
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "TROUGHFILL_REDIS_URL", "value": environment.redis_url},
+    ]
+    if environment.redis_password_secret:
+        secret, key = environment.redis_password_secret
+        env.append(
+            {"name": "TROUGHFILL_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        )
+    if environment.s3_endpoint_url:
+        env.append({"name": "TROUGHFILL_S3_ENDPOINT_URL", "value": environment.s3_endpoint_url})
+    env += [{"name": k, "value": v} for k, v in environment.extra_env]
+    env += [{"name": e.name, "value": e.value} for e in tspec.engine.env]
+    gpu = pool.spec.gpus.resource_name
+    resources = tspec.resources.model_dump()
+    resources.setdefault("requests", {})[gpu] = str(tspec.gpus_per_worker)
+    resources.setdefault("limits", {})[gpu] = str(tspec.gpus_per_worker)
+    check = [*environment.worker_command, "worker", "check", "--job", ref]
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": tspec.image,
+        "command": command,
+        "env": env,
+        "resources": resources,
+        # Ready once the engine answers and the worker heartbeats; the engine's cold start is
+        # the template's estimate, so liveness waits that long before judging.
+        "readinessProbe": {"exec": {"command": check}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {
+            "exec": {"command": check},
+            "initialDelaySeconds": tspec.cold_start_seconds + 30,
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the operator replaces failed workers and notices crash loops
+        "priorityClassName": admission.priority_class_name or pool.spec.default_priority_class_name,
+        "terminationGracePeriodSeconds": max(drain_seconds + 5, YIELD_GRACE_SECONDS),
+        "containers": [container],
+    }
+    if tspec.node_selector:
+        pod_spec["nodeSelector"] = dict(tspec.node_selector)
+    if tspec.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in tspec.tolerations]
+    if tspec.service_account_name:
+        pod_spec["serviceAccountName"] = tspec.service_account_name
+    else:
+        pod_spec["automountServiceAccountToken"] = False  # workers never call the Kubernetes API
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": worker_labels(job, template),
+            "annotations": {constants.ANNOTATION_POD_DELETION_COST: "0"},
+            "ownerReferences": [
+                {
+                    "apiVersion": constants.GROUP_VERSION,
+                    "kind": constants.KIND_BATCH_INFERENCE,
+                    "name": job.metadata.name,
+                    "uid": job.metadata.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": pod_spec,
+    }

@@ -1,0 +1,74 @@
+"""The worker pod: what the template and pool decide, what the job may add, valid for Kubernetes."""
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from troughfill import constants
+from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
+from troughfill.kube.workerpod import WorkerEnvironment, model_argument, worker_pod
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+
+
+def load(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    return loaded
+
+
+@pytest.fixture
+def pod() -> dict[str, Any]:
+    job_wire = load("batchinference.yaml")
+    job_wire["metadata"]["uid"] = "1234-abcd"
+    job = BatchInference.model_validate(job_wire)
+    template = ModelTemplate.model_validate(load("template.yaml"))
+    pool = BatchPool.model_validate(load("pool.yaml"))
+    admission = admit(job, template, pool)
+    assert admission.allowed, admission.message
+    environment = WorkerEnvironment(
+        redis_url="redis://redis.troughfill-system:6379/0", redis_password_secret=("redis", "password")
+    )
+    return worker_pod("ticket-triage-w-1", job, template, pool, admission, environment=environment)
+
+
+def test_the_template_and_pool_decide_image_model_gpus_and_priority(pod: dict[str, Any]) -> None:
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "vllm/vllm-openai:v0.11.0"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    command = container["command"]
+    engine = command[command.index("--") + 1 :]
+    assert engine[engine.index("--model") + 1] == "/models/SmolLM2-135M-Instruct"
+    assert engine[engine.index("--port") + 1] == constants.ENGINE_PORT_PLACEHOLDER
+    assert engine[-2:] == ["--max-num-seqs", "128"]  # the job's allowlisted flag, last
+    assert command[command.index("--job") + 1] == "team-a/ticket-triage/1234-abcd"
+    assert pod["spec"]["priorityClassName"] == constants.DEFAULT_BATCH_PRIORITY_CLASS
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= 10
+
+
+def test_the_pod_is_owned_by_its_job_and_labelled_for_selection(pod: dict[str, Any]) -> None:
+    meta = pod["metadata"]
+    (owner,) = meta["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("BatchInference", "1234-abcd", True)
+    assert meta["labels"][constants.LABEL_JOB_UID] == "1234-abcd"
+    assert meta["labels"][constants.LABEL_COMPONENT] == constants.COMPONENT_WORKER
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["TROUGHFILL_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "password"}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
+def test_the_pod_is_a_valid_kubernetes_pod(pod: dict[str, Any], version: str) -> None:
+    kubernetes_validate.validate(pod, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("uri", "argument"),
+    [("file:///models/x", "/models/x"), ("/models/x", "/models/x"), ("hf://org/model", "org/model")],
+)
+def test_model_uris_become_engine_arguments(uri: str, argument: str) -> None:
+    assert model_argument(uri) == argument
