@@ -9,6 +9,7 @@ Tiers (each folder's conftest says what in it is real):
 - e2e/: a real Kubernetes control plane (or the cluster KUBECONFIG names).
 """
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import settings
 from redis.asyncio import Redis
 
-from troughfill.devenv import RedisServer, start_redis
+from troughfill.devenv import RedisServer, VllmServer, start_redis, start_vllm
 
 # Shared 2-core machines time out fast examples at random; a property failing is what matters.
 settings.register_profile("default", deadline=None)
@@ -43,3 +44,26 @@ async def aredis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     client: Redis = Redis.from_url(redis_server.url)
     yield client
     await client.aclose()
+
+
+def _engine_paths() -> tuple[str, str]:
+    python = os.environ.get("TROUGHFILL_VLLM_PYTHON")
+    model = os.environ.get("TROUGHFILL_TINY_MODEL")
+    if not python or not model or not Path(python).exists() or not Path(model).exists():
+        pytest.fail("the engine and e2e tiers need scripts/setup_vllm.sh (scripts/test.sh runs it)")
+    return python, model
+
+
+@pytest.fixture(scope="session")
+def engine_paths() -> tuple[str, str]:
+    return _engine_paths()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(
+    engine_paths: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
+    python, model = engine_paths
+    server = start_vllm(python, model, tmp_path_factory.mktemp("vllm"))
+    yield server
+    server.stop()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,34 +20,11 @@ from redis.asyncio import Redis
 
 from tests.ledgertools import create_job
 from troughfill.api import Endpoint
-from troughfill.devenv import RedisServer, VllmServer, start_vllm
+from troughfill.devenv import RedisServer, VllmServer
 from troughfill.devenv.services import VLLM_ENV
 from troughfill.jobs import index_input
 from troughfill.ledger import JobKeys, JobLedger
 from troughfill.storage import ObjectStore
-
-
-def _engine_paths() -> tuple[str, str]:
-    python = os.environ.get("TROUGHFILL_VLLM_PYTHON")
-    model = os.environ.get("TROUGHFILL_TINY_MODEL")
-    if not python or not model or not Path(python).exists() or not Path(model).exists():
-        pytest.fail("the engine tier needs scripts/setup_vllm.sh (scripts/test.sh runs it)")
-    return python, model
-
-
-@pytest.fixture(scope="session")
-def engine_paths() -> tuple[str, str]:
-    return _engine_paths()
-
-
-@pytest.fixture(scope="session")
-def vllm_engine(
-    engine_paths: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[VllmServer]:
-    python, model = engine_paths
-    server = start_vllm(python, model, tmp_path_factory.mktemp("vllm"))
-    yield server
-    server.stop()
 
 
 def chat_line(custom_id: str, max_tokens: int, content: str = "classify this ticket") -> str:

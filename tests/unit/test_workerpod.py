@@ -57,7 +57,10 @@ def test_the_pod_is_owned_by_its_job_and_labelled_for_selection(pod: dict[str, A
     assert meta["labels"][constants.LABEL_JOB_UID] == "1234-abcd"
     assert meta["labels"][constants.LABEL_COMPONENT] == constants.COMPONENT_WORKER
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    assert env["TROUGHFILL_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "password"}
+    assert env["TROUGHFILL_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis",
+        "key": "password",
+    }
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 

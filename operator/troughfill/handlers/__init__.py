@@ -1,0 +1,112 @@
+"""Kopf handlers: thin. They look objects up, call troughfill.lifecycle and write what it returns.
+
+Run with `troughfill operator` or `kopf run -m troughfill.handlers`. The only module that
+imports kopf. Kopf's own annotations and the finalizer use troughfill's names
+(constants.ANNOTATION_PREFIX, constants.FINALIZER), so another Kopf operator on the same
+cluster never reads this one's state.
+"""
+
+import asyncio
+from typing import Any
+
+import kopf
+import pydantic
+from kubernetes import client as kube_client
+from kubernetes import config as kube_config
+
+from troughfill import constants, lifecycle
+from troughfill.api.admission import admit
+from troughfill.api.batchinference import BatchInference, BatchInferenceStatus
+from troughfill.api.conditions import Reason
+from troughfill.config import Settings
+from troughfill.kube.cluster import KubeCluster
+from troughfill.ledger import TERMINAL, connect
+from troughfill.storage import store_for
+
+SETTINGS = Settings()
+JOBS = (constants.API_GROUP, constants.API_VERSION, BatchInference.crd.plural)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = constants.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=constants.ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=constants.ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.peering.name = "troughfill"
+    settings.posting.level = 30  # Events for warnings and errors from Kopf itself; ours are posted explicitly
+    try:
+        kube_config.load_incluster_config()
+        api = kube_client.ApiClient()
+    except kube_config.ConfigException:
+        api = kube_config.new_client_from_config()
+    memo.cluster = KubeCluster(api)
+    memo.redis = connect(SETTINGS)
+    memo.store = store_for(SETTINGS)
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    if "redis" in memo:
+        await memo.redis.aclose()
+
+
+def _write(patch: kopf.Patch, body: kopf.Body, update: lifecycle.StatusUpdate) -> None:
+    new = update.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if new != dict(body.get("status", {})):
+        patch.status.update(new)
+    for event in update.events:
+        post = kopf.warn if event.warning else kopf.info
+        post(body, reason=event.reason.value, message=event.message)
+
+
+def _parse(body: kopf.Body) -> BatchInference | str:
+    try:
+        return BatchInference.model_validate(dict(body))
+    except pydantic.ValidationError as error:
+        return str(error)
+
+
+@kopf.on.create(*JOBS)
+@kopf.on.resume(*JOBS)
+async def start_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    job = _parse(body)
+    now = lifecycle.now_utc()
+    if isinstance(job, str):
+        status = body.get("status") or {}
+        if status.get("phase") != "failed":
+            kopf.warn(body, reason=Reason.INVALID_SPEC.value, message=job[:1000])
+            patch.status["phase"] = "failed"
+        return
+    if job.status and job.status.phase in TERMINAL:
+        return
+    template = await asyncio.to_thread(memo.cluster.template, job.spec.template_ref)
+    pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref) if template else None
+    admission = admit(job, template, pool)
+    update = await lifecycle.start(job, admission, lifecycle.ledger_for(job, memo.redis), memo.store, now)
+    _write(patch, body, update)
+
+
+@kopf.timer(
+    *JOBS, interval=SETTINGS.reconcile_interval_seconds, initial_delay=SETTINGS.reconcile_interval_seconds
+)
+async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    job = _parse(body)
+    if isinstance(job, str) or job.status is None or job.status.phase is None or job.status.phase in TERMINAL:
+        return
+    status = job.status.model_copy(deep=True) if job.status else BatchInferenceStatus()
+    ledger = lifecycle.ledger_for(job, memo.redis)
+    update = await lifecycle.refresh_status(job, status, ledger, memo.store, lifecycle.now_utc())
+    _write(patch, body, update)
+
+
+@kopf.on.delete(*JOBS)
+async def delete_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Workers go with their owner (owner references); the ledger's keys go here; output stays."""
+    job = _parse(body)
+    if isinstance(job, str):
+        return
+    await lifecycle.ledger_for(job, memo.redis).delete()
