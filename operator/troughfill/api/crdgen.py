@@ -103,6 +103,10 @@ def _translate(key: str, value: Any, defs: JsonDict, out: JsonDict, key_schema: 
     elif key in {"exclusiveMinimum", "exclusiveMaximum"} and not isinstance(value, bool):
         out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
         out[key] = True
+    elif key == "default" and value == "":
+        # Kubernetes 1.20 rejects an empty-string default ("must be of type string: null"), and
+        # it adds nothing: the models fill the same default when they read the object.
+        return
     elif key == "uniqueItems":
         out.setdefault("x-kubernetes-list-type", "set")
     elif key == "anyOf":

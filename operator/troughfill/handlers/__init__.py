@@ -7,6 +7,7 @@ cluster never reads this one's state.
 """
 
 import asyncio
+import logging
 from typing import Any
 
 import kopf
@@ -23,7 +24,8 @@ from troughfill.kube.cluster import KubeCluster
 from troughfill.ledger import TERMINAL, connect
 from troughfill.storage import store_for
 
-SETTINGS = Settings()
+INTERVAL = Settings().reconcile_interval_seconds
+"""Read at import (Kopf's decorators need it then); everything else is read at startup."""
 JOBS = (constants.API_GROUP, constants.API_VERSION, BatchInference.crd.plural)
 
 
@@ -37,15 +39,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         prefix=constants.ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     settings.peering.name = "troughfill"
-    settings.posting.level = 30  # Events for warnings and errors from Kopf itself; ours are posted explicitly
+    settings.posting.level = logging.WARNING  # Kopf's own log lines become Events only from warnings up
     try:
         kube_config.load_incluster_config()
         api = kube_client.ApiClient()
     except kube_config.ConfigException:
         api = kube_config.new_client_from_config()
+    memo.settings = Settings()
     memo.cluster = KubeCluster(api)
-    memo.redis = connect(SETTINGS)
-    memo.store = store_for(SETTINGS)
+    memo.redis = connect(memo.settings)
+    memo.store = store_for(memo.settings)
 
 
 @kopf.on.cleanup()
@@ -58,9 +61,13 @@ def _write(patch: kopf.Patch, body: kopf.Body, update: lifecycle.StatusUpdate) -
     new = update.status.model_dump(mode="json", by_alias=True, exclude_none=True)
     if new != dict(body.get("status", {})):
         patch.status.update(new)
-    for event in update.events:
-        post = kopf.warn if event.warning else kopf.info
-        post(body, reason=event.reason.value, message=event.message)
+    for event in update.events:  # posted whatever settings.posting.level filters from the logs
+        kopf.event(
+            body,
+            type="Warning" if event.warning else "Normal",
+            reason=event.reason.value,
+            message=event.message,
+        )
 
 
 def _parse(body: kopf.Body) -> BatchInference | str:
@@ -78,7 +85,7 @@ async def start_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: An
     if isinstance(job, str):
         status = body.get("status") or {}
         if status.get("phase") != "failed":
-            kopf.warn(body, reason=Reason.INVALID_SPEC.value, message=job[:1000])
+            kopf.event(body, type="Warning", reason=Reason.INVALID_SPEC.value, message=job[:1000])
             patch.status["phase"] = "failed"
         return
     if job.status and job.status.phase in TERMINAL:
@@ -90,9 +97,7 @@ async def start_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: An
     _write(patch, body, update)
 
 
-@kopf.timer(
-    *JOBS, interval=SETTINGS.reconcile_interval_seconds, initial_delay=SETTINGS.reconcile_interval_seconds
-)
+@kopf.timer(*JOBS, interval=INTERVAL, initial_delay=INTERVAL)
 async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     job = _parse(body)
     if isinstance(job, str) or job.status is None or job.status.phase is None or job.status.phase in TERMINAL:

@@ -1,0 +1,250 @@
+"""The operator on the real control plane: admission, the ledger, progress and completion as status.
+
+Objects are applied with kubectl, the operator runs as Kopf does in production (here in this
+process, via KopfRunner), the ledger is a real redis-server and the requests are answered by a
+real vLLM engine through `troughfill worker run` (started here, as a worker pod would run it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from kopf.testing import KopfRunner
+from kubernetes import client
+
+from tests.e2e.conftest import Kube
+from tests.e2e.test_cluster import until
+from troughfill import constants
+from troughfill.devenv import RedisServer, VllmServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def kubectl(
+    kube: Kube, *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [kube.kubectl(), "--kubeconfig", str(kube.kubeconfig), *args],
+        input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def crds(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The CRDs as `troughfill crds` generates them; without CEL rules for servers before 1.25."""
+    version = client.VersionApi(kube.api).get_code()
+    generated = tmp_path_factory.mktemp("crds")
+    extra = ["--without-cel"] if (int(version.major), int(version.minor.rstrip("+"))) < (1, 25) else []
+    made = subprocess.run(
+        [sys.executable, "-m", "troughfill.cli", "crds", "--output", str(generated), *extra],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    done = kubectl(kube, "apply", "-k", str(generated))
+    assert done.returncode == 0, done.stderr
+    extensions = client.ApiextensionsV1Api(kube.api)
+    for name in ("batchinferences", "batchpools", "modeltemplates"):
+        until(
+            lambda n=name: any(
+                c.type == "Established" and c.status == "True"
+                for c in extensions.read_custom_resource_definition(
+                    f"{n}.{constants.API_GROUP}"
+                ).status.conditions
+                or []
+            ),
+            30,
+            f"CRD {name} established",
+        )
+
+
+@pytest.fixture
+def operator(
+    kube: Kube, crds: None, namespace: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[KopfRunner]:
+    monkeypatch.setenv("TROUGHFILL_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TROUGHFILL_RECONCILE_INTERVAL_SECONDS", "0.5")
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "troughfill.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+
+
+def apply(kube: Kube, *objects: dict[str, Any]) -> None:
+    done = kubectl(kube, "apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
+    assert done.returncode == 0, done.stderr
+
+
+def pool_and_template(suffix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    pool = {
+        "apiVersion": constants.GROUP_VERSION,
+        "kind": "BatchPool",
+        "metadata": {"name": f"pool-{suffix}"},
+        "spec": {"gpus": {"count": 16}, "online": {}, "defaultQuota": {"maxGPUs": 8}},
+    }
+    template = {
+        "apiVersion": constants.GROUP_VERSION,
+        "kind": "ModelTemplate",
+        "metadata": {"name": f"tiny-{suffix}"},
+        "spec": {
+            "poolRef": f"pool-{suffix}",
+            "image": "vllm/vllm-openai:v0.11.0",
+            "model": {"uri": "/models/tiny", "servedModelName": "tiny"},
+            "allowedEngineArgs": ["max-num-seqs"],
+        },
+    }
+    return pool, template
+
+
+def job(name: str, template: str, input_url: str, output_url: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": constants.GROUP_VERSION,
+        "kind": "BatchInference",
+        "metadata": {"name": name},
+        "spec": {"inputURL": input_url, "outputURL": output_url, "templateRef": template, **spec},
+    }
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), None)
+
+
+def get_job(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = client.CustomObjectsApi(kube.api).get_namespaced_custom_object(
+        constants.API_GROUP, constants.API_VERSION, namespace, "batchinferences", name
+    )
+    return found
+
+
+def events_for(kube: Kube, namespace: str, name: str) -> list[client.CoreV1Event]:
+    events: list[client.CoreV1Event] = kube.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    ).items
+    return events
+
+
+def write_requests(path: Path, count: int) -> None:
+    lines = [
+        {
+            "custom_id": f"ticket-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "anything",
+                "messages": [{"role": "user", "content": f"classify ticket {i}"}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        }
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_job_is_admitted_indexed_worked_and_completes(
+    kube: Kube,
+    namespace: str,
+    operator: KopfRunner,
+    redis_server: RedisServer,
+    vllm_engine: VllmServer,
+    tmp_path: Path,
+) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    pool, template = pool_and_template(suffix)
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 30)
+    output = tmp_path / "out"
+    apply(kube, pool, template)
+    bi = job("triage", f"tiny-{suffix}", requests.as_uri(), output.as_uri() + "/")
+    bi["metadata"]["namespace"] = namespace
+    bi["spec"]["engineArgs"] = [{"name": "max-num-seqs", "value": "16"}]
+    apply(kube, bi)
+
+    admitted = until(
+        lambda: (
+            (obj := get_job(kube, namespace, "triage"))
+            and (c := condition(obj, "Admitted"))
+            and c["status"] == "True"
+            and obj
+        ),
+        30,
+        "Admitted",
+    )
+    assert admitted["status"]["requestCounts"]["total"] == 30
+    assert admitted["status"]["phase"] == "in_progress"
+    assert constants.FINALIZER in admitted["metadata"]["finalizers"]
+    uid = admitted["metadata"]["uid"]
+
+    # What a worker pod runs; the next slice of the operator starts these as pods itself.
+    worker = subprocess.run(
+        [
+            sys.executable, "-m", "troughfill.cli", "worker", "run",
+            "--job", f"{namespace}/triage/{uid}", "--worker-id", "w1",
+            "--engine-url", vllm_engine.url, "--served-model", "tiny", "--burst",
+        ],
+        env={**os.environ, "TROUGHFILL_REDIS_URL": redis_server.url},
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr[-3000:]
+
+    waited = kubectl(
+        kube, "wait", "--for=condition=Complete", f"batchinferences.{constants.API_GROUP}/triage",
+        "-n", namespace, "--timeout=60s", timeout=90,
+    )  # fmt: skip
+    assert waited.returncode == 0, waited.stderr
+    done = get_job(kube, namespace, "triage")
+    status = done["status"]
+    assert status["phase"] == "completed"
+    assert status["requestCounts"] == {"total": 30, "completed": 30, "failed": 0}
+    assert status["progress"] == "30/30 (100%)"
+    assert status["tokens"]["completion"] == 30 * 8
+    lines = [json.loads(line) for line in (output / "output.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(30))
+    until(
+        lambda: {"Admitted", "AllRequestsDone"} <= {e.reason for e in events_for(kube, namespace, "triage")},
+        15,
+        "the Admitted and AllRequestsDone Events",
+    )
+    printed = kubectl(kube, "get", f"batchinferences.{constants.API_GROUP}", "-n", namespace)
+    assert "30/30 (100%)" in printed.stdout, printed.stdout
+
+    # Deleting the job removes its ledger keys (output stays) and releases the finalizer.
+    deleted = kubectl(
+        kube, "delete", f"batchinferences.{constants.API_GROUP}/triage", "-n", namespace, "--wait=true"
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    keys = redis.Redis.from_url(redis_server.url).keys(f"*{uid}*")
+    assert keys == []
+    assert (output / "output.jsonl").exists()
+
+
+def test_a_job_naming_an_unknown_template_fails_with_a_reason_and_an_event(
+    kube: Kube, namespace: str, operator: KopfRunner, tmp_path: Path
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 2)
+    bi = job("lost", "no-such-template", requests.as_uri(), (tmp_path / "out").as_uri() + "/")
+    bi["metadata"]["namespace"] = namespace
+    apply(kube, bi)
+    failed = until(
+        lambda: (obj := get_job(kube, namespace, "lost")) and condition(obj, "Failed") and obj, 30, "Failed"
+    )
+    failure = condition(failed, "Failed")
+    assert failure is not None
+    assert failure["reason"] == "TemplateNotFound"
+    assert "no-such-template" in failure["message"]
+    assert failed["status"]["phase"] == "failed"
+    events = until(
+        lambda: [e for e in events_for(kube, namespace, "lost") if e.reason == "TemplateNotFound"],
+        15,
+        "the Event",
+    )
+    assert events[0].type == "Warning"
