@@ -27,5 +27,9 @@ class Settings(BaseSettings):
     watch_namespaces: tuple[str, ...] = ()
     """Namespaces whose BatchInferences are served; empty means the whole cluster."""
     reconcile_interval_seconds: float = Field(default=2.0, gt=0)
+    worker_command: tuple[str, ...] = ("troughfill",)
+    """How worker pods invoke troughfill in the template's image (JSON list in the environment)."""
+    redis_password_secret: tuple[str, str] | None = None
+    """(Secret, key) in each job's namespace that worker pods read the Redis password from."""
     metrics_port: int = Field(default=9090, ge=1, le=65535)
     health_port: int = Field(default=8080, ge=1, le=65535)

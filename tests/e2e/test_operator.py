@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.e2e.conftest import Kube
 from tests.e2e.test_cluster import until
 from troughfill import constants
 from troughfill.devenv import RedisServer, VllmServer
+from troughfill.devenv.services import VLLM_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,6 +51,9 @@ def crds(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> None:
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     done = kubectl(kube, "apply", "-k", str(generated))
+    assert done.returncode == 0, done.stderr
+    # The install's PriorityClasses (batch workers run at troughfill-batch).
+    done = kubectl(kube, "apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
     assert done.returncode == 0, done.stderr
     extensions = client.ApiextensionsV1Api(kube.api)
     for name in ("batchinferences", "batchpools", "modeltemplates"):
@@ -87,7 +92,8 @@ def pool_and_template(suffix: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "apiVersion": constants.GROUP_VERSION,
         "kind": "BatchPool",
         "metadata": {"name": f"pool-{suffix}"},
-        "spec": {"gpus": {"count": 16}, "online": {}, "defaultQuota": {"maxGPUs": 8}},
+        # No GPUs: this pool's jobs get no worker pods (the first test runs its worker itself).
+        "spec": {"gpus": {"count": 0}, "online": {}, "defaultQuota": {"maxGPUs": 8}},
     }
     template = {
         "apiVersion": constants.GROUP_VERSION,
@@ -130,7 +136,7 @@ def events_for(kube: Kube, namespace: str, name: str) -> list[client.CoreV1Event
     return events
 
 
-def write_requests(path: Path, count: int) -> None:
+def write_requests(path: Path, count: int, max_tokens: int = 8) -> None:
     lines = [
         {
             "custom_id": f"ticket-{i}",
@@ -139,7 +145,7 @@ def write_requests(path: Path, count: int) -> None:
             "body": {
                 "model": "anything",
                 "messages": [{"role": "user", "content": f"classify ticket {i}"}],
-                "max_tokens": 8,
+                "max_tokens": max_tokens,
                 "temperature": 0,
                 "ignore_eos": True,
             },
@@ -248,3 +254,138 @@ def test_a_job_naming_an_unknown_template_fails_with_a_reason_and_an_event(
         "the Event",
     )
     assert events[0].type == "Warning"
+
+
+def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
+    kube: Kube,
+    namespace: str,
+    redis_server: RedisServer,
+    engine_paths: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crds: None,
+) -> None:
+    """The whole loop: the operator starts a worker pod (troughfill worker + a real vLLM engine,
+    run by the node agent); an online pod arrives and the worker yields; it leaves and a new
+    worker resumes; the job completes with every custom_id exactly once."""
+    if not kube.local:
+        pytest.skip("worker pods run the local vLLM engine through the node agent")
+    vllm_python, model = engine_paths
+    suffix = uuid.uuid4().hex[:6]
+    online_label = f"online-{suffix}"
+    pool = {
+        "apiVersion": constants.GROUP_VERSION,
+        "kind": "BatchPool",
+        "metadata": {"name": f"pool-{suffix}"},
+        "spec": {
+            "gpus": {"count": 2},
+            "online": {"selector": {"matchLabels": {"app": online_label}}, "namespaces": [namespace]},
+            "headroomGPUs": 0,
+            "scaleUpDelay": "0s",
+            "minUsefulTime": "0s",
+            "drainGracePeriod": "5s",
+            "defaultQuota": {"maxGPUs": 2},
+        },
+    }
+    template = {
+        "apiVersion": constants.GROUP_VERSION,
+        "kind": "ModelTemplate",
+        "metadata": {"name": f"tiny-{suffix}"},
+        "spec": {
+            "poolRef": f"pool-{suffix}",
+            "image": "troughfill/vllm-cpu:test",
+            "model": {"uri": model, "servedModelName": "tiny"},
+            "gpusPerWorker": 2,
+            "coldStartSeconds": 60,
+            "engine": {
+                "command": [vllm_python, "-m", "vllm.entrypoints.openai.api_server"],
+                "args": ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "32"],
+                "env": [{"name": k, "value": v} for k, v in VLLM_ENV.items()],
+            },
+        },
+    }
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 120, max_tokens=400)
+    output = tmp_path / "out"
+    monkeypatch.setenv("TROUGHFILL_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TROUGHFILL_RECONCILE_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("TROUGHFILL_WORKER_COMMAND", json.dumps([sys.executable, "-m", "troughfill.cli"]))
+    args = ["run", "--standalone", "--all-namespaces", "-m", "troughfill.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        apply(kube, pool, template)
+        bi = job("long", f"tiny-{suffix}", requests.as_uri(), output.as_uri() + "/")
+        bi["metadata"]["namespace"] = namespace
+        apply(kube, bi)
+
+        def workers() -> list[client.V1Pod]:
+            pods: list[client.V1Pod] = kube.core.list_namespaced_pod(
+                namespace, label_selector=f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+            ).items
+            return pods
+
+        def completed() -> int:
+            return int(
+                get_job(kube, namespace, "long")
+                .get("status", {})
+                .get("requestCounts", {})
+                .get("completed", 0)
+            )
+
+        first = until(
+            lambda: [p for p in workers() if p.status.phase == "Running"], 60, "a worker pod running"
+        )
+        until(lambda: completed() >= 3, 240, "the first results (engine cold start)", interval=0.2)
+
+        arrived = time.monotonic()
+        kube.core.create_namespaced_pod(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "online", "labels": {"app": online_label}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "serve",
+                            "image": "python:3.11-slim",
+                            "command": ["python", "-c", "import time; time.sleep(3600)"],
+                            "resources": {
+                                "requests": {"nvidia.com/gpu": "2"},
+                                "limits": {"nvidia.com/gpu": "2"},
+                            },
+                        }
+                    ],
+                    "terminationGracePeriodSeconds": 1,
+                },
+            },
+        )
+        until(lambda: not workers(), 30, "the batch worker gone", interval=0.05)
+        yielded = time.monotonic() - arrived
+        done_at_yield = completed()
+        assert done_at_yield < 120, "the job finished before online load arrived; nothing was yielded"
+
+        time.sleep(2)  # the trough stays closed while the online pod runs
+        assert not workers()
+        kube.core.delete_namespaced_pod("online", namespace)
+        until(lambda: [p for p in workers() if p.metadata.name != first[0].metadata.name], 60, "a new worker")
+
+        waited = kubectl(
+            kube, "wait", "--for=condition=Complete", f"batchinferences.{constants.API_GROUP}/long",
+            "-n", namespace, "--timeout=400s", timeout=420,
+        )  # fmt: skip
+        assert waited.returncode == 0, waited.stderr
+    assert runner.exception is None
+    lines = [json.loads(line) for line in (output / "output.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(120))
+    assert all(line["response"]["body"]["usage"]["completion_tokens"] == 400 for line in lines)
+    events = {
+        e.reason
+        for e in kube.core.list_event_for_all_namespaces(
+            field_selector=f"involvedObject.name=pool-{suffix}"
+        ).items
+    }
+    assert {"ScaleUp", "Yield"} <= events, events
+    print(
+        f"\nonline pod created -> batch worker gone (GPUs free) in {yielded:.2f}s; "
+        f"{done_at_yield} of 120 done at the yield; the job then completed on a new worker"
+    )

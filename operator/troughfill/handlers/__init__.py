@@ -18,15 +18,20 @@ from kubernetes import config as kube_config
 from troughfill import constants, lifecycle
 from troughfill.api.admission import admit
 from troughfill.api.batchinference import BatchInference, BatchInferenceStatus
+from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
 from troughfill.config import Settings
-from troughfill.kube.cluster import KubeCluster
+from troughfill.kube.cluster import KubeWorkers
+from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, connect
+from troughfill.pools import PoolController, pool_status
+from troughfill.signals import PrometheusSignals
 from troughfill.storage import store_for
 
 INTERVAL = Settings().reconcile_interval_seconds
 """Read at import (Kopf's decorators need it then); everything else is read at startup."""
 JOBS = (constants.API_GROUP, constants.API_VERSION, BatchInference.crd.plural)
+POOLS = (constants.API_GROUP, constants.API_VERSION, BatchPool.crd.plural)
 
 
 @kopf.on.startup()
@@ -45,10 +50,21 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         api = kube_client.ApiClient()
     except kube_config.ConfigException:
         api = kube_config.new_client_from_config()
-    memo.settings = Settings()
-    memo.cluster = KubeCluster(api)
-    memo.redis = connect(memo.settings)
-    memo.store = store_for(memo.settings)
+    memo.settings = own = Settings()
+    memo.cluster = KubeWorkers(api)
+    memo.redis = connect(own)
+    memo.store = store_for(own)
+    memo.pools = PoolController(
+        memo.cluster,
+        PrometheusSignals(own.prometheus_url, own.prometheus_timeout_seconds),
+        memo.redis,
+        WorkerEnvironment(
+            redis_url=own.redis_url,
+            redis_password_secret=own.redis_password_secret,
+            s3_endpoint_url=own.s3_endpoint_url,
+            worker_command=own.worker_command,
+        ),
+    )
 
 
 @kopf.on.cleanup()
@@ -97,7 +113,7 @@ async def start_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: An
     _write(patch, body, update)
 
 
-@kopf.timer(*JOBS, interval=INTERVAL, initial_delay=INTERVAL)
+@kopf.timer(*JOBS, interval=INTERVAL, initial_delay=INTERVAL, backoff=max(1.0, 2 * INTERVAL))
 async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     job = _parse(body)
     if isinstance(job, str) or job.status is None or job.status.phase is None or job.status.phase in TERMINAL:
@@ -115,3 +131,39 @@ async def delete_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if isinstance(job, str):
         return
     await lifecycle.ledger_for(job, memo.redis).delete()
+
+
+@kopf.timer(*POOLS, interval=INTERVAL, backoff=max(1.0, 2 * INTERVAL))
+async def reconcile_pool(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Plan the pool's batch workers and carry the plan out; the pool's status reports it."""
+    pool = BatchPool.model_validate(dict(body))
+    cycle = await memo.pools.cycle(pool)
+    status = pool_status(pool, cycle, lifecycle.now_utc()).model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
+    old = dict(body.get("status", {}))
+    # The signal's read time moves every cycle; it alone is not worth a write.
+    if {k: v for k, v in status.items() if k != "lastSignalTime"} != {
+        k: v for k, v in old.items() if k != "lastSignalTime"
+    }:
+        patch.status.update(status)
+    if cycle.stopped:
+        modes = ", ".join(f"{worker} ({mode.value.lower()})" for worker, mode in cycle.stopped)
+        reason = "Yield" if any(m.value == "Yield" for _, m in cycle.stopped) else "ScaleDown"
+        kopf.event(
+            body,
+            type="Normal",
+            reason=reason,
+            message=f"stopping {modes}; trough {cycle.plan.trough_gpus} GPUs",
+        )
+    if cycle.failures:
+        kopf.event(
+            body, type="Warning", reason="WorkerCreateFailed", message="; ".join(cycle.failures)[:1000]
+        )
+    if cycle.created:
+        kopf.event(
+            body,
+            type="Normal",
+            reason="ScaleUp",
+            message=f"starting {', '.join(cycle.created)}; trough {cycle.plan.trough_gpus} GPUs",
+        )

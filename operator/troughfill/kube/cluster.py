@@ -40,3 +40,79 @@ class KubeCluster:
     def pool(self, name: str) -> BatchPool | None:
         found = self._get_cluster_object(BatchPool.crd.plural, name)
         return BatchPool.model_validate(found) if found else None
+
+
+class KubeWorkers(KubeCluster):
+    """What the pool controller reads and does: jobs, nodes, online pods, worker pods."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        super().__init__(api)
+        self.core = client.CoreV1Api(api)
+        self.scheduling = client.SchedulingV1Api(api)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        listed: dict[str, Any] = self.custom.list_cluster_custom_object(
+            constants.API_GROUP, constants.API_VERSION, "batchinferences"
+        )
+        items: list[dict[str, Any]] = listed.get("items", [])
+        return items
+
+    def node_gpus(self, node_selector: dict[str, str], resource: str) -> int:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(node_selector.items()))
+        total = 0
+        for node in self.core.list_node(label_selector=selector or None).items:
+            if node.spec.unschedulable:
+                continue
+            ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+            if ready:
+                total += int((node.status.allocatable or {}).get(resource, "0"))
+        return total
+
+    def online_gpus(self, label_selector: str, namespaces: list[str], resource: str) -> tuple[float, float]:
+        """GPUs requested by matching pods: (placed on a node and not finished, not placed yet)."""
+        if not label_selector:
+            return 0.0, 0.0
+        pods: list[Any] = []
+        if namespaces:
+            for namespace in namespaces:
+                pods += self.core.list_namespaced_pod(namespace, label_selector=label_selector).items
+        else:
+            pods = self.core.list_pod_for_all_namespaces(label_selector=label_selector).items
+        placed = pending = 0.0
+        for pod in pods:
+            if pod.status.phase in {"Succeeded", "Failed"}:
+                continue
+            gpus = sum(
+                float(((c.resources.requests or {}) if c.resources else {}).get(resource, "0"))
+                for c in pod.spec.containers
+            )
+            if pod.spec.node_name:
+                placed += gpus
+            else:
+                pending += gpus
+        return placed, pending
+
+    def priority_value(self, name: str) -> int:
+        try:
+            found = self.scheduling.read_priority_class(name)
+        except ApiException as error:
+            if error.status == 404:
+                return 0
+            raise
+        return int(found.value)
+
+    def worker_pods(self, pool: str) -> list[Any]:
+        selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER},{constants.LABEL_POOL}={pool}"
+        pods: list[Any] = self.core.list_pod_for_all_namespaces(label_selector=selector).items
+        return pods
+
+    def create_pod(self, manifest: dict[str, Any]) -> None:
+        self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest)
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """A graceful delete: the pod's own terminationGracePeriodSeconds applies."""
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise

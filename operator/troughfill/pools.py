@@ -1,0 +1,268 @@
+"""One planning cycle of a BatchPool: observe the cluster, Prometheus and the ledger, plan, act.
+
+Observe: the pool's GPUs (a fixed count or its nodes' allocatable GPUs), online demand (the
+pool's Prometheus queries, plus GPUs of online pods still pending), every admitted job on the
+pool with its remaining work (ledger) and its worker pods. Plan: the pure planner. Act: tell
+each victim how to stop (drain or yield, through the ledger), delete its pod (the worker
+gets SIGTERM and reads that), and create the workers the plan starts. No Kopf here.
+"""
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pydantic
+from kubernetes.client.exceptions import ApiException
+from redis.asyncio import Redis
+
+from troughfill import constants
+from troughfill.api.admission import admit
+from troughfill.api.batchinference import BatchInference, Phase
+from troughfill.api.batchpool import BatchPool, BatchPoolStatus
+from troughfill.api.conditions import ConditionStatus, PoolConditionType, Reason, is_true, set_condition
+from troughfill.api.modeltemplate import ModelTemplate
+from troughfill.api.types import LabelSelector, parse_duration
+from troughfill.kube.cluster import KubeWorkers
+from troughfill.kube.workerpod import WorkerEnvironment, worker_pod
+from troughfill.ledger import JobKeys, JobLedger
+from troughfill.planner import (
+    JobState,
+    OnlineSignal,
+    Plan,
+    PlannerMemory,
+    PoolPolicy,
+    SignalState,
+    Snapshot,
+    StopMode,
+    WorkerState,
+    plan,
+)
+from troughfill.signals import SignalSource
+
+ACTIVE_PHASES = frozenset({Phase.VALIDATING, Phase.IN_PROGRESS})
+
+
+@dataclass
+class Cycle:
+    plan: Plan
+    online: OnlineSignal
+    capacity_gpus: int
+    created: list[str] = field(default_factory=list)
+    stopped: list[tuple[str, StopMode]] = field(default_factory=list)
+    jobs: int = 0
+    failures: list[str] = field(default_factory=list)
+    """Workers the API server refused to create (missing PriorityClass, quota, ...), with why."""
+
+
+@dataclass
+class _Job:
+    job: BatchInference
+    template: ModelTemplate
+    ledger: JobLedger
+    pods: list[Any]
+
+
+def selector_string(selector: LabelSelector) -> str:
+    """A LabelSelector in the API's query syntax ("" selects nothing here: no online pods)."""
+    terms = [f"{k}={v}" for k, v in sorted(selector.match_labels.items())]
+    for expression in selector.match_expressions:
+        values = ",".join(expression.values)
+        terms.append(
+            {
+                "In": f"{expression.key} in ({values})",
+                "NotIn": f"{expression.key} notin ({values})",
+                "Exists": expression.key,
+                "DoesNotExist": f"!{expression.key}",
+            }[expression.operator]
+        )
+    return ",".join(terms)
+
+
+def _api_message(error: ApiException) -> str:
+    try:
+        return str(json.loads(error.body)["message"])[:500]
+    except (TypeError, ValueError, KeyError):
+        return f"{error.status} {error.reason}"
+
+
+def _epoch(value: datetime | None) -> float:
+    return value.timestamp() if value else time.time()
+
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
+
+
+class PoolController:
+    def __init__(
+        self,
+        cluster: KubeWorkers,
+        signals: SignalSource,
+        redis: Redis,
+        environment: WorkerEnvironment,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cluster = cluster
+        self.signals = signals
+        self.redis = redis
+        self.environment = environment
+        self.clock = clock
+        self.memory: dict[str, PlannerMemory] = {}
+
+    async def _capacity(self, pool: BatchPool) -> int:
+        gpus = pool.spec.gpus
+        if gpus.count is not None:
+            return gpus.count
+        return await asyncio.to_thread(self.cluster.node_gpus, dict(gpus.node_selector), gpus.resource_name)
+
+    async def _online(self, pool: BatchPool) -> OnlineSignal:
+        online = pool.spec.online
+        placed, pending = await asyncio.to_thread(
+            self.cluster.online_gpus,
+            selector_string(online.selector),
+            list(online.namespaces),
+            pool.spec.gpus.resource_name,
+        )
+        if online.gpus_in_use_query is None and not online.pressure:
+            # No Prometheus query: the online pods' own GPU requests are the demand (read just now).
+            return OnlineSignal(gpus_in_use=placed, observed_at=self.clock(), pending_gpus=pending)
+        reading = await asyncio.to_thread(self.signals.read, pool.metadata.name, online)
+        return reading.online_signal(pending_gpus=pending)
+
+    async def _jobs(self, pool: BatchPool) -> list[_Job]:
+        templates: dict[str, ModelTemplate | None] = {}
+        pods_by_job: dict[str, list[Any]] = {}
+        for pod in await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name):
+            pods_by_job.setdefault(pod.metadata.labels.get(constants.LABEL_JOB_UID, ""), []).append(pod)
+        found: list[_Job] = []
+        for raw in await asyncio.to_thread(self.cluster.jobs):
+            try:
+                job = BatchInference.model_validate(raw)
+            except pydantic.ValidationError:
+                continue
+            status = job.status
+            if (
+                status is None
+                or status.phase not in ACTIVE_PHASES
+                or not is_true(status.conditions, "Admitted")
+            ):
+                continue
+            name = job.spec.template_ref
+            if name not in templates:
+                templates[name] = await asyncio.to_thread(self.cluster.template, name)
+            template = templates[name]
+            if template is None or template.spec.pool_ref != pool.metadata.name:
+                continue
+            meta = job.metadata
+            ledger = JobLedger(self.redis, JobKeys(meta.namespace or "default", meta.name, meta.uid or ""))
+            found.append(_Job(job, template, ledger, pods_by_job.get(meta.uid or "", [])))
+        return found
+
+    async def _job_state(self, entry: _Job, priority: int) -> JobState:
+        job, template = entry.job, entry.template
+        progress = await entry.ledger.progress()
+        remaining = 0 if job.spec.suspend or not progress.indexed else progress.total - progress.finished
+        workers = tuple(
+            WorkerState(
+                name=pod.metadata.name,
+                started_at=_epoch(pod.metadata.creation_timestamp),
+                ready=_ready(pod),
+                stopping=StopMode.DRAIN if pod.metadata.deletion_timestamp else None,
+            )
+            for pod in entry.pods
+            if pod.status.phase not in {"Succeeded", "Failed"}
+        )
+        window = parse_duration(job.spec.completion_window).total_seconds()
+        created = _epoch(job.metadata.creationTimestamp)
+        tokens_per_second = float(template.spec.tokens_per_second or 0)
+        average = progress.completion_tokens / progress.finished if progress.finished else 0.0
+        return JobState(
+            key=f"{job.metadata.namespace}/{job.metadata.name}",
+            namespace=job.metadata.namespace or "default",
+            priority=priority,
+            gpus_per_worker=template.spec.gpus_per_worker,
+            min_workers=job.spec.min_workers,
+            max_workers=job.spec.max_workers,
+            remaining_requests=max(0, remaining),
+            remaining_tokens=average * max(0, remaining),
+            worker_tokens_per_second=tokens_per_second,
+            deadline=created + window,
+            cold_start_seconds=float(template.spec.cold_start_seconds),
+            workers=workers,
+        )
+
+    async def cycle(self, pool: BatchPool) -> Cycle:
+        name = pool.metadata.name
+        capacity = await self._capacity(pool)
+        online = await self._online(pool)
+        entries = await self._jobs(pool)
+        priorities: dict[str, int] = {}
+        states: list[JobState] = []
+        for entry in entries:
+            admission = admit(entry.job, entry.template, pool)
+            klass = admission.priority_class_name or pool.spec.default_priority_class_name
+            if klass not in priorities:
+                priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
+            states.append(await self._job_state(entry, priorities[klass]))
+        snapshot = Snapshot(
+            now=self.clock(),
+            pool=PoolPolicy.from_spec(pool.spec, capacity),
+            online=online,
+            jobs=tuple(states),
+        )
+        decided = plan(snapshot, self.memory.get(name))
+        self.memory[name] = decided.memory
+        result = Cycle(decided, online, capacity, jobs=len(entries))
+        by_key = {f"{e.job.metadata.namespace}/{e.job.metadata.name}": e for e in entries}
+        for stop in decided.stops:
+            entry = by_key[stop.job]
+            pod = next((p for p in entry.pods if p.metadata.name == stop.worker), None)
+            if pod is None or pod.metadata.deletion_timestamp:
+                continue
+            await entry.ledger.request_stop(stop.worker, stop.mode.value.lower())
+            await asyncio.to_thread(self.cluster.delete_pod, pod.metadata.namespace, pod.metadata.name)
+            result.stopped.append((stop.worker, stop.mode))
+        for key, job_plan in decided.jobs.items():
+            entry = by_key[key]
+            for _ in range(job_plan.starts):
+                admission = admit(entry.job, entry.template, pool)
+                pod_name = f"{entry.job.metadata.name[:40]}-w-{secrets.token_hex(3)}"
+                manifest = worker_pod(
+                    pod_name, entry.job, entry.template, pool, admission, environment=self.environment
+                )
+                try:
+                    await asyncio.to_thread(self.cluster.create_pod, manifest)
+                except ApiException as error:
+                    reason = _api_message(error)
+                    result.failures.append(f"{key}: {reason}")
+                    break  # the next start of this job would be refused the same way
+                result.created.append(pod_name)
+        return result
+
+
+def pool_status(pool: BatchPool, cycle: Cycle, now: datetime) -> BatchPoolStatus:
+    status = pool.status.model_copy(deep=True) if pool.status else BatchPoolStatus()
+    status.observed_generation = pool.metadata.generation
+    status.capacity_gpus = cycle.capacity_gpus
+    status.online_gpus = round(cycle.online.gpus_in_use or 0)
+    status.batch_gpus = cycle.plan.batch_gpus
+    status.trough_gpus = cycle.plan.trough_gpus
+    status.active_jobs = cycle.jobs
+    if cycle.online.observed_at is not None:
+        status.last_signal_time = datetime.fromtimestamp(cycle.online.observed_at, UTC)
+    fresh = cycle.plan.signal == SignalState.FRESH
+    status.conditions = set_condition(
+        status.conditions,
+        PoolConditionType.SIGNAL_READY,
+        status=ConditionStatus.TRUE if fresh else ConditionStatus.FALSE,
+        reason=Reason.SIGNAL_FRESH if fresh else Reason.SIGNAL_STALE,
+        message=f"online demand signal {cycle.plan.signal.value.lower()}",
+        now=now,
+        observed_generation=pool.metadata.generation,
+    )
+    return status
