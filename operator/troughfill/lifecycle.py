@@ -17,10 +17,12 @@ from troughfill.api.batchinference import (
     Phase,
     RequestCounts,
     TokenCounts,
+    WorkerCounts,
     progress_text,
 )
-from troughfill.api.conditions import ConditionStatus, JobConditionType, Reason, set_condition
-from troughfill.jobs import finalize, index_input
+from troughfill.api.conditions import ConditionStatus, JobConditionType, Reason, find_condition, set_condition
+from troughfill.api.types import parse_duration
+from troughfill.jobs import FinalReport, finalize, index_input
 from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger
 from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, join
 
@@ -142,15 +144,81 @@ async def start(
     return refreshed
 
 
+@dataclass(frozen=True)
+class Workers:
+    """The job's workers as its pool's last planning cycle saw them."""
+
+    desired: int
+    ready: int
+    limit: str
+    """The planner's reason for fewer workers than the job could use ("None" when not short)."""
+    at_risk: bool
+    crash_loop: str | None = None
+
+
+def deadline(job: BatchInference) -> datetime | None:
+    created = job.metadata.creationTimestamp
+    return created + parse_duration(job.spec.completion_window) if created else None
+
+
+def _running_condition(job: BatchInference, workers: Workers) -> tuple[ConditionStatus, Reason, str]:
+    if workers.crash_loop:
+        return ConditionStatus.FALSE, Reason.CRASH_LOOP, workers.crash_loop
+    if job.spec.suspend:
+        return (
+            ConditionStatus.FALSE,
+            Reason.SUSPENDED,
+            "spec.suspend is true: every worker stops, progress is kept",
+        )
+    if workers.ready:
+        return (
+            ConditionStatus.TRUE,
+            Reason.WORKERS_READY,
+            f"{workers.ready} of {workers.desired} workers ready",
+        )
+    reason = {"StaleSignal": Reason.SIGNAL_STALE, "NoTrough": Reason.ONLINE_DEMAND}.get(
+        workers.limit, Reason.WAITING_FOR_TROUGH
+    )
+    return (
+        ConditionStatus.FALSE,
+        reason,
+        f"no worker ready ({workers.desired} wanted; limited by {workers.limit})",
+    )
+
+
 async def refresh_status(
-    job: BatchInference, status: BatchInferenceStatus, ledger: JobLedger, store: ObjectStore, now: datetime
+    job: BatchInference,
+    status: BatchInferenceStatus,
+    ledger: JobLedger,
+    store: ObjectStore,
+    now: datetime,
+    *,
+    workers: Workers | None = None,
 ) -> StatusUpdate:
-    """Counts and phase from the ledger; once every request is done, merge the output and complete."""
+    """Counts and phase from the ledger; workers from the pool's plan; once every request is
+    done, merge the output and complete; once the completion window has passed, expire the rest."""
     progress = await ledger.progress()
     events: list[Event] = []
+    ends = deadline(job)
+    if (
+        ends is not None
+        and now >= ends
+        and not progress.all_done
+        and progress.state in {Phase.VALIDATING, Phase.IN_PROGRESS, Phase.FINALIZING}
+    ):
+        report = await finalize(ledger, store, Phase.EXPIRED)
+        message = f"completion window {job.spec.completion_window} ended: {_summary(report)}"
+        events.append(Event(Reason.WINDOW_ENDED, message, warning=True))
+        status.output_url, status.error_url = report.output_url, report.error_url
+        _set(
+            status, job, JobConditionType.EXPIRED,
+            value=ConditionStatus.TRUE, reason=Reason.WINDOW_ENDED, message=message, now=now,
+        )  # fmt: skip
+        status.finished_at = status.finished_at or now
+        progress = await ledger.progress()
     if progress.all_done and progress.state not in TERMINAL:
         report = await finalize(ledger, store)
-        message = f"{report.outputs} results, {report.errors} errors in {report.output_url}"
+        message = _summary(report)
         events.append(Event(Reason.ALL_REQUESTS_DONE, message))
         status.output_url, status.error_url = report.output_url, report.error_url
         progress = await ledger.progress()
@@ -175,7 +243,50 @@ async def refresh_status(
             config = await ledger.config()
             status.output_url = join(config.output_url, OUTPUT_FILE)
             status.error_url = join(config.output_url, ERROR_FILE)
+    if workers is not None and progress.state not in TERMINAL:
+        status.workers = WorkerCounts(desired=workers.desired, ready=workers.ready)
+        value, reason, message = _running_condition(job, workers)
+        _set(status, job, JobConditionType.RUNNING, value=value, reason=reason, message=message, now=now)
+        _set(
+            status, job, JobConditionType.AT_RISK,
+            value=ConditionStatus.TRUE if workers.at_risk else ConditionStatus.FALSE,
+            reason=Reason.DEADLINE_AT_RISK if workers.at_risk else Reason.ON_TRACK,
+            message="the deadline is missed at the current pace" if workers.at_risk else "on track",
+            now=now,
+        )  # fmt: skip
+    elif progress.state in TERMINAL:
+        status.workers = WorkerCounts(desired=0, ready=0)
+        if find_condition(status.conditions, JobConditionType.RUNNING) is not None:
+            ended = {Phase.COMPLETED: Reason.ALL_REQUESTS_DONE, Phase.EXPIRED: Reason.WINDOW_ENDED}
+            _set(
+                status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE,
+                reason=ended.get(progress.state, Reason.DELETED), message=f"the job is {progress.state.value}",
+                now=now,
+            )  # fmt: skip
     return StatusUpdate(status, events)
+
+
+def _summary(report: FinalReport) -> str:
+    return f"{report.outputs} results, {report.errors} errors in {report.output_url}"
+
+
+async def cancel(ledger: JobLedger, store: ObjectStore) -> FinalReport | None:
+    """The job is deleted: what is done is merged (the rest as batch_cancelled), then the ledger goes.
+
+    Nothing to merge for a job that already ended or was never recorded.
+    """
+    state = await ledger.state()
+    report = None
+    if state is not None and state not in TERMINAL:
+        if state == Phase.FINALIZING:
+            progress = await ledger.progress()
+            report = await finalize(ledger, store, Phase.COMPLETED if progress.all_done else Phase.EXPIRED)
+        else:
+            if state != Phase.CANCELLING:
+                await ledger.transition(Phase.CANCELLING)
+            report = await finalize(ledger, store, Phase.CANCELLED)
+    await ledger.delete()
+    return report
 
 
 def now_utc() -> datetime:

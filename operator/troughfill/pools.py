@@ -32,6 +32,7 @@ from troughfill.kube.workerpod import WorkerEnvironment, worker_pod
 from troughfill.ledger import JobKeys, JobLedger
 from troughfill.planner import (
     JobState,
+    Limit,
     OnlineSignal,
     Plan,
     PlannerMemory,
@@ -45,6 +46,21 @@ from troughfill.planner import (
 from troughfill.signals import SignalSource
 
 ACTIVE_PHASES = frozenset({Phase.VALIDATING, Phase.IN_PROGRESS})
+CRASH_LOOP_FAILURES = 3
+"""Worker pods of one job that may fail within CRASH_LOOP_SECONDS before it gets no more for a while."""
+CRASH_LOOP_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What the job's own status reports about its workers (read by the job's reconcile)."""
+
+    desired: int
+    ready: int
+    limit: Limit
+    at_risk: bool
+    crash_loop: str | None = None
+    """Why no worker is started right now, when its workers keep failing."""
 
 
 @dataclass
@@ -113,6 +129,10 @@ class PoolController:
         self.environment = environment
         self.clock = clock
         self.memory: dict[str, PlannerMemory] = {}
+        self.views: dict[str, WorkerView] = {}
+        """Job uid -> its workers as of the last cycle of its pool."""
+        self.failures: dict[str, list[float]] = {}
+        """Job uid -> when its recent worker pods failed."""
 
     async def _capacity(self, pool: BatchPool) -> int:
         gpus = pool.spec.gpus
@@ -138,7 +158,14 @@ class PoolController:
         templates: dict[str, ModelTemplate | None] = {}
         pods_by_job: dict[str, list[Any]] = {}
         for pod in await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name):
-            pods_by_job.setdefault(pod.metadata.labels.get(constants.LABEL_JOB_UID, ""), []).append(pod)
+            uid = pod.metadata.labels.get(constants.LABEL_JOB_UID, "")
+            if pod.status.phase in {"Succeeded", "Failed"}:
+                # Finished workers are removed (and replaced if the plan wants); failures are counted.
+                if pod.status.phase == "Failed" and not pod.metadata.deletion_timestamp:
+                    self.failures.setdefault(uid, []).append(self.clock())
+                await asyncio.to_thread(self.cluster.delete_pod, pod.metadata.namespace, pod.metadata.name)
+                continue
+            pods_by_job.setdefault(uid, []).append(pod)
         found: list[_Job] = []
         for raw in await asyncio.to_thread(self.cluster.jobs):
             try:
@@ -160,13 +187,33 @@ class PoolController:
                 continue
             meta = job.metadata
             ledger = JobLedger(self.redis, JobKeys(meta.namespace or "default", meta.name, meta.uid or ""))
-            found.append(_Job(job, template, ledger, pods_by_job.get(meta.uid or "", [])))
+            found.append(_Job(job, template, ledger, pods_by_job.pop(meta.uid or "", [])))
+        # Workers of jobs no longer active here (finished, expired, suspended out, deleted): stop them.
+        for pods in pods_by_job.values():
+            for pod in pods:
+                if not pod.metadata.deletion_timestamp:
+                    await asyncio.to_thread(
+                        self.cluster.delete_pod, pod.metadata.namespace, pod.metadata.name
+                    )
         return found
+
+    def _crash_loop(self, uid: str) -> str | None:
+        now = self.clock()
+        recent = [t for t in self.failures.get(uid, []) if now - t < CRASH_LOOP_SECONDS]
+        self.failures[uid] = recent
+        if len(recent) < CRASH_LOOP_FAILURES:
+            return None
+        return (
+            f"{len(recent)} worker pods failed in the last {CRASH_LOOP_SECONDS:.0f}s; "
+            f"no new worker until {CRASH_LOOP_SECONDS:.0f}s after the last failure"
+        )
 
     async def _job_state(self, entry: _Job, priority: int) -> JobState:
         job, template = entry.job, entry.template
         progress = await entry.ledger.progress()
         remaining = 0 if job.spec.suspend or not progress.indexed else progress.total - progress.finished
+        if self._crash_loop(job.metadata.uid or ""):
+            remaining = 0  # running workers drain; none is started until the failures age out
         workers = tuple(
             WorkerState(
                 name=pod.metadata.name,
@@ -229,6 +276,14 @@ class PoolController:
             result.stopped.append((stop.worker, stop.mode))
         for key, job_plan in decided.jobs.items():
             entry = by_key[key]
+            uid = entry.job.metadata.uid or ""
+            self.views[uid] = WorkerView(
+                desired=job_plan.desired_workers,
+                ready=sum(1 for p in entry.pods if _ready(p) and not p.metadata.deletion_timestamp),
+                limit=job_plan.limit,
+                at_risk=job_plan.at_risk,
+                crash_loop=self._crash_loop(uid),
+            )
             for _ in range(job_plan.starts):
                 admission = admit(entry.job, entry.template, pool)
                 pod_name = f"{entry.job.metadata.name[:40]}-w-{secrets.token_hex(3)}"

@@ -120,17 +120,37 @@ async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
         return
     status = job.status.model_copy(deep=True) if job.status else BatchInferenceStatus()
     ledger = lifecycle.ledger_for(job, memo.redis)
-    update = await lifecycle.refresh_status(job, status, ledger, memo.store, lifecycle.now_utc())
+    view = memo.pools.views.get(job.metadata.uid or "")
+    workers = (
+        lifecycle.Workers(view.desired, view.ready, view.limit.value, view.at_risk, view.crash_loop)
+        if view is not None
+        else None
+    )
+    update = await lifecycle.refresh_status(
+        job, status, ledger, memo.store, lifecycle.now_utc(), workers=workers
+    )
     _write(patch, body, update)
 
 
 @kopf.on.delete(*JOBS)
 async def delete_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Workers go with their owner (owner references); the ledger's keys go here; output stays."""
+    """Deleting cancels: workers stop, what is done is merged into the output (the rest as
+    batch_cancelled), the ledger's keys go; the output stays."""
     job = _parse(body)
     if isinstance(job, str):
         return
-    await lifecycle.ledger_for(job, memo.redis).delete()
+    await asyncio.to_thread(
+        memo.cluster.delete_job_workers, job.metadata.namespace or "default", job.metadata.uid or ""
+    )
+    report = await lifecycle.cancel(lifecycle.ledger_for(job, memo.redis), memo.store)
+    memo.pools.views.pop(job.metadata.uid or "", None)
+    if report is not None:
+        kopf.event(
+            body,
+            type="Normal",
+            reason=Reason.DELETED.value,
+            message=f"cancelled: {report.outputs} results, {report.errors} errors in {report.output_url}",
+        )
 
 
 @kopf.timer(*POOLS, interval=INTERVAL, backoff=max(1.0, 2 * INTERVAL))

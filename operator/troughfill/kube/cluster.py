@@ -116,3 +116,13 @@ class KubeWorkers(KubeCluster):
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def delete_job_workers(self, namespace: str, job_uid: str) -> int:
+        """Gracefully delete every worker pod of a job; how many there were."""
+        selector = (
+            f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER},{constants.LABEL_JOB_UID}={job_uid}"
+        )
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        for pod in pods:
+            self.delete_pod(namespace, pod.metadata.name)
+        return len(pods)

@@ -1,0 +1,114 @@
+"""A job's life as status, against a real Redis ledger and real files: the functions the Kopf
+handlers call (admission outcome, indexing, progress, completion, expiry, cancellation)."""
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from tests.builders import batch_inference, pool, template
+from tests.ledgertools import FakeWorker, drain, read_jsonl, request_line, write_input
+from troughfill import lifecycle
+from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
+from troughfill.api.admission import Admission
+from troughfill.api.conditions import find_condition
+from troughfill.storage import ObjectStore
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def make_job(tmp_path: Path, count: int, created: datetime = NOW, **spec: object) -> BatchInference:
+    input_url = write_input(tmp_path / "in.jsonl", [request_line(f"r{i}") for i in range(count)])
+    wire = batch_inference(inputURL=input_url, outputURL=(tmp_path / "out").as_uri() + "/", **spec)
+    wire["metadata"].update(uid=uuid.uuid4().hex, generation=1, creationTimestamp=created.isoformat())
+    return BatchInference.model_validate(wire)
+
+
+def admitted(job: BatchInference) -> Admission:
+    return admit(job, ModelTemplate.model_validate(template()), BatchPool.model_validate(pool()))
+
+
+async def test_a_job_is_indexed_then_completes_with_its_counts(aredis: Redis, tmp_path: Path) -> None:
+    job = make_job(tmp_path, 12)
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    started = await lifecycle.start(job, admitted(job), ledger, store, NOW)
+    assert started.status.phase == "in_progress"
+    assert started.status.request_counts.total == 12
+    assert [e.reason for e in started.events] == ["Admitted"]
+    again = await lifecycle.start(job, admitted(job), ledger, store, NOW)
+    assert again.events == []  # a resumed handler does not re-admit or re-index
+    await drain(ledger, store, job.spec.output_url)
+    workers = lifecycle.Workers(desired=1, ready=1, limit="None", at_risk=False)
+    done = await lifecycle.refresh_status(job, started.status, ledger, store, NOW, workers=workers)
+    assert done.status.phase == "completed"
+    assert done.status.progress == "12/12 (100%)"
+    complete = find_condition(done.status.conditions, "Complete")
+    assert complete is not None
+    assert complete.status == "True"
+    assert done.status.workers.desired == 0  # a finished job wants none
+    assert len(read_jsonl(tmp_path / "out" / "output.jsonl")) == 12
+
+
+async def test_a_refused_job_fails_with_the_admission_reason(aredis: Redis, tmp_path: Path) -> None:
+    job = make_job(tmp_path, 1)
+    refusal = admit(job, None, BatchPool.model_validate(pool()))
+    outcome = await lifecycle.start(job, refusal, lifecycle.ledger_for(job, aredis), ObjectStore(), NOW)
+    failed = find_condition(outcome.status.conditions, "Failed")
+    assert failed is not None
+    assert failed.reason == "TemplateNotFound"
+    assert outcome.status.phase == "failed"
+    assert outcome.events[0].warning
+    assert await lifecycle.ledger_for(job, aredis).state() is None  # nothing recorded
+
+
+async def test_unreadable_input_fails_the_job(aredis: Redis, tmp_path: Path) -> None:
+    wire = batch_inference(
+        inputURL=(tmp_path / "missing.jsonl").as_uri(), outputURL=(tmp_path / "o").as_uri()
+    )
+    wire["metadata"].update(uid=uuid.uuid4().hex, creationTimestamp=NOW.isoformat())
+    job = BatchInference.model_validate(wire)
+    outcome = await lifecycle.start(
+        job,
+        admitted(job),
+        lifecycle.ledger_for(job, aredis),
+        ObjectStore(),
+        NOW,
+    )
+    failed = find_condition(outcome.status.conditions, "Failed")
+    assert failed is not None
+    assert failed.reason == "InputUnreadable"
+
+
+async def test_the_completion_window_expires_what_is_left(aredis: Redis, tmp_path: Path) -> None:
+    job = make_job(tmp_path, 10, created=NOW - timedelta(hours=2), completionWindow="1h")
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    started = await lifecycle.start(job, admitted(job), ledger, store, NOW - timedelta(hours=2))
+    worker = FakeWorker(ledger, store, job.spec.output_url, "w")
+    assert await worker.take(4)
+    await worker.finish()
+    expired = await lifecycle.refresh_status(job, started.status, ledger, store, NOW)
+    assert expired.status.phase == "expired"
+    assert [e.reason for e in expired.events] == ["CompletionWindowEnded"]
+    errors = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert len(read_jsonl(tmp_path / "out" / "output.jsonl")) == 4
+    assert len(errors) == 6
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+
+
+async def test_deleting_cancels_keeps_what_was_done_and_removes_the_ledger(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    job = make_job(tmp_path, 8)
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    await lifecycle.start(job, admitted(job), ledger, store, NOW)
+    worker = FakeWorker(ledger, store, job.spec.output_url, "w")
+    assert await worker.take(3)
+    await worker.finish()
+    report = await lifecycle.cancel(ledger, store)
+    assert report is not None
+    assert (report.outputs, report.errors) == (3, 5)
+    errors = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert await aredis.keys(f"*{job.metadata.uid}*") == []
+    assert await lifecycle.cancel(ledger, store) is None  # again: nothing left to do
