@@ -260,8 +260,8 @@ async def refresh_status(
             ended = {Phase.COMPLETED: Reason.ALL_REQUESTS_DONE, Phase.EXPIRED: Reason.WINDOW_ENDED}
             _set(
                 status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE,
-                reason=ended.get(progress.state, Reason.DELETED), message=f"the job is {progress.state.value}",
-                now=now,
+                reason=ended.get(progress.state, Reason.DELETED),
+                message=f"the job is {progress.state.value}", now=now,
             )  # fmt: skip
     return StatusUpdate(status, events)
 
