@@ -31,5 +31,6 @@ class Settings(BaseSettings):
     """How worker pods invoke troughfill in the template's image (JSON list in the environment)."""
     redis_password_secret: tuple[str, str] | None = None
     """(Secret, key) in each job's namespace that worker pods read the Redis password from."""
-    metrics_port: int = Field(default=9090, ge=1, le=65535)
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """0: no metrics endpoint."""
     health_port: int = Field(default=8080, ge=1, le=65535)

@@ -20,7 +20,7 @@ import pydantic
 from kubernetes.client.exceptions import ApiException
 from redis.asyncio import Redis
 
-from troughfill import constants
+from troughfill import constants, metrics
 from troughfill.api.admission import admit
 from troughfill.api.batchinference import BatchInference, Phase
 from troughfill.api.batchpool import BatchPool, BatchPoolStatus
@@ -133,6 +133,11 @@ class PoolController:
         """Job uid -> its workers as of the last cycle of its pool."""
         self.failures: dict[str, list[float]] = {}
         """Job uid -> when its recent worker pods failed."""
+        self.stopping: dict[str, tuple[str, float, StopMode]] = {}
+        """Pod (namespace/name) -> (pool, when the plan stopped it, how), until it is gone."""
+        self.gpu_seconds: dict[str, float] = {}
+        """Job uid -> GPU-seconds its ready workers held and its status has not counted yet."""
+        self.last_cycle: dict[str, float] = {}
 
     async def _capacity(self, pool: BatchPool) -> int:
         gpus = pool.spec.gpus
@@ -157,7 +162,13 @@ class PoolController:
     async def _jobs(self, pool: BatchPool) -> list[_Job]:
         templates: dict[str, ModelTemplate | None] = {}
         pods_by_job: dict[str, list[Any]] = {}
-        for pod in await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name):
+        pods = await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name)
+        present = {f"{p.metadata.namespace}/{p.metadata.name}" for p in pods}
+        for key, (pool_name, decided, mode) in list(self.stopping.items()):
+            if pool_name == pool.metadata.name and key not in present:
+                metrics.YIELD_LATENCY.labels(pool_name, mode.value.lower()).observe(self.clock() - decided)
+                del self.stopping[key]
+        for pod in pods:
             uid = pod.metadata.labels.get(constants.LABEL_JOB_UID, "")
             if pod.status.phase in {"Succeeded", "Failed"}:
                 # Finished workers are removed (and replaced if the plan wants); failures are counted.
@@ -208,9 +219,26 @@ class PoolController:
             f"no new worker until {CRASH_LOOP_SECONDS:.0f}s after the last failure"
         )
 
-    async def _job_state(self, entry: _Job, priority: int) -> JobState:
+    async def _job_state(self, entry: _Job, priority: int, pool: BatchPool, elapsed: float) -> JobState:
         job, template = entry.job, entry.template
         progress = await entry.ledger.progress()
+        ready = sum(1 for p in entry.pods if _ready(p) and not p.metadata.deletion_timestamp)
+        uid, labels = job.metadata.uid or "", (job.metadata.namespace or "default", job.metadata.name)
+        held = ready * template.spec.gpus_per_worker
+        self.gpu_seconds[uid] = self.gpu_seconds.get(uid, 0.0) + held * elapsed
+        metrics.JOB_GPUS.labels(*labels).set(held)
+        for state, value in (
+            ("total", progress.total),
+            ("completed", progress.completed),
+            ("failed", progress.failed),
+        ):
+            metrics.JOB_REQUESTS.labels(*labels, state).set(value)
+        metrics.JOB_TOKENS.labels(*labels, "prompt").set(progress.prompt_tokens)
+        metrics.JOB_TOKENS.labels(*labels, "completion").set(progress.completion_tokens)
+        if progress.completion_tokens:
+            counted = (job.status.gpu_seconds if job.status else 0.0) + self.gpu_seconds[uid]
+            dollars = float(pool.spec.gpu_hourly_cost) * counted / 3600
+            metrics.JOB_COST.labels(*labels).set(dollars / (progress.completion_tokens / 1e6))
         remaining = 0 if job.spec.suspend or not progress.indexed else progress.total - progress.finished
         if self._crash_loop(job.metadata.uid or ""):
             remaining = 0  # running workers drain; none is started until the failures age out
@@ -245,6 +273,9 @@ class PoolController:
 
     async def cycle(self, pool: BatchPool) -> Cycle:
         name = pool.metadata.name
+        now = self.clock()
+        elapsed = now - self.last_cycle.get(name, now)
+        self.last_cycle[name] = now
         capacity = await self._capacity(pool)
         online = await self._online(pool)
         entries = await self._jobs(pool)
@@ -255,7 +286,7 @@ class PoolController:
             klass = admission.priority_class_name or pool.spec.default_priority_class_name
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
-            states.append(await self._job_state(entry, priorities[klass]))
+            states.append(await self._job_state(entry, priorities[klass], pool, elapsed))
         snapshot = Snapshot(
             now=self.clock(),
             pool=PoolPolicy.from_spec(pool.spec, capacity),
@@ -264,6 +295,12 @@ class PoolController:
         )
         decided = plan(snapshot, self.memory.get(name))
         self.memory[name] = decided.memory
+        metrics.CAPACITY.labels(name).set(capacity)
+        metrics.ONLINE.labels(name).set(online.gpus_in_use or 0)
+        metrics.TROUGH.labels(name).set(decided.trough_gpus)
+        metrics.BATCH.labels(name).set(decided.batch_gpus)
+        if online.observed_at is not None:
+            metrics.STALENESS.labels(name).set(max(0.0, snapshot.now - online.observed_at))
         result = Cycle(decided, online, capacity, jobs=len(entries))
         by_key = {f"{e.job.metadata.namespace}/{e.job.metadata.name}": e for e in entries}
         for stop in decided.stops:
@@ -273,6 +310,8 @@ class PoolController:
                 continue
             await entry.ledger.request_stop(stop.worker, stop.mode.value.lower())
             await asyncio.to_thread(self.cluster.delete_pod, pod.metadata.namespace, pod.metadata.name)
+            self.stopping[f"{pod.metadata.namespace}/{pod.metadata.name}"] = (name, snapshot.now, stop.mode)
+            metrics.DECISIONS.labels(name, stop.mode.value.lower()).inc()
             result.stopped.append((stop.worker, stop.mode))
         for key, job_plan in decided.jobs.items():
             entry = by_key[key]
@@ -297,6 +336,7 @@ class PoolController:
                     result.failures.append(f"{key}: {reason}")
                     break  # the next start of this job would be refused the same way
                 result.created.append(pod_name)
+                metrics.DECISIONS.labels(name, "start").inc()
         return result
 
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +21,12 @@ import redis
 import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Kube
 from tests.e2e.test_cluster import until
 from troughfill import constants
-from troughfill.devenv import RedisServer, VllmServer
+from troughfill.devenv import RedisServer, VllmServer, free_port
 from troughfill.devenv.services import VLLM_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +78,7 @@ def operator(
 ) -> Iterator[KopfRunner]:
     monkeypatch.setenv("TROUGHFILL_REDIS_URL", redis_server.url)
     monkeypatch.setenv("TROUGHFILL_RECONCILE_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("TROUGHFILL_METRICS_PORT", "0")
     args = ["run", "--standalone", "--namespace", namespace, "-m", "troughfill.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         yield runner
@@ -256,6 +259,22 @@ def test_a_job_naming_an_unknown_template_fails_with_a_reason_and_an_event(
     assert events[0].type == "Warning"
 
 
+def assert_decisions_metered(scraped: str, pool_name: str) -> None:
+    """The operator's /metrics counted the starts and the yield, and timed the yield."""
+    values = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("troughfill_decisions_total", pool=pool_name, action="start") >= 2
+    assert value("troughfill_decisions_total", pool=pool_name, action="yield") >= 1
+    assert value("troughfill_yield_latency_seconds_count", pool=pool_name, mode="yield") >= 1
+
+
 def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     kube: Kube,
     namespace: str,
@@ -310,6 +329,8 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     monkeypatch.setenv("TROUGHFILL_REDIS_URL", redis_server.url)
     monkeypatch.setenv("TROUGHFILL_RECONCILE_INTERVAL_SECONDS", "0.5")
     monkeypatch.setenv("TROUGHFILL_WORKER_COMMAND", json.dumps([sys.executable, "-m", "troughfill.cli"]))
+    metrics_port = free_port()
+    monkeypatch.setenv("TROUGHFILL_METRICS_PORT", str(metrics_port))
     args = ["run", "--standalone", "--all-namespaces", "-m", "troughfill.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         apply(kube, pool, template)
@@ -361,6 +382,8 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
         )
         until(lambda: not workers(), 30, "the batch worker gone", interval=0.05)
         yielded = time.monotonic() - arrived
+        job_status = get_job(kube, namespace, "long")["status"]
+        assert job_status["workers"]["desired"] == 0
         done_at_yield = completed()
         assert done_at_yield < 120, "the job finished before online load arrived; nothing was yielded"
 
@@ -374,7 +397,11 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
             "-n", namespace, "--timeout=400s", timeout=420,
         )  # fmt: skip
         assert waited.returncode == 0, waited.stderr
+        scraped = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        )
     assert runner.exception is None
+    assert_decisions_metered(scraped, f"pool-{suffix}")
     lines = [json.loads(line) for line in (output / "output.jsonl").read_text().splitlines()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(120))
     assert all(line["response"]["body"]["usage"]["completion_tokens"] == 400 for line in lines)

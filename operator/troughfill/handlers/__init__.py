@@ -15,7 +15,7 @@ import pydantic
 from kubernetes import client as kube_client
 from kubernetes import config as kube_config
 
-from troughfill import constants, lifecycle
+from troughfill import constants, lifecycle, metrics
 from troughfill.api.admission import admit
 from troughfill.api.batchinference import BatchInference, BatchInferenceStatus
 from troughfill.api.batchpool import BatchPool
@@ -51,6 +51,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     except kube_config.ConfigException:
         api = kube_config.new_client_from_config()
     memo.settings = own = Settings()
+    if own.metrics_port:
+        metrics.serve(own.metrics_port)
     memo.cluster = KubeWorkers(api)
     memo.redis = connect(own)
     memo.store = store_for(own)
@@ -126,6 +128,7 @@ async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
         if view is not None
         else None
     )
+    status.gpu_seconds += memo.pools.gpu_seconds.pop(job.metadata.uid or "", 0.0)
     update = await lifecycle.refresh_status(
         job, status, ledger, memo.store, lifecycle.now_utc(), workers=workers
     )

@@ -1,0 +1,56 @@
+"""The operator's own metrics (prometheus-client), served on Settings.metrics_port at /metrics."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+
+CAPACITY = Gauge("troughfill_pool_capacity_gpus", "GPUs in the pool", ["pool"], registry=REGISTRY)
+ONLINE = Gauge(
+    "troughfill_pool_online_gpus", "GPUs online serving holds (last good signal)", ["pool"], registry=REGISTRY
+)
+TROUGH = Gauge(
+    "troughfill_pool_trough_gpus", "capacity - online - pending - headroom: what batch may hold", ["pool"],
+    registry=REGISTRY,
+)  # fmt: skip
+BATCH = Gauge(
+    "troughfill_pool_batch_gpus",
+    "GPUs batch workers hold once the plan is carried out",
+    ["pool"],
+    registry=REGISTRY,
+)
+STALENESS = Gauge(
+    "troughfill_pool_signal_staleness_seconds", "Age of the online demand signal the planner used", ["pool"],
+    registry=REGISTRY,
+)  # fmt: skip
+JOB_GPUS = Gauge(
+    "troughfill_job_batch_gpus", "GPUs held by a job's ready workers", ["namespace", "job"], registry=REGISTRY
+)
+JOB_REQUESTS = Gauge(
+    "troughfill_job_requests", "A job's requests by state", ["namespace", "job", "state"], registry=REGISTRY
+)
+JOB_TOKENS = Gauge(
+    "troughfill_job_tokens", "A job's tokens by kind", ["namespace", "job", "kind"], registry=REGISTRY
+)
+JOB_COST = Gauge(
+    "troughfill_job_usd_per_million_tokens",
+    "Realised cost: GPU $/h x batch GPU-hours of the job / its completion tokens (millions)",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
+DECISIONS = Counter(
+    "troughfill_decisions_total",
+    "Workers started and stopped, by action",
+    ["pool", "action"],
+    registry=REGISTRY,
+)
+YIELD_LATENCY = Histogram(
+    "troughfill_yield_latency_seconds",
+    "From the planning cycle that decided to stop a worker to its pod being gone (its GPUs free)",
+    ["pool", "mode"],
+    buckets=(0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
+    registry=REGISTRY,
+)
+
+
+def serve(port: int) -> None:
+    start_http_server(port, registry=REGISTRY)
