@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -16,6 +18,7 @@ from troughfill import __version__, api
 from troughfill.api import crdgen
 from troughfill.api.batchfile import check_lines
 from troughfill.api.resource import Resource
+from troughfill.config import Settings
 from troughfill.sim import main as sim_main
 from troughfill.worker import main as worker_main
 
@@ -129,6 +132,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if admission.allowed and summary.valid == summary.lines else 1
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    """Run the Kopf operator (troughfill.handlers) in place of this process."""
+    settings = Settings()
+    argv = [sys.executable, "-m", "kopf", "run", "-m", "troughfill.handlers"]
+    if settings.health_port:
+        argv.append(f"--liveness=http://0.0.0.0:{settings.health_port}/healthz")
+    namespaces = args.namespace or list(settings.watch_namespaces)
+    argv += [f"--namespace={namespace}" for namespace in namespaces] or ["--all-namespaces"]
+    if args.standalone:
+        argv.append("--standalone")
+    else:
+        # Replicas elect by priority: the highest acts, the others pause until it is gone.
+        priority = args.priority if args.priority is not None else 1 + secrets.randbelow(2**31 - 2)
+        argv += [f"--peering={args.peering}", f"--priority={priority}"]
+    if args.verbose:
+        argv.append("--verbose")
+    os.execv(sys.executable, argv)
+    return 1  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="troughfill", description=__doc__)
     parser.add_argument("--version", action="version", version=f"troughfill {__version__}")
@@ -143,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--without-cel", action="store_true", help="omit x-kubernetes-validations (API servers before 1.25)"
     )
     crds.set_defaults(handler=cmd_crds)
+
+    operator = commands.add_parser("operator", help="run the operator (Kopf, troughfill.handlers)")
+    operator.add_argument(
+        "--namespace", action="append", default=[], help="serve this namespace (repeat); all by default"
+    )
+    operator.add_argument("--standalone", action="store_true", help="a single replica: no leader election")
+    operator.add_argument(
+        "--peering", default="troughfill", help="Kopf peering object shared by the replicas"
+    )
+    operator.add_argument(
+        "--priority", type=int, help="peering priority (random by default: one replica wins)"
+    )
+    operator.add_argument("--verbose", action="store_true")
+    operator.set_defaults(handler=cmd_operator)
 
     validate = commands.add_parser("validate", help="validate troughfill objects in YAML files")
     validate.add_argument("files", nargs="+")

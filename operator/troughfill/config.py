@@ -33,4 +33,5 @@ class Settings(BaseSettings):
     """(Secret, key) in each job's namespace that worker pods read the Redis password from."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """0: no metrics endpoint."""
-    health_port: int = Field(default=8080, ge=1, le=65535)
+    health_port: int = Field(default=8080, ge=0, le=65535)
+    """0: no liveness endpoint."""

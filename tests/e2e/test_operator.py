@@ -416,3 +416,62 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
         f"\nonline pod created -> batch worker gone (GPUs free) in {yielded:.2f}s; "
         f"{done_at_yield} of 120 done at the yield; the job then completed on a new worker"
     )
+
+
+def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
+    kube: Kube, namespace: str, crds: None, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Leader election (Kopf peering): `troughfill operator` twice; one pauses for the other,
+    and resumes when the other stops."""
+    peering = f"troughfill-e2e-{uuid.uuid4().hex[:6]}"
+    done = kubectl(kube, "apply", "-f", str(REPO / "manifests" / "peering" / "crds.yaml"))
+    assert done.returncode == 0, done.stderr
+    until(
+        lambda: kubectl(kube, "get", "clusterkopfpeerings.kopf.dev").returncode == 0,
+        30,
+        "the peering CRD served",
+    )
+    apply(kube, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}})
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kube.kubeconfig),
+        "TROUGHFILL_REDIS_URL": redis_server.url,
+        "TROUGHFILL_METRICS_PORT": "0",
+        "TROUGHFILL_HEALTH_PORT": "0",
+        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    replicas: dict[str, subprocess.Popen[bytes]] = {}
+    for name, priority in (("low", "100"), ("high", "200")):
+        log = (tmp_path / f"{name}.log").open("wb")
+        command = [sys.executable, "-m", "troughfill.cli", "operator", "--peering", peering]
+        replicas[name] = subprocess.Popen(
+            [*command, "--priority", priority], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def log(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text(errors="replace")
+
+    try:
+        until(lambda: "Pausing operations in favour of" in log("low"), 60, "the low-priority replica pausing")
+        requests = tmp_path / "requests.jsonl"
+        write_requests(requests, 3)
+        first = job("first", "no-such-template", requests.as_uri(), (tmp_path / "out1").as_uri() + "/")
+        first["metadata"]["namespace"] = namespace
+        apply(kube, first)
+        until(lambda: condition(get_job(kube, namespace, "first"), "Failed"), 30, "the first job handled")
+        assert f"[{namespace}/first] Handler 'start_job' succeeded" in log("high")
+        assert "first" not in log("low")  # the paused replica did nothing with it
+
+        replicas["high"].terminate()  # a clean stop leaves the peering at once
+        assert replicas["high"].wait(30) == 0
+        until(lambda: "Resuming operations after the pause" in log("low"), 60, "the other replica resuming")
+        second = job("second", "no-such-template", requests.as_uri(), (tmp_path / "out2").as_uri() + "/")
+        second["metadata"]["namespace"] = namespace
+        apply(kube, second)
+        until(lambda: condition(get_job(kube, namespace, "second"), "Failed"), 30, "the second job handled")
+        assert f"[{namespace}/second] Handler 'start_job' succeeded" in log("low")
+    finally:
+        for process in replicas.values():
+            process.terminate()
+            process.wait(30)

@@ -43,7 +43,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=constants.ANNOTATION_PREFIX, key="last-handled-configuration"
     )
-    settings.peering.name = "troughfill"
+    # A replica that died without saying so blocks the others this long (a clean stop: not at all).
+    settings.peering.lifetime = 15
     settings.posting.level = logging.WARNING  # Kopf's own log lines become Events only from warnings up
     try:
         kube_config.load_incluster_config()
