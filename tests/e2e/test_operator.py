@@ -79,7 +79,8 @@ def operator(
     monkeypatch.setenv("TROUGHFILL_REDIS_URL", redis_server.url)
     monkeypatch.setenv("TROUGHFILL_RECONCILE_INTERVAL_SECONDS", "0.5")
     monkeypatch.setenv("TROUGHFILL_METRICS_PORT", "0")
-    args = ["run", "--standalone", "--namespace", namespace, "-m", "troughfill.handlers"]
+    monkeypatch.setenv("TROUGHFILL_WORKER_COMMAND", json.dumps([sys.executable, "-m", "troughfill.cli"]))
+    args = ["run", "--standalone", "--all-namespaces", "-m", "troughfill.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         yield runner
     assert runner.exception is None, runner.output
@@ -453,7 +454,9 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
         return (tmp_path / f"{name}.log").read_text(errors="replace")
 
     try:
-        until(lambda: "Pausing operations in favour of" in log("low"), 60, "the low-priority replica pausing")
+        # Replicas start paused; only the one no higher-priority peer outranks resumes.
+        until(lambda: "Resuming operations" in log("high"), 60, "the high-priority replica acting")
+        until(lambda: "Activity 'configure' succeeded" in log("low"), 60, "the low-priority replica up")
         requests = tmp_path / "requests.jsonl"
         write_requests(requests, 3)
         first = job("first", "no-such-template", requests.as_uri(), (tmp_path / "out1").as_uri() + "/")
@@ -461,7 +464,8 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
         apply(kube, first)
         until(lambda: condition(get_job(kube, namespace, "first"), "Failed"), 30, "the first job handled")
         assert f"[{namespace}/first] Handler 'start_job' succeeded" in log("high")
-        assert "first" not in log("low")  # the paused replica did nothing with it
+        assert "Resuming operations" not in log("low")  # it stayed paused
+        assert "first" not in log("low")  # and did nothing with the job
 
         replicas["high"].terminate()  # a clean stop leaves the peering at once
         assert replicas["high"].wait(30) == 0
@@ -475,3 +479,65 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
         for process in replicas.values():
             process.terminate()
             process.wait(30)
+
+
+def test_deleting_a_job_cancels_it_keeping_partial_output(
+    kube: Kube, namespace: str, operator: KopfRunner, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    pool, template = pool_and_template(suffix)
+    apply(kube, pool, template)
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 5)
+    output = tmp_path / "out"
+    bi = job("doomed", f"tiny-{suffix}", requests.as_uri(), output.as_uri() + "/")
+    bi["metadata"]["namespace"] = namespace
+    apply(kube, bi)
+    admitted = until(
+        lambda: (obj := get_job(kube, namespace, "doomed")) and condition(obj, "Admitted") and obj,
+        30,
+        "Admitted",
+    )
+    uid = admitted["metadata"]["uid"]
+    deleted = kubectl(
+        kube, "delete", f"batchinferences.{constants.API_GROUP}/doomed", "-n", namespace, "--wait=true"
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    errors = [json.loads(line) for line in (output / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["custom_id"] for e in errors) == [f"ticket-{i}" for i in range(5)]
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert redis.Redis.from_url(redis_server.url).keys(f"*{uid}*") == []
+
+
+def test_a_job_whose_workers_keep_failing_is_marked_crash_looping(
+    kube: Kube, namespace: str, operator: KopfRunner, tmp_path: Path
+) -> None:
+    if not kube.local:
+        pytest.skip("the failing engine command runs through the node agent")
+    suffix = uuid.uuid4().hex[:6]
+    pool, template = pool_and_template(suffix)
+    pool["spec"].update(gpus={"count": 2}, headroomGPUs=0, scaleUpDelay="0s", minUsefulTime="0s")
+    template["spec"]["engine"] = {"command": [sys.executable, "-c", "import sys; sys.exit(1)"]}
+    apply(kube, pool, template)
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 4)
+    bi = job("broken", f"tiny-{suffix}", requests.as_uri(), (tmp_path / "out").as_uri() + "/")
+    bi["metadata"]["namespace"] = namespace
+    apply(kube, bi)
+
+    def crash_looping() -> dict[str, Any] | None:
+        running = condition(get_job(kube, namespace, "broken"), "Running")
+        return running if running and running["reason"] == "CrashLoop" else None
+
+    marked = until(crash_looping, 120, "the CrashLoop condition", interval=0.2)
+    assert marked["status"] == "False"
+    assert "worker pods failed" in marked["message"]
+
+    def workers() -> list[client.V1Pod]:
+        pods: list[client.V1Pod] = kube.core.list_namespaced_pod(namespace).items
+        return [p for p in pods if not p.metadata.deletion_timestamp]
+
+    until(lambda: not workers(), 30, "the failed workers removed")
+    time.sleep(3)
+    assert not workers(), "a crash-looping job got new workers"
+    assert get_job(kube, namespace, "broken")["status"]["phase"] == "in_progress"  # nothing was lost
