@@ -276,23 +276,12 @@ def assert_decisions_metered(scraped: str, pool_name: str) -> None:
     assert value("troughfill_yield_latency_seconds_count", pool=pool_name, mode="yield") >= 1
 
 
-def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
-    kube: Kube,
-    namespace: str,
-    redis_server: RedisServer,
-    engine_paths: tuple[str, str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    crds: None,
-) -> None:
-    """The whole loop: the operator starts a worker pod (troughfill worker + a real vLLM engine,
-    run by the node agent); an online pod arrives and the worker yields; it leaves and a new
-    worker resumes; the job completes with every custom_id exactly once."""
-    if not kube.local:
-        pytest.skip("worker pods run the local vLLM engine through the node agent")
+def engine_pool_and_template(
+    suffix: str, engine_paths: tuple[str, str], online_label: str, namespace: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A 2-GPU pool whose online demand is the GPUs of pods labelled app=`online_label`, and a
+    template whose workers start the local vLLM engine with the tiny model (2 GPUs each)."""
     vllm_python, model = engine_paths
-    suffix = uuid.uuid4().hex[:6]
-    online_label = f"online-{suffix}"
     pool = {
         "apiVersion": constants.GROUP_VERSION,
         "kind": "BatchPool",
@@ -324,6 +313,26 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
             },
         },
     }
+    return pool, template
+
+
+def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
+    kube: Kube,
+    namespace: str,
+    redis_server: RedisServer,
+    engine_paths: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crds: None,
+) -> None:
+    """The whole loop: the operator starts a worker pod (troughfill worker + a real vLLM engine,
+    run by the node agent); an online pod arrives and the worker yields; it leaves and a new
+    worker resumes; the job completes with every custom_id exactly once."""
+    if not kube.local:
+        pytest.skip("worker pods run the local vLLM engine through the node agent")
+    suffix = uuid.uuid4().hex[:6]
+    online_label = f"online-{suffix}"
+    pool, template = engine_pool_and_template(suffix, engine_paths, online_label, namespace)
     requests = tmp_path / "requests.jsonl"
     write_requests(requests, 120, max_tokens=400)
     output = tmp_path / "out"
@@ -541,3 +550,85 @@ def test_a_job_whose_workers_keep_failing_is_marked_crash_looping(
     time.sleep(3)
     assert not workers(), "a crash-looping job got new workers"
     assert get_job(kube, namespace, "broken")["status"]["phase"] == "in_progress"  # nothing was lost
+
+
+def test_the_operator_killed_mid_job_picks_up_where_it_was(
+    kube: Kube,
+    namespace: str,
+    crds: None,
+    redis_server: RedisServer,
+    engine_paths: tuple[str, str],
+    tmp_path: Path,
+) -> None:
+    """SIGKILL the operator while a worker works; the worker carries on; a new operator
+    process adopts the job and its worker; the job completes with every custom_id once."""
+    if not kube.local:
+        pytest.skip("worker pods run the local vLLM engine through the node agent")
+    suffix = uuid.uuid4().hex[:6]
+    pool, template = engine_pool_and_template(suffix, engine_paths, f"online-{suffix}", namespace)
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 80, max_tokens=400)
+    output = tmp_path / "out"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kube.kubeconfig),
+        "TROUGHFILL_REDIS_URL": redis_server.url,
+        "TROUGHFILL_METRICS_PORT": "0",
+        "TROUGHFILL_HEALTH_PORT": "0",
+        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
+        "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+    def start_operator(name: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"{name}.log").open("wb")
+        command = [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"]
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def workers() -> list[client.V1Pod]:
+        pods: list[client.V1Pod] = kube.core.list_namespaced_pod(
+            namespace, label_selector=f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+        ).items
+        return [p for p in pods if not p.metadata.deletion_timestamp]
+
+    def completed() -> int:
+        return int(
+            get_job(kube, namespace, "survivor")
+            .get("status", {})
+            .get("requestCounts", {})
+            .get("completed", 0)
+        )
+
+    first = start_operator("first")
+    second = None
+    try:
+        apply(kube, pool, template)
+        bi = job("survivor", f"tiny-{suffix}", requests.as_uri(), output.as_uri() + "/")
+        bi["metadata"]["namespace"] = namespace
+        apply(kube, bi)
+        until(lambda: completed() >= 3, 240, "the first results", interval=0.2)
+        (worker,) = workers()
+        first.kill()
+        first.wait(10)
+        done_at_kill = completed()
+        time.sleep(3)
+        assert [p.metadata.name for p in workers()] == [
+            worker.metadata.name
+        ]  # it works on without the operator
+        second = start_operator("second")
+        waited = kubectl(
+            kube, "wait", "--for=condition=Complete", f"batchinferences.{constants.API_GROUP}/survivor",
+            "-n", namespace, "--timeout=400s", timeout=420,
+        )  # fmt: skip
+        assert waited.returncode == 0, waited.stderr + (tmp_path / "second.log").read_text()[-3000:]
+        assert done_at_kill < 80, "the job finished before the operator was killed"
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(30)
+    lines = [json.loads(line) for line in (output / "output.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(80))
+    status = get_job(kube, namespace, "survivor")["status"]
+    assert status["requestCounts"] == {"total": 80, "completed": 80, "failed": 0}
+    print(f"\noperator killed with {done_at_kill} of 80 done; a new operator saw the job through")
