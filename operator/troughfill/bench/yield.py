@@ -1,0 +1,281 @@
+"""How fast batch gives GPUs back, on a real control plane.
+
+    python -m troughfill.bench.yield [--iterations 5] [--interval 0.5]
+
+Starts Redis, Prometheus (scraping a metrics endpoint this script serves, every second), the
+local control plane with the node agent (one node, 2 GPUs) and `troughfill operator`. A pool
+of that node's 2 GPUs, a template whose worker runs the local vLLM engine with the tiny test
+model on both GPUs, and a long job. Then, per iteration, once the worker is Ready (its engine
+up and working):
+
+- signal: the online GPUs gauge goes from 0 to 2 (what online serving reports through
+  Prometheus); latency = gauge set -> worker pod gone (its GPUs free for the scheduler);
+- pending pod: an online pod of a higher PriorityClass asking for the 2 GPUs is created and
+  stays Pending (the node is full); latency = pod created -> worker pod gone. Both the
+  operator (pending online GPUs count as demand) and kube-scheduler's preemption race to free
+  them, as in a cluster.
+
+Workers stop in yield mode (online needs the GPUs now: checkpoint, exit within 2 s). Prints
+one JSON object. Needs scripts/setup.sh, setup_vllm.sh and setup_k8s.sh sourced.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from troughfill import constants
+from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start_redis
+from troughfill.devenv.cluster import k8s_bin_dir, start_control_plane
+from troughfill.devenv.services import VLLM_ENV
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} after {timeout:.0f}s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "p50_s": round(statistics.median(values), 3),
+        "p99_s": round(percentile(values, 0.99), 3),
+        "max_s": round(max(values), 3),
+        "all_s": [round(v, 3) for v in values],
+    }
+
+
+class Bench:
+    def __init__(self, workdir: Path, interval: float) -> None:
+        self.workdir = workdir
+        self.interval = interval
+        self.processes: list[Any] = []
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> None:
+        done = subprocess.run(
+            [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(self.plane.kubeconfig), *args],
+            input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr}")
+
+    def start(self) -> None:
+        python, model = os.environ.get("TROUGHFILL_VLLM_PYTHON"), os.environ.get("TROUGHFILL_TINY_MODEL")
+        if not python or not model:
+            raise SystemExit("source scripts/setup.sh, scripts/setup_vllm.sh and scripts/setup_k8s.sh first")
+        registry = CollectorRegistry()
+        self.online = Gauge("online_gpus", "GPUs online serving holds", registry=registry)
+        exporter_port = free_port()
+        start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
+        self.redis = start_redis(self.workdir / "redis", appendonly=False)
+        self.processes.append(self.redis)
+        self.prometheus = start_prometheus(self.workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
+        self.processes.append(self.prometheus)
+        self.plane = start_control_plane(self.workdir / "plane")
+        self.processes.append(self.plane)
+        agent = ManagedProcess(
+            "node-agent",
+            [sys.executable, "-m", "troughfill.devenv.nodeagent", "--kubeconfig",
+             str(self.plane.node_agent_kubeconfig), "--workdir", str(self.workdir / "pods"),
+             "--nodes", "1", "--gpus", "2"],
+            self.workdir / "agent",
+        )  # fmt: skip
+        self.processes.append(agent)
+        self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(self.plane.kubeconfig)))
+        crds = self.workdir / "crds"
+        subprocess.run(
+            [sys.executable, "-m", "troughfill.cli", "crds", "--output", str(crds), "--without-cel"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.kubectl("apply", "-k", str(crds))
+        self.kubectl("apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
+        until(self._crds_served, 30, "CRDs served", 0.2)
+        online_class = {
+            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": "online-serving"}, "value": 1000,
+        }  # fmt: skip
+        requests = self.workdir / "requests.jsonl"
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 200,
+            "ignore_eos": True,
+        }
+        requests.write_text(
+            "".join(
+                json.dumps(
+                    {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+                )
+                + "\n"
+                for i in range(20_000)
+            )
+        )
+        pool = {
+            "apiVersion": constants.GROUP_VERSION, "kind": "BatchPool", "metadata": {"name": "bench"},
+            "spec": {
+                "gpus": {"nodeSelector": {"troughfill.dev/node-agent": "true"}},
+                "online": {
+                    "prometheusURL": self.prometheus.url, "gpusInUseQuery": "sum(online_gpus)",
+                    "selector": {"matchLabels": {"app": "online"}},
+                },
+                "headroomGPUs": 0, "scaleUpDelay": "0s", "minUsefulTime": "0s", "drainGracePeriod": "5s",
+                "signal": {"maxStaleness": "10s"}, "defaultQuota": {"maxGPUs": 2},
+            },
+        }  # fmt: skip
+        template = {
+            "apiVersion": constants.GROUP_VERSION, "kind": "ModelTemplate", "metadata": {"name": "tiny"},
+            "spec": {
+                "poolRef": "bench", "image": "troughfill/vllm-cpu:bench",
+                "model": {"uri": model, "servedModelName": "tiny"},
+                "gpusPerWorker": 2, "coldStartSeconds": 60,
+                "engine": {
+                    "command": [python, "-m", "vllm.entrypoints.openai.api_server"],
+                    "args": ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "32"],
+                    "env": [{"name": k, "value": v} for k, v in VLLM_ENV.items()],
+                },
+            },
+        }  # fmt: skip
+        job = {
+            "apiVersion": constants.GROUP_VERSION, "kind": "BatchInference",
+            "metadata": {"name": "long", "namespace": "default"},
+            "spec": {"inputURL": requests.as_uri(), "outputURL": (self.workdir / "out").as_uri() + "/",
+                     "templateRef": "tiny"},
+        }  # fmt: skip
+        self.online.set(0)
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([online_class, pool, template]))
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.plane.kubeconfig),
+            "TROUGHFILL_REDIS_URL": self.redis.url,
+            "TROUGHFILL_PROMETHEUS_URL": self.prometheus.url,
+            "TROUGHFILL_METRICS_PORT": "0",
+            "TROUGHFILL_HEALTH_PORT": "0",
+            "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": str(self.interval),
+            "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
+        }
+        operator = ManagedProcess(
+            "operator", [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"],
+            self.workdir / "operator", env=env,
+        )  # fmt: skip
+        self.processes.append(operator)
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
+
+    def _crds_served(self) -> bool:
+        try:
+            self.kubectl("get", f"batchpools.{constants.API_GROUP}")
+        except RuntimeError:
+            return False
+        return True
+
+    def workers(self) -> list[Any]:
+        selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+        pods: list[Any] = self.core.list_namespaced_pod("default", label_selector=selector).items
+        return pods
+
+    def wait_worker_ready(self) -> None:
+        def ready() -> bool:
+            return any(
+                not p.metadata.deletion_timestamp
+                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+                for p in self.workers()
+            )
+
+        until(ready, 600, "a Ready worker", 0.2)
+        time.sleep(2)  # working, not just up
+
+    def signal_yield(self) -> float:
+        self.wait_worker_ready()
+        started = time.monotonic()
+        self.online.set(2)
+        until(lambda: not self.workers(), 120, "the worker gone after the signal")
+        seconds = time.monotonic() - started
+        self.online.set(0)
+        return seconds
+
+    def pending_pod_yield(self) -> float:
+        self.wait_worker_ready()
+        pod = {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "online", "labels": {"app": "online"}},
+            "spec": {
+                "priorityClassName": "online-serving", "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "serve", "image": "python:3.11-slim",
+                    "command": [sys.executable, "-c", "import time; time.sleep(3600)"],
+                    "resources": {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}},
+                }],
+            },
+        }  # fmt: skip
+        started = time.monotonic()
+        self.core.create_namespaced_pod("default", pod)
+        until(lambda: not self.workers(), 120, "the worker gone after the online pod")
+        seconds = time.monotonic() - started
+        self.core.delete_namespaced_pod("online", "default", grace_period_seconds=0)
+        until(
+            lambda: not self.core.list_namespaced_pod("default", label_selector="app=online").items,
+            60,
+            "gone",
+        )
+        return seconds
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--iterations", type=int, default=5, help="yields per trigger")
+    parser.add_argument("--interval", type=float, default=0.5, help="operator reconcile interval, seconds")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="troughfill-yield-") as scratch:
+        bench = Bench(Path(scratch), args.interval)
+        try:
+            bench.start()
+            signal = [bench.signal_yield() for _ in range(args.iterations)]
+            pending = [bench.pending_pod_yield() for _ in range(args.iterations)]
+        finally:
+            bench.stop()
+    print(
+        json.dumps(
+            {
+                "what": "seconds from online demand to the batch worker's pod gone (its 2 GPUs free)",
+                "reconcile_interval_s": args.interval,
+                "prometheus_scrape_interval_s": 1.0,
+                "stop_mode": "yield (drain grace configured 5s, not used: online needed the GPUs now)",
+                "signal_crossing": summary(signal),
+                "online_pod_pending": summary(pending),
+                "goal_p99_s": 3.0,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
