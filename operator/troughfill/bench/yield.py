@@ -22,6 +22,7 @@ one JSON object. Needs scripts/setup.sh, setup_vllm.sh and setup_k8s.sh sourced.
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -253,12 +254,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5, help="yields per trigger")
     parser.add_argument("--interval", type=float, default=0.5, help="operator reconcile interval, seconds")
     args = parser.parse_args()
+    # A SIGTERM stops everything this started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="troughfill-yield-") as scratch:
         bench = Bench(Path(scratch), args.interval)
         try:
             bench.start()
-            signal = [bench.signal_yield() for _ in range(args.iterations)]
-            pending = [bench.pending_pod_yield() for _ in range(args.iterations)]
+            by_signal = [bench.signal_yield() for _ in range(args.iterations)]
+            by_pending_pod = [bench.pending_pod_yield() for _ in range(args.iterations)]
         finally:
             bench.stop()
     print(
@@ -268,8 +271,8 @@ def main() -> None:
                 "reconcile_interval_s": args.interval,
                 "prometheus_scrape_interval_s": 1.0,
                 "stop_mode": "yield (drain grace configured 5s, not used: online needed the GPUs now)",
-                "signal_crossing": summary(signal),
-                "online_pod_pending": summary(pending),
+                "signal_crossing": summary(by_signal),
+                "online_pod_pending": summary(by_pending_pod),
                 "goal_p99_s": 3.0,
             },
             indent=2,
