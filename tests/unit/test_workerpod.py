@@ -48,6 +48,7 @@ def test_the_template_and_pool_decide_image_model_gpus_and_priority(pod: dict[st
     assert pod["spec"]["priorityClassName"] == constants.DEFAULT_BATCH_PRIORITY_CLASS
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 10
+    assert container["readinessProbe"]["timeoutSeconds"] >= 5  # a Python start-up, on a busy node
 
 
 def test_the_pod_is_owned_by_its_job_and_labelled_for_selection(pod: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ one JSON object. Needs scripts/setup.sh, setup_vllm.sh and setup_k8s.sh sourced.
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -256,14 +257,19 @@ def main() -> None:
     args = parser.parse_args()
     # A SIGTERM stops everything this started, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="troughfill-yield-") as scratch:
-        bench = Bench(Path(scratch), args.interval)
-        try:
-            bench.start()
-            by_signal = [bench.signal_yield() for _ in range(args.iterations)]
-            by_pending_pod = [bench.pending_pod_yield() for _ in range(args.iterations)]
-        finally:
-            bench.stop()
+    scratch = Path(tempfile.mkdtemp(prefix="troughfill-yield-"))
+    bench = Bench(scratch, args.interval)
+    try:
+        bench.start()
+        by_signal = [bench.signal_yield() for _ in range(args.iterations)]
+        by_pending_pod = [bench.pending_pod_yield() for _ in range(args.iterations)]
+    except BaseException:
+        print(f"failed; logs kept in {scratch}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        bench.stop()
     print(
         json.dumps(
             {

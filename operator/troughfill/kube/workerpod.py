@@ -122,11 +122,18 @@ def worker_pod(
         "resources": resources,
         # Ready once the engine answers and the worker heartbeats; the engine's cold start is
         # the template's estimate, so liveness waits that long before judging.
-        "readinessProbe": {"exec": {"command": check}, "periodSeconds": 5, "failureThreshold": 2},
+        # A check is a Python start-up plus one Redis read: seconds on a busy node, so no 1 s timeout.
+        "readinessProbe": {
+            "exec": {"command": check},
+            "periodSeconds": 5,
+            "timeoutSeconds": 10,
+            "failureThreshold": 2,
+        },
         "livenessProbe": {
             "exec": {"command": check},
             "initialDelaySeconds": tspec.cold_start_seconds + 30,
             "periodSeconds": 10,
+            "timeoutSeconds": 10,
             "failureThreshold": 6,
         },
     }
