@@ -45,6 +45,7 @@ def test_the_template_and_pool_decide_image_model_gpus_and_priority(pod: dict[st
     assert engine[engine.index("--port") + 1] == constants.ENGINE_PORT_PLACEHOLDER
     assert engine[-2:] == ["--max-num-seqs", "128"]  # the job's allowlisted flag, last
     assert command[command.index("--job") + 1] == "team-a/ticket-triage/1234-abcd"
+    assert command[command.index("--on-sigterm") + 1] == "yield"  # unannounced SIGTERM: preemption
     assert pod["spec"]["priorityClassName"] == constants.DEFAULT_BATCH_PRIORITY_CLASS
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 10

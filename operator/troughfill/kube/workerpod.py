@@ -91,7 +91,9 @@ def worker_pod(
         *environment.worker_command, "worker", "run",
         "--job", ref,
         "--served-model", served,
-        "--on-sigterm", "drain",
+        # A SIGTERM the operator did not announce (scheduler preemption, node drain) means the
+        # GPUs are wanted now: yield. The operator's own drains are announced through the ledger.
+        "--on-sigterm", "yield",
         "--drain-timeout", str(drain_seconds),
         "--engine-port", "auto",
         "--", *engine,
