@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from troughfill import constants
@@ -232,7 +233,14 @@ class Bench:
             },
         }  # fmt: skip
         started = time.monotonic()
-        self.core.create_namespaced_pod("default", pod)
+        for attempt in range(5):  # a loaded 1.20 API server can time out its quota admission (500)
+            try:
+                self.core.create_namespaced_pod("default", pod)
+                break
+            except ApiException as error:
+                if error.status < 500 or attempt == 4:
+                    raise
+                time.sleep(0.2)
         until(lambda: not self.workers(), 120, "the worker gone after the online pod")
         seconds = time.monotonic() - started
         self.core.delete_namespaced_pod("online", "default", grace_period_seconds=0)
