@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
@@ -186,8 +187,8 @@ class NodeAgent:
             for name in self.node_names:
                 try:
                     self.core.patch_node_status(name, {"status": {"conditions": self._node_conditions()}})
-                except ApiException as error:
-                    log.warning("heartbeat for %s failed: %s", name, error.reason)
+                except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+                    log.warning("heartbeat for %s failed: %r", name, error)
 
     # --- pods ----------------------------------------------------------------------------
 
@@ -234,10 +235,17 @@ class NodeAgent:
                                 self._gone(local)
                     elif event["type"] in {"ADDED", "MODIFIED"}:
                         self._observe(pod)
-            except (ApiException, urllib.error.URLError, OSError, ValueError) as error:
+            except (
+                ApiException,
+                urllib.error.URLError,
+                urllib3.exceptions.HTTPError,
+                OSError,
+                ValueError,
+            ) as error:
+                # A busy API server can cut a list or a watch short (IncompleteRead): relist.
                 if self.stopping.is_set():
                     return
-                log.warning("pod watch failed (%s); relisting", error)
+                log.warning("pod watch failed (%r); relisting", error)
                 time.sleep(0.5)
 
     def _observe(self, pod: dict[str, Any]) -> None:
