@@ -452,7 +452,8 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
         "PYTHONUNBUFFERED": "1",
     }
     replicas: dict[str, subprocess.Popen[bytes]] = {}
-    for name, priority in (("low", "100"), ("high", "200")):
+
+    def start(name: str, priority: str) -> None:
         log = (tmp_path / f"{name}.log").open("wb")
         command = [sys.executable, "-m", "troughfill.cli", "operator", "--peering", peering]
         replicas[name] = subprocess.Popen(
@@ -462,10 +463,20 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
     def log(name: str) -> str:
         return (tmp_path / f"{name}.log").read_text(errors="replace")
 
+    def low_paused() -> bool:
+        # It starts paused and stays so if it sees the higher peer; had it acted before
+        # seeing it, it pauses once it does.
+        text = log("low")
+        resumed, paused = text.rfind("Resuming operations"), text.rfind("Pausing operations")
+        return "Activity 'configure' succeeded" in text and (resumed < 0 or paused > resumed)
+
     try:
-        # Replicas start paused; only the one no higher-priority peer outranks resumes.
+        start("high", "200")
         until(lambda: "Resuming operations" in log("high"), 60, "the high-priority replica acting")
-        until(lambda: "Activity 'configure' succeeded" in log("low"), 60, "the low-priority replica up")
+        start("low", "100")
+        until(low_paused, 60, "the low-priority replica up and paused")
+        time.sleep(2)  # a few peering rounds: it stays paused
+        assert low_paused()
         requests = tmp_path / "requests.jsonl"
         write_requests(requests, 3)
         first = job("first", "no-such-template", requests.as_uri(), (tmp_path / "out1").as_uri() + "/")
@@ -473,12 +484,15 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
         apply(kube, first)
         until(lambda: condition(get_job(kube, namespace, "first"), "Failed"), 30, "the first job handled")
         assert f"[{namespace}/first] Handler 'start_job' succeeded" in log("high")
-        assert "Resuming operations" not in log("low")  # it stayed paused
-        assert "first" not in log("low")  # and did nothing with the job
+        assert low_paused()
+        assert "first" not in log("low")  # the paused replica did nothing with the job
 
+        resumed_before = log("low").count("Resuming operations")
         replicas["high"].terminate()  # a clean stop leaves the peering at once
         assert replicas["high"].wait(30) == 0
-        until(lambda: "Resuming operations after the pause" in log("low"), 60, "the other replica resuming")
+        until(
+            lambda: log("low").count("Resuming operations") > resumed_before, 60, "the other replica resuming"
+        )
         second = job("second", "no-such-template", requests.as_uri(), (tmp_path / "out2").as_uri() + "/")
         second["metadata"]["namespace"] = namespace
         apply(kube, second)
