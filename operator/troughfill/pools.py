@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from redis.asyncio import Redis
 
 from troughfill import constants, metrics
-from troughfill.api.admission import admit
+from troughfill.api.admission import Admission, admit
 from troughfill.api.batchinference import BatchInference, Phase
 from troughfill.api.batchpool import BatchPool, BatchPoolStatus
 from troughfill.api.conditions import ConditionStatus, PoolConditionType, Reason, is_true, set_condition
@@ -82,6 +82,11 @@ class _Job:
     ledger: JobLedger
     pods: list[Any]
 
+    @property
+    def key(self) -> str:
+        """namespace/name, as the planner names jobs."""
+        return f"{self.job.metadata.namespace}/{self.job.metadata.name}"
+
 
 def selector_string(selector: LabelSelector) -> str:
     """A LabelSelector in the API's query syntax ("" selects nothing here: no online pods)."""
@@ -112,6 +117,11 @@ def _epoch(value: datetime | None) -> float:
 
 def _ready(pod: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
+
+
+def _ready_workers(pods: list[Any]) -> int:
+    """Workers serving: Ready and not being stopped."""
+    return sum(1 for pod in pods if _ready(pod) and not pod.metadata.deletion_timestamp)
 
 
 class PoolController:
@@ -222,7 +232,7 @@ class PoolController:
     async def _job_state(self, entry: _Job, priority: int, pool: BatchPool, elapsed: float) -> JobState:
         job, template = entry.job, entry.template
         progress = await entry.ledger.progress()
-        ready = sum(1 for p in entry.pods if _ready(p) and not p.metadata.deletion_timestamp)
+        ready = _ready_workers(entry.pods)
         uid, labels = job.metadata.uid or "", (job.metadata.namespace or "default", job.metadata.name)
         held = ready * template.spec.gpus_per_worker
         self.gpu_seconds[uid] = self.gpu_seconds.get(uid, 0.0) + held * elapsed
@@ -257,7 +267,7 @@ class PoolController:
         tokens_per_second = float(template.spec.tokens_per_second or 0)
         average = progress.completion_tokens / progress.finished if progress.finished else 0.0
         return JobState(
-            key=f"{job.metadata.namespace}/{job.metadata.name}",
+            key=entry.key,
             namespace=job.metadata.namespace or "default",
             priority=priority,
             gpus_per_worker=template.spec.gpus_per_worker,
@@ -281,8 +291,9 @@ class PoolController:
         entries = await self._jobs(pool)
         priorities: dict[str, int] = {}
         states: list[JobState] = []
+        admissions: dict[str, Admission] = {}
         for entry in entries:
-            admission = admit(entry.job, entry.template, pool)
+            admission = admissions[entry.key] = admit(entry.job, entry.template, pool)
             klass = admission.priority_class_name or pool.spec.default_priority_class_name
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
@@ -302,7 +313,7 @@ class PoolController:
         if online.observed_at is not None:
             metrics.STALENESS.labels(name).set(max(0.0, snapshot.now - online.observed_at))
         result = Cycle(decided, online, capacity, jobs=len(entries))
-        by_key = {f"{e.job.metadata.namespace}/{e.job.metadata.name}": e for e in entries}
+        by_key = {e.key: e for e in entries}
         for stop in decided.stops:
             entry = by_key[stop.job]
             pod = next((p for p in entry.pods if p.metadata.name == stop.worker), None)
@@ -318,16 +329,15 @@ class PoolController:
             uid = entry.job.metadata.uid or ""
             self.views[uid] = WorkerView(
                 desired=job_plan.desired_workers,
-                ready=sum(1 for p in entry.pods if _ready(p) and not p.metadata.deletion_timestamp),
+                ready=_ready_workers(entry.pods),
                 limit=job_plan.limit,
                 at_risk=job_plan.at_risk,
                 crash_loop=self._crash_loop(uid),
             )
             for _ in range(job_plan.starts):
-                admission = admit(entry.job, entry.template, pool)
                 pod_name = f"{entry.job.metadata.name[:40]}-w-{secrets.token_hex(3)}"
                 manifest = worker_pod(
-                    pod_name, entry.job, entry.template, pool, admission, environment=self.environment
+                    pod_name, entry.job, entry.template, pool, admissions[key], environment=self.environment
                 )
                 try:
                     await asyncio.to_thread(self.cluster.create_pod, manifest)

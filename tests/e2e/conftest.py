@@ -43,10 +43,14 @@ class Kube:
         return self.plane is not None
 
     @property
+    def server_version(self) -> tuple[int, int]:
+        version = client.VersionApi(self.api).get_code()
+        return int(version.major), int(version.minor.rstrip("+"))
+
+    @property
     def secret_tokens(self) -> bool:
         """Before 1.24 a pod can only be created once its service account has a token secret."""
-        version = client.VersionApi(self.api).get_code()
-        return (int(version.major), int(version.minor.rstrip("+"))) < (1, 24)
+        return self.server_version < (1, 24)
 
     def kubectl(self) -> str:
         if self.plane is not None:

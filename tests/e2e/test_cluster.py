@@ -6,7 +6,6 @@ import subprocess
 import textwrap
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.conftest import Kube
 from troughfill.devenv.nodeagent import GPU_RESOURCE, PID_ANNOTATION
+from troughfill.devenv.services import wait_until as until
 
 IMAGE = os.environ.get("TROUGHFILL_E2E_IMAGE", "python:3.11-slim")
 """Ignored by the node agent (it runs the command here); what a real cluster pulls."""
@@ -35,16 +35,6 @@ TERM_AWARE = textwrap.dedent(
     """
 )
 DEAF = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(0.1)\n"
-
-
-def until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what} after {timeout:.0f}s")
 
 
 def container(script: str, gpus: int = 0, stop_seconds: float = 0.3) -> dict[str, Any]:

@@ -44,9 +44,8 @@ def kubectl(
 @pytest.fixture(scope="module")
 def crds(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The CRDs as `troughfill crds` generates them; without CEL rules for servers before 1.25."""
-    version = client.VersionApi(kube.api).get_code()
     generated = tmp_path_factory.mktemp("crds")
-    extra = ["--without-cel"] if (int(version.major), int(version.minor.rstrip("+"))) < (1, 25) else []
+    extra = ["--without-cel"] if kube.server_version < (1, 25) else []
     made = subprocess.run(
         [sys.executable, "-m", "troughfill.cli", "crds", "--output", str(generated), *extra],
         capture_output=True, text=True, check=False,
@@ -72,14 +71,34 @@ def crds(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> None:
         )
 
 
+def operator_settings(redis_server: RedisServer) -> dict[str, str]:
+    """The operator's settings here: this Redis, half-second cycles, worker pods that run
+    `python -m troughfill.cli`, no metrics or health endpoints (tests that want one set it)."""
+    return {
+        "TROUGHFILL_REDIS_URL": redis_server.url,
+        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
+        "TROUGHFILL_METRICS_PORT": "0",
+        "TROUGHFILL_HEALTH_PORT": "0",
+        "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
+    }
+
+
+def operator_process_env(kube: Kube, redis_server: RedisServer) -> dict[str, str]:
+    """The environment of a `troughfill operator` process on this cluster."""
+    return {
+        **os.environ,
+        **operator_settings(redis_server),
+        "KUBECONFIG": str(kube.kubeconfig),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 @pytest.fixture
 def operator(
     kube: Kube, crds: None, namespace: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[KopfRunner]:
-    monkeypatch.setenv("TROUGHFILL_REDIS_URL", redis_server.url)
-    monkeypatch.setenv("TROUGHFILL_RECONCILE_INTERVAL_SECONDS", "0.5")
-    monkeypatch.setenv("TROUGHFILL_METRICS_PORT", "0")
-    monkeypatch.setenv("TROUGHFILL_WORKER_COMMAND", json.dumps([sys.executable, "-m", "troughfill.cli"]))
+    for name, value in operator_settings(redis_server).items():
+        monkeypatch.setenv(name, value)
     args = ["run", "--standalone", "--all-namespaces", "-m", "troughfill.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         yield runner
@@ -336,9 +355,8 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     requests = tmp_path / "requests.jsonl"
     write_requests(requests, 120, max_tokens=400)
     output = tmp_path / "out"
-    monkeypatch.setenv("TROUGHFILL_REDIS_URL", redis_server.url)
-    monkeypatch.setenv("TROUGHFILL_RECONCILE_INTERVAL_SECONDS", "0.5")
-    monkeypatch.setenv("TROUGHFILL_WORKER_COMMAND", json.dumps([sys.executable, "-m", "troughfill.cli"]))
+    for name, value in operator_settings(redis_server).items():
+        monkeypatch.setenv(name, value)
     metrics_port = free_port()
     monkeypatch.setenv("TROUGHFILL_METRICS_PORT", str(metrics_port))
     args = ["run", "--standalone", "--all-namespaces", "-m", "troughfill.handlers"]
@@ -442,15 +460,7 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
         "the peering CRD served",
     )
     apply(kube, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}})
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.kubeconfig),
-        "TROUGHFILL_REDIS_URL": redis_server.url,
-        "TROUGHFILL_METRICS_PORT": "0",
-        "TROUGHFILL_HEALTH_PORT": "0",
-        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = operator_process_env(kube, redis_server)
     replicas: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(name: str, priority: str) -> None:
@@ -583,16 +593,7 @@ def test_the_operator_killed_mid_job_picks_up_where_it_was(
     requests = tmp_path / "requests.jsonl"
     write_requests(requests, 80, max_tokens=400)
     output = tmp_path / "out"
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.kubeconfig),
-        "TROUGHFILL_REDIS_URL": redis_server.url,
-        "TROUGHFILL_METRICS_PORT": "0",
-        "TROUGHFILL_HEALTH_PORT": "0",
-        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
-        "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = operator_process_env(kube, redis_server)
 
     def start_operator(name: str) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"{name}.log").open("wb")

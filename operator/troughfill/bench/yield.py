@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +40,13 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from troughfill import constants
 from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start_redis
 from troughfill.devenv.cluster import k8s_bin_dir, start_control_plane
-from troughfill.devenv.services import VLLM_ENV
+from troughfill.devenv.services import VLLM_ENV, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what} after {timeout:.0f}s")
+POLL = 0.02
+"""Seconds between checks while a latency is being measured."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,7 +109,7 @@ class Bench:
         )  # fmt: skip
         self.kubectl("apply", "-k", str(crds))
         self.kubectl("apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
-        until(self._crds_served, 30, "CRDs served", 0.2)
+        wait_until(self._crds_served, 30, "CRDs served", 0.2)
         online_class = {
             "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
             "metadata": {"name": "online-serving"}, "value": 1000,
@@ -207,14 +200,14 @@ class Bench:
                 for p in self.workers()
             )
 
-        until(ready, 600, "a Ready worker", 0.2)
+        wait_until(ready, 600, "a Ready worker", 0.2)
         time.sleep(2)  # working, not just up
 
     def signal_yield(self) -> float:
         self.wait_worker_ready()
         started = time.monotonic()
         self.online.set(2)
-        until(lambda: not self.workers(), 120, "the worker gone after the signal")
+        wait_until(lambda: not self.workers(), 120, "the worker gone after the signal", POLL)
         seconds = time.monotonic() - started
         self.online.set(0)
         return seconds
@@ -241,10 +234,10 @@ class Bench:
                 if error.status < 500 or attempt == 4:
                     raise
                 time.sleep(0.2)
-        until(lambda: not self.workers(), 120, "the worker gone after the online pod")
+        wait_until(lambda: not self.workers(), 120, "the worker gone after the online pod", POLL)
         seconds = time.monotonic() - started
         self.core.delete_namespaced_pod("online", "default", grace_period_seconds=0)
-        until(
+        wait_until(
             lambda: not self.core.list_namespaced_pod("default", label_selector="app=online").items,
             60,
             "gone",

@@ -18,13 +18,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from troughfill.devenv.services import LOOPBACK, ManagedProcess, free_port, wait_until
+from troughfill.devenv.services import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
@@ -184,26 +183,16 @@ class ControlPlane:
             ) from error
 
 
-def _https_ok(url: str, context: ssl.SSLContext) -> bool:
-    try:
-        with urllib.request.urlopen(url, context=context, timeout=2) as reply:
-            return bool(reply.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError):
-        return False
+def _wait_healthy(
+    process: ManagedProcess, url: str, timeout: float, context: ssl.SSLContext | None = None
+) -> None:
+    """Until `url` answers 200; at once an error if the process dies first."""
 
+    def ready() -> bool:
+        process.check_alive()
+        return http_ok(url, context, timeout=2)
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return bool(reply.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def _alive_and(process: ManagedProcess, ready: Callable[[], bool]) -> bool:
-    """For wait_until: raise at once if the process died, else whether it is ready."""
-    process.check_alive()
-    return ready()
+    wait_until(ready, timeout, process.name)
 
 
 def _find(name: str, bin_dir: Path) -> str:
@@ -262,11 +251,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
             workdir / "etcd",
         )  # fmt: skip
         plane.processes.append(etcd)
-        wait_until(
-            lambda: _alive_and(etcd, lambda: _http_ok(f"http://{LOOPBACK}:{etcd_port}/health")),
-            timeout,
-            "etcd",
-        )
+        _wait_healthy(etcd, f"http://{LOOPBACK}:{etcd_port}/health", timeout)
 
         apiserver = ManagedProcess(
             "kube-apiserver",
@@ -292,11 +277,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
         )  # fmt: skip
         plane.processes.append(apiserver)
         context = plane.ssl_context()
-        wait_until(
-            lambda: _alive_and(apiserver, lambda: _https_ok(f"{server}/readyz", context)),
-            timeout,
-            "kube-apiserver",
-        )
+        _wait_healthy(apiserver, f"{server}/readyz", timeout, context)
         _grant_node_agent(plane)
 
         sched = ManagedProcess(
@@ -335,18 +316,8 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE  # their self-signed serving certs; only /healthz is read
-        wait_until(
-            lambda: _alive_and(
-                sched, lambda: _https_ok(f"https://{LOOPBACK}:{scheduler_port}/healthz", insecure)
-            ),
-            timeout,
-            "kube-scheduler",
-        )
-        wait_until(
-            lambda: _alive_and(cm, lambda: _https_ok(f"https://{LOOPBACK}:{cm_port}/healthz", insecure)),
-            timeout,
-            "kube-controller-manager",
-        )
+        _wait_healthy(sched, f"https://{LOOPBACK}:{scheduler_port}/healthz", timeout, insecure)
+        _wait_healthy(cm, f"https://{LOOPBACK}:{cm_port}/healthz", timeout, insecure)
         wait_until(
             lambda: plane.get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
             timeout,

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -21,6 +23,7 @@ from troughfill import constants
 from troughfill.processes import stop_process_group
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -40,13 +43,15 @@ def find_binary(name: str, fallback_dirs: Sequence[str] = ("/usr/bin", "/usr/sbi
     return found
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """The condition's first truthy value, polled every `interval`; TimeoutError after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
-            return
+        value = condition()
+        if value:
+            return value
         time.sleep(interval)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+    raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")
 
 
 @dataclass
@@ -222,7 +227,7 @@ def _write_prometheus_config(workdir: Path, targets: Sequence[str], scrape_inter
 
 
 def _prometheus_ready(url: str) -> bool:
-    return _http_ok(f"{url}/-/ready")
+    return http_ok(f"{url}/-/ready")
 
 
 def start_prometheus(
@@ -333,11 +338,12 @@ class VllmServer:
         self.managed.stop(timeout=30)
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 1.0) -> bool:
+    """Whether a GET answers 200 (any failure to connect or to read: no)."""
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with urllib.request.urlopen(url, context=context, timeout=timeout) as response:
             return bool(response.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError):
         return False
 
 
@@ -365,7 +371,7 @@ def start_vllm(
 
     def ready() -> bool:
         managed.check_alive()
-        return _http_ok(f"http://{LOOPBACK}:{port}/health")
+        return http_ok(f"http://{LOOPBACK}:{port}/health")
 
     wait_until(ready, 300, f"vLLM on port {port}", interval=0.5)
     return VllmServer(port, managed, served_model)

@@ -17,7 +17,7 @@ from kubernetes import config as kube_config
 
 from troughfill import constants, lifecycle, metrics
 from troughfill.api.admission import admit
-from troughfill.api.batchinference import BatchInference, BatchInferenceStatus
+from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
 from troughfill.config import Settings
@@ -121,7 +121,7 @@ async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
     job = _parse(body)
     if isinstance(job, str) or job.status is None or job.status.phase is None or job.status.phase in TERMINAL:
         return
-    status = job.status.model_copy(deep=True) if job.status else BatchInferenceStatus()
+    status = job.status.model_copy(deep=True)
     ledger = lifecycle.ledger_for(job, memo.redis)
     view = memo.pools.views.get(job.metadata.uid or "")
     workers = (
