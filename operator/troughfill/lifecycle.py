@@ -72,18 +72,10 @@ def _set(
     )
 
 
-def refuse(job: BatchInference, reason: Reason, message: str, now: datetime) -> StatusUpdate:
-    """The job cannot run as written: Admitted=False, Failed=True, one warning Event."""
-    status = _status(job)
-    _set(
-        status,
-        job,
-        JobConditionType.ADMITTED,
-        value=ConditionStatus.FALSE,
-        reason=reason,
-        message=message,
-        now=now,
-    )
+def _fail(
+    status: BatchInferenceStatus, job: BatchInference, reason: Reason, message: str, now: datetime
+) -> StatusUpdate:
+    """Failed=True, phase failed, one warning Event."""
     _set(
         status,
         job,
@@ -97,6 +89,21 @@ def refuse(job: BatchInference, reason: Reason, message: str, now: datetime) -> 
     status.observed_generation = job.metadata.generation
     status.finished_at = status.finished_at or now
     return StatusUpdate(status, [Event(reason, message, warning=True)])
+
+
+def refuse(job: BatchInference, reason: Reason, message: str, now: datetime) -> StatusUpdate:
+    """The job cannot run as written: Admitted=False, Failed=True, one warning Event."""
+    status = _status(job)
+    _set(
+        status,
+        job,
+        JobConditionType.ADMITTED,
+        value=ConditionStatus.FALSE,
+        reason=reason,
+        message=message,
+        now=now,
+    )
+    return _fail(status, job, reason, message, now)
 
 
 async def start(
@@ -124,12 +131,10 @@ async def start(
         try:
             report = await index_input(ledger, store)
         except (OSError, ValueError) as error:
-            message = f"input {spec.input_url} cannot be read: {error}"
-            outcome = refuse(job, Reason.INPUT_UNREADABLE, message, now)
-            outcome.status.conditions = [
-                c for c in outcome.status.conditions if c.type != JobConditionType.ADMITTED
-            ] + [c for c in status.conditions if c.type == JobConditionType.ADMITTED]
-            return outcome
+            # Admitted stays true: the spec was fine, its input is not.
+            return _fail(
+                status, job, Reason.INPUT_UNREADABLE, f"input {spec.input_url} cannot be read: {error}", now
+            )
         if report.invalid:
             events.append(
                 Event(

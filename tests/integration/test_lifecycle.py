@@ -78,6 +78,9 @@ async def test_unreadable_input_fails_the_job(aredis: Redis, tmp_path: Path) -> 
     failed = find_condition(outcome.status.conditions, "Failed")
     assert failed is not None
     assert failed.reason == "InputUnreadable"
+    admitted_condition = find_condition(outcome.status.conditions, "Admitted")
+    assert admitted_condition is not None
+    assert admitted_condition.status == "True"  # the spec passed; its input did not
 
 
 async def test_the_completion_window_expires_what_is_left(aredis: Redis, tmp_path: Path) -> None:
