@@ -228,11 +228,14 @@ async def refresh_status(
         status.output_url, status.error_url = report.output_url, report.error_url
         progress = await ledger.progress()
     status.request_counts = RequestCounts(
-        total=progress.total, completed=progress.completed, failed=progress.failed
+        total=progress.total, completed=progress.completed, failed=progress.failed, resumed=progress.resumed
     )
     status.progress = progress_text(status.request_counts)
     status.tokens = TokenCounts(
-        prompt=progress.prompt_tokens, completion=progress.completion_tokens, cached=progress.cached_tokens
+        prompt=progress.prompt_tokens,
+        completion=progress.completion_tokens,
+        cached=progress.cached_tokens,
+        wasted=progress.wasted_tokens,
     )
     status.observed_generation = job.metadata.generation
     if progress.state is not None:

@@ -113,6 +113,7 @@ async def test_yield_gives_everything_back_within_two_seconds_and_work_resumes_e
     assert "resumed" in job.log("rescuer")
     resumed = [o for o in outputs if int(str(o["id"]).rsplit("_", 1)[1]) in partials]
     assert resumed
+    assert (await job.ledger.progress()).resumed == len(resumed)  # counted for the job's status
     for output in resumed:
         index = int(str(output["id"]).rsplit("_", 1)[1])
         body = output["response"]["body"]  # type: ignore[index]

@@ -105,6 +105,8 @@ class RequestCounts(StatusModel):
     total: int = Field(default=0, ge=0)
     completed: int = Field(default=0, ge=0)
     failed: int = Field(default=0, ge=0)
+    resumed: int = Field(default=0, ge=0)
+    """Requests a worker continued from another's saved partial output (after a yield)."""
 
 
 class WorkerCounts(StatusModel):
@@ -116,6 +118,8 @@ class TokenCounts(StatusModel):
     prompt: int = Field(default=0, ge=0)
     completion: int = Field(default=0, ge=0)
     cached: int = Field(default=0, ge=0)
+    wasted: int = Field(default=0, ge=0)
+    """Generated and thrown away: attempts cut short with nothing saved to resume from."""
 
 
 class BatchInferenceStatus(StatusModel):

@@ -85,6 +85,8 @@ class Progress:
     leases: int
     indexed: bool
     state_times: dict[str, float] = field(default_factory=dict)
+    resumed: int = 0
+    """Requests continued from a saved partial generation (after their worker yielded)."""
 
     @property
     def finished(self) -> int:
@@ -315,10 +317,14 @@ class JobLedger:
             raise LedgerClosedError(f"job is {_text(state) or 'gone'}; results are no longer accepted")
         return int(won)
 
-    async def record_waste(self, tokens: int) -> None:
-        """Tokens generated and then thrown away (an aborted attempt), for accounting."""
-        if tokens:
-            await self.client.hincrby(self.keys.key("counters"), "wasted_tokens", tokens)
+    async def record_usage(self, *, wasted_tokens: int = 0, resumed: int = 0) -> None:
+        """For accounting: tokens generated and then thrown away (an aborted attempt), and
+        requests continued from a saved partial generation instead of started over."""
+        pipe = self.client.pipeline(transaction=False)
+        for field, value in (("wasted_tokens", wasted_tokens), ("resumed", resumed)):
+            if value:
+                pipe.hincrby(self.keys.key("counters"), field, value)
+        await pipe.execute()
 
     # --- partial generations -------------------------------------------------------------
 
@@ -407,6 +413,7 @@ class JobLedger:
             completion_tokens=counters.get("completion_tokens", 0),
             cached_tokens=counters.get("cached_tokens", 0),
             wasted_tokens=counters.get("wasted_tokens", 0),
+            resumed=counters.get("resumed", 0),
             leases=int(leases),
             indexed=meta.get("indexed") == "1",
             state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},

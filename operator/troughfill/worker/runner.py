@@ -165,8 +165,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self.ledger.clear_heartbeat(self.options.worker_id)
-        if self.stats.wasted_tokens:
-            await self.ledger.record_waste(self.stats.wasted_tokens)
+        await self.ledger.record_usage(wasted_tokens=self.stats.wasted_tokens, resumed=self.stats.resumed)
         return ExitCode.ENGINE_DIED if self.engine_dead else ExitCode.OK
 
     async def _stop_mode(self) -> StopMode:
