@@ -12,14 +12,27 @@ from pathlib import Path
 COUNT = 240
 MODEL = "smollm2-135m"
 TOPICS = {
-    "billing": ["I was charged twice for my March invoice", "my card was declined but the money left my account"],
+    "billing": [
+        "I was charged twice for my March invoice",
+        "my card was declined but the money left my account",
+    ],
     "accounts": ["I cannot log in after resetting my password", "please delete my account and all my data"],
-    "logistics": ["my parcel has said 'in transit' for nine days", "the box arrived crushed and one item is missing"],
-    "engineering": ["the export button does nothing in Firefox", "the mobile app crashes when I open settings"],
+    "logistics": [
+        "my parcel has said 'in transit' for nine days",
+        "the box arrived crushed and one item is missing",
+    ],
+    "engineering": [
+        "the export button does nothing in Firefox",
+        "the mobile app crashes when I open settings",
+    ],
 }
 MOODS = ["polite", "angry", "confused", "in a hurry"]
 TASKS = [
-    ("route", 8, "Which team should handle this ticket: billing, accounts, logistics or engineering? One word."),
+    (
+        "route",
+        8,
+        "Which team should handle this ticket: billing, accounts, logistics or engineering? One word.",
+    ),
     ("summarise", 48, "Summarise this support ticket in one sentence."),
     ("reply", 160, "Write a short, friendly reply to this customer."),
 ]

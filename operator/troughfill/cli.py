@@ -88,7 +88,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Everything that runs without a cluster today: parse, admit and check the embedded example."""
+    """Check the embedded example (parse, admit, every request line), then run it for real on a
+    local cluster (troughfill.demo) unless --check-only."""
     directory = Path(args.examples) if args.examples else examples_dir()
     objects: dict[str, Resource] = {}
     for path in sorted(directory.glob("*.yaml")):
@@ -128,8 +129,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         },
         "crds": [r.crd.name for r in api.RESOURCES],
     }
-    print(json.dumps(report, indent=2))
-    return 0 if admission.allowed and summary.valid == summary.lines else 1
+    print(json.dumps(report, indent=2), flush=True)
+    if not (admission.allowed and summary.valid == summary.lines):
+        return 1
+    if args.check_only:
+        return 0
+    missing = [
+        flag for flag, value in (("--vllm-python", args.vllm_python), ("--model", args.model)) if not value
+    ]
+    if missing:
+        print(f"{', '.join(missing)} not given (scripts/demo.sh sets them up)", file=sys.stderr)
+        return 2
+    from troughfill import demo  # noqa: PLC0415 (local-cluster tooling: not loaded for the worker)
+
+    options = demo.DemoOptions(
+        examples=directory,
+        workdir=Path(args.workdir) if args.workdir else demo.default_workdir(),
+        vllm_python=args.vllm_python,
+        model=Path(args.model),
+        start_hour=args.start_hour,
+        seconds_per_hour=args.seconds_per_hour,
+        timeout_seconds=args.timeout,
+    )
+    result = demo.run_demo(options)
+    print(json.dumps(result, indent=2))
+    done = result["phase"] == "completed" and result["requests"]["everyCustomIdExactlyOnce"]
+    return 0 if done else 1
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -187,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the embedded example")
     demo.add_argument("--examples", help="directory with pool, template, BatchInference and requests.jsonl")
+    demo.add_argument("--check-only", action="store_true", help="only check the example; start nothing")
+    demo.add_argument(
+        "--vllm-python",
+        default=os.environ.get("TROUGHFILL_VLLM_PYTHON"),
+        help="python of the vLLM environment",
+    )
+    demo.add_argument("--model", default=os.environ.get("TROUGHFILL_DEMO_MODEL"), help="model directory")
+    demo.add_argument("--workdir", help="scratch directory, emptied first (default: $TROUGHFILL_CACHE/demo)")
+    demo.add_argument("--start-hour", type=float, default=14.0, help="trace hour online load starts at")
+    demo.add_argument("--seconds-per-hour", type=float, default=10.0, help="demo seconds per trace hour")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds the job may take")
     demo.set_defaults(handler=cmd_demo)
 
     worker_main.add_arguments(commands)

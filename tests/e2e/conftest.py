@@ -19,9 +19,8 @@ import pytest
 from kubernetes import client, config
 from kubernetes.config import kube_config
 
-from troughfill.devenv import ManagedProcess
-from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane
-from troughfill.devenv.nodeagent import AGENT_LABEL, GPU_RESOURCE
+from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
+from troughfill.devenv.nodeagent import GPU_RESOURCE
 
 GPUS_PER_NODE = 8
 
@@ -58,17 +57,6 @@ class Kube:
         return "kubectl"
 
 
-def _nodes_ready(core: client.CoreV1Api, count: int) -> bool:
-    nodes = core.list_node(label_selector=f"{AGENT_LABEL}=true").items
-    ready = [
-        n
-        for n in nodes
-        if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
-        and not any(t.key == "node.kubernetes.io/not-ready" for t in n.spec.taints or [])
-    ]
-    return len(ready) >= count
-
-
 @pytest.fixture(scope="session")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     external = os.environ.get("KUBECONFIG")
@@ -77,31 +65,20 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         return
     workdir = tmp_path_factory.mktemp("cluster")
     plane = start_control_plane(workdir / "plane")
-    agent_workdir = workdir / "pods"
-    agent = ManagedProcess(
-        "node-agent",
-        [
-            os.environ.get("PYTHON", "python"), "-m", "troughfill.devenv.nodeagent",
-            "--kubeconfig", str(plane.node_agent_kubeconfig), "--workdir", str(agent_workdir),
-            "--nodes", "2", "--gpus", str(GPUS_PER_NODE),
-        ],
-        workdir / "agent",
-    )  # fmt: skip
+    try:
+        agent = start_node_agent(plane, workdir, nodes=2, gpus=GPUS_PER_NODE)
+    except BaseException:
+        plane.stop()
+        raise
     api = config.new_client_from_config(config_file=str(plane.kubeconfig))
     try:
-        deadline = time.monotonic() + 60
-        while not _nodes_ready(client.CoreV1Api(api), 2):
-            agent.check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nodes not ready:\n{agent.log_tail()}")
-            time.sleep(0.2)
         print(f"\ncontrol plane ready in {plane.started_seconds:.1f}s; nodes ready after it")
         previous = os.environ.get("KUBECONFIG"), kube_config.KUBE_CONFIG_DEFAULT_LOCATION
         # For Kopf in this process and kubectl: the client library reads $KUBECONFIG once, at
         # import (before this fixture ran), so its default location is set too.
         os.environ["KUBECONFIG"] = kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(plane.kubeconfig)
         try:
-            yield Kube(plane.kubeconfig, api, plane, agent_workdir)
+            yield Kube(plane.kubeconfig, api, plane, workdir / "pods")
         finally:
             if previous[0] is None:
                 os.environ.pop("KUBECONFIG", None)

@@ -58,11 +58,11 @@ def test_validate_accepts_the_examples(repo_root: Path) -> None:
 
 
 def test_demo_admits_the_embedded_example(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+    assert main(["demo", "--check-only"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["admission"]["allowed"] is True
     assert report["admission"]["priorityClassName"] == "troughfill-batch"
-    assert report["input"]["lines"] == report["input"]["valid"] == 40
+    assert report["input"]["lines"] == report["input"]["valid"] == 240
 
 
 def test_demo_fails_on_a_refused_job(
@@ -74,5 +74,5 @@ def test_demo_fails_on_a_refused_job(
     job = yaml.safe_load((examples / "batchinference.yaml").read_text())
     job["spec"]["engineArgs"] = [{"name": "enforce-eager", "value": "true"}]
     (tmp_path / "batchinference.yaml").write_text(yaml.safe_dump(job))
-    assert main(["demo", "--examples", str(tmp_path)]) == 1
+    assert main(["demo", "--check-only", "--examples", str(tmp_path)]) == 1
     assert json.loads(capsys.readouterr().out)["admission"]["reason"] == "EngineArgNotAllowed"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from troughfill.devenv.nodeagent import AGENT_LABEL
 from troughfill.devenv.services import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
 SERVICE_CIDR = "10.0.0.0/24"
@@ -368,3 +369,54 @@ def _grant_node_agent(plane: ControlPlane) -> None:
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": NODE_AGENT_USER}],
         },
     )
+
+
+# --- nodes --------------------------------------------------------------------------------------
+
+
+def _ready_agent_nodes(plane: ControlPlane, count: int) -> bool:
+    """At least `count` agent nodes Ready and no longer tainted not-ready."""
+    status, body = plane.get(f"/api/v1/nodes?labelSelector={AGENT_LABEL}%3Dtrue")
+    if status != 200:
+        return False
+    ready = 0
+    for node in json.loads(body).get("items", []):
+        conditions = node.get("status", {}).get("conditions", [])
+        taints = node.get("spec", {}).get("taints", [])
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) and not any(
+            t["key"] == "node.kubernetes.io/not-ready" for t in taints
+        ):
+            ready += 1
+    return ready >= count
+
+
+def start_node_agent(
+    plane: ControlPlane,
+    workdir: Path,
+    *,
+    nodes: int,
+    gpus: int,
+    python: str | None = None,
+    timeout: float = 60,
+) -> ManagedProcess:
+    """The node agent (devenv.nodeagent): `nodes` nodes of `gpus` GPUs each, returned once Ready."""
+    agent = ManagedProcess(
+        "node-agent",
+        [
+            python or os.environ.get("PYTHON", "python"), "-m", "troughfill.devenv.nodeagent",
+            "--kubeconfig", str(plane.node_agent_kubeconfig), "--workdir", str(workdir / "pods"),
+            "--nodes", str(nodes), "--gpus", str(gpus),
+        ],
+        workdir / "agent",
+    )  # fmt: skip
+
+    def ready() -> bool:
+        agent.check_alive()
+        return _ready_agent_nodes(plane, nodes)
+
+    try:
+        wait_until(ready, timeout, f"{nodes} nodes Ready", interval=0.2)
+    except BaseException:
+        agent.stop(timeout=15)
+        raise
+    return agent

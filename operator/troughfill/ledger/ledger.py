@@ -321,9 +321,9 @@ class JobLedger:
         """For accounting: tokens generated and then thrown away (an aborted attempt), and
         requests continued from a saved partial generation instead of started over."""
         pipe = self.client.pipeline(transaction=False)
-        for field, value in (("wasted_tokens", wasted_tokens), ("resumed", resumed)):
+        for counter, value in (("wasted_tokens", wasted_tokens), ("resumed", resumed)):
             if value:
-                pipe.hincrby(self.keys.key("counters"), field, value)
+                pipe.hincrby(self.keys.key("counters"), counter, value)
         await pipe.execute()
 
     # --- partial generations -------------------------------------------------------------

@@ -1,0 +1,487 @@
+"""The embedded demo: the whole system on this machine, on the example batch.
+
+A local Kubernetes control plane (devenv.cluster) with one node of 4 GPUs (devenv.nodeagent:
+pods run as local processes), Redis, Prometheus and the operator (`troughfill operator`, as
+in production but as a local process). Online serving is synthetic: a /metrics endpoint whose
+`troughfill_demo_online_gpus` follows the bundled ServeGen trace (the simulator's conversion of
+requests/s to GPUs, sized so online's 99.9th percentile needs 85 % of the pool), compressed in
+time; Prometheus scrapes it and the pool's `gpusInUseQuery` reads it. The example objects
+(manifests/examples) are applied with kubectl, adapted to this machine: the pool takes the
+node's GPUs, the template runs the real vLLM CPU engine on SmolLM2-135M-Instruct, the job reads
+the example requests from a file:// URL.
+
+Online load holds at its `start_hour` level until the first result is in, then follows the
+trace at `seconds_per_hour` seconds per trace hour: the afternoon trough, the evening peak
+(the batch worker yields), the night (it comes back and finishes). Progress is printed as it
+goes; the summary is JSON.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from troughfill import constants
+from troughfill.api import RESOURCES, crdgen
+from troughfill.api.batchinference import BatchInference
+from troughfill.api.batchpool import BatchPool
+from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start_redis
+from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
+from troughfill.devenv.nodeagent import AGENT_LABEL
+from troughfill.devenv.services import LOOPBACK, VLLM_ENV, http_ok, wait_until
+from troughfill.sim.scenario import DEFAULT_TRACE, bundled
+from troughfill.sim.trace import load_rate_trace, online_demand
+
+ONLINE_METRIC = "troughfill_demo_online_gpus"
+NODE_GPUS = 4
+WORKER_GPUS = 2
+ONLINE_PEAK_FRACTION = 0.85
+"""As in the simulator: online's 99.9th percentile needs this share of the pool."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    examples: Path
+    workdir: Path
+    vllm_python: str
+    model: Path
+    start_hour: float = 14.0
+    seconds_per_hour: float = 10.0
+    timeout_seconds: float = 900.0
+    reconcile_seconds: float = 1.0
+
+
+# --- synthetic online load --------------------------------------------------------------------
+
+
+class OnlineLoad:
+    """A /metrics endpoint whose online-GPU gauge follows the trace, compressed in time."""
+
+    def __init__(self, start_hour: float, seconds_per_hour: float, capacity: int) -> None:
+        trace = load_rate_trace(bundled(DEFAULT_TRACE), "language/m-small")
+        demand = online_demand(
+            trace,
+            None,
+            per_gpu_rps=None,
+            target_peak_gpus=ONLINE_PEAK_FRACTION * capacity,
+            days=1,
+            seed=7,
+        )
+        self.gpus = demand.gpus
+        self.start_hour = start_hour
+        self.speed = 3600.0 / seconds_per_hour
+        self.started: float | None = None
+        self.registry = CollectorRegistry()
+        self.gauge = Gauge(ONLINE_METRIC, "GPUs held by online serving (synthetic)", registry=self.registry)
+        self.port = free_port()
+        self.server, _ = start_http_server(self.port, addr=LOOPBACK, registry=self.registry)
+        self.stopping = threading.Event()
+        self.history: list[tuple[float, int]] = []
+        """(monotonic time, GPUs) whenever the published value changed."""
+        self.thread = threading.Thread(target=self._run, name="online-load", daemon=True)
+        self.value = self._value_at(0.0)
+        self.gauge.set(self.value)
+        self.history.append((time.monotonic(), self.value))
+        self.thread.start()
+
+    def trace_seconds(self) -> float:
+        elapsed = 0.0 if self.started is None else time.monotonic() - self.started
+        return self.start_hour * 3600 + elapsed * self.speed
+
+    def clock(self) -> str:
+        seconds = int(self.trace_seconds()) % 86_400
+        return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}"
+
+    def _value_at(self, trace_seconds: float) -> int:
+        return int(self.gpus[int(trace_seconds) % len(self.gpus)])
+
+    def start_clock(self) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(0.1):
+            value = self._value_at(self.trace_seconds())
+            if value != self.value:
+                self.value = value
+                self.gauge.set(value)
+                self.history.append((time.monotonic(), value))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def _documents(directory: Path) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if isinstance(document, dict) and "kind" in document:
+                found[document["kind"]] = document
+    return found
+
+
+def local_objects(options: DemoOptions, online_query: str) -> list[dict[str, Any]]:
+    """The example pool, template and job, adapted to this machine (what an admin of this
+    little cluster would write); the requests are the example's."""
+    examples = _documents(options.examples)
+    pool, template, job = (
+        json.loads(json.dumps(examples[kind])) for kind in ("BatchPool", "ModelTemplate", "BatchInference")
+    )
+    pool["spec"]["gpus"] = {"nodeSelector": {AGENT_LABEL: "true"}}
+    pool["spec"]["online"] = {
+        "selector": pool["spec"]["online"]["selector"],
+        "namespaces": pool["spec"]["online"]["namespaces"],
+        "gpusInUseQuery": online_query,
+    }
+    pool["spec"].update(
+        headroomGPUs=0,
+        signal={"maxStaleness": "10s", "onStale": "Yield", "floorGPUs": 0},
+        scaleUpDelay="3s",
+        minUsefulTime="0s",
+        drainGracePeriod="10s",
+    )
+    spec = template["spec"]
+    spec["model"]["uri"] = str(options.model)
+    spec["gpusPerWorker"] = WORKER_GPUS
+    spec["coldStartSeconds"] = 45
+    spec["tokensPerSecond"] = 200
+    spec["engine"] = {
+        "command": [options.vllm_python, "-m", "vllm.entrypoints.openai.api_server"],
+        "args": ["--enforce-eager", "--max-model-len", "2048"],
+        "env": [{"name": k, "value": v} for k, v in VLLM_ENV.items()],
+    }
+    spec.pop("resources", None)  # the node agent's node is this machine; nothing to reserve
+    requests = options.workdir / "input" / "requests.jsonl"
+    requests.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(options.examples / "requests.jsonl", requests)
+    job["spec"]["inputURL"] = requests.as_uri()
+    job["spec"]["outputURL"] = (options.workdir / "results").as_uri() + "/"
+    job["spec"]["maxWorkers"] = 1
+    return [pool, template, job]
+
+
+class Demo:
+    def __init__(self, options: DemoOptions) -> None:
+        self.options = options
+        self.stack = contextlib.ExitStack()
+        self.started = time.monotonic()
+        self.plane: ControlPlane | None = None
+        self.operator: ManagedProcess | None = None
+        self.online: OnlineLoad | None = None
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        assert self.plane is not None
+        done = subprocess.run(
+            [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(self.plane.kubeconfig), *args],
+            input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def up(self) -> tuple[client.ApiClient, str]:
+        """Everything but the job: returns the API client and the operator's metrics URL."""
+        work = self.options.workdir
+        redis = start_redis(work / "redis")
+        self.stack.callback(redis.stop)
+        self.say(f"redis-server on {redis.url}")
+        self.online = OnlineLoad(self.options.start_hour, self.options.seconds_per_hour, NODE_GPUS)
+        self.stack.callback(self.online.stop)
+        metrics_port = free_port()
+        prometheus = start_prometheus(
+            work / "prometheus", [f"{LOOPBACK}:{self.online.port}", f"{LOOPBACK}:{metrics_port}"]
+        )
+        self.stack.callback(prometheus.stop)
+        self.say(f"prometheus on {prometheus.url}, scraping the online load and the operator every 1s")
+        self.plane = plane = start_control_plane(work / "plane")
+        self.stack.callback(plane.stop)
+        agent = start_node_agent(plane, work / "node", nodes=1, gpus=NODE_GPUS, python=sys.executable)
+        self.stack.callback(agent.stop, 15)
+        self.say(f"control plane up in {plane.started_seconds:.1f}s; 1 node with {NODE_GPUS} GPUs Ready")
+        crds = work / "crds"
+        crdgen.write(crds, crdgen.render(RESOURCES, cel=False))  # 1.20 serves no CEL rules
+        self.kubectl("apply", "-k", str(crds))
+        self.kubectl(
+            "apply", "-f", str(Path(__file__).resolve().parents[2] / "manifests/base/priorityclass.yaml")
+        )
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        env = {
+            "KUBECONFIG": str(plane.kubeconfig),
+            "TROUGHFILL_REDIS_URL": redis.url,
+            "TROUGHFILL_PROMETHEUS_URL": prometheus.url,
+            "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": str(self.options.reconcile_seconds),
+            "TROUGHFILL_METRICS_PORT": str(metrics_port),
+            "TROUGHFILL_HEALTH_PORT": "0",
+            "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.operator = ManagedProcess(
+            "operator", [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"], work, env=env
+        )
+        self.stack.callback(self.operator.stop, 30)
+        metrics_url = f"http://{LOOPBACK}:{metrics_port}/metrics"
+        wait_until(
+            lambda: self.operator is not None and _alive_and(self.operator, metrics_url), 60, "the operator"
+        )
+        self.say("operator running (Kopf, standalone); its /metrics is scraped too")
+        return config.new_client_from_config(config_file=str(plane.kubeconfig)), metrics_url
+
+    def run(self) -> dict[str, Any]:
+        api, metrics_url = self.up()
+        assert self.online is not None
+        assert self.operator is not None
+        pool, template, job = local_objects(self.options, f"max({ONLINE_METRIC})")
+        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        _wait_for_service_account(client.CoreV1Api(api), namespace)
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([pool, template, job]))
+        self.say(
+            f"applied BatchPool/{pool['metadata']['name']}, ModelTemplate/{template['metadata']['name']}, "
+            f"BatchInference {namespace}/{name} ({_lines(self.options.examples / 'requests.jsonl')} requests)"
+        )
+        self.say(
+            f"online load holds at its {self.online.clock()} level until the first result, then follows "
+            f"the trace at {self.options.seconds_per_hour:g}s per hour"
+        )
+        watcher = Watcher(api, namespace, name, pool["metadata"]["name"], self.online)
+        deadline = time.monotonic() + self.options.timeout_seconds
+        last = ""
+        while True:
+            self.operator.check_alive()
+            state = watcher.poll()
+            if state.completed > 0:
+                self.online.start_clock()
+            line = state.line(self.online)
+            if line != last:
+                self.say(line)
+                last = line
+            if state.phase in {"completed", "failed", "expired", "cancelled"}:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the job did not finish in {self.options.timeout_seconds:.0f}s")
+            time.sleep(1.0)
+        scraped = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        return summarise(watcher, scraped, job, self.options, time.monotonic() - self.started)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def _alive_and(process: ManagedProcess, url: str) -> bool:
+    process.check_alive()
+    return http_ok(url)
+
+
+def _lines(path: Path) -> int:
+    with path.open() as stream:
+        return sum(1 for line in stream if line.strip())
+
+
+def _wait_for_service_account(core: client.CoreV1Api, namespace: str) -> None:
+    def ready() -> bool:
+        accounts = core.list_namespaced_service_account(
+            namespace, field_selector="metadata.name=default"
+        ).items
+        return bool(accounts and accounts[0].secrets)
+
+    wait_until(ready, 30, f"the default service account of {namespace}", interval=0.2)
+
+
+@dataclass
+class State:
+    phase: str | None
+    completed: int
+    total: int
+    ready_workers: int
+    worker_pods: int
+    online_gpus: int
+    trough_gpus: int
+    batch_gpus: int
+    tokens: int
+
+    def line(self, online: OnlineLoad) -> str:
+        workers = f"{self.ready_workers}/{self.worker_pods} worker ready" if self.worker_pods else "no worker"
+        clock = online.clock() if online.started is not None else f"{online.clock()} (held)"
+        return (
+            f"trace {clock}  online {online.value} GPU  trough {self.trough_gpus}  batch {self.batch_gpus}  "
+            f"{workers}  done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]"
+        )
+
+
+class Watcher:
+    """Reads the job, the pool and the worker pods; remembers what the summary needs."""
+
+    def __init__(
+        self, api: client.ApiClient, namespace: str, name: str, pool: str, online: OnlineLoad
+    ) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.namespace, self.name, self.pool, self.online = namespace, name, pool, online
+        self.job: dict[str, Any] = {}
+        self.pods_seen: set[str] = set()
+        self.yields: list[float] = []
+        """Seconds from the online gauge leaving no room for the running worker to its pod being gone."""
+        self._squeezed_at: float | None = None
+        self._had_worker = False
+
+    def poll(self) -> State:
+        group, version = constants.API_GROUP, constants.API_VERSION
+        self.job = self.custom.get_namespaced_custom_object(
+            group, version, self.namespace, BatchInference.crd.plural, self.name
+        )
+        pool = self.custom.get_cluster_custom_object(group, version, BatchPool.crd.plural, self.pool)
+        selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        self.pods_seen |= {p.metadata.name for p in pods}
+        ready = sum(
+            1
+            for p in pods
+            if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        )
+        status, pool_status = self.job.get("status", {}), pool.get("status", {})
+        counts = status.get("requestCounts", {})
+        self._time_yields(bool(pods))
+        return State(
+            phase=status.get("phase"),
+            completed=int(counts.get("completed", 0)),
+            total=int(counts.get("total", 0)),
+            ready_workers=ready,
+            worker_pods=len(pods),
+            online_gpus=int(pool_status.get("onlineGPUs", 0)),
+            trough_gpus=int(pool_status.get("troughGPUs", 0)),
+            batch_gpus=int(pool_status.get("batchGPUs", 0)),
+            tokens=int(status.get("tokens", {}).get("completion", 0)),
+        )
+
+    def _time_yields(self, worker_present: bool) -> None:
+        squeezed = self.online.value > NODE_GPUS - WORKER_GPUS
+        if worker_present and squeezed and self._squeezed_at is None:
+            # When the gauge moved (the exporter's own record), not when this poll saw it.
+            self._squeezed_at = next(
+                (t for t, v in reversed(self.online.history) if v > NODE_GPUS - WORKER_GPUS), time.monotonic()
+            )
+        if not worker_present and self._squeezed_at is not None and self._had_worker:
+            self.yields.append(time.monotonic() - self._squeezed_at)
+        if not worker_present or not squeezed:
+            self._squeezed_at = None
+        self._had_worker = worker_present
+
+
+def _samples(scraped: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+    }
+
+
+def summarise(
+    watcher: Watcher, scraped: str, job: dict[str, Any], options: DemoOptions, wall: float
+) -> dict[str, Any]:
+    status = watcher.job.get("status", {})
+    results = options.workdir / "results"
+    outputs = _read_jsonl(results / "output.jsonl")
+    errors = _read_jsonl(results / "errors.jsonl")
+    wanted = [json.loads(line)["custom_id"] for line in (options.workdir / "input/requests.jsonl").open()]
+    seen = [line["custom_id"] for line in outputs + errors]
+    samples = _samples(scraped)
+    pool = watcher.pool
+
+    def metric(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    tokens = status.get("tokens", {})
+    gpu_seconds = float(status.get("gpuSeconds", 0.0))
+    answers = {
+        line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"]
+        for line in sorted(outputs, key=lambda line: line["custom_id"])[:3]
+    }
+    return {
+        "job": f"{watcher.namespace}/{watcher.name}",
+        "phase": status.get("phase"),
+        "requests": {
+            **status.get("requestCounts", {}),
+            "inInput": len(wanted),
+            "everyCustomIdExactlyOnce": sorted(seen) == sorted(wanted),
+        },
+        "tokens": {k: tokens.get(k, 0) for k in ("prompt", "completion", "wasted")},
+        "workerPods": len(watcher.pods_seen),
+        "decisions": {
+            action: int(metric("troughfill_decisions_total", pool=pool, action=action))
+            for action in ("start", "yield", "drain")
+        },
+        "yieldSecondsOnlineRiseToGPUsFree": [round(s, 2) for s in watcher.yields],
+        "gpuSecondsHarvested": round(gpu_seconds, 1),
+        "completionTokensPerGPUSecond": round(tokens.get("completion", 0) / gpu_seconds, 1)
+        if gpu_seconds
+        else None,
+        "output": str(results / "output.jsonl"),
+        "errors": str(results / "errors.jsonl") if errors else None,
+        "sampleAnswers": answers,
+        "wallSeconds": round(wall, 1),
+        "traceSecondsPerHour": options.seconds_per_hour,
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so everything started is stopped."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(options: DemoOptions) -> dict[str, Any]:
+    if options.workdir.exists():
+        shutil.rmtree(options.workdir)
+    options.workdir.mkdir(parents=True)
+    demo = Demo(options)
+    with _interruptible():
+        try:
+            return demo.run()
+        except BaseException:
+            if demo.operator is not None:
+                print(f"--- operator log (tail)\n{demo.operator.log_tail(40)}", file=sys.stderr)
+            raise
+        finally:
+            demo.say("stopping everything it started")
+            demo.close()
+
+
+def default_workdir() -> Path:
+    cache = os.environ.get("TROUGHFILL_CACHE") or str(Path.home() / ".cache" / "troughfill")
+    return Path(cache) / "demo"
