@@ -34,7 +34,7 @@ TASKS = [
         "Which team should handle this ticket: billing, accounts, logistics or engineering? One word.",
     ),
     ("summarise", 48, "Summarise this support ticket in one sentence."),
-    ("reply", 160, "Write a short, friendly reply to this customer."),
+    ("reply", 256, "Write a short, friendly reply to this customer."),
 ]
 
 

@@ -155,7 +155,7 @@ def local_objects(options: DemoOptions, online_query: str) -> list[dict[str, Any
     pool["spec"].update(
         headroomGPUs=0,
         signal={"maxStaleness": "10s", "onStale": "Yield", "floorGPUs": 0},
-        scaleUpDelay="3s",
+        scaleUpDelay="10s",  # one trace hour: no restart for a blip
         minUsefulTime="0s",
         drainGracePeriod="10s",
     )

@@ -258,3 +258,32 @@ async def test_worker_check_is_a_probe(
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait, 60) == 0
     assert await asyncio.to_thread(check) == 1
+
+
+async def test_a_worker_stopped_while_its_engine_loads_exits_at_once(
+    aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
+) -> None:
+    """A worker the operator stops before its engine is up (the trough closed during the
+    cold start) holds GPUs for nothing: it stops the engine and exits, without waiting."""
+    job = await make_job(aredis, redis_server, vllm_engine, tmp_path, [chat_line("q0", 8)])
+    loading = tmp_path / "engine-started"
+    engine = [
+        sys.executable,
+        "-c",
+        f"import pathlib, time; pathlib.Path({str(loading)!r}).touch(); time.sleep(300)",
+    ]
+    worker = job.worker("starter", "--engine-port", str(free_port()), "--", *engine, attach=False)
+
+    async def engine_started() -> bool:
+        return loading.exists()
+
+    await until(engine_started, "the engine command running", within=30)
+    await asyncio.sleep(0.5)
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(worker.wait, 30)
+    seconds = time.monotonic() - stopped
+    assert code == 0, job.log("starter")
+    assert seconds < 3.0, f"took {seconds:.2f}s"
+    assert "stopped before the engine was ready" in job.log("starter")
+    assert (await job.ledger.progress()).leases == 0

@@ -207,6 +207,24 @@ async def test_a_request_done_twice_counts_once(
     assert [line["custom_id"] for line in read_jsonl(tmp_path / "out/output.jsonl")].count("r0") == 1
 
 
+async def test_resumed_requests_are_counted_once_by_the_commit_that_wins(
+    aredis: Redis, tmp_path: Path, store: ObjectStore, clock: FakeClock
+) -> None:
+    ledger, _ = await ready_job(aredis, tmp_path, store, clock, count=4)
+    claim = await ledger.claim("w", 4)
+    assert claim is not None
+    outcomes = [
+        Outcome(0, resumed=True, completion_tokens=5),
+        Outcome(1, failed=True, resumed=True),
+        Outcome(2, completion_tokens=5),
+    ]
+    assert await ledger.commit("seg-a", outcomes, claim.lease_id) == 3
+    assert await ledger.commit("seg-b", [Outcome(0, resumed=True), Outcome(3, resumed=True)]) == 1
+    progress = await ledger.progress()
+    assert (progress.completed, progress.failed, progress.resumed) == (3, 1, 3)
+    assert progress.completion_tokens == 10  # the losing duplicate of 0 added nothing
+
+
 async def test_no_result_is_accepted_once_the_job_is_finalizing(
     aredis: Redis, tmp_path: Path, store: ObjectStore, clock: FakeClock
 ) -> None:

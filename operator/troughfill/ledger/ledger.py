@@ -68,6 +68,8 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    resumed: bool = False
+    """Continued from another attempt's saved partial output (counted when it wins)."""
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,9 @@ class JobLedger:
         again, so its tokens are not counted twice and its record is not merged twice.
         """
         packed = b"".join(
-            OUTCOME.pack(o.index, o.failed, o.prompt_tokens, o.completion_tokens, o.cached_tokens)
+            OUTCOME.pack(
+                o.index, o.failed | o.resumed << 1, o.prompt_tokens, o.completion_tokens, o.cached_tokens
+            )
             for o in outcomes
         )
         won, state = await self._run("COMMIT", lease_id if lease_id is not None else "", segment_id, packed)
@@ -317,14 +321,10 @@ class JobLedger:
             raise LedgerClosedError(f"job is {_text(state) or 'gone'}; results are no longer accepted")
         return int(won)
 
-    async def record_usage(self, *, wasted_tokens: int = 0, resumed: int = 0) -> None:
-        """For accounting: tokens generated and then thrown away (an aborted attempt), and
-        requests continued from a saved partial generation instead of started over."""
-        pipe = self.client.pipeline(transaction=False)
-        for counter, value in (("wasted_tokens", wasted_tokens), ("resumed", resumed)):
-            if value:
-                pipe.hincrby(self.keys.key("counters"), counter, value)
-        await pipe.execute()
+    async def record_waste(self, tokens: int) -> None:
+        """Tokens generated and then thrown away (an aborted attempt), for accounting."""
+        if tokens:
+            await self.client.hincrby(self.keys.key("counters"), "wasted_tokens", tokens)
 
     # --- partial generations -------------------------------------------------------------
 

@@ -151,7 +151,7 @@ return requeue(mine, ARGV[4] == '1')
 )
 
 # ARGV: prefix, lease_id ('' for none), segment_id, outcomes: packed big-endian records of
-# (index u32, failed u8, prompt u32, completion u32, cached u32)
+# (index u32, flags u8 (1 failed, 2 resumed), prompt u32, completion u32, cached u32)
 # -> {requests won (-1: ledger closed), state}
 COMMIT = (
     PRELUDE
@@ -165,13 +165,14 @@ end
 -- goes when the lease is released or reaped. ARGV[2] (the lease) is informational.
 local has_partials = redis.call('EXISTS', K_PARTIAL) == 1
 local won = {}
-local completed, failed, prompt, completion, cached = 0, 0, 0, 0, 0
+local completed, failed, resumed, prompt, completion, cached = 0, 0, 0, 0, 0, 0
 local blob = ARGV[4]
 for at = 1, #blob, 17 do
-  local i, is_failed, p, c, ca = struct.unpack('>I4BI4I4I4', blob, at)
+  local i, flags, p, c, ca = struct.unpack('>I4BI4I4I4', blob, at)
   if redis.call('SETBIT', K_DONE, i, 1) == 0 then
     won[#won + 1] = struct.pack('>I4', i)
-    if is_failed == 1 then failed = failed + 1 else completed = completed + 1 end
+    if flags % 2 == 1 then failed = failed + 1 else completed = completed + 1 end
+    if math.floor(flags / 2) % 2 == 1 then resumed = resumed + 1 end
     prompt = prompt + p
     completion = completion + c
     cached = cached + ca
@@ -186,6 +187,7 @@ if #won > 0 then
   redis.call('HINCRBY', K_COUNTERS, 'prompt_tokens', prompt)
   redis.call('HINCRBY', K_COUNTERS, 'completion_tokens', completion)
   redis.call('HINCRBY', K_COUNTERS, 'cached_tokens', cached)
+  if resumed > 0 then redis.call('HINCRBY', K_COUNTERS, 'resumed', resumed) end
 end
 return {#won, state}
 """

@@ -132,11 +132,8 @@ class Worker:
         config = await self.ledger.config()
         self.endpoint = config.endpoint
         self.writer = ResultWriter(self.ledger, self.store, config.output_url, writer=self.options.worker_id)
-        try:
-            await self.engine.wait_ready(within=self.options.engine_ready_timeout)
-        except EngineDeadError as error:
-            log.error("engine never became ready: %s", error)
-            return ExitCode.ENGINE_DIED
+        if not await self._engine_ready():
+            return ExitCode.OK if self.stopping.is_set() else ExitCode.ENGINE_DIED
         background = [
             asyncio.create_task(self._heartbeat(config.lease_seconds)),
             asyncio.create_task(self._tune()),
@@ -165,8 +162,27 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self.ledger.clear_heartbeat(self.options.worker_id)
-        await self.ledger.record_usage(wasted_tokens=self.stats.wasted_tokens, resumed=self.stats.resumed)
+        await self.ledger.record_waste(self.stats.wasted_tokens)
         return ExitCode.ENGINE_DIED if self.engine_dead else ExitCode.OK
+
+    async def _engine_ready(self) -> bool:
+        """Wait for the engine; False when it died first or the worker was told to stop first
+        (a worker stopped while its engine loads holds nothing worth waiting for)."""
+        ready = asyncio.create_task(self.engine.wait_ready(within=self.options.engine_ready_timeout))
+        stopped = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not ready.done():
+            ready.cancel()
+            await asyncio.gather(ready, return_exceptions=True)
+            log.info("stopped before the engine was ready")
+            return False
+        try:
+            ready.result()
+        except EngineDeadError as error:
+            log.error("engine never became ready: %s", error)
+            return False
+        return True
 
     async def _stop_mode(self) -> StopMode:
         override = await self.ledger.stop_mode(self.options.worker_id)
@@ -330,7 +346,11 @@ class Worker:
             item,
             record=SegmentRecord(item.index, RecordKind.OUTPUT, record),
             outcome=Outcome(
-                item.index, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached
+                item.index,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                resumed=item.saved is not None,
             ),
         )
 
