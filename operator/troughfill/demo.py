@@ -267,16 +267,17 @@ class Demo:
         )
         watcher = Watcher(api, namespace, name, pool["metadata"]["name"], self.online)
         deadline = time.monotonic() + self.options.timeout_seconds
-        last = ""
+        last, printed = "", 0.0
         while True:
             self.operator.check_alive()
             state = watcher.poll()
             if state.completed > 0:
                 self.online.start_clock()
-            line = state.line(self.online)
-            if line != last:
-                self.say(line)
-                last = line
+            # A line when something but the trace clock moved, and at least every 10 s.
+            news = state.line(self.online).split("  ", 1)[1]
+            if news != last or time.monotonic() - printed >= 10:
+                self.say(state.line(self.online))
+                last, printed = news, time.monotonic()
             if state.phase in {"completed", "failed", "expired", "cancelled"}:
                 break
             if time.monotonic() > deadline:
@@ -325,7 +326,7 @@ class State:
         workers = f"{self.ready_workers}/{self.worker_pods} worker ready" if self.worker_pods else "no worker"
         clock = online.clock() if online.started is not None else f"{online.clock()} (held)"
         return (
-            f"trace {clock}  online {online.value} GPU  trough {self.trough_gpus}  batch {self.batch_gpus}  "
+            f"trace {clock:<13}  online {online.value} GPU  trough {self.trough_gpus}  batch {self.batch_gpus}  "
             f"{workers}  done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]"
         )
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 
 from troughfill.api.admission import Admission
+from troughfill.api.base import immutable_changes
 from troughfill.api.batchinference import (
     BatchInference,
     BatchInferenceStatus,
@@ -20,7 +21,16 @@ from troughfill.api.batchinference import (
     WorkerCounts,
     progress_text,
 )
-from troughfill.api.conditions import ConditionStatus, JobConditionType, Reason, find_condition, set_condition
+from troughfill.api.batchpool import BatchPool
+from troughfill.api.conditions import (
+    ConditionStatus,
+    JobConditionType,
+    Reason,
+    TemplateConditionType,
+    find_condition,
+    set_condition,
+)
+from troughfill.api.modeltemplate import ModelTemplate, ModelTemplateStatus
 from troughfill.api.types import parse_duration
 from troughfill.jobs import FinalReport, finalize, index_input
 from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger
@@ -110,6 +120,9 @@ async def start(
     job: BatchInference, admission: Admission, ledger: JobLedger, store: ObjectStore, now: datetime
 ) -> StatusUpdate:
     """Admit the job (or refuse it), record it in the ledger and index its input."""
+    held = find_condition(job.status.conditions, JobConditionType.ADMITTED) if job.status else None
+    if held is not None and held.reason == Reason.IMMUTABLE_FIELD_CHANGED:
+        return StatusUpdate(_status(job))  # refused on update: a restart does not re-admit it
     if not admission.allowed:
         return refuse(job, admission.reason, admission.message, now)
     spec = job.spec
@@ -295,6 +308,59 @@ async def cancel(ledger: JobLedger, store: ObjectStore) -> FinalReport | None:
             report = await finalize(ledger, store, Phase.CANCELLED)
     await ledger.delete()
     return report
+
+
+def spec_changed(old: BatchInference, new: BatchInference, now: datetime) -> StatusUpdate | None:
+    """An update to a running job's spec. Changes to fields fixed at admission (input, output,
+    endpoint, template, window, engine flags) are refused: a cluster without CEL rules accepts
+    them, so the operator stops acting on the job instead (Admitted=False; its workers stop,
+    its progress stays; delete it to get the partial output). A suspend toggle is announced.
+    None when there is nothing to say."""
+    if new.status is None or new.status.phase in TERMINAL:
+        return None
+    changed = immutable_changes(old.spec, new.spec)
+    if changed:
+        status = _status(new)
+        message = (
+            f"{', '.join(changed)} cannot change once a job is admitted; the operator no longer acts on "
+            "this job (its progress is kept): delete it (partial output is written) and create a new one"
+        )
+        _set(
+            status,
+            new,
+            JobConditionType.ADMITTED,
+            value=ConditionStatus.FALSE,
+            reason=Reason.IMMUTABLE_FIELD_CHANGED,
+            message=message,
+            now=now,
+        )
+        return StatusUpdate(status, [Event(Reason.IMMUTABLE_FIELD_CHANGED, message, warning=True)])
+    if old.spec.suspend != new.spec.suspend:
+        if new.spec.suspend:
+            event = Event(Reason.SUSPENDED, "suspended: every worker stops, progress is kept")
+        else:
+            event = Event(Reason.RESUMED, "resumed: workers start again as the trough allows")
+        return StatusUpdate(_status(new), [event])
+    return None
+
+
+def template_status(template: ModelTemplate, pool: BatchPool | None, now: datetime) -> ModelTemplateStatus:
+    """Ready when the template's pool exists (the model validated when the object was parsed)."""
+    status = template.status.model_copy(deep=True) if template.status else ModelTemplateStatus()
+    name = template.spec.pool_ref
+    status.observed_generation = template.metadata.generation
+    status.conditions = set_condition(
+        status.conditions,
+        TemplateConditionType.READY,
+        status=ConditionStatus.TRUE if pool else ConditionStatus.FALSE,
+        reason=Reason.POOL_FOUND if pool else Reason.POOL_NOT_FOUND,
+        message=f"BatchPool {name} exists"
+        if pool
+        else f"BatchPool {name} not found: jobs using this template wait",
+        now=now,
+        observed_generation=template.metadata.generation,
+    )
+    return status
 
 
 def now_utc() -> datetime:

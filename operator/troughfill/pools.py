@@ -28,7 +28,7 @@ from troughfill.api.conditions import ConditionStatus, PoolConditionType, Reason
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.api.types import LabelSelector, parse_duration
 from troughfill.kube.cluster import KubeWorkers
-from troughfill.kube.workerpod import WorkerEnvironment, worker_pod
+from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, worker_pod
 from troughfill.ledger import JobKeys, JobLedger
 from troughfill.planner import (
     JobState,
@@ -49,6 +49,7 @@ ACTIVE_PHASES = frozenset({Phase.VALIDATING, Phase.IN_PROGRESS})
 CRASH_LOOP_FAILURES = 3
 """Worker pods of one job that may fail within CRASH_LOOP_SECONDS before it gets no more for a while."""
 CRASH_LOOP_SECONDS = 300.0
+PRIORITY_CLASS_RECHECK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Cycle:
     created: list[str] = field(default_factory=list)
     stopped: list[tuple[str, StopMode]] = field(default_factory=list)
     jobs: int = 0
+    missing_priority_classes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     """Workers the API server refused to create (missing PriorityClass, quota, ...), with why."""
 
@@ -148,6 +150,25 @@ class PoolController:
         self.gpu_seconds: dict[str, float] = {}
         """Job uid -> GPU-seconds its ready workers held and its status has not counted yet."""
         self.last_cycle: dict[str, float] = {}
+        self.classes_checked: dict[str, tuple[float, list[str]]] = {}
+        """Pool -> (when, the PriorityClasses it names that do not exist)."""
+
+    def forget(self, pool: str) -> None:
+        """Drop what is remembered of a deleted pool."""
+        for table in (self.memory, self.last_cycle, self.classes_checked):
+            table.pop(pool, None)
+
+    async def _missing_priority_classes(self, pool: BatchPool) -> list[str]:
+        name, now = pool.metadata.name, self.clock()
+        checked = self.classes_checked.get(name)
+        if checked is None or now - checked[0] >= PRIORITY_CLASS_RECHECK_SECONDS:
+            names = sorted(
+                {pool.spec.default_priority_class_name}
+                | {c for quota in pool.spec.quotas for c in quota.allowed_priority_classes}
+            )
+            checked = (now, await asyncio.to_thread(self.cluster.missing_priority_classes, names))
+            self.classes_checked[name] = checked
+        return checked[1]
 
     async def _capacity(self, pool: BatchPool) -> int:
         gpus = pool.spec.gpus
@@ -252,15 +273,17 @@ class PoolController:
         remaining = 0 if job.spec.suspend or not progress.indexed else progress.total - progress.finished
         if self._crash_loop(job.metadata.uid or ""):
             remaining = 0  # running workers drain; none is started until the failures age out
+        live = [pod for pod in entry.pods if pod.status.phase not in {"Succeeded", "Failed"}]
+        beats = await asyncio.gather(*(entry.ledger.last_heartbeat(pod.metadata.name) for pod in live))
         workers = tuple(
             WorkerState(
                 name=pod.metadata.name,
                 started_at=_epoch(pod.metadata.creation_timestamp),
                 ready=_ready(pod),
+                unsaved_tokens=int((beat or {}).get("unsaved_tokens", 0)),
                 stopping=StopMode.DRAIN if pod.metadata.deletion_timestamp else None,
             )
-            for pod in entry.pods
-            if pod.status.phase not in {"Succeeded", "Failed"}
+            for pod, beat in zip(live, beats, strict=True)
         )
         window = parse_duration(job.spec.completion_window).total_seconds()
         created = _epoch(job.metadata.creationTimestamp)
@@ -312,7 +335,13 @@ class PoolController:
         metrics.BATCH.labels(name).set(decided.batch_gpus)
         if online.observed_at is not None:
             metrics.STALENESS.labels(name).set(max(0.0, snapshot.now - online.observed_at))
-        result = Cycle(decided, online, capacity, jobs=len(entries))
+        result = Cycle(
+            decided,
+            online,
+            capacity,
+            jobs=len(entries),
+            missing_priority_classes=await self._missing_priority_classes(pool),
+        )
         by_key = {e.key: e for e in entries}
         for stop in decided.stops:
             entry = by_key[stop.job]
@@ -324,6 +353,7 @@ class PoolController:
             self.stopping[f"{pod.metadata.namespace}/{pod.metadata.name}"] = (name, snapshot.now, stop.mode)
             metrics.DECISIONS.labels(name, stop.mode.value.lower()).inc()
             result.stopped.append((stop.worker, stop.mode))
+        await self._mark_deletion_costs(entries, states, {worker for worker, _ in result.stopped})
         for key, job_plan in decided.jobs.items():
             entry = by_key[key]
             uid = entry.job.metadata.uid or ""
@@ -349,6 +379,25 @@ class PoolController:
                 metrics.DECISIONS.labels(name, "start").inc()
         return result
 
+    async def _mark_deletion_costs(
+        self, entries: list[_Job], states: list[JobState], stopped: set[str]
+    ) -> None:
+        """Keep each serving worker's pod-deletion-cost in step with its unsaved progress."""
+        for entry, state in zip(entries, states, strict=True):
+            pods = {pod.metadata.name: pod for pod in entry.pods}
+            for worker in state.workers:
+                pod = pods.get(worker.name)
+                if pod is None or pod.metadata.deletion_timestamp or worker.name in stopped:
+                    continue
+                cost = deletion_cost(worker.ready, worker.unsaved_tokens)
+                if (pod.metadata.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST) != cost:
+                    await asyncio.to_thread(
+                        self.cluster.annotate_pod,
+                        pod.metadata.namespace,
+                        pod.metadata.name,
+                        {constants.ANNOTATION_POD_DELETION_COST: cost},
+                    )
+
 
 def pool_status(pool: BatchPool, cycle: Cycle, now: datetime) -> BatchPoolStatus:
     status = pool.status.model_copy(deep=True) if pool.status else BatchPoolStatus()
@@ -367,6 +416,20 @@ def pool_status(pool: BatchPool, cycle: Cycle, now: datetime) -> BatchPoolStatus
         status=ConditionStatus.TRUE if fresh else ConditionStatus.FALSE,
         reason=Reason.SIGNAL_FRESH if fresh else Reason.SIGNAL_STALE,
         message=f"online demand signal {cycle.plan.signal.value.lower()}",
+        now=now,
+        observed_generation=pool.metadata.generation,
+    )
+    missing = cycle.missing_priority_classes
+    status.conditions = set_condition(
+        status.conditions,
+        PoolConditionType.PRIORITY_CLASSES_READY,
+        status=ConditionStatus.FALSE if missing else ConditionStatus.TRUE,
+        reason=Reason.PRIORITY_CLASS_MISSING if missing else Reason.PRIORITY_CLASSES_FOUND,
+        message=(
+            f"PriorityClass {', '.join(missing)} not found: workers of jobs using it cannot be created"
+            if missing
+            else "every PriorityClass the pool allows exists"
+        ),
         now=now,
         observed_generation=pool.metadata.generation,
     )

@@ -648,3 +648,85 @@ def test_the_operator_killed_mid_job_picks_up_where_it_was(
     counts = status["requestCounts"]
     assert (counts["total"], counts["completed"], counts["failed"]) == (80, 80, 0)
     print(f"\noperator killed with {done_at_kill} of 80 done; a new operator saw the job through")
+
+
+def test_suspend_stops_the_workers_keeping_the_job_and_resume_brings_them_back(
+    kube: Kube, namespace: str, operator: KopfRunner, tmp_path: Path
+) -> None:
+    """Also: the template's Ready and the pool's PriorityClassesReady conditions, a spec field
+    fixed at admission refused on update, and pod-deletion-cost on a worker not serving yet."""
+    if not kube.local:
+        pytest.skip("the engine command runs through the node agent")
+    suffix = uuid.uuid4().hex[:6]
+    pool, template = pool_and_template(suffix)
+    pool["spec"].update(gpus={"count": 2}, headroomGPUs=0, scaleUpDelay="0s", minUsefulTime="0s")
+    template["spec"]["engine"] = {"command": [sys.executable, "-c", "import time; time.sleep(600)"]}
+    apply(kube, pool, template)
+    custom = client.CustomObjectsApi(kube.api)
+
+    def cluster_condition(plural: str, name: str, kind: str) -> dict[str, Any] | None:
+        obj = custom.get_cluster_custom_object(constants.API_GROUP, constants.API_VERSION, plural, name)
+        return condition(obj, kind)
+
+    ready = until(
+        lambda: cluster_condition("modeltemplates", f"tiny-{suffix}", "Ready"), 30, "template Ready"
+    )
+    assert (ready["status"], ready["reason"]) == ("True", "PoolFound")
+    classes = until(
+        lambda: cluster_condition("batchpools", f"pool-{suffix}", "PriorityClassesReady"),
+        30,
+        "pool conditions",
+    )
+    assert classes["status"] == "True", classes
+
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 4)
+    bi = job("paused", f"tiny-{suffix}", requests.as_uri(), (tmp_path / "out").as_uri() + "/")
+    bi["metadata"]["namespace"] = namespace
+    apply(kube, bi)
+
+    def workers() -> list[client.V1Pod]:
+        pods: list[client.V1Pod] = kube.core.list_namespaced_pod(namespace).items
+        return [p for p in pods if not p.metadata.deletion_timestamp]
+
+    first = until(workers, 60, "a worker pod")[0]
+    assert first.metadata.annotations[constants.ANNOTATION_POD_DELETION_COST] == "0"  # not serving yet
+
+    def patch_spec(**spec: Any) -> None:
+        done = kubectl(
+            kube, "patch", f"batchinferences.{constants.API_GROUP}/paused", "-n", namespace,
+            "--type=merge", "-p", json.dumps({"spec": spec}),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    patch_spec(suspend=True)
+    until(lambda: not workers(), 30, "the worker stopped")
+
+    def suspended() -> dict[str, Any] | None:
+        running = condition(get_job(kube, namespace, "paused"), "Running")
+        return running if running and running["reason"] == "Suspended" else None
+
+    until(suspended, 30, "Running=False, Suspended")
+    time.sleep(2)
+    assert not workers(), "a suspended job got a worker"
+    assert get_job(kube, namespace, "paused")["status"]["phase"] == "in_progress"
+
+    patch_spec(suspend=False)
+    until(lambda: [p for p in workers() if p.metadata.name != first.metadata.name], 60, "a worker again")
+    reasons = until(
+        lambda: {"Suspended", "Resumed"} <= {e.reason for e in events_for(kube, namespace, "paused")},
+        15,
+        "the Suspended and Resumed Events",
+    )
+    assert reasons
+
+    # 1.20 has no CEL rules to refuse this; the operator does, and stops acting on the job.
+    patch_spec(outputURL=(tmp_path / "elsewhere").as_uri() + "/")
+
+    def refused() -> dict[str, Any] | None:
+        admitted = condition(get_job(kube, namespace, "paused"), "Admitted")
+        return admitted if admitted and admitted["reason"] == "ImmutableFieldChanged" else None
+
+    refusal = until(refused, 30, "Admitted=False, ImmutableFieldChanged")
+    assert "outputURL" in refusal["message"]
+    until(lambda: not workers(), 30, "the refused job's worker stopped")

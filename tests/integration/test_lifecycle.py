@@ -115,3 +115,49 @@ async def test_deleting_cancels_keeps_what_was_done_and_removes_the_ledger(
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     assert await aredis.keys(f"*{job.metadata.uid}*") == []
     assert await lifecycle.cancel(ledger, store) is None  # again: nothing left to do
+
+
+async def test_a_changed_immutable_field_is_refused_and_a_restart_does_not_readmit_it(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    job = make_job(tmp_path, 2)
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    running = job.model_copy(
+        update={"status": (await lifecycle.start(job, admitted(job), ledger, store, NOW)).status}
+    )
+    moved = running.model_copy(update={"spec": running.spec.model_copy(update={"template_ref": "bigger"})})
+    update = lifecycle.spec_changed(running, moved, NOW)
+    assert update is not None
+    condition = find_condition(update.status.conditions, "Admitted")
+    assert condition is not None
+    assert (condition.status, condition.reason) == ("False", "ImmutableFieldChanged")
+    assert "templateRef" in condition.message
+    assert [e.reason for e in update.events] == ["ImmutableFieldChanged"]
+    assert update.events[0].warning
+    refused = moved.model_copy(update={"status": update.status})
+    restarted = await lifecycle.start(refused, admitted(refused), ledger, store, NOW)  # operator restart
+    again = find_condition(restarted.status.conditions, "Admitted")
+    assert again is not None
+    assert again.reason == "ImmutableFieldChanged"
+
+
+def test_suspend_and_resume_are_announced_and_other_changes_are_quiet(tmp_path: Path) -> None:
+    job = make_job(tmp_path, 2)
+    job = job.model_copy(update={"status": job.status or lifecycle.BatchInferenceStatus(phase="in_progress")})
+    suspended = job.model_copy(update={"spec": job.spec.model_copy(update={"suspend": True})})
+    wider = job.model_copy(update={"spec": job.spec.model_copy(update={"max_workers": 4})})
+    down = lifecycle.spec_changed(job, suspended, NOW)
+    up = lifecycle.spec_changed(suspended, job, NOW)
+    assert down is not None
+    assert up is not None
+    assert [e.reason for e in down.events] == ["Suspended"]
+    assert [e.reason for e in up.events] == ["Resumed"]
+    assert lifecycle.spec_changed(job, wider, NOW) is None
+
+
+def test_a_template_is_ready_when_its_pool_exists() -> None:
+    tpl = ModelTemplate.model_validate(template(pool_ref="gpus"))
+    ready = lifecycle.template_status(tpl, BatchPool.model_validate(pool("gpus")), NOW)
+    waiting = lifecycle.template_status(tpl, None, NOW)
+    assert [(c.type, c.status, c.reason) for c in ready.conditions] == [("Ready", "True", "PoolFound")]
+    assert [(c.type, c.status, c.reason) for c in waiting.conditions] == [("Ready", "False", "PoolNotFound")]

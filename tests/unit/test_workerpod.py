@@ -9,7 +9,7 @@ import yaml
 
 from troughfill import constants
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
-from troughfill.kube.workerpod import WorkerEnvironment, model_argument, worker_pod
+from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, model_argument, worker_pod
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 
@@ -77,3 +77,19 @@ def test_the_pod_is_a_valid_kubernetes_pod(pod: dict[str, Any], version: str) ->
 )
 def test_model_uris_become_engine_arguments(uri: str, argument: str) -> None:
     assert model_argument(uri) == argument
+
+
+def test_deletion_cost_follows_the_planners_victim_order() -> None:
+    """Not serving < serving with nothing unsaved < serving with more unsaved (coarsely)."""
+    costs = [
+        deletion_cost(False, 10_000),
+        deletion_cost(True, 0),
+        deletion_cost(True, 1),
+        deletion_cost(True, 100),
+        deletion_cost(True, 5_000),
+    ]
+    assert [int(c) for c in costs] == sorted(int(c) for c in costs)
+    assert costs[0] == "0"
+    assert len(set(costs)) == len(costs)
+    assert deletion_cost(True, 100) == deletion_cost(True, 127)  # a patch per magnitude, not per token
+    assert int(deletion_cost(True, 10**30)) <= 2**31 - 1

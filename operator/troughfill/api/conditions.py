@@ -47,6 +47,8 @@ class PoolConditionType(StrEnum):
 
     SIGNAL_READY = "SignalReady"
     """Online demand was read from Prometheus within the staleness limit."""
+    PRIORITY_CLASSES_READY = "PriorityClassesReady"
+    """Every PriorityClass the pool lets jobs use exists (workers naming a missing one are refused)."""
 
 
 class TemplateConditionType(StrEnum):
@@ -81,6 +83,11 @@ class Reason(StrEnum):
     DEADLINE_AT_RISK = "DeadlineAtRisk"
     ON_TRACK = "OnTrack"
     SIGNAL_FRESH = "SignalFresh"
+    POOL_FOUND = "PoolFound"
+    PRIORITY_CLASSES_FOUND = "PriorityClassesFound"
+    PRIORITY_CLASS_MISSING = "PriorityClassMissing"
+    RESUMED = "Resumed"
+    TEMPLATE_DELETED = "TemplateDeleted"
 
 
 ConditionType = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Za-z0-9]*$", max_length=316)]

@@ -8,6 +8,7 @@ cluster never reads this one's state.
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -20,6 +21,7 @@ from troughfill.api.admission import admit
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
+from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.config import Settings
 from troughfill.kube.cluster import KubeWorkers
 from troughfill.kube.workerpod import WorkerEnvironment
@@ -32,6 +34,9 @@ INTERVAL = Settings().reconcile_interval_seconds
 """Read at import (Kopf's decorators need it then); everything else is read at startup."""
 JOBS = (constants.API_GROUP, constants.API_VERSION, BatchInference.crd.plural)
 POOLS = (constants.API_GROUP, constants.API_VERSION, BatchPool.crd.plural)
+TEMPLATES = (constants.API_GROUP, constants.API_VERSION, ModelTemplate.crd.plural)
+TEMPLATE_RECHECK_SECONDS = 30.0
+"""How often a template's Ready condition is re-checked (its pool may come or go)."""
 
 
 @kopf.on.startup()
@@ -89,7 +94,7 @@ def _write(patch: kopf.Patch, body: kopf.Body, update: lifecycle.StatusUpdate) -
         )
 
 
-def _parse(body: kopf.Body) -> BatchInference | str:
+def _parse(body: Mapping[str, Any]) -> BatchInference | str:
     try:
         return BatchInference.model_validate(dict(body))
     except pydantic.ValidationError as error:
@@ -134,6 +139,23 @@ async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
         job, status, ledger, memo.store, lifecycle.now_utc(), workers=workers
     )
     _write(patch, body, update)
+
+
+@kopf.on.update(*JOBS, field="spec")
+async def update_job(old: Any, new: Any, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Suspend and resume take effect through the pool's next cycle (it reads the spec each
+    time); fields fixed at admission are refused (see lifecycle.spec_changed)."""
+    job = _parse(body)
+    if isinstance(job, str):
+        return
+    try:
+        previous = job.model_copy(update={"spec": type(job.spec).model_validate(old)})
+        current = job.model_copy(update={"spec": type(job.spec).model_validate(new)})
+    except pydantic.ValidationError:
+        return  # an invalid spec: start_job's parse reports it
+    update = lifecycle.spec_changed(previous, current, lifecycle.now_utc())
+    if update is not None:
+        _write(patch, body, update)
 
 
 @kopf.on.delete(*JOBS)
@@ -190,4 +212,51 @@ async def reconcile_pool(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
             type="Normal",
             reason="ScaleUp",
             message=f"starting {', '.join(cycle.created)}; trough {cycle.plan.trough_gpus} GPUs",
+        )
+
+
+@kopf.on.delete(*POOLS)
+async def delete_pool(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A pool going away takes its batch workers with it (they yield: the GPUs are not batch's any more)."""
+    name = body["metadata"]["name"]
+    stopped = await asyncio.to_thread(memo.cluster.delete_pool_workers, name)
+    memo.pools.forget(name)
+    if stopped:
+        kopf.event(body, type="Normal", reason="Yield", message=f"pool deleted: stopping {stopped} workers")
+
+
+@kopf.on.create(*TEMPLATES)
+@kopf.on.update(*TEMPLATES)
+@kopf.on.resume(*TEMPLATES)
+@kopf.timer(*TEMPLATES, interval=TEMPLATE_RECHECK_SECONDS, initial_delay=TEMPLATE_RECHECK_SECONDS)
+async def check_template(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """The template's Ready condition: valid (parsed) and its pool exists."""
+    try:
+        template = ModelTemplate.model_validate(dict(body))
+    except pydantic.ValidationError as error:
+        kopf.event(body, type="Warning", reason=Reason.INVALID_SPEC.value, message=str(error)[:1000])
+        return
+    pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref)
+    status = lifecycle.template_status(template, pool, lifecycle.now_utc())
+    new = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if new != dict(body.get("status", {})):
+        patch.status.update(new)
+
+
+@kopf.on.delete(*TEMPLATES, optional=True)
+async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Jobs still using a deleted template lose their workers (the pool no longer plans for
+    them); each gets a warning Event saying so. Nothing to clean up: no finalizer."""
+    name = body["metadata"]["name"]
+    for raw in await asyncio.to_thread(memo.cluster.jobs):
+        job = _parse(raw)
+        if isinstance(job, str) or job.spec.template_ref != name:
+            continue
+        if job.status is None or job.status.phase in TERMINAL:
+            continue
+        kopf.event(
+            raw,
+            type="Warning",
+            reason=Reason.TEMPLATE_DELETED.value,
+            message=f"ModelTemplate {name} was deleted: this job gets no workers until it exists again",
         )

@@ -117,6 +117,32 @@ class KubeWorkers(KubeCluster):
             if error.status != 404:
                 raise
 
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Merge annotations into a pod (gone already: nothing to do)."""
+        try:
+            self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def missing_priority_classes(self, names: list[str]) -> list[str]:
+        missing = []
+        for name in names:
+            try:
+                self.scheduling.read_priority_class(name)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                missing.append(name)
+        return missing
+
+    def delete_pool_workers(self, pool: str) -> int:
+        """Gracefully delete every worker pod of a pool; how many there were."""
+        pods = [p for p in self.worker_pods(pool) if not p.metadata.deletion_timestamp]
+        for pod in pods:
+            self.delete_pod(pod.metadata.namespace, pod.metadata.name)
+        return len(pods)
+
     def delete_job_workers(self, namespace: str, job_uid: str) -> int:
         """Gracefully delete every worker pod of a job; how many there were."""
         selector = (

@@ -8,7 +8,9 @@ from the template's command and reports through the ledger.
 Workers are bare pods owned by the BatchInference (not a Deployment or Jobs): the planner
 chooses *which* worker stops (least unsaved progress first) and *how* (drain or yield), which
 a ReplicaSet's scale-down cannot be told on Kubernetes 1.20 (pod-deletion-cost is 1.22+ and
-only a hint), and a finished worker must not be restarted in place.
+only a hint), and a finished worker must not be restarted in place. The pods still carry
+pod-deletion-cost, kept up to date from the worker's progress (see deletion_cost), for
+whatever else on the cluster reads it.
 """
 
 from dataclasses import dataclass
@@ -22,8 +24,20 @@ from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.api.types import parse_duration
 
 WORKER_CONTAINER = "worker"
+MAX_DELETION_COST = 2**31 - 1
 YIELD_GRACE_SECONDS = 10
 """A yielding worker exits in about 2 s; the rest is margin before SIGKILL."""
+
+
+def deletion_cost(ready: bool, unsaved_tokens: int) -> str:
+    """The pod-deletion-cost of a worker, in the planner's victim order: a worker not serving
+    yet costs nothing to delete (0); a serving one costs 1 + the order of magnitude (bit
+    length) of the tokens a kill would throw away now. Coarse on purpose: the annotation is
+    patched only when the value changes, not every time a token is generated. Servers
+    before 1.22 ignore the annotation; it is written anyway (a hint, never a requirement)."""
+    if not ready:
+        return "0"
+    return str(min(MAX_DELETION_COST, 1 + max(0, unsaved_tokens).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -160,7 +174,7 @@ def worker_pod(
             "name": name,
             "namespace": job.metadata.namespace,
             "labels": worker_labels(job, template),
-            "annotations": {constants.ANNOTATION_POD_DELETION_COST: "0"},
+            "annotations": {constants.ANNOTATION_POD_DELETION_COST: deletion_cost(False, 0)},
             "ownerReferences": [
                 {
                     "apiVersion": constants.GROUP_VERSION,

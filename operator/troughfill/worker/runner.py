@@ -472,6 +472,14 @@ class Worker:
 
     # --- background --------------------------------------------------------------------------
 
+    def unsaved_tokens(self) -> int:
+        """Tokens streamed requests in flight generated since their last checkpoint: what
+        killing this worker now would throw away (the operator's victim order reads it)."""
+        return sum(
+            max(0, progress.completion_tokens - self.checkpointed.get(index, 0))
+            for index, progress in self.progress.items()
+        )
+
     async def _heartbeat(self, lease_seconds: float) -> None:
         interval = max(0.5, lease_seconds / 3)
         while True:
@@ -482,6 +490,7 @@ class Worker:
                 "engine_pid": self.engine.process.process.pid if self.engine.process else None,
                 "at": time.time(),
                 "in_flight": len(self.in_flight),
+                "unsaved_tokens": self.unsaved_tokens(),
                 "limit": self.limit,
                 "results": self.stats.results,
                 "engine": not self.engine_dead,
