@@ -326,8 +326,8 @@ class State:
         workers = f"{self.ready_workers}/{self.worker_pods} worker ready" if self.worker_pods else "no worker"
         clock = online.clock() if online.started is not None else f"{online.clock()} (held)"
         return (
-            f"trace {clock:<13}  online {online.value} GPU  trough {self.trough_gpus}  batch {self.batch_gpus}  "
-            f"{workers}  done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]"
+            f"trace {clock:<13}  online {online.value} GPU  "
+            f"trough {self.trough_gpus}  batch {self.batch_gpus}  {workers}  done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]"
         )
 
 

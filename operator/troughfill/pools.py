@@ -9,6 +9,7 @@ gets SIGTERM and reads that), and create the workers the plan starts. No Kopf he
 
 import asyncio
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -50,6 +51,9 @@ CRASH_LOOP_FAILURES = 3
 """Worker pods of one job that may fail within CRASH_LOOP_SECONDS before it gets no more for a while."""
 CRASH_LOOP_SECONDS = 300.0
 PRIORITY_CLASS_RECHECK_SECONDS = 30.0
+DELETION_COST_MIN_SECONDS = 30.0
+"""A serving worker's pod-deletion-cost is patched at most this often (unsaved tokens move
+every second); becoming ready is written at once."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,8 @@ class PoolController:
         self.gpu_seconds: dict[str, float] = {}
         """Job uid -> GPU-seconds its ready workers held and its status has not counted yet."""
         self.last_cycle: dict[str, float] = {}
+        self.cost_patched: dict[str, float] = {}
+        """Pod (pool/namespace/name) -> when its pod-deletion-cost was last patched."""
         self.classes_checked: dict[str, tuple[float, list[str]]] = {}
         """Pool -> (when, the PriorityClasses it names that do not exist)."""
 
@@ -195,6 +201,9 @@ class PoolController:
         pods_by_job: dict[str, list[Any]] = {}
         pods = await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name)
         present = {f"{p.metadata.namespace}/{p.metadata.name}" for p in pods}
+        for key in [k for k in self.cost_patched if k.startswith(f"{pool.metadata.name}/")]:
+            if key.split("/", 1)[1] not in present:
+                del self.cost_patched[key]
         for key, (pool_name, decided, mode) in list(self.stopping.items()):
             if pool_name == pool.metadata.name and key not in present:
                 metrics.YIELD_LATENCY.labels(pool_name, mode.value.lower()).observe(self.clock() - decided)
@@ -390,7 +399,11 @@ class PoolController:
                 if pod is None or pod.metadata.deletion_timestamp or worker.name in stopped:
                     continue
                 cost = deletion_cost(worker.ready, worker.unsaved_tokens)
-                if (pod.metadata.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST) != cost:
+                current = (pod.metadata.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST)
+                key = f"{pod.metadata.labels.get(constants.LABEL_POOL, '')}/{pod.metadata.namespace}/{pod.metadata.name}"
+                recent = self.clock() - self.cost_patched.get(key, -math.inf) < DELETION_COST_MIN_SECONDS
+                if current != cost and (current == "0" or not recent):
+                    self.cost_patched[key] = self.clock()
                     await asyncio.to_thread(
                         self.cluster.annotate_pod,
                         pod.metadata.namespace,

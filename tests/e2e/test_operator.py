@@ -384,6 +384,14 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
             lambda: [p for p in workers() if p.status.phase == "Running"], 60, "a worker pod running"
         )
         until(lambda: completed() >= 3, 240, "the first results (engine cold start)", interval=0.2)
+        until(
+            lambda: any(
+                int((p.metadata.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST, "0")) >= 1
+                for p in workers()
+            ),
+            15,
+            "the serving worker's pod-deletion-cost raised from progress",
+        )
 
         arrived = time.monotonic()
         kube.core.create_namespaced_pod(
