@@ -327,7 +327,8 @@ class State:
         clock = online.clock() if online.started is not None else f"{online.clock()} (held)"
         return (
             f"trace {clock:<13}  online {online.value} GPU  "
-            f"trough {self.trough_gpus}  batch {self.batch_gpus}  {workers}  done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]"
+            f"trough {self.trough_gpus}  batch {self.batch_gpus}  {workers}  "
+            f"done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]"
         )
 
 

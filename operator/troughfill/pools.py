@@ -400,7 +400,8 @@ class PoolController:
                     continue
                 cost = deletion_cost(worker.ready, worker.unsaved_tokens)
                 current = (pod.metadata.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST)
-                key = f"{pod.metadata.labels.get(constants.LABEL_POOL, '')}/{pod.metadata.namespace}/{pod.metadata.name}"
+                pool_name = pod.metadata.labels.get(constants.LABEL_POOL, "")
+                key = f"{pool_name}/{pod.metadata.namespace}/{pod.metadata.name}"
                 recent = self.clock() - self.cost_patched.get(key, -math.inf) < DELETION_COST_MIN_SECONDS
                 if current != cost and (current == "0" or not recent):
                     self.cost_patched[key] = self.clock()
