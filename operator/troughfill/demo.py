@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,18 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client, config
+from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from troughfill import constants
-from troughfill.api import RESOURCES, crdgen
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start_redis
-from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
 from troughfill.devenv.nodeagent import AGENT_LABEL
-from troughfill.devenv.services import LOOPBACK, VLLM_ENV, http_ok, wait_until
+from troughfill.devenv.services import LOOPBACK, VLLM_ENV, wait_until
+from troughfill.devenv.stack import LocalCluster, start_local_cluster, start_operator
 from troughfill.sim.scenario import DEFAULT_TRACE, bundled
 from troughfill.sim.trace import load_rate_trace, online_demand
 
@@ -184,25 +182,14 @@ class Demo:
         self.options = options
         self.stack = contextlib.ExitStack()
         self.started = time.monotonic()
-        self.plane: ControlPlane | None = None
         self.operator: ManagedProcess | None = None
         self.online: OnlineLoad | None = None
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
 
-    def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        assert self.plane is not None
-        done = subprocess.run(
-            [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(self.plane.kubeconfig), *args],
-            input=stdin, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout
-
-    def up(self) -> tuple[client.ApiClient, str]:
-        """Everything but the job: returns the API client and the operator's metrics URL."""
+    def up(self) -> tuple[LocalCluster, str]:
+        """Everything but the job: returns the cluster and the operator's metrics URL."""
         work = self.options.workdir
         redis = start_redis(work / "redis")
         self.stack.callback(redis.stop)
@@ -215,48 +202,34 @@ class Demo:
         )
         self.stack.callback(prometheus.stop)
         self.say(f"prometheus on {prometheus.url}, scraping the online load and the operator every 1s")
-        self.plane = plane = start_control_plane(work / "plane")
-        self.stack.callback(plane.stop)
-        agent = start_node_agent(plane, work / "node", nodes=1, gpus=NODE_GPUS, python=sys.executable)
-        self.stack.callback(agent.stop, 15)
-        self.say(f"control plane up in {plane.started_seconds:.1f}s; 1 node with {NODE_GPUS} GPUs Ready")
-        crds = work / "crds"
-        crdgen.write(crds, crdgen.render(RESOURCES, cel=False))  # 1.20 serves no CEL rules
-        self.kubectl("apply", "-k", str(crds))
-        self.kubectl(
-            "apply", "-f", str(Path(__file__).resolve().parents[2] / "manifests/base/priorityclass.yaml")
+        cluster = start_local_cluster(work / "cluster", nodes=1, gpus=NODE_GPUS)
+        self.stack.callback(cluster.stop)
+        self.say(
+            f"control plane up in {cluster.plane.started_seconds:.1f}s; 1 node with {NODE_GPUS} GPUs Ready; "
+            "CRDs and PriorityClasses applied"
         )
-        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-        env = {
-            "KUBECONFIG": str(plane.kubeconfig),
-            "TROUGHFILL_REDIS_URL": redis.url,
-            "TROUGHFILL_PROMETHEUS_URL": prometheus.url,
-            "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": str(self.options.reconcile_seconds),
-            "TROUGHFILL_METRICS_PORT": str(metrics_port),
-            "TROUGHFILL_HEALTH_PORT": "0",
-            "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.operator = ManagedProcess(
-            "operator", [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"], work, env=env
+        self.operator = start_operator(
+            work / "operator",
+            cluster,
+            redis_url=redis.url,
+            prometheus_url=prometheus.url,
+            interval=self.options.reconcile_seconds,
+            metrics_port=metrics_port,
         )
         self.stack.callback(self.operator.stop, 30)
-        metrics_url = f"http://{LOOPBACK}:{metrics_port}/metrics"
-        wait_until(
-            lambda: self.operator is not None and _alive_and(self.operator, metrics_url), 60, "the operator"
-        )
         self.say("operator running (Kopf, standalone); its /metrics is scraped too")
-        return config.new_client_from_config(config_file=str(plane.kubeconfig)), metrics_url
+        return cluster, f"http://{LOOPBACK}:{metrics_port}/metrics"
 
     def run(self) -> dict[str, Any]:
-        api, metrics_url = self.up()
+        cluster, metrics_url = self.up()
+        api = cluster.api
         assert self.online is not None
         assert self.operator is not None
         pool, template, job = local_objects(self.options, f"max({ONLINE_METRIC})")
         namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
         client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
         _wait_for_service_account(client.CoreV1Api(api), namespace)
-        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([pool, template, job]))
+        cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([pool, template, job]))
         self.say(
             f"applied BatchPool/{pool['metadata']['name']}, ModelTemplate/{template['metadata']['name']}, "
             f"BatchInference {namespace}/{name} ({_lines(self.options.examples / 'requests.jsonl')} requests)"
@@ -288,11 +261,6 @@ class Demo:
 
     def close(self) -> None:
         self.stack.close()
-
-
-def _alive_and(process: ManagedProcess, url: str) -> bool:
-    process.check_alive()
-    return http_ok(url)
 
 
 def _lines(path: Path) -> int:

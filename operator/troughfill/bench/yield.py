@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,17 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from troughfill import constants
-from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start_redis
-from troughfill.devenv.cluster import k8s_bin_dir, start_control_plane
+from troughfill.devenv import free_port, start_prometheus, start_redis
 from troughfill.devenv.services import VLLM_ENV, wait_until
-
-REPO = Path(__file__).resolve().parents[3]
-
+from troughfill.devenv.stack import start_local_cluster, start_operator
 
 POLL = 0.02
 """Seconds between checks while a latency is being measured."""
@@ -71,14 +66,6 @@ class Bench:
         self.interval = interval
         self.processes: list[Any] = []
 
-    def kubectl(self, *args: str, stdin: str | None = None) -> None:
-        done = subprocess.run(
-            [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(self.plane.kubeconfig), *args],
-            input=stdin, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr}")
-
     def start(self) -> None:
         python, model = os.environ.get("TROUGHFILL_VLLM_PYTHON"), os.environ.get("TROUGHFILL_TINY_MODEL")
         if not python or not model:
@@ -91,25 +78,9 @@ class Bench:
         self.processes.append(self.redis)
         self.prometheus = start_prometheus(self.workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
         self.processes.append(self.prometheus)
-        self.plane = start_control_plane(self.workdir / "plane")
-        self.processes.append(self.plane)
-        agent = ManagedProcess(
-            "node-agent",
-            [sys.executable, "-m", "troughfill.devenv.nodeagent", "--kubeconfig",
-             str(self.plane.node_agent_kubeconfig), "--workdir", str(self.workdir / "pods"),
-             "--nodes", "1", "--gpus", "2"],
-            self.workdir / "agent",
-        )  # fmt: skip
-        self.processes.append(agent)
-        self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(self.plane.kubeconfig)))
-        crds = self.workdir / "crds"
-        subprocess.run(
-            [sys.executable, "-m", "troughfill.cli", "crds", "--output", str(crds), "--without-cel"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        self.kubectl("apply", "-k", str(crds))
-        self.kubectl("apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
-        wait_until(self._crds_served, 30, "CRDs served", 0.2)
+        self.cluster = start_local_cluster(self.workdir / "cluster", nodes=1, gpus=2)
+        self.processes.append(self.cluster)
+        self.core = self.cluster.core
         online_class = {
             "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
             "metadata": {"name": "online-serving"}, "value": 1000,
@@ -162,30 +133,16 @@ class Bench:
                      "templateRef": "tiny"},
         }  # fmt: skip
         self.online.set(0)
-        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([online_class, pool, template]))
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.plane.kubeconfig),
-            "TROUGHFILL_REDIS_URL": self.redis.url,
-            "TROUGHFILL_PROMETHEUS_URL": self.prometheus.url,
-            "TROUGHFILL_METRICS_PORT": "0",
-            "TROUGHFILL_HEALTH_PORT": "0",
-            "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": str(self.interval),
-            "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
-        }
-        operator = ManagedProcess(
-            "operator", [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"],
-            self.workdir / "operator", env=env,
-        )  # fmt: skip
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([online_class, pool, template]))
+        operator = start_operator(
+            self.workdir / "operator",
+            self.cluster,
+            redis_url=self.redis.url,
+            prometheus_url=self.prometheus.url,
+            interval=self.interval,
+        )
         self.processes.append(operator)
-        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
-
-    def _crds_served(self) -> bool:
-        try:
-            self.kubectl("get", f"batchpools.{constants.API_GROUP}")
-        except RuntimeError:
-            return False
-        return True
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
 
     def workers(self) -> list[Any]:
         selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"

@@ -1,0 +1,101 @@
+"""A whole local troughfill cluster for the demo and the benchmarks: the control plane, the node
+agent, the CRDs and PriorityClasses applied with kubectl, and the operator as its own process."""
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client, config
+
+from troughfill.api import RESOURCES, crdgen
+from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
+from troughfill.devenv.services import ManagedProcess, http_ok, wait_until
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class LocalCluster:
+    plane: ControlPlane
+    agent: ManagedProcess
+    api: client.ApiClient
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(self.plane.kubeconfig), *args],
+            input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def stop(self) -> None:
+        self.agent.stop(timeout=15)  # its pods first: they are processes of this machine
+        self.plane.stop()
+
+
+def start_local_cluster(workdir: Path, *, nodes: int, gpus: int) -> LocalCluster:
+    """Control plane, `nodes` Ready nodes of `gpus` GPUs, troughfill's CRDs (without CEL: the
+    API server is 1.20) and PriorityClasses, established."""
+    plane = start_control_plane(workdir / "plane")
+    try:
+        agent = start_node_agent(plane, workdir / "node", nodes=nodes, gpus=gpus, python=sys.executable)
+    except BaseException:
+        plane.stop()
+        raise
+    cluster = LocalCluster(plane, agent, config.new_client_from_config(config_file=str(plane.kubeconfig)))
+    try:
+        crds = workdir / "crds"
+        crdgen.write(crds, crdgen.render(RESOURCES, cel=False))
+        cluster.kubectl("apply", "-k", str(crds))
+        cluster.kubectl("apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def start_operator(
+    workdir: Path,
+    cluster: LocalCluster,
+    *,
+    redis_url: str,
+    prometheus_url: str,
+    interval: float,
+    metrics_port: int = 0,
+) -> ManagedProcess:
+    """`troughfill operator --standalone` on this cluster, its worker pods running
+    `python -m troughfill.cli` of this interpreter; returns once it serves (or has started)."""
+    env = {
+        "KUBECONFIG": str(cluster.plane.kubeconfig),
+        "TROUGHFILL_REDIS_URL": redis_url,
+        "TROUGHFILL_PROMETHEUS_URL": prometheus_url,
+        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": str(interval),
+        "TROUGHFILL_METRICS_PORT": str(metrics_port),
+        "TROUGHFILL_HEALTH_PORT": "0",
+        "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    operator = ManagedProcess(
+        "operator", [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"], workdir, env=env
+    )
+
+    def started() -> bool:
+        operator.check_alive()
+        if metrics_port:
+            return http_ok(f"http://127.0.0.1:{metrics_port}/metrics")
+        return "Activity 'configure' succeeded" in operator.log_tail(200)
+
+    try:
+        wait_until(started, 60, "the operator", interval=0.2)
+    except BaseException:
+        operator.stop(timeout=30)
+        raise
+    return operator
