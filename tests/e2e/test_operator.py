@@ -21,12 +21,13 @@ import redis
 import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Kube
 from tests.e2e.test_cluster import until
 from troughfill import constants
-from troughfill.devenv import RedisServer, VllmServer, free_port
+from troughfill.devenv import RedisServer, VllmServer, free_port, start_prometheus
 from troughfill.devenv.services import VLLM_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,6 +177,27 @@ def write_requests(path: Path, count: int, max_tokens: int = 8) -> None:
         for i in range(count)
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def submit(kube: Kube, namespace: str, name: str, template: str, tmp_path: Path, count: int) -> None:
+    """A job of `count` small requests on `template`, applied with kubectl."""
+    requests = tmp_path / f"{name}.jsonl"
+    write_requests(requests, count)
+    bi = job(name, template, requests.as_uri(), (tmp_path / f"{name}-out").as_uri() + "/")
+    bi["metadata"]["namespace"] = namespace
+    apply(kube, bi)
+
+
+def pool_events(kube: Kube, pool: str) -> set[str]:
+    """Reasons of the Events about a (cluster-scoped) pool."""
+    events = kube.core.list_event_for_all_namespaces(field_selector=f"involvedObject.name={pool}").items
+    return {e.reason for e in events}
+
+
+def live_pods(kube: Kube, namespace: str) -> list[client.V1Pod]:
+    """Pods of the namespace not being deleted."""
+    pods: list[client.V1Pod] = kube.core.list_namespaced_pod(namespace).items
+    return [p for p in pods if not p.metadata.deletion_timestamp]
 
 
 def test_a_job_is_admitted_indexed_worked_and_completes(
@@ -441,13 +463,7 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     lines = [json.loads(line) for line in (output / "output.jsonl").read_text().splitlines()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(120))
     assert all(line["response"]["body"]["usage"]["completion_tokens"] == 400 for line in lines)
-    events = {
-        e.reason
-        for e in kube.core.list_event_for_all_namespaces(
-            field_selector=f"involvedObject.name=pool-{suffix}"
-        ).items
-    }
-    assert {"ScaleUp", "Yield"} <= events, events
+    assert {"ScaleUp", "Yield"} <= pool_events(kube, f"pool-{suffix}")
     print(
         f"\nonline pod created -> batch worker gone (GPUs free) in {yielded:.2f}s; "
         f"{done_at_yield} of 120 done at the yield; the job then completed on a new worker"
@@ -575,8 +591,7 @@ def test_a_job_whose_workers_keep_failing_is_marked_crash_looping(
     assert "worker pods failed" in marked["message"]
 
     def workers() -> list[client.V1Pod]:
-        pods: list[client.V1Pod] = kube.core.list_namespaced_pod(namespace).items
-        return [p for p in pods if not p.metadata.deletion_timestamp]
+        return live_pods(kube, namespace)
 
     until(lambda: not workers(), 30, "the failed workers removed")
     time.sleep(3)
@@ -687,15 +702,10 @@ def test_suspend_stops_the_workers_keeping_the_job_and_resume_brings_them_back(
     )
     assert classes["status"] == "True", classes
 
-    requests = tmp_path / "requests.jsonl"
-    write_requests(requests, 4)
-    bi = job("paused", f"tiny-{suffix}", requests.as_uri(), (tmp_path / "out").as_uri() + "/")
-    bi["metadata"]["namespace"] = namespace
-    apply(kube, bi)
+    submit(kube, namespace, "paused", f"tiny-{suffix}", tmp_path, 4)
 
     def workers() -> list[client.V1Pod]:
-        pods: list[client.V1Pod] = kube.core.list_namespaced_pod(namespace).items
-        return [p for p in pods if not p.metadata.deletion_timestamp]
+        return live_pods(kube, namespace)
 
     first = until(workers, 60, "a worker pod")[0]
     assert first.metadata.annotations[constants.ANNOTATION_POD_DELETION_COST] == "0"  # not serving yet
@@ -738,3 +748,66 @@ def test_suspend_stops_the_workers_keeping_the_job_and_resume_brings_them_back(
     refusal = until(refused, 30, "Admitted=False, ImmutableFieldChanged")
     assert "outputURL" in refusal["message"]
     until(lambda: not workers(), 30, "the refused job's worker stopped")
+
+
+def test_workers_follow_the_prometheus_online_metric_and_yield_when_it_goes_stale(
+    kube: Kube, namespace: str, operator: KopfRunner, tmp_path: Path
+) -> None:
+    """The pool reads online demand from a real Prometheus scraping an exporter this test
+    moves: up -> the worker yields; down -> a worker comes back; Prometheus gone -> the signal
+    goes stale and batch yields (onStale: Yield). The workers' engine never gets ready here
+    (a sleeping stand-in): what is tested is the path metric -> operator -> pod gone."""
+    if not kube.local:
+        pytest.skip("the engine command runs through the node agent")
+    suffix = uuid.uuid4().hex[:6]
+    metric = f"e2e_online_gpus_{suffix}"
+    registry = CollectorRegistry()
+    online = Gauge(metric, "GPUs online serving holds", registry=registry)
+    exporter_port = free_port()
+    exporter, _ = start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
+    prometheus = start_prometheus(tmp_path / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
+    try:
+        pool, template = pool_and_template(suffix)
+        pool["spec"].update(
+            gpus={"count": 2},
+            online={"prometheusURL": prometheus.url, "gpusInUseQuery": f"max({metric})"},
+            headroomGPUs=0,
+            scaleUpDelay="0s",
+            minUsefulTime="0s",
+            signal={"maxStaleness": "5s", "onStale": "Yield", "floorGPUs": 0},
+        )
+        template["spec"]["gpusPerWorker"] = 2
+        template["spec"]["engine"] = {"command": [sys.executable, "-c", "import time; time.sleep(600)"]}
+        online.set(0)
+        apply(kube, pool, template)
+        submit(kube, namespace, "follower", f"tiny-{suffix}", tmp_path, 4)
+
+        def workers() -> list[client.V1Pod]:
+            return live_pods(kube, namespace)
+
+        def pool_status() -> dict[str, Any]:
+            found: dict[str, Any] = client.CustomObjectsApi(kube.api).get_cluster_custom_object(
+                constants.API_GROUP, constants.API_VERSION, "batchpools", f"pool-{suffix}"
+            )
+            return dict(found.get("status", {}))
+
+        first = until(workers, 60, "a worker in the empty trough")[0]
+        risen = time.monotonic()
+        online.set(2)
+        until(lambda: not workers(), 30, "the worker gone after the metric rose", interval=0.05)
+        print(f"\nonline metric up -> worker pod gone in {time.monotonic() - risen:.2f}s")
+        assert pool_status()["onlineGPUs"] == 2
+        time.sleep(3)
+        assert not workers(), "a worker started while online held every GPU"
+
+        online.set(0)
+        until(lambda: [p for p in workers() if p.metadata.name != first.metadata.name], 30, "a worker back")
+
+        prometheus.stop()  # the signal can no longer be read: after maxStaleness, batch yields
+        until(lambda: not workers(), 30, "the worker gone once the signal went stale", interval=0.2)
+        ready = next(c for c in pool_status()["conditions"] if c["type"] == "SignalReady")
+        assert (ready["status"], ready["reason"]) == ("False", "SignalStale")
+        assert {"ScaleUp", "Yield"} <= pool_events(kube, f"pool-{suffix}")
+    finally:
+        exporter.shutdown()
+        prometheus.stop()
