@@ -319,7 +319,6 @@ class PoolController:
         elapsed = now - self.last_cycle.get(name, now)
         self.last_cycle[name] = now
         capacity = await self._capacity(pool)
-        online = await self._online(pool)
         entries = await self._jobs(pool)
         priorities: dict[str, int] = {}
         states: list[JobState] = []
@@ -330,6 +329,7 @@ class PoolController:
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
             states.append(await self._job_state(entry, priorities[klass], pool, elapsed))
+        online = await self._online(pool)  # read last: the freshest demand is what is acted on
         snapshot = Snapshot(
             now=self.clock(),
             pool=PoolPolicy.from_spec(pool.spec, capacity),

@@ -179,7 +179,8 @@ async def delete_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         )
 
 
-@kopf.timer(*POOLS, interval=INTERVAL, backoff=max(1.0, 2 * INTERVAL))
+# Sharp: a cycle starts every INTERVAL however long the last took (yield latency depends on it).
+@kopf.timer(*POOLS, interval=INTERVAL, sharp=True, backoff=max(1.0, 2 * INTERVAL))
 async def reconcile_pool(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Plan the pool's batch workers and carry the plan out; the pool's status reports it."""
     pool = BatchPool.model_validate(dict(body))
