@@ -269,6 +269,51 @@ def test_a_pod_that_ignores_sigterm_is_killed_after_its_grace_period(kube: Kube,
     print(f"\na pod ignoring SIGTERM was removed {seconds:.2f}s after its delete (grace {grace}s)")
 
 
+# Starts a child in a session of its own (as the worker starts its engine), writes its pid, exits.
+ESCAPER = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    child = subprocess.Popen(sleeper, start_new_session=True)
+    open("child.pid", "w").write(str(child.pid))
+    time.sleep(float(os.environ["LINGER"]))
+    """
+)
+
+
+def test_what_a_container_spawned_goes_with_it_even_outside_its_process_group(
+    kube: Kube, namespace: str
+) -> None:
+    """A container runtime kills everything in a container when it ends; the node agent does
+    the same for processes that left the container's process group (a worker's engine)."""
+    if not kube.local or kube.agent_workdir is None:
+        pytest.skip("local processes of the node agent")
+    agent_workdir = kube.agent_workdir
+    for name, linger in (("ends", "1"), ("deleted", "600")):
+        spec = container(ESCAPER)
+        spec["env"].append({"name": "LINGER", "value": linger})
+        kube.core.create_namespaced_pod(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "labels": {"app": name}},
+                "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [spec]},
+            },
+        )
+
+        def child_pid(pod_name: str = name) -> int | None:
+            found = list(agent_workdir.glob(f"{namespace}_{pod_name}_*/child.pid"))
+            text = found[0].read_text() if found else ""
+            return int(text) if text else None
+
+        pid = until(child_pid, 60, f"{name}: the escaped child started")
+        assert process_alive(pid)
+        if name == "deleted":
+            kube.core.delete_namespaced_pod(name, namespace)
+        until(lambda p=pid: not process_alive(p), 30, f"{name}: the escaped child killed with its container")
+
+
 def test_a_crashing_container_is_restarted_with_back_off(kube: Kube, namespace: str) -> None:
     kube.core.create_namespaced_pod(
         namespace,

@@ -50,6 +50,10 @@ log = logging.getLogger("troughfill.nodeagent")
 GPU_RESOURCE = "nvidia.com/gpu"
 AGENT_LABEL = "troughfill.dev/node-agent"
 PID_ANNOTATION = "troughfill.dev/node-agent-pids"
+CONTAINER_TAG = "TROUGHFILL_NODE_AGENT_CONTAINER"
+"""Set in every container's environment (pod uid/container name); what a container spawns
+inherits it, so its leftovers can be found and killed when it ends, as a container runtime
+does (a process that left its process group, like the worker's engine, included)."""
 """Set on each running pod: {container: pid} of its local processes (tests look at them)."""
 HEARTBEAT_SECONDS = 5.0
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
@@ -364,6 +368,7 @@ class NodeAgent:
             cwd = spec.get("workingDir")
             if not cwd or not Path(cwd).is_dir():
                 cwd = str(local.directory)
+            env[CONTAINER_TAG] = _tag(local, container)
             with (local.directory / f"{container.name}.log").open("ab") as output:
                 container.process = subprocess.Popen(
                     argv, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
@@ -407,6 +412,7 @@ class NodeAgent:
             process = container.process
             if process is not None and process.poll() is not None:
                 code = process.returncode
+                _kill_remains(_tag(local, container))  # the container is gone: all of it
                 container.process = None
                 container.ready = False
                 container.terminated = {
@@ -589,6 +595,8 @@ class NodeAgent:
             if process.poll() is None:
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
+        for container in local.containers:
+            _kill_remains(_tag(local, container))
         log.info("pod %s stopped in %.2fs (grace %.0fs)", local.key, time.monotonic() - started, grace)
         local.finished = True
         self._remove(local.namespace, local.name, local.uid)
@@ -611,6 +619,7 @@ class NodeAgent:
         for container in local.containers:
             if container.process is not None and container.process.poll() is None:
                 _signal_group(container.process, signal.SIGKILL)
+            _kill_remains(_tag(local, container))
         local.finished = True
         self.pods.pop(local.key, None)
 
@@ -630,6 +639,33 @@ class NodeAgent:
                     container.process.wait(max(0.0, deadline - time.monotonic()))
                 if container.process.poll() is None:
                     _signal_group(container.process, signal.SIGKILL)
+        for local in pods:
+            for container in local.containers:
+                _kill_remains(_tag(local, container))
+
+
+def _tag(local: LocalPod, container: Container) -> str:
+    return f"{local.uid}/{container.name}"
+
+
+def _kill_remains(tag: str) -> int:
+    """SIGKILL every process whose environment carries this container's tag; how many."""
+    marker = f"{CONTAINER_TAG}={tag}".encode()
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environment = (entry / "environ").read_bytes()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if marker in environment.split(b"\0"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    if killed:
+        log.info("killed %d leftover processes of container %s", killed, tag)
+    return killed
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:

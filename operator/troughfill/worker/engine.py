@@ -63,7 +63,9 @@ class EngineProcess:
     def returncode(self) -> int | None:
         return self.process.poll()
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, SIGKILL after `timeout`: well inside a yielding pod's grace period (10 s),
+        so the worker, not the kubelet, is the one that ends its engine."""
         stop_process_group(self.process, timeout)
 
 
