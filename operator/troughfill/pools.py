@@ -163,6 +163,8 @@ class PoolController:
         """Drop what is remembered of a deleted pool."""
         for table in (self.memory, self.last_cycle, self.classes_checked):
             table.pop(pool, None)
+        for key in [k for k, (owner, _, _) in self.stopping.items() if owner == pool]:
+            del self.stopping[key]
 
     async def _missing_priority_classes(self, pool: BatchPool) -> list[str]:
         name, now = pool.metadata.name, self.clock()
@@ -344,13 +346,7 @@ class PoolController:
         metrics.BATCH.labels(name).set(decided.batch_gpus)
         if online.observed_at is not None:
             metrics.STALENESS.labels(name).set(max(0.0, snapshot.now - online.observed_at))
-        result = Cycle(
-            decided,
-            online,
-            capacity,
-            jobs=len(entries),
-            missing_priority_classes=await self._missing_priority_classes(pool),
-        )
+        result = Cycle(decided, online, capacity, jobs=len(entries))
         by_key = {e.key: e for e in entries}
         for stop in decided.stops:
             entry = by_key[stop.job]
@@ -386,6 +382,8 @@ class PoolController:
                     break  # the next start of this job would be refused the same way
                 result.created.append(pod_name)
                 metrics.DECISIONS.labels(name, "start").inc()
+        # After acting: a recheck's API reads must not delay this cycle's stops.
+        result.missing_priority_classes = await self._missing_priority_classes(pool)
         return result
 
     async def _mark_deletion_costs(

@@ -133,6 +133,15 @@ def pool_and_template(suffix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return pool, template
 
 
+def instant_pool_and_template(suffix: str, engine_script: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A 2-GPU pool that starts workers at once (no headroom, delay or minimum useful time),
+    and a template whose engine is `python -c engine_script` (no vLLM: a stand-in)."""
+    pool, template = pool_and_template(suffix)
+    pool["spec"].update(gpus={"count": 2}, headroomGPUs=0, scaleUpDelay="0s", minUsefulTime="0s")
+    template["spec"]["engine"] = {"command": [sys.executable, "-c", engine_script]}
+    return pool, template
+
+
 def job(name: str, template: str, input_url: str, output_url: str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": constants.GROUP_VERSION,
@@ -579,9 +588,7 @@ def test_a_job_whose_workers_keep_failing_is_marked_crash_looping(
     if not kube.local:
         pytest.skip("the failing engine command runs through the node agent")
     suffix = uuid.uuid4().hex[:6]
-    pool, template = pool_and_template(suffix)
-    pool["spec"].update(gpus={"count": 2}, headroomGPUs=0, scaleUpDelay="0s", minUsefulTime="0s")
-    template["spec"]["engine"] = {"command": [sys.executable, "-c", "import sys; sys.exit(1)"]}
+    pool, template = instant_pool_and_template(suffix, "import sys; sys.exit(1)")
     apply(kube, pool, template)
     requests = tmp_path / "requests.jsonl"
     write_requests(requests, 4)
@@ -688,9 +695,7 @@ def test_suspend_stops_the_workers_keeping_the_job_and_resume_brings_them_back(
     if not kube.local:
         pytest.skip("the engine command runs through the node agent")
     suffix = uuid.uuid4().hex[:6]
-    pool, template = pool_and_template(suffix)
-    pool["spec"].update(gpus={"count": 2}, headroomGPUs=0, scaleUpDelay="0s", minUsefulTime="0s")
-    template["spec"]["engine"] = {"command": [sys.executable, "-c", "import time; time.sleep(600)"]}
+    pool, template = instant_pool_and_template(suffix, "import time; time.sleep(600)")
     apply(kube, pool, template)
     custom = client.CustomObjectsApi(kube.api)
 
@@ -774,17 +779,12 @@ def test_workers_follow_the_prometheus_online_metric_and_yield_when_it_goes_stal
     exporter, _ = start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
     prometheus = start_prometheus(tmp_path / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
     try:
-        pool, template = pool_and_template(suffix)
+        pool, template = instant_pool_and_template(suffix, "import time; time.sleep(600)")
         pool["spec"].update(
-            gpus={"count": 2},
             online={"prometheusURL": prometheus.url, "gpusInUseQuery": f"max({metric})"},
-            headroomGPUs=0,
-            scaleUpDelay="0s",
-            minUsefulTime="0s",
             signal={"maxStaleness": "5s", "onStale": "Yield", "floorGPUs": 0},
         )
         template["spec"]["gpusPerWorker"] = 2
-        template["spec"]["engine"] = {"command": [sys.executable, "-c", "import time; time.sleep(600)"]}
         online.set(0)
         apply(kube, pool, template)
         submit(kube, namespace, "follower", f"tiny-{suffix}", tmp_path, 4)
