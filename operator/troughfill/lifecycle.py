@@ -120,9 +120,8 @@ async def start(
     job: BatchInference, admission: Admission, ledger: JobLedger, store: ObjectStore, now: datetime
 ) -> StatusUpdate:
     """Admit the job (or refuse it), record it in the ledger and index its input."""
-    held = find_condition(job.status.conditions, JobConditionType.ADMITTED) if job.status else None
-    if held is not None and held.reason == Reason.IMMUTABLE_FIELD_CHANGED:
-        return StatusUpdate(_status(job))  # refused on update: a restart does not re-admit it
+    if job.status is not None and job.status.phase is not None and (await ledger.progress()).refused:
+        return await refresh_status(job, _status(job), ledger, store, now)  # refused: never re-admitted
     if not admission.allowed:
         return refuse(job, admission.reason, admission.message, now)
     spec = job.spec
@@ -251,6 +250,8 @@ async def refresh_status(
         wasted=progress.wasted_tokens,
     )
     status.observed_generation = job.metadata.generation
+    if progress.refused:
+        _refused(status, job, progress.refused, now)  # whatever status this writer started from
     if progress.state is not None:
         status.phase = progress.state
     if progress.state == Phase.COMPLETED:
@@ -310,7 +311,9 @@ async def cancel(ledger: JobLedger, store: ObjectStore) -> FinalReport | None:
     return report
 
 
-def spec_changed(old: BatchInference, new: BatchInference, now: datetime) -> StatusUpdate | None:
+async def spec_changed(
+    old: BatchInference, new: BatchInference, ledger: JobLedger, now: datetime
+) -> StatusUpdate | None:
     """An update to a running job's spec. Changes to fields fixed at admission (input, output,
     endpoint, template, window, engine flags) are refused: a cluster without CEL rules accepts
     them, so the operator stops acting on the job instead (Admitted=False; its workers stop,
@@ -325,15 +328,8 @@ def spec_changed(old: BatchInference, new: BatchInference, now: datetime) -> Sta
             f"{', '.join(changed)} cannot change once a job is admitted; the operator no longer acts on "
             "this job (its progress is kept): delete it (partial output is written) and create a new one"
         )
-        _set(
-            status,
-            new,
-            JobConditionType.ADMITTED,
-            value=ConditionStatus.FALSE,
-            reason=Reason.IMMUTABLE_FIELD_CHANGED,
-            message=message,
-            now=now,
-        )
+        await ledger.mark_refused(message)
+        _refused(status, new, message, now)
         return StatusUpdate(status, [Event(Reason.IMMUTABLE_FIELD_CHANGED, message, warning=True)])
     if old.spec.suspend != new.spec.suspend:
         if new.spec.suspend:
@@ -342,6 +338,18 @@ def spec_changed(old: BatchInference, new: BatchInference, now: datetime) -> Sta
             event = Event(Reason.RESUMED, "resumed: workers start again as the trough allows")
         return StatusUpdate(_status(new), [event])
     return None
+
+
+def _refused(status: BatchInferenceStatus, job: BatchInference, message: str, now: datetime) -> None:
+    _set(
+        status,
+        job,
+        JobConditionType.ADMITTED,
+        value=ConditionStatus.FALSE,
+        reason=Reason.IMMUTABLE_FIELD_CHANGED,
+        message=message,
+        now=now,
+    )
 
 
 def template_status(template: ModelTemplate, pool: BatchPool | None, now: datetime) -> ModelTemplateStatus:

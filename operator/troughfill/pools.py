@@ -281,7 +281,8 @@ class PoolController:
             counted = (job.status.gpu_seconds if job.status else 0.0) + self.gpu_seconds[uid]
             dollars = float(pool.spec.gpu_hourly_cost) * counted / 3600
             metrics.JOB_COST.labels(*labels).set(dollars / (progress.completion_tokens / 1e6))
-        remaining = 0 if job.spec.suspend or not progress.indexed else progress.total - progress.finished
+        stopped = job.spec.suspend or progress.refused or not progress.indexed
+        remaining = 0 if stopped else progress.total - progress.finished
         if self._crash_loop(job.metadata.uid or ""):
             remaining = 0  # running workers drain; none is started until the failures age out
         live = [pod for pod in entry.pods if pod.status.phase not in {"Succeeded", "Failed"}]

@@ -126,7 +126,7 @@ async def test_a_changed_immutable_field_is_refused_and_a_restart_does_not_readm
         update={"status": (await lifecycle.start(job, admitted(job), ledger, store, NOW)).status}
     )
     moved = running.model_copy(update={"spec": running.spec.model_copy(update={"template_ref": "bigger"})})
-    update = lifecycle.spec_changed(running, moved, NOW)
+    update = await lifecycle.spec_changed(running, moved, ledger, NOW)
     assert update is not None
     condition = find_condition(update.status.conditions, "Admitted")
     assert condition is not None
@@ -139,20 +139,29 @@ async def test_a_changed_immutable_field_is_refused_and_a_restart_does_not_readm
     again = find_condition(restarted.status.conditions, "Admitted")
     assert again is not None
     assert again.reason == "ImmutableFieldChanged"
+    # A status writer that started from a status read before the refusal writes it back.
+    stale = await lifecycle.refresh_status(moved, running.status.model_copy(deep=True), ledger, store, NOW)
+    kept = find_condition(stale.status.conditions, "Admitted")
+    assert kept is not None
+    assert (kept.status, kept.reason) == ("False", "ImmutableFieldChanged")
 
 
-def test_suspend_and_resume_are_announced_and_other_changes_are_quiet(tmp_path: Path) -> None:
+async def test_suspend_and_resume_are_announced_and_other_changes_are_quiet(
+    aredis: Redis, tmp_path: Path
+) -> None:
     job = make_job(tmp_path, 2)
     job = job.model_copy(update={"status": job.status or lifecycle.BatchInferenceStatus(phase="in_progress")})
     suspended = job.model_copy(update={"spec": job.spec.model_copy(update={"suspend": True})})
     wider = job.model_copy(update={"spec": job.spec.model_copy(update={"max_workers": 4})})
-    down = lifecycle.spec_changed(job, suspended, NOW)
-    up = lifecycle.spec_changed(suspended, job, NOW)
+    ledger = lifecycle.ledger_for(job, aredis)
+    down = await lifecycle.spec_changed(job, suspended, ledger, NOW)
+    up = await lifecycle.spec_changed(suspended, job, ledger, NOW)
     assert down is not None
     assert up is not None
     assert [e.reason for e in down.events] == ["Suspended"]
     assert [e.reason for e in up.events] == ["Resumed"]
-    assert lifecycle.spec_changed(job, wider, NOW) is None
+    assert await lifecycle.spec_changed(job, wider, ledger, NOW) is None
+    assert (await ledger.progress()).refused is None
 
 
 def test_a_template_is_ready_when_its_pool_exists() -> None:

@@ -142,7 +142,9 @@ async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
 
 
 @kopf.on.update(*JOBS, field="spec")
-async def update_job(old: Any, new: Any, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+async def update_job(
+    old: Any, new: Any, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+) -> None:
     """Suspend and resume take effect through the pool's next cycle (it reads the spec each
     time); fields fixed at admission are refused (see lifecycle.spec_changed)."""
     job = _parse(body)
@@ -153,7 +155,9 @@ async def update_job(old: Any, new: Any, body: kopf.Body, patch: kopf.Patch, **_
         current = job.model_copy(update={"spec": type(job.spec).model_validate(new)})
     except pydantic.ValidationError:
         return  # an invalid spec: start_job's parse reports it
-    update = lifecycle.spec_changed(previous, current, lifecycle.now_utc())
+    update = await lifecycle.spec_changed(
+        previous, current, lifecycle.ledger_for(job, memo.redis), lifecycle.now_utc()
+    )
     if update is not None:
         _write(patch, body, update)
 

@@ -89,6 +89,8 @@ class Progress:
     state_times: dict[str, float] = field(default_factory=dict)
     resumed: int = 0
     """Requests continued from a saved partial generation (after their worker yielded)."""
+    refused: str | None = None
+    """Why the operator stopped acting on the job (a spec change it refused), if it did."""
 
     @property
     def finished(self) -> int:
@@ -321,6 +323,11 @@ class JobLedger:
             raise LedgerClosedError(f"job is {_text(state) or 'gone'}; results are no longer accepted")
         return int(won)
 
+    async def mark_refused(self, message: str) -> None:
+        """Remember, with the job, that the operator no longer acts on it and why: every status
+        writer reads it back, so a status written from an older read cannot undo the refusal."""
+        await self.client.hset(self.keys.key("meta"), "refused", message)
+
     async def record_waste(self, tokens: int) -> None:
         """Tokens generated and then thrown away (an aborted attempt), for accounting."""
         if tokens:
@@ -414,6 +421,7 @@ class JobLedger:
             cached_tokens=counters.get("cached_tokens", 0),
             wasted_tokens=counters.get("wasted_tokens", 0),
             resumed=counters.get("resumed", 0),
+            refused=meta.get("refused"),
             leases=int(leases),
             indexed=meta.get("indexed") == "1",
             state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},
