@@ -421,14 +421,16 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
             ),
             60,
             "the worker pod Ready (its probe runs every few seconds)",
+            interval=0.5,  # the operator runs in this process: fast polling here starves it
         )
         until(
             lambda: any(
                 int((p.metadata.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST, "0")) >= 1
                 for p in workers()
             ),
-            15,
+            30,
             "the serving worker's pod-deletion-cost raised from progress",
+            interval=0.5,
         )
 
         arrived = time.monotonic()
