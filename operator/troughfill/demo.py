@@ -40,8 +40,8 @@ from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start_redis
 from troughfill.devenv.nodeagent import AGENT_LABEL
-from troughfill.devenv.services import LOOPBACK, VLLM_ENV, wait_until
-from troughfill.devenv.stack import LocalCluster, start_local_cluster, start_operator
+from troughfill.devenv.services import LOOPBACK, VLLM_ENV
+from troughfill.devenv.stack import LocalCluster, create_namespace, start_local_cluster, start_operator
 from troughfill.sim.scenario import DEFAULT_TRACE, bundled
 from troughfill.sim.trace import load_rate_trace, online_demand
 
@@ -227,8 +227,7 @@ class Demo:
         assert self.operator is not None
         pool, template, job = local_objects(self.options, f"max({ONLINE_METRIC})")
         namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
-        _wait_for_service_account(client.CoreV1Api(api), namespace)
+        create_namespace(api, namespace)
         cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([pool, template, job]))
         self.say(
             f"applied BatchPool/{pool['metadata']['name']}, ModelTemplate/{template['metadata']['name']}, "
@@ -266,16 +265,6 @@ class Demo:
 def _lines(path: Path) -> int:
     with path.open() as stream:
         return sum(1 for line in stream if line.strip())
-
-
-def _wait_for_service_account(core: client.CoreV1Api, namespace: str) -> None:
-    def ready() -> bool:
-        accounts = core.list_namespaced_service_account(
-            namespace, field_selector="metadata.name=default"
-        ).items
-        return bool(accounts and accounts[0].secrets)
-
-    wait_until(ready, 30, f"the default service account of {namespace}", interval=0.2)
 
 
 @dataclass

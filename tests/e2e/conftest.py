@@ -9,7 +9,6 @@ that only make sense with the node agent (local process ids) are skipped there.
 """
 
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from kubernetes.config import kube_config
 
 from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
 from troughfill.devenv.nodeagent import GPU_RESOURCE
+from troughfill.devenv.stack import create_namespace, server_version
 
 GPUS_PER_NODE = 8
 
@@ -43,13 +43,7 @@ class Kube:
 
     @property
     def server_version(self) -> tuple[int, int]:
-        version = client.VersionApi(self.api).get_code()
-        return int(version.major), int(version.minor.rstrip("+"))
-
-    @property
-    def secret_tokens(self) -> bool:
-        """Before 1.24 a pod can only be created once its service account has a token secret."""
-        return self.server_version < (1, 24)
+        return server_version(self.api)
 
     def kubectl(self) -> str:
         if self.plane is not None:
@@ -94,18 +88,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 def namespace(kube: Kube) -> Iterator[str]:
     """A fresh namespace, ready for pods (its default service account exists, with a token where needed)."""
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    tokens = kube.secret_tokens
-    deadline = time.monotonic() + 30
-    while True:
-        accounts = kube.core.list_namespaced_service_account(
-            name, field_selector="metadata.name=default"
-        ).items
-        if accounts and (accounts[0].secrets or not tokens):
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no default service account (with its token) in {name}")
-        time.sleep(0.1)
+    create_namespace(kube.api, name)
     yield name
     kube.core.delete_namespace(name)
 

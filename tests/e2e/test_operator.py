@@ -332,37 +332,28 @@ def engine_pool_and_template(
     """A 2-GPU pool whose online demand is the GPUs of pods labelled app=`online_label`, and a
     template whose workers start the local vLLM engine with the tiny model (2 GPUs each)."""
     vllm_python, model = engine_paths
-    pool = {
-        "apiVersion": constants.GROUP_VERSION,
-        "kind": "BatchPool",
-        "metadata": {"name": f"pool-{suffix}"},
-        "spec": {
-            "gpus": {"count": 2},
-            "online": {"selector": {"matchLabels": {"app": online_label}}, "namespaces": [namespace]},
-            "headroomGPUs": 0,
-            "scaleUpDelay": "0s",
-            "minUsefulTime": "0s",
-            "drainGracePeriod": "5s",
-            "defaultQuota": {"maxGPUs": 2},
+    pool, template = pool_and_template(suffix)
+    pool["spec"].update(
+        gpus={"count": 2},
+        online={"selector": {"matchLabels": {"app": online_label}}, "namespaces": [namespace]},
+        headroomGPUs=0,
+        scaleUpDelay="0s",
+        minUsefulTime="0s",
+        drainGracePeriod="5s",
+        defaultQuota={"maxGPUs": 2},
+    )
+    template["spec"].pop("allowedEngineArgs")
+    template["spec"].update(
+        image="troughfill/vllm-cpu:test",
+        model={"uri": model, "servedModelName": "tiny"},
+        gpusPerWorker=2,
+        coldStartSeconds=60,
+        engine={
+            "command": [vllm_python, "-m", "vllm.entrypoints.openai.api_server"],
+            "args": ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "32"],
+            "env": [{"name": k, "value": v} for k, v in VLLM_ENV.items()],
         },
-    }
-    template = {
-        "apiVersion": constants.GROUP_VERSION,
-        "kind": "ModelTemplate",
-        "metadata": {"name": f"tiny-{suffix}"},
-        "spec": {
-            "poolRef": f"pool-{suffix}",
-            "image": "troughfill/vllm-cpu:test",
-            "model": {"uri": model, "servedModelName": "tiny"},
-            "gpusPerWorker": 2,
-            "coldStartSeconds": 60,
-            "engine": {
-                "command": [vllm_python, "-m", "vllm.entrypoints.openai.api_server"],
-                "args": ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "32"],
-                "env": [{"name": k, "value": v} for k, v in VLLM_ENV.items()],
-            },
-        },
-    }
+    )
     return pool, template
 
 

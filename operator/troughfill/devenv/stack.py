@@ -40,6 +40,25 @@ class LocalCluster:
         self.plane.stop()
 
 
+def server_version(api: client.ApiClient) -> tuple[int, int]:
+    version = client.VersionApi(api).get_code()
+    return int(version.major), int(version.minor.rstrip("+"))
+
+
+def create_namespace(api: client.ApiClient, name: str, timeout: float = 30) -> None:
+    """A namespace ready for pods: its default service account exists and, before 1.24 (where
+    a pod can only be created once its service account has one), has its token secret."""
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    tokens = server_version(api) < (1, 24)
+
+    def ready() -> bool:
+        accounts = core.list_namespaced_service_account(name, field_selector="metadata.name=default").items
+        return bool(accounts and (accounts[0].secrets or not tokens))
+
+    wait_until(ready, timeout, f"the default service account (with its token) in {name}", interval=0.1)
+
+
 def start_local_cluster(workdir: Path, *, nodes: int, gpus: int) -> LocalCluster:
     """Control plane, `nodes` Ready nodes of `gpus` GPUs, troughfill's CRDs (without CEL: the
     API server is 1.20) and PriorityClasses, established."""
