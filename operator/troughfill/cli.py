@@ -55,7 +55,7 @@ def describe_error(error: ValidationError) -> list[str]:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    rendered = crdgen.render(api.RESOURCES, cel=not args.without_cel)
+    rendered = crdgen.render(api.RESOURCES)
     directory = Path(args.output)
     if args.check:
         stale = crdgen.stale_files(directory, rendered)
@@ -158,16 +158,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    """Run the Kopf operator (troughfill.handlers) in place of this process."""
+    """Run the Kopf operator (troughfill.handlers) in place of this process.
+
+    With peering (the default), the replicas elect one to act; the peering CRD must be
+    installed (manifests/base does) and the peering object is created when missing. Without
+    the CRD this says so and exits 2, instead of a replica that waits forever looking healthy."""
+    # Not at the top: worker pods run this module too (their probes every few seconds), and
+    # they never talk to the Kubernetes API.
+    from troughfill.kube.cluster import api_client  # noqa: PLC0415
+    from troughfill.kube.peering import PeeringUnavailable, ensure_peering  # noqa: PLC0415
+
     settings = Settings()
+    namespaces = args.namespace or list(settings.watch_namespaces)
     argv = [sys.executable, "-m", "kopf", "run", "-m", "troughfill.handlers"]
     if settings.health_port:
         argv.append(f"--liveness=http://0.0.0.0:{settings.health_port}/healthz")
-    namespaces = args.namespace or list(settings.watch_namespaces)
     argv += [f"--namespace={namespace}" for namespace in namespaces] or ["--all-namespaces"]
     if args.standalone:
         argv.append("--standalone")
     else:
+        try:
+            for made in ensure_peering(api_client(), args.peering, namespaces):
+                print(f"troughfill operator: created the peering object {made}", file=sys.stderr, flush=True)
+        except PeeringUnavailable as error:
+            print(f"troughfill operator: {error}", file=sys.stderr)
+            return 2
         # Replicas elect by priority: the highest acts, the others pause until it is gone.
         priority = args.priority if args.priority is not None else 1 + secrets.randbelow(2**31 - 2)
         argv += [f"--peering={args.peering}", f"--priority={priority}"]
@@ -187,9 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=str(REPO_ROOT / "crds"), help="directory (default: the repo's crds/)"
     )
     crds.add_argument("--check", action="store_true", help="exit 1 if the directory is not up to date")
-    crds.add_argument(
-        "--without-cel", action="store_true", help="omit x-kubernetes-validations (API servers before 1.25)"
-    )
     crds.set_defaults(handler=cmd_crds)
 
     operator = commands.add_parser("operator", help="run the operator (Kopf, troughfill.handlers)")

@@ -25,11 +25,6 @@ def test_crds_check_fails_when_stale_then_passes_after_generation(
     ]
 
 
-def test_crds_without_cel_for_old_api_servers(tmp_path: Path) -> None:
-    assert main(["crds", "--output", str(tmp_path), "--without-cel"]) == 0
-    assert not any("x-kubernetes-validations" in p.read_text() for p in tmp_path.iterdir())
-
-
 def test_validate_reports_each_problem_with_its_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

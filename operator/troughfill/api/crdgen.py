@@ -104,8 +104,8 @@ def _translate(key: str, value: Any, defs: JsonDict, out: JsonDict, key_schema: 
         out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
         out[key] = True
     elif key == "default" and value == "":
-        # Kubernetes 1.20 rejects an empty-string default ("must be of type string: null"), and
-        # it adds nothing: the models fill the same default when they read the object.
+        # An empty-string default adds nothing to stored objects: the models fill the same
+        # default when they read one.
         return
     elif key == "uniqueItems":
         out.setdefault("x-kubernetes-list-type", "set")
@@ -146,14 +146,6 @@ def to_structural(node: JsonDict, defs: JsonDict, name: str | None = None) -> Js
     return leading | {k: v for k, v in out.items() if k not in leading}
 
 
-def strip_validations(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: strip_validations(v) for k, v in node.items() if k != VALIDATIONS_KEY}
-    if isinstance(node, list):
-        return [strip_validations(v) for v in node]
-    return node
-
-
 def openapi_schema(resource: type[Resource]) -> JsonDict:
     """The openAPIV3Schema of one resource: apiVersion, kind, metadata, then spec and status."""
     schema = resource.model_json_schema(by_alias=True, mode="validation")
@@ -173,16 +165,11 @@ def openapi_schema(resource: type[Resource]) -> JsonDict:
     }
 
 
-def crd_manifest(resource: type[Resource], *, cel: bool = True) -> JsonDict:
-    """A complete apiextensions.k8s.io/v1 CustomResourceDefinition.
-
-    `cel=False` leaves out x-kubernetes-validations, for API servers older than 1.25 whose
-    clients reject the unknown field; the operator enforces the same rules in Python there.
-    """
+def crd_manifest(resource: type[Resource]) -> JsonDict:
+    """A complete apiextensions.k8s.io/v1 CustomResourceDefinition, CEL rules included (the
+    API server enforces them before anything is stored; pydantic enforces the same rules)."""
     info = resource.crd
     schema = openapi_schema(resource)
-    if not cel:
-        schema = strip_validations(schema)
     names: JsonDict = {
         "kind": info.kind,
         "listKind": f"{info.kind}List",
@@ -230,9 +217,9 @@ def _dump(document: JsonDict) -> str:
     return HEADER + yaml.safe_dump(document, sort_keys=False, width=120, allow_unicode=True)
 
 
-def render(resources: Iterable[type[Resource]], *, cel: bool = True) -> dict[str, str]:
+def render(resources: Iterable[type[Resource]]) -> dict[str, str]:
     """File name → content for every CRD plus the kustomization that lists them."""
-    files = {f"{r.crd.name}.yaml": _dump(crd_manifest(r, cel=cel)) for r in resources}
+    files = {f"{r.crd.name}.yaml": _dump(crd_manifest(r)) for r in resources}
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",

@@ -1,8 +1,7 @@
 """A real Kubernetes control plane on loopback, for tests and the demo (no containers needed).
 
-etcd (Debian's etcd-server) and kube-apiserver, kube-scheduler and kube-controller-manager
-(1.20.2, built from Debian's source package by scripts/setup_k8s.sh) on free 127.0.0.1
-ports, with TLS serving certificates and client certificates made by openssl, RBAC
+etcd, kube-apiserver, kube-scheduler and kube-controller-manager (built from their Go modules
+by scripts/setup_k8s.sh) on free 127.0.0.1 ports, with TLS serving certificates and client certificates made by openssl, RBAC
 authorisation and service-account signing keys. Each component has its own identity
 (system:kube-scheduler, system:kube-controller-manager); the admin is in system:masters.
 
@@ -33,7 +32,7 @@ NODE_AGENT_USER = "troughfill:node-agent"
 
 
 def k8s_bin_dir() -> Path:
-    """Where scripts/setup_k8s.sh left the binaries ($TROUGHFILL_K8S_BIN)."""
+    """Where scripts/setup_k8s.sh left the binaries, etcd's included ($TROUGHFILL_K8S_BIN)."""
     found = os.environ.get("TROUGHFILL_K8S_BIN")
     if not found:
         raise FileNotFoundError("TROUGHFILL_K8S_BIN is not set: source scripts/setup_k8s.sh")
@@ -241,7 +240,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
         etcd = ManagedProcess(
             "etcd",
             [
-                "etcd", "--name", "troughfill", "--data-dir", str(workdir / "etcd-data"),
+                _find("etcd", bin_dir), "--name", "troughfill", "--data-dir", str(workdir / "etcd-data"),
                 "--listen-client-urls", f"http://{LOOPBACK}:{etcd_port}",
                 "--advertise-client-urls", f"http://{LOOPBACK}:{etcd_port}",
                 "--listen-peer-urls", f"http://{LOOPBACK}:{etcd_peer}",
@@ -260,7 +259,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
                 _find("kube-apiserver", bin_dir),
                 f"--etcd-servers=http://{LOOPBACK}:{etcd_port}",
                 f"--bind-address={LOOPBACK}", f"--advertise-address={LOOPBACK}",
-                f"--secure-port={api_port}", "--insecure-port=0",
+                f"--secure-port={api_port}",
                 f"--tls-cert-file={apiserver_cert.cert}", f"--tls-private-key-file={apiserver_cert.key}",
                 f"--client-ca-file={pki.ca.cert}",
                 "--authorization-mode=RBAC",
@@ -287,7 +286,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
                 _find("kube-scheduler", bin_dir),
                 f"--kubeconfig={scheduler_kc}",
                 f"--authentication-kubeconfig={scheduler_kc}", f"--authorization-kubeconfig={scheduler_kc}",
-                f"--bind-address={LOOPBACK}", f"--secure-port={scheduler_port}", "--port=0",
+                f"--bind-address={LOOPBACK}", f"--secure-port={scheduler_port}",
                 f"--cert-dir={workdir / 'scheduler-certs'}",
                 "--leader-elect=false",
                 "--v=1",
@@ -301,7 +300,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
                 _find("kube-controller-manager", bin_dir),
                 f"--kubeconfig={cm_kc}",
                 f"--authentication-kubeconfig={cm_kc}", f"--authorization-kubeconfig={cm_kc}",
-                f"--bind-address={LOOPBACK}", f"--secure-port={cm_port}", "--port=0",
+                f"--bind-address={LOOPBACK}", f"--secure-port={cm_port}",
                 f"--cert-dir={workdir / 'controller-manager-certs'}",
                 "--leader-elect=false",
                 f"--service-account-private-key-file={pki.sa_key}",

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from kubernetes import client, config
 
-from troughfill.api import RESOURCES, crdgen
 from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
 from troughfill.devenv.services import ManagedProcess, http_ok, wait_until
 
@@ -46,22 +45,20 @@ def server_version(api: client.ApiClient) -> tuple[int, int]:
 
 
 def create_namespace(api: client.ApiClient, name: str, timeout: float = 30) -> None:
-    """A namespace ready for pods: its default service account exists and, before 1.24 (where
-    a pod can only be created once its service account has one), has its token secret."""
+    """A namespace ready for pods: its default service account exists (the ServiceAccount
+    admission plugin refuses pods until the controller manager has made it)."""
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    tokens = server_version(api) < (1, 24)
 
     def ready() -> bool:
-        accounts = core.list_namespaced_service_account(name, field_selector="metadata.name=default").items
-        return bool(accounts and (accounts[0].secrets or not tokens))
+        return bool(core.list_namespaced_service_account(name, field_selector="metadata.name=default").items)
 
-    wait_until(ready, timeout, f"the default service account (with its token) in {name}", interval=0.1)
+    wait_until(ready, timeout, f"the default service account in {name}", interval=0.1)
 
 
 def start_local_cluster(workdir: Path, *, nodes: int, gpus: int) -> LocalCluster:
-    """Control plane, `nodes` Ready nodes of `gpus` GPUs, troughfill's CRDs (without CEL: the
-    API server is 1.20) and PriorityClasses, established."""
+    """Control plane, `nodes` Ready nodes of `gpus` GPUs, troughfill's CRDs (applied as users
+    apply them: `kubectl apply --server-side -k manifests/crds`) and PriorityClasses, established."""
     plane = start_control_plane(workdir / "plane")
     try:
         agent = start_node_agent(plane, workdir / "node", nodes=nodes, gpus=gpus, python=sys.executable)
@@ -70,9 +67,7 @@ def start_local_cluster(workdir: Path, *, nodes: int, gpus: int) -> LocalCluster
         raise
     cluster = LocalCluster(plane, agent, config.new_client_from_config(config_file=str(plane.kubeconfig)))
     try:
-        crds = workdir / "crds"
-        crdgen.write(crds, crdgen.render(RESOURCES, cel=False))
-        cluster.kubectl("apply", "-k", str(crds))
+        cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "crds"))
         cluster.kubectl("apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
         cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     except BaseException:

@@ -13,8 +13,6 @@ from typing import Any
 
 import kopf
 import pydantic
-from kubernetes import client as kube_client
-from kubernetes import config as kube_config
 
 from troughfill import constants, lifecycle, metrics
 from troughfill.api.admission import admit
@@ -23,7 +21,7 @@ from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.config import Settings
-from troughfill.kube.cluster import KubeWorkers
+from troughfill.kube.cluster import KubeWorkers, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, connect
 from troughfill.pools import PoolController, pool_status
@@ -51,11 +49,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # A replica that died without saying so blocks the others this long (a clean stop: not at all).
     settings.peering.lifetime = 15
     settings.posting.level = logging.WARNING  # Kopf's own log lines become Events only from warnings up
-    try:
-        kube_config.load_incluster_config()
-        api = kube_client.ApiClient()
-    except kube_config.ConfigException:
-        api = kube_config.new_client_from_config()
+    api = api_client()
     memo.settings = own = Settings()
     if own.metrics_port:
         metrics.serve(own.metrics_port)

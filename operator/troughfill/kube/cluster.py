@@ -2,12 +2,22 @@
 
 from typing import Any, Protocol
 
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from troughfill import constants
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.modeltemplate import ModelTemplate
+
+
+def api_client() -> client.ApiClient:
+    """The operator's credentials: its pod's service account in a cluster (the token the
+    kubelet projects), else $KUBECONFIG or ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
 
 
 class Cluster(Protocol):
