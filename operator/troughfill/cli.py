@@ -161,12 +161,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
     """Run the Kopf operator (troughfill.handlers) in place of this process.
 
     With peering (the default), the replicas elect one to act; the peering CRD must be
-    installed (manifests/base does) and the peering object is created when missing. Without
+    installed (manifests/crds does) and the peering object is created when missing. Without
     the CRD this says so and exits 2, instead of a replica that waits forever looking healthy."""
     # Not at the top: worker pods run this module too (their probes every few seconds), and
     # they never talk to the Kubernetes API.
     from troughfill.kube.cluster import api_client  # noqa: PLC0415
-    from troughfill.kube.peering import PeeringUnavailable, ensure_peering  # noqa: PLC0415
+    from troughfill.kube.peering import PeeringUnavailableError, ensure_peering  # noqa: PLC0415
 
     settings = Settings()
     namespaces = args.namespace or list(settings.watch_namespaces)
@@ -180,7 +180,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         try:
             for made in ensure_peering(api_client(), args.peering, namespaces):
                 print(f"troughfill operator: created the peering object {made}", file=sys.stderr, flush=True)
-        except PeeringUnavailable as error:
+        except PeeringUnavailableError as error:
             print(f"troughfill operator: {error}", file=sys.stderr)
             return 2
         # Replicas elect by priority: the highest acts, the others pause until it is gone.

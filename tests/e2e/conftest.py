@@ -9,6 +9,7 @@ that only make sense with the node agent (local process ids) are skipped there.
 """
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +19,11 @@ import pytest
 from kubernetes import client, config
 from kubernetes.config import kube_config
 
+from tests.conftest import REPO_ROOT
+from troughfill import constants
 from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
 from troughfill.devenv.nodeagent import GPU_RESOURCE
+from troughfill.devenv.services import wait_until as until
 from troughfill.devenv.stack import create_namespace, server_version
 
 GPUS_PER_NODE = 8
@@ -101,3 +105,35 @@ def gpu_node(kube: Kube) -> tuple[str, int]:
         if gpus > 0 and not node.spec.unschedulable:
             return node.metadata.name, gpus
     pytest.skip(f"no node with {GPU_RESOURCE}")
+
+
+def kubectl(
+    kube: Kube, *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [kube.kubectl(), "--kubeconfig", str(kube.kubeconfig), *args],
+        input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def crds(kube: Kube) -> None:
+    """The CRDs as users install them (`kubectl apply --server-side -k manifests/crds`), CEL rules and all."""
+    done = kubectl(kube, "apply", "--server-side", "-k", str(REPO_ROOT / "manifests" / "crds"))
+    assert done.returncode == 0, done.stderr
+    # The install's PriorityClasses (batch workers run at troughfill-batch).
+    done = kubectl(kube, "apply", "-f", str(REPO_ROOT / "manifests" / "base" / "priorityclass.yaml"))
+    assert done.returncode == 0, done.stderr
+    extensions = client.ApiextensionsV1Api(kube.api)
+    for name in ("batchinferences", "batchpools", "modeltemplates"):
+        until(
+            lambda n=name: any(
+                c.type == "Established" and c.status == "True"
+                for c in extensions.read_custom_resource_definition(
+                    f"{n}.{constants.API_GROUP}"
+                ).status.conditions
+                or []
+            ),
+            30,
+            f"CRD {name} established",
+        )

@@ -24,45 +24,12 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Kube
-from tests.e2e.test_cluster import until
+from tests.e2e.conftest import Kube, kubectl, until
 from troughfill import constants
 from troughfill.devenv import RedisServer, VllmServer, free_port, start_prometheus
 from troughfill.devenv.services import VLLM_ENV
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def kubectl(
-    kube: Kube, *args: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [kube.kubectl(), "--kubeconfig", str(kube.kubeconfig), *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def crds(kube: Kube) -> None:
-    """The CRDs as users install them (`kubectl apply --server-side -k manifests/crds`), CEL rules and all."""
-    done = kubectl(kube, "apply", "--server-side", "-k", str(REPO / "manifests" / "crds"))
-    assert done.returncode == 0, done.stderr
-    # The install's PriorityClasses (batch workers run at troughfill-batch).
-    done = kubectl(kube, "apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
-    assert done.returncode == 0, done.stderr
-    extensions = client.ApiextensionsV1Api(kube.api)
-    for name in ("batchinferences", "batchpools", "modeltemplates"):
-        until(
-            lambda n=name: any(
-                c.type == "Established" and c.status == "True"
-                for c in extensions.read_custom_resource_definition(
-                    f"{n}.{constants.API_GROUP}"
-                ).status.conditions
-                or []
-            ),
-            30,
-            f"CRD {name} established",
-        )
 
 
 def operator_settings(redis_server: RedisServer) -> dict[str, str]:
@@ -476,16 +443,9 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
     kube: Kube, namespace: str, crds: None, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """Leader election (Kopf peering): `troughfill operator` twice; one pauses for the other,
-    and resumes when the other stops."""
+    and resumes when the other stops. The peering CRD comes with manifests/crds; the peering
+    object does not exist yet: the first replica creates it."""
     peering = f"troughfill-e2e-{uuid.uuid4().hex[:6]}"
-    done = kubectl(kube, "apply", "-f", str(REPO / "manifests" / "peering" / "crds.yaml"))
-    assert done.returncode == 0, done.stderr
-    until(
-        lambda: kubectl(kube, "get", "clusterkopfpeerings.kopf.dev").returncode == 0,
-        30,
-        "the peering CRD served",
-    )
-    apply(kube, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}})
     env = operator_process_env(kube, redis_server)
     replicas: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -509,6 +469,7 @@ def test_of_two_operator_replicas_one_acts_and_the_other_takes_over(
     try:
         start("high", "200")
         until(lambda: "Resuming operations" in log("high"), 60, "the high-priority replica acting")
+        assert f"created the peering object ClusterKopfPeering {peering}" in log("high")
         start("low", "100")
         until(low_paused, 60, "the low-priority replica up and paused")
         time.sleep(2)  # a few peering rounds: it stays paused

@@ -6,7 +6,6 @@ from typing import Any
 import hypothesis.strategies as st
 import kubernetes_validate
 import pytest
-import yaml
 from hypothesis import given
 
 from tests.builders import batch_inference

@@ -36,7 +36,7 @@ def pod() -> dict[str, Any]:
 
 def test_the_template_and_pool_decide_image_model_gpus_and_priority(pod: dict[str, Any]) -> None:
     (container,) = pod["spec"]["containers"]
-    assert container["image"] == "vllm/vllm-openai:v0.11.0"
+    assert container["image"] == "troughfill/worker:0.1.0-vllm-v0.11.0"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
     command = container["command"]
@@ -93,3 +93,24 @@ def test_deletion_cost_follows_the_planners_victim_order() -> None:
     assert len(set(costs)) == len(costs)
     assert deletion_cost(True, 100) == deletion_cost(True, 127)  # a patch per magnitude, not per token
     assert int(deletion_cost(True, 10**30)) <= 2**31 - 1
+
+
+def test_object_store_endpoint_style_and_credentials_reach_the_worker() -> None:
+    job_wire = load("batchinference.yaml")
+    job_wire["metadata"]["uid"] = "1234-abcd"
+    job = BatchInference.model_validate(job_wire)
+    template = ModelTemplate.model_validate(load("template.yaml"))
+    pool = BatchPool.model_validate(load("pool.yaml"))
+    environment = WorkerEnvironment(
+        redis_url="redis://redis:6379/0",
+        s3_endpoint_url="http://s3.object-store.svc",
+        s3_addressing_style="path",
+        storage_secret="troughfill-storage",
+    )
+    made = worker_pod("w", job, template, pool, admit(job, template, pool), environment=environment)
+    (container,) = made["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["TROUGHFILL_S3_ENDPOINT_URL"] == "http://s3.object-store.svc"
+    assert env["TROUGHFILL_S3_ADDRESSING_STYLE"] == "path"
+    assert container["envFrom"] == [{"secretRef": {"name": "troughfill-storage"}}]
+    kubernetes_validate.validate(made, kubernetes_validate.latest_version(), strict=True)

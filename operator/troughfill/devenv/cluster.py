@@ -1,9 +1,10 @@
 """A real Kubernetes control plane on loopback, for tests and the demo (no containers needed).
 
 etcd, kube-apiserver, kube-scheduler and kube-controller-manager (built from their Go modules
-by scripts/setup_k8s.sh) on free 127.0.0.1 ports, with TLS serving certificates and client certificates made by openssl, RBAC
-authorisation and service-account signing keys. Each component has its own identity
-(system:kube-scheduler, system:kube-controller-manager); the admin is in system:masters.
+by scripts/setup_k8s.sh) on free 127.0.0.1 ports, with TLS serving certificates and client
+certificates made by openssl, RBAC authorisation and service-account signing keys. Each
+component has its own identity (system:kube-scheduler, system:kube-controller-manager); the
+admin is in system:masters.
 
 Pods need a node to run on: see devenv.nodeagent, which registers Node objects and runs bound
 pods' commands as local processes.
@@ -12,6 +13,7 @@ pods' commands as local processes.
 import base64
 import json
 import os
+import secrets
 import ssl
 import subprocess
 import time
@@ -25,7 +27,10 @@ import yaml
 from troughfill.devenv.nodeagent import AGENT_LABEL
 from troughfill.devenv.services import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
-SERVICE_CIDR = "10.0.0.0/24"
+NETWORK_BLOCK = 198
+"""Service and pod CIDRs come from 198.18.0.0/15 (reserved for benchmarking, RFC 2544): no
+real network this host is on uses it. A control plane takes 198.18.<k>.0/24 for Services and
+its node agent 198.19.<k>.0/24 for pods, k random, so two local clusters can run side by side."""
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
 NODE_AGENT_USER = "troughfill:node-agent"
 """The node agent's identity (a client certificate), bound to what a kubelet may do."""
@@ -55,8 +60,9 @@ class Identity:
 class Pki:
     """A throwaway CA and the certificates and keys the control plane needs (EC P-256, fast)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, service_ip: str) -> None:
         self.dir = directory
+        self.service_ip = service_ip
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = Identity(self.dir / "ca.crt", self.dir / "ca.key")
         _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=self.dir)
@@ -77,7 +83,7 @@ class Pki:
         if server:
             sans = [
                 "IP:127.0.0.1",
-                "IP:10.0.0.1",
+                f"IP:{self.service_ip}",
                 "DNS:localhost",
                 "DNS:kubernetes",
                 "DNS:kubernetes.default",
@@ -138,8 +144,23 @@ class ControlPlane:
     """The node agent's own identity, with a kubelet's permissions."""
     ca: Path
     admin: Identity
+    network_index: int
+    """k of the Service CIDR 198.18.k.0/24 (and of a pod network's 198.19.k.0/24)."""
     processes: list[ManagedProcess] = field(default_factory=list)
     started_seconds: float = 0.0
+
+    @property
+    def service_cidr(self) -> str:
+        return f"{NETWORK_BLOCK}.18.{self.network_index}.0/24"
+
+    @property
+    def pod_cidr(self) -> str:
+        return f"{NETWORK_BLOCK}.19.{self.network_index}.0/24"
+
+    @property
+    def node_address(self) -> str:
+        """The pod network's node address (its CIDR's first): this host, as pods see it."""
+        return f"{NETWORK_BLOCK}.19.{self.network_index}.1"
 
     def stop(self) -> None:
         """Stop every process it started, newest first (the API server before etcd)."""
@@ -212,7 +233,9 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
     started = time.monotonic()
     bin_dir = bin_dir or k8s_bin_dir()
     workdir.mkdir(parents=True, exist_ok=True)
-    pki = Pki(workdir / "pki")
+    network_index = secrets.randbelow(256)
+    # The `kubernetes` Service's ClusterIP (the range's first address): pods reach the API there.
+    pki = Pki(workdir / "pki", f"{NETWORK_BLOCK}.18.{network_index}.1")
     apiserver_cert = pki.issue("apiserver", "/CN=kube-apiserver", server=True)
     admin = pki.issue("admin", "/O=system:masters/CN=troughfill-admin")
     scheduler = pki.issue("scheduler", "/CN=system:kube-scheduler")
@@ -234,7 +257,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
     agent_kc = write_kubeconfig(
         kubeconfigs / "node-agent.yaml", server, pki.ca.cert, node_agent, "node-agent"
     )
-    plane = ControlPlane(workdir, server, admin_kc, agent_kc, pki.ca.cert, admin)
+    plane = ControlPlane(workdir, server, admin_kc, agent_kc, pki.ca.cert, admin, network_index)
 
     try:
         etcd = ManagedProcess(
@@ -258,7 +281,9 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
             [
                 _find("kube-apiserver", bin_dir),
                 f"--etcd-servers=http://{LOOPBACK}:{etcd_port}",
-                f"--bind-address={LOOPBACK}", f"--advertise-address={LOOPBACK}",
+                # The `kubernetes` Service's endpoint must not be loopback: the node address of
+                # a pod network stands for this host (devenv.podnet reaches it on loopback).
+                f"--bind-address={LOOPBACK}", f"--advertise-address={plane.node_address}",
                 f"--secure-port={api_port}",
                 f"--tls-cert-file={apiserver_cert.cert}", f"--tls-private-key-file={apiserver_cert.key}",
                 f"--client-ca-file={pki.ca.cert}",
@@ -267,7 +292,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={plane.service_cidr}",
                 "--allow-privileged=true",
                 f"--cert-dir={workdir / 'apiserver-certs'}",
                 "--profiling=false",
@@ -349,6 +374,31 @@ def _grant_node_agent(plane: ControlPlane) -> None:
                 },
                 {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch", "update"]},
                 {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get"]},
+                # Projected service-account tokens, bound to the pod (the TokenRequest API).
+                {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+                # Volumes: claims it mounts, and hostPath volumes it provisions for them.
+                {
+                    "apiGroups": [""],
+                    "resources": ["persistentvolumeclaims"],
+                    "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": [""],
+                    "resources": ["persistentvolumes"],
+                    "verbs": ["get", "list", "watch", "create", "delete"],
+                },
+                {
+                    "apiGroups": ["storage.k8s.io"],
+                    "resources": ["storageclasses"],
+                    "verbs": ["get", "list", "create"],
+                },
+                # What kube-proxy reads: Services and their endpoints.
+                {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"],
+                },
                 {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]},
             ],
@@ -397,17 +447,33 @@ def start_node_agent(
     gpus: int,
     python: str | None = None,
     timeout: float = 60,
+    pod_network: bool = False,
+    images: Path | None = None,
+    gpu_product: str | None = None,
+    storage_class: str | None = None,
 ) -> ManagedProcess:
-    """The node agent (devenv.nodeagent): `nodes` nodes of `gpus` GPUs each, returned once Ready."""
-    agent = ManagedProcess(
-        "node-agent",
-        [
-            python or os.environ.get("PYTHON", "python"), "-m", "troughfill.devenv.nodeagent",
-            "--kubeconfig", str(plane.node_agent_kubeconfig), "--workdir", str(workdir / "pods"),
-            "--nodes", str(nodes), "--gpus", str(gpus),
-        ],
-        workdir / "agent",
-    )  # fmt: skip
+    """The node agent (devenv.nodeagent): `nodes` nodes of `gpus` GPUs each, returned once Ready.
+
+    `pod_network`: every pod gets a network namespace and an address in the plane's pod CIDR,
+    and Services work (needs root); `images`: a JSON file of the local images pods may run;
+    `storage_class`: the default StorageClass, whose claims the agent provisions."""
+    args = [
+        python or os.environ.get("PYTHON", "python"), "-m", "troughfill.devenv.nodeagent",
+        "--kubeconfig", str(plane.node_agent_kubeconfig), "--workdir", str(workdir / "pods"),
+        "--nodes", str(nodes), "--gpus", str(gpus),
+    ]  # fmt: skip
+    if pod_network:
+        args += [
+            "--pod-cidr", plane.pod_cidr, "--service-cidr", plane.service_cidr,
+            "--network-suffix", str(plane.network_index),
+        ]  # fmt: skip
+    if images is not None:
+        args += ["--images", str(images)]
+    if gpu_product:
+        args += ["--gpu-product", gpu_product]
+    if storage_class:
+        args += ["--storage-class", storage_class]
+    agent = ManagedProcess("node-agent", args, workdir / "agent")
 
     def ready() -> bool:
         agent.check_alive()

@@ -16,9 +16,19 @@ plane (devenv.cluster):
   groups, waits the pod's grace period, SIGKILLs what is left, then removes the pod object,
   as the kubelet does. The scheduler's priority preemption therefore really evicts pods.
 
-Not supported (the pod is marked Failed with a reason saying so): init containers. Volumes,
-ports, resource limits and security contexts are not enforced. `kubectl logs` and `exec`
-need a kubelet and do not work; read the log files instead.
+With a pod network (`--pod-cidr`, devenv.podnet), each pod gets a network namespace and an
+address of its own, Services work by ClusterIP and by name (a userspace kube-proxy and each
+pod's /etc/hosts), and probes reach the pod's address; without one, pods share the host's
+network (as with hostNetwork) and see 127.0.0.1 as their address. Volumes (emptyDir,
+hostPath, PVCs, configMap, secret, downwardAPI, projected, the service-account token from the
+TokenRequest API included) are bind-mounted into each container's own mount namespace
+(devenv.podfs); with `--storage-class` the agent also provisions PVCs of that class as
+hostPath volumes in its workdir. With `--images`, images are local (devenv.podfs.LocalImage):
+only those run, the rest wait in ErrImagePull.
+
+Not supported (the pod is marked Failed with a reason saying so): init containers and volume
+types other than those above. Resource limits and security contexts are not enforced.
+`kubectl logs` and `exec` need a kubelet API and do not work; read the log files instead.
 
 Run it as `python -m troughfill.devenv.nodeagent --kubeconfig K --nodes 2 --gpus 8 --workdir D`.
 """
@@ -45,6 +55,18 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from troughfill.devenv.podfs import (
+    LocalImage,
+    PodVolumes,
+    VolumeError,
+    VolumeMaker,
+    exec_in,
+    load_images,
+    mounts_for,
+    wrap,
+)
+from troughfill.devenv.podnet import PodNetwork, PodSandbox, ServiceProxy, hosts_file, wait_for_names
+
 log = logging.getLogger("troughfill.nodeagent")
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -55,6 +77,7 @@ CONTAINER_TAG = "TROUGHFILL_NODE_AGENT_CONTAINER"
 inherits it, so its leftovers can be found and killed when it ends, as a container runtime
 does (a process that left its process group, like the worker's engine, included)."""
 """Set on each running pod: {container: pid} of its local processes (tests look at them)."""
+LOCAL_PROVISIONER = "troughfill.dev/node-agent-hostpath"
 HEARTBEAT_SECONDS = 5.0
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
@@ -81,6 +104,10 @@ class Container:
     liveness_failures: int = 0
     readiness_failures: int = 0
     readiness_successes: int = 0
+    waiting: dict[str, str] | None = None
+    """Why it cannot start at all (an image this node does not have)."""
+    isolated: bool = False
+    """Runs in namespaces of its own (exec probes enter them)."""
 
 
 @dataclass
@@ -97,6 +124,14 @@ class LocalPod:
     terminating: bool = False
     finished: bool = False
     reported: str = ""
+    sandbox: PodSandbox | None = None
+    volumes: PodVolumes = field(default_factory=PodVolumes)
+    hosts: Path | None = None
+    hosts_generation: int = -1
+
+    @property
+    def address(self) -> str:
+        return self.sandbox.address if self.sandbox else "127.0.0.1"
 
     @property
     def key(self) -> str:
@@ -114,6 +149,9 @@ class NodeAgent:
         cpu: str = "64",
         memory: str = "256Gi",
         gpu_product: str = "local-process-gpu",
+        images: dict[str, LocalImage] | None = None,
+        network: PodNetwork | None = None,
+        storage_class: str | None = None,
     ) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
@@ -121,6 +159,12 @@ class NodeAgent:
         self.node_names = node_names
         self.gpus = gpus
         self.cpu, self.memory, self.gpu_product = cpu, memory, gpu_product
+        self.images = images
+        self.network = network
+        self.proxy = ServiceProxy(api, network.node_address) if network else None
+        self.storage_class = storage_class
+        self.volume_maker = VolumeMaker(self.core)
+        self.node_address = network.node_address if network else "127.0.0.1"
         self.pods: dict[str, LocalPod] = {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
@@ -129,6 +173,7 @@ class NodeAgent:
 
     def register_nodes(self) -> None:
         capacity = {"cpu": self.cpu, "memory": self.memory, "pods": "110", GPU_RESOURCE: str(self.gpus)}
+        version = client.VersionApi(self.api).get_code().git_version
         for name in self.node_names:
             body = {
                 "apiVersion": "v1",
@@ -152,11 +197,11 @@ class NodeAgent:
                         "capacity": capacity,
                         "allocatable": capacity,
                         "addresses": [
-                            {"type": "InternalIP", "address": "127.0.0.1"},
+                            {"type": "InternalIP", "address": self.node_address},
                             {"type": "Hostname", "address": name},
                         ],
                         "nodeInfo": {
-                            "kubeletVersion": "v1.20.2-troughfill-node-agent",
+                            "kubeletVersion": f"{version}-troughfill-node-agent",
                             "kubeProxyVersion": "",
                             "operatingSystem": "linux",
                             "architecture": "amd64",
@@ -202,8 +247,15 @@ class NodeAgent:
             threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True),
             threading.Thread(target=self._supervise, name="supervise", daemon=True),
         ]
+        if self.proxy is not None:
+            threads.append(threading.Thread(target=self.proxy.run, name="service-proxy", daemon=True))
+        if self.storage_class:
+            self._ensure_storage_class()
+            threads.append(threading.Thread(target=self._provision, name="provisioner", daemon=True))
         for thread in threads:
             thread.start()
+        if self.proxy is not None:
+            wait_for_names(self.proxy)  # pods' /etc/hosts name every Service from the start
         try:
             self._watch_pods()
         finally:
@@ -291,15 +343,16 @@ class NodeAgent:
         )  # fmt: skip
         self.pods[local.key] = local
         if spec.get("initContainers"):
-            local.finished = True
-            self._patch_status(
-                local,
-                {
-                    "phase": "Failed",
-                    "reason": "Unsupported",
-                    "message": "the node agent does not run init containers",
-                },
-            )
+            self._fail(local, "Unsupported", "the node agent does not run init containers")
+            return local
+        try:
+            if self.network is not None and not spec.get("hostNetwork"):
+                local.sandbox = self.network.add_pod(local.uid)
+                local.hosts = directory / "etc-hosts"
+                self._write_hosts(local)
+            local.volumes = self.volume_maker.materialise(pod, directory)
+        except (VolumeError, ApiException, RuntimeError, OSError) as error:
+            self._fail(local, "FailedMount", str(error)[:500])
             return local
         for container in local.containers:
             self._start_container(local, container)
@@ -307,9 +360,38 @@ class NodeAgent:
         log.info("started pod %s on %s", local.key, local.node)
         return local
 
+    def _fail(self, local: LocalPod, reason: str, message: str) -> None:
+        local.finished = True
+        log.warning("pod %s failed: %s: %s", local.key, reason, message)
+        self._patch_status(local, {"phase": "Failed", "reason": reason, "message": message})
+
+    def _write_hosts(self, local: LocalPod) -> None:
+        """The pod's /etc/hosts: rewritten in place when Services change (the bind mount
+        follows the file, not a name)."""
+        if local.hosts is None or self.proxy is None:
+            return
+        generation = self.proxy.generation
+        local.hosts.write_text(hosts_file(local.namespace, local.name, local.address, self.proxy.names))
+        local.hosts_generation = generation
+
+    def _image(self, container: Container) -> LocalImage | None:
+        return self.images.get(container.spec.get("image", "")) if self.images is not None else None
+
     def _environment(self, local: LocalPod, spec: dict[str, Any]) -> dict[str, str]:
-        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        if self.images is None:
+            env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        else:  # the image's own environment, nothing of this host's
+            image = self.images.get(spec.get("image", ""), LocalImage())
+            env = {"HOME": str(local.directory / "home"), **image.environment()}
         env.update({"HOSTNAME": local.name, "KUBERNETES_NODE_NAME": local.node})
+        if self.proxy is not None and local.sandbox is not None:
+            # What the kubelet gives every pod: where the API server is (Python's in-cluster
+            # loader and client-go read these, with the projected token).
+            kubernetes = next(
+                (s for s in self.proxy.names if (s.namespace, s.name) == ("default", "kubernetes")), None
+            )
+            if kubernetes and kubernetes.addresses:
+                env.update(KUBERNETES_SERVICE_HOST=kubernetes.addresses[0], KUBERNETES_SERVICE_PORT="443")
         for source in spec.get("envFrom", []):
             prefix = source.get("prefix", "")
             if "configMapRef" in source:
@@ -333,8 +415,8 @@ class NodeAgent:
                 "metadata.uid": local.uid,
                 "spec.nodeName": local.node,
                 "spec.serviceAccountName": local.spec.get("serviceAccountName", "default"),
-                "status.podIP": "127.0.0.1",
-                "status.hostIP": "127.0.0.1",
+                "status.podIP": local.address,
+                "status.hostIP": self.node_address,
             }
             if path in fields:
                 return str(fields[path])
@@ -360,6 +442,13 @@ class NodeAgent:
     def _start_container(self, local: LocalPod, container: Container) -> None:
         spec = container.spec
         argv = [*spec.get("command", []), *spec.get("args", [])]
+        image = self._image(container)
+        if self.images is not None and image is None:
+            container.waiting = {
+                "reason": "ErrImagePull",
+                "message": f"image {spec.get('image')!r} is not one of this node's local images",
+            }
+            return
         try:
             env = self._environment(local, spec)
             argv = [_expand(a, env) for a in argv]
@@ -368,13 +457,17 @@ class NodeAgent:
             cwd = spec.get("workingDir")
             if not cwd or not Path(cwd).is_dir():
                 cwd = str(local.directory)
+            (local.directory / "home").mkdir(exist_ok=True)
             env[CONTAINER_TAG] = _tag(local, container)
+            mounts = mounts_for(spec, local.volumes, image, local.hosts)
+            netns = local.sandbox.netns_path if local.sandbox else None
+            container.isolated = bool(mounts or netns)
             with (local.directory / f"{container.name}.log").open("ab") as output:
                 container.process = subprocess.Popen(
-                    argv, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                    wrap(argv, mounts, netns), cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
-        except (OSError, ValueError, ApiException) as error:
+        except (OSError, ValueError, ApiException, VolumeError) as error:
             log.warning("pod %s container %s did not start: %s", local.key, container.name, error)
             container.process = None
             container.terminated = {
@@ -399,6 +492,9 @@ class NodeAgent:
                 pods = [p for p in self.pods.values() if not p.finished and not p.terminating]
             for local in pods:
                 try:
+                    if self.proxy is not None and local.hosts_generation != self.proxy.generation:
+                        self._write_hosts(local)
+                    self.volume_maker.refresh(local.volumes)
                     self._check(local)
                 except ApiException as error:
                     if error.status != 404:
@@ -480,9 +576,12 @@ class NodeAgent:
         timeout = float(probe.get("timeoutSeconds", 1))
         if "exec" in probe:
             env = self._environment(local, container.spec)
+            command = list(probe["exec"]["command"])
+            if container.isolated and container.process is not None:
+                command = exec_in(container.process.pid, command)
             try:
                 done = subprocess.run(
-                    probe["exec"]["command"], env=env, cwd=str(local.directory), timeout=timeout,
+                    command, env=env, cwd=str(local.directory), timeout=timeout,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
                 )  # fmt: skip
             except (OSError, subprocess.TimeoutExpired):
@@ -494,7 +593,7 @@ class NodeAgent:
             if isinstance(port, str):
                 named = [p for p in container.spec.get("ports", []) if p.get("name") == port]
                 port = named[0]["containerPort"] if named else port
-            url = f"http://127.0.0.1:{port}{get.get('path', '/')}"
+            url = f"http://{local.address}:{port}{get.get('path', '/')}"
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as reply:
                     return bool(200 <= reply.status < 400)
@@ -503,7 +602,7 @@ class NodeAgent:
         if "tcpSocket" in probe:
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", int(probe["tcpSocket"]["port"])), timeout=timeout),
+                socket.create_connection((local.address, int(probe["tcpSocket"]["port"])), timeout=timeout),
             ):
                 return True
             return False
@@ -523,6 +622,8 @@ class NodeAgent:
         if container.process is not None:
             status["state"] = {"running": {"startedAt": container.started_at}}
             status["containerID"] = f"local-process://{container.process.pid}"
+        elif container.waiting:
+            status["state"] = {"waiting": dict(container.waiting)}
         elif container.backoff_until:
             status["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting"}}
         else:
@@ -538,14 +639,16 @@ class NodeAgent:
         if local.finished:
             failed = any((c.terminated or {}).get("exitCode", 0) != 0 for c in local.containers)
             phase = "Failed" if failed else "Succeeded"
+        elif any(c.waiting for c in local.containers):
+            phase = "Pending"
         else:
             phase = "Running"
         stamp = now()
         status = {
             "phase": phase,
-            "hostIP": "127.0.0.1",
-            "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}],
+            "hostIP": self.node_address,
+            "podIP": local.address,
+            "podIPs": [{"ip": local.address}],
             "startTime": local.started_at,
             "containerStatuses": statuses,
             "conditions": [
@@ -599,6 +702,7 @@ class NodeAgent:
             _kill_remains(_tag(local, container))
         log.info("pod %s stopped in %.2fs (grace %.0fs)", local.key, time.monotonic() - started, grace)
         local.finished = True
+        self._release(local)
         self._remove(local.namespace, local.name, local.uid)
         with self.lock:
             if self.pods.get(local.key) is local:
@@ -621,6 +725,7 @@ class NodeAgent:
                 _signal_group(container.process, signal.SIGKILL)
             _kill_remains(_tag(local, container))
         local.finished = True
+        self._release(local)
         self.pods.pop(local.key, None)
 
     def stop_all(self) -> None:
@@ -642,6 +747,71 @@ class NodeAgent:
         for local in pods:
             for container in local.containers:
                 _kill_remains(_tag(local, container))
+            self._release(local)
+        if self.proxy is not None:
+            self.proxy.close()
+
+    def _release(self, local: LocalPod) -> None:
+        """The pod's network namespace and address go back (its processes are gone)."""
+        if self.network is not None and local.sandbox is not None:
+            self.network.remove_pod(local.uid)
+
+    # --- storage -------------------------------------------------------------------------
+
+    def _ensure_storage_class(self) -> None:
+        """The cluster's default StorageClass, provisioned by this agent (as kind's local-path)."""
+        body = {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {
+                "name": self.storage_class,
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": LOCAL_PROVISIONER,
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate",
+        }
+        with contextlib.suppress(ApiException):
+            client.StorageV1Api(self.api).create_storage_class(body)
+
+    def _provision(self) -> None:
+        """A hostPath PersistentVolume under the workdir for each pending claim of the class."""
+        while not self.stopping.wait(0.5):
+            try:
+                for claim in self.core.list_persistent_volume_claim_for_all_namespaces().items:
+                    if claim.spec.storage_class_name != self.storage_class or claim.spec.volume_name:
+                        continue
+                    self._provision_one(claim)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+                log.warning("provisioning failed: %r", error)
+
+    def _provision_one(self, claim: client.V1PersistentVolumeClaim) -> None:
+        name = f"pvc-{claim.metadata.uid}"
+        path = self.workdir / "volumes" / name
+        path.mkdir(parents=True, exist_ok=True)
+        body = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": LOCAL_PROVISIONER}},
+            "spec": {
+                "capacity": {"storage": (claim.spec.resources.requests or {}).get("storage", "1Gi")},
+                "accessModes": claim.spec.access_modes or ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Delete",
+                "storageClassName": self.storage_class,
+                "hostPath": {"path": str(path), "type": "Directory"},
+                "claimRef": {
+                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "namespace": claim.metadata.namespace, "name": claim.metadata.name,
+                    "uid": claim.metadata.uid,
+                },
+            },
+        }  # fmt: skip
+        try:
+            self.core.create_persistent_volume(body)
+            log.info("provisioned %s for %s/%s", name, claim.metadata.namespace, claim.metadata.name)
+        except ApiException as error:
+            if error.status != 409:
+                raise
 
 
 def _tag(local: LocalPod, container: Container) -> str:
@@ -700,10 +870,37 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus", type=int, default=8, help=f"{GPU_RESOURCE} per node")
     parser.add_argument("--node-prefix", default="troughfill-node")
+    parser.add_argument("--gpu-product", default="local-process-gpu", help="nvidia.com/gpu.product label")
+    parser.add_argument("--pod-cidr", help="give each pod a network namespace and an address from this CIDR")
+    parser.add_argument(
+        "--service-cidr", help="the API server's --service-cluster-ip-range (with --pod-cidr)"
+    )
+    parser.add_argument("--network-suffix", default="0", help="names this agent's bridge and namespaces")
+    parser.add_argument(
+        "--images", type=Path, help="JSON: the local images pods may name (others: ErrImagePull)"
+    )
+    parser.add_argument(
+        "--storage-class", help="provision PVCs of this (default) StorageClass as hostPath volumes"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     api = config.new_client_from_config(config_file=args.kubeconfig)
-    agent = NodeAgent(api, args.workdir, [f"{args.node_prefix}-{i}" for i in range(args.nodes)], args.gpus)
+    network = None
+    if args.pod_cidr:
+        if not args.service_cidr:
+            parser.error("--pod-cidr needs --service-cidr")
+        network = PodNetwork(args.pod_cidr, args.service_cidr, args.network_suffix)
+        network.setup()
+    agent = NodeAgent(
+        api,
+        args.workdir,
+        [f"{args.node_prefix}-{i}" for i in range(args.nodes)],
+        args.gpus,
+        gpu_product=args.gpu_product,
+        images=load_images(args.images) if args.images else None,
+        network=network,
+        storage_class=args.storage_class,
+    )
 
     def stop(*_: object) -> None:
         agent.stopping.set()
@@ -714,6 +911,9 @@ def main() -> None:
         agent.run()
     except SystemExit:
         agent.stop_all()
+    finally:
+        if network is not None:
+            network.close()
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ class PrometheusServer:
     workdir: Path
     managed: ManagedProcess
     scrape_interval: str
+    job_name: str = "targets"
 
     @property
     def url(self) -> str:
@@ -207,7 +208,7 @@ class PrometheusServer:
 
     def set_targets(self, targets: Sequence[str]) -> None:
         """Replace the scraped targets and reload the configuration in place."""
-        _write_prometheus_config(self.workdir, targets, self.scrape_interval)
+        _write_prometheus_config(self.workdir, targets, self.scrape_interval, self.job_name)
         request = urllib.request.Request(f"{self.url}/-/reload", method="POST")
         with urllib.request.urlopen(request, timeout=5) as response:
             response.read()
@@ -216,10 +217,12 @@ class PrometheusServer:
         self.managed.stop()
 
 
-def _write_prometheus_config(workdir: Path, targets: Sequence[str], scrape_interval: str) -> Path:
+def _write_prometheus_config(
+    workdir: Path, targets: Sequence[str], scrape_interval: str, job_name: str
+) -> Path:
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-        "scrape_configs": [{"job_name": "targets", "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": [{"job_name": job_name, "static_configs": [{"targets": list(targets)}]}],
     }
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -231,11 +234,12 @@ def _prometheus_ready(url: str) -> bool:
 
 
 def start_prometheus(
-    workdir: Path, targets: Sequence[str] = (), scrape_interval: str = "1s"
+    workdir: Path, targets: Sequence[str] = (), scrape_interval: str = "1s", job_name: str = "targets"
 ) -> PrometheusServer:
-    """A Prometheus server on a free loopback port scraping `targets` (host:port) every `scrape_interval`."""
+    """A Prometheus server on a free loopback port scraping `targets` (host:port) every
+    `scrape_interval`, as the scrape job `job_name` (the `job` label of their series)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config = _write_prometheus_config(workdir, targets, scrape_interval)
+    config = _write_prometheus_config(workdir, targets, scrape_interval, job_name)
     port = free_port()
     managed = ManagedProcess(
         "prometheus",
@@ -249,7 +253,7 @@ def start_prometheus(
         ],
         workdir,
     )
-    server = PrometheusServer(port, workdir, managed, scrape_interval)
+    server = PrometheusServer(port, workdir, managed, scrape_interval, job_name)
 
     def ready() -> bool:
         managed.check_alive()

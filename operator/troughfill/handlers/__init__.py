@@ -64,6 +64,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
             redis_url=own.redis_url,
             redis_password_secret=own.redis_password_secret,
             s3_endpoint_url=own.s3_endpoint_url,
+            s3_addressing_style=own.s3_addressing_style,
+            storage_secret=own.storage_secret,
             worker_command=own.worker_command,
         ),
     )

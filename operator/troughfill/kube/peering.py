@@ -17,7 +17,7 @@ CLUSTER_PEERINGS = "clusterkopfpeerings"
 NAMESPACED_PEERINGS = "kopfpeerings"
 
 
-class PeeringUnavailable(RuntimeError):
+class PeeringUnavailableError(RuntimeError):
     """Leader election cannot work on this cluster as it is; the message says what to do."""
 
 
@@ -31,17 +31,20 @@ def ensure_peering(api: client.ApiClient, name: str, namespaces: Sequence[str] =
         client.ApiextensionsV1Api(api).read_custom_resource_definition(crd)
     except ApiException as error:
         if error.status == 404:
-            raise PeeringUnavailable(
+            raise PeeringUnavailableError(
                 f"the peering CRD {crd} is not installed, so this replica could never tell whether "
-                "another one is acting: apply manifests/base (it installs it), or run a single "
+                "another one is acting: apply manifests/crds (it installs it), or run a single "
                 "replica with `troughfill operator --standalone`"
             ) from error
-        raise PeeringUnavailable(f"cannot read the peering CRD {crd}: {error.status} {error.reason}") from error
+        raise PeeringUnavailableError(
+            f"cannot read the peering CRD {crd}: {error.status} {error.reason}"
+        ) from error
     custom = client.CustomObjectsApi(api)
     kind = "KopfPeering" if namespaces else "ClusterKopfPeering"
     body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": kind, "metadata": {"name": name}}
     created: list[str] = []
-    for namespace in namespaces or [None]:
+    targets: list[str | None] = list(namespaces) or [None]
+    for namespace in targets:
         where = f"{namespace}/{name}" if namespace else name
         try:
             if namespace is None:
@@ -51,17 +54,19 @@ def ensure_peering(api: client.ApiClient, name: str, namespaces: Sequence[str] =
             continue  # there already: nothing to do (and no need to be allowed to create it)
         except ApiException as error:
             if error.status != 404:
-                raise PeeringUnavailable(
+                raise PeeringUnavailableError(
                     f"cannot read the peering object {kind} {where}: {error.status} {error.reason}"
                 ) from error
         try:
             if namespace is None:
                 custom.create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, plural, body)
             else:
-                custom.create_namespaced_custom_object(PEERING_GROUP, PEERING_VERSION, namespace, plural, body)
+                custom.create_namespaced_custom_object(
+                    PEERING_GROUP, PEERING_VERSION, namespace, plural, body
+                )
         except ApiException as error:
             if error.status != 409:  # another replica made it meanwhile: what we wanted
-                raise PeeringUnavailable(
+                raise PeeringUnavailableError(
                     f"cannot create the peering object {kind} {where}: {error.status} {error.reason}"
                 ) from error
         created.append(f"{kind} {where}")

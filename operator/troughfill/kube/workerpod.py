@@ -48,6 +48,9 @@ class WorkerEnvironment:
     redis_password_secret: tuple[str, str] | None = None
     """(Secret name, key) holding the Redis password, in the job's namespace."""
     s3_endpoint_url: str | None = None
+    s3_addressing_style: str = "auto"
+    storage_secret: str | None = None
+    """Secret in the job's namespace whose keys become the worker's environment (credentials)."""
     worker_command: tuple[str, ...] = ("troughfill",)
     """How the worker program is invoked in the template's image."""
     extra_env: tuple[tuple[str, str], ...] = ()
@@ -123,6 +126,8 @@ def worker_pod(
         )
     if environment.s3_endpoint_url:
         env.append({"name": "TROUGHFILL_S3_ENDPOINT_URL", "value": environment.s3_endpoint_url})
+    if environment.s3_addressing_style != "auto":
+        env.append({"name": "TROUGHFILL_S3_ADDRESSING_STYLE", "value": environment.s3_addressing_style})
     env += [{"name": k, "value": v} for k, v in environment.extra_env]
     env += [{"name": e.name, "value": e.value} for e in tspec.engine.env]
     gpu = pool.spec.gpus.resource_name
@@ -135,6 +140,12 @@ def worker_pod(
         "image": tspec.image,
         "command": command,
         "env": env,
+        # A missing Secret keeps the worker from starting (CreateContainerConfigError), visibly.
+        **(
+            {"envFrom": [{"secretRef": {"name": environment.storage_secret}}]}
+            if environment.storage_secret
+            else {}
+        ),
         "resources": resources,
         # Ready once the engine answers and the worker heartbeats; the engine's cold start is
         # the template's estimate, so liveness waits that long before judging.

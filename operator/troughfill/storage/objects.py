@@ -159,4 +159,6 @@ def store_for(settings: Settings) -> ObjectStore:
     s3: dict[str, Any] = {}
     if settings.s3_endpoint_url:
         s3["endpoint_url"] = settings.s3_endpoint_url
+    if settings.s3_addressing_style != "auto":
+        s3["config_kwargs"] = {"s3": {"addressing_style": settings.s3_addressing_style}}
     return ObjectStore(options={"s3": s3})

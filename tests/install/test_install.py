@@ -1,0 +1,213 @@
+"""The README's install, command for command, and the example job through to Complete.
+
+The tests run in order and share the installation: the site's settings, then
+`kubectl apply --server-side -k manifests/crds`, `kubectl apply -k manifests/base`,
+`kubectl apply -k manifests/examples`; then a second operator replica.
+"""
+
+import json
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.conftest import REPO_ROOT
+from tests.install.conftest import BUCKET, Site, read_example
+from troughfill import constants
+from troughfill.devenv.services import wait_until
+
+OPERATOR = "troughfill-operator"
+SYSTEM = constants.OPERATOR_NAMESPACE
+JOB_NAMESPACE, JOB = "team-a", "ticket-triage"
+ACCESS = {
+    "AWS_ACCESS_KEY_ID": "team-a",
+    "AWS_SECRET_ACCESS_KEY": "team-a-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+"""The object store here checks no credentials, but clients must have some to sign with."""
+TRANSCRIPT: list[str] = []
+"""What users would see, for docs/install.md: each command and its output."""
+
+
+def kubectl(
+    site: Site, *args: str, stdin: str | None = None, timeout: float = 120, check: bool = True
+) -> str:
+    done = subprocess.run(
+        [*site.kubectl_args(), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    TRANSCRIPT.append(f"$ kubectl {' '.join(args)}\n{done.stdout}{done.stderr}")
+    if check and done.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr}")
+    return done.stdout + done.stderr
+
+
+def secret_literals(values: dict[str, str]) -> list[str]:
+    return [f"--from-literal={key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def transcript(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    yield
+    path = tmp_path_factory.getbasetemp() / "install-transcript.txt"
+    path.write_text("\n".join(TRANSCRIPT))
+    print(f"\nkubectl transcript: {path}")
+
+
+def test_site_settings_before_the_operator(site: Site) -> None:
+    """What an admin sets up first: where the object store is and the credentials for it."""
+    s3_url = "http://s3.object-store.svc"
+    kubectl(site, "create", "namespace", SYSTEM)
+    kubectl(
+        site, "-n", SYSTEM, "create", "configmap", "troughfill-settings",
+        f"--from-literal=TROUGHFILL_S3_ENDPOINT_URL={s3_url}",
+        "--from-literal=TROUGHFILL_S3_ADDRESSING_STYLE=path",
+        "--from-literal=TROUGHFILL_STORAGE_SECRET=troughfill-storage",
+    )  # fmt: skip
+    kubectl(
+        site, "-n", SYSTEM, "create", "secret", "generic", "troughfill-settings", *secret_literals(ACCESS)
+    )
+    # The team's namespace, its workers' object-store credentials, and its input in the bucket.
+    kubectl(site, "create", "namespace", JOB_NAMESPACE)
+    kubectl(
+        site,
+        "-n",
+        JOB_NAMESPACE,
+        "create",
+        "secret",
+        "generic",
+        "troughfill-storage",
+        *secret_literals(ACCESS),
+    )
+    fs = site.s3_fs()
+    fs.mkdir(BUCKET)
+    fs.pipe(f"{BUCKET}/ticket-triage/requests.jsonl", read_example("requests.jsonl").encode())
+
+
+def test_crds_install_server_side_and_are_established(site: Site) -> None:
+    kubectl(site, "apply", "--server-side", "-k", str(REPO_ROOT / "manifests" / "crds"))
+    out = kubectl(site, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    assert "batchinferences.troughfill.io condition met" in out
+
+
+def test_base_brings_up_redis_and_the_operator_under_its_service_account(site: Site) -> None:
+    kubectl(site, "apply", "-k", str(REPO_ROOT / "manifests" / "base"))
+    kubectl(
+        site, "-n", SYSTEM, "rollout", "status", "statefulset/troughfill-redis", "--timeout=120s", timeout=150
+    )
+    kubectl(site, "-n", SYSTEM, "rollout", "status", f"deployment/{OPERATOR}", "--timeout=120s", timeout=150)
+    pods = client.CoreV1Api(site.api).list_namespaced_pod(
+        SYSTEM, label_selector=f"app.kubernetes.io/name={OPERATOR}"
+    )
+    (pod,) = pods.items
+    assert pod.spec.service_account_name == OPERATOR
+    # The kubelet's share: a projected token and the API server's address, no kubeconfig.
+    mounts = {m.mount_path for m in pod.spec.containers[0].volume_mounts or []}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+    log = site.pod_log(SYSTEM, pod.metadata.name, "operator")
+    assert "created the peering object" in log or "Activity 'configure' succeeded" in log, log[-3000:]
+    # Least privilege, as the API server sees it.
+    account = f"system:serviceaccount:{SYSTEM}:{OPERATOR}"
+    for verb, resource, allowed in [
+        ("patch", "batchinferences.troughfill.io/status", "yes"),
+        ("create", "pods", "yes"),
+        ("get", "secrets", "no"),
+        ("create", "batchinferences.troughfill.io", "no"),
+        ("delete", "nodes", "no"),
+    ]:
+        answer = kubectl(
+            site, "auth", "can-i", verb, resource, "--all-namespaces", f"--as={account}", check=False
+        )
+        assert answer.strip().splitlines()[0] == allowed, (verb, resource, answer)
+
+
+def test_the_example_job_completes(site: Site) -> None:
+    started = time.monotonic()
+    kubectl(site, "apply", "-k", str(REPO_ROOT / "manifests" / "examples"))
+    out = kubectl(
+        site, "-n", JOB_NAMESPACE, "wait", "--for=condition=Complete", f"batchinference/{JOB}",
+        "--timeout=1200s", timeout=1260, check=False,
+    )  # fmt: skip
+    if "condition met" not in out:
+        job = kubectl(site, "-n", JOB_NAMESPACE, "get", "batchinference", JOB, "-o", "yaml", check=False)
+        pods = kubectl(site, "get", "pods", "-A", "-o", "wide", check=False)
+        raise AssertionError(f"the example job did not complete:\n{out}\n{job}\n{pods}")
+    took = time.monotonic() - started
+    print(f"\nexample job complete {took:.0f}s after `kubectl apply -k manifests/examples`")
+    for args in (
+        ("get", "batchpools,modeltemplates", "-o", "wide"),
+        ("-n", JOB_NAMESPACE, "get", "batchinferences", "-o", "wide"),
+        ("-n", JOB_NAMESPACE, "describe", "batchinference", JOB),
+        ("describe", "batchpool", "h100"),
+        ("describe", "modeltemplate", "smollm2-135m"),
+    ):
+        kubectl(site, *args)
+    fs = site.s3_fs()
+    wanted = sorted(
+        json.loads(line)["custom_id"] for line in read_example("requests.jsonl").splitlines() if line
+    )
+    seen = []
+    for name in ("output.jsonl", "errors.jsonl"):
+        path = f"{BUCKET}/ticket-triage/results/{name}"
+        if fs.exists(path):
+            seen += [json.loads(line)["custom_id"] for line in fs.cat(path).decode().splitlines() if line]
+    assert sorted(seen) == wanted  # every request answered exactly once
+
+
+def acting(site: Site, probe: str) -> list[str]:
+    """The operator pods whose log shows them handling BatchInference `probe`."""
+    pods = client.CoreV1Api(site.api).list_namespaced_pod(
+        SYSTEM, label_selector=f"app.kubernetes.io/name={OPERATOR}"
+    )
+    return [
+        pod.metadata.name
+        for pod in pods.items
+        if f"[{JOB_NAMESPACE}/{probe}]" in site.pod_log(SYSTEM, pod.metadata.name, "operator")
+    ]
+
+
+def probe_job(site: Site) -> str:
+    """A job that needs no worker (its template does not exist): whoever acts fails it at once."""
+    name = f"probe-{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": constants.GROUP_VERSION,
+        "kind": "BatchInference",
+        "metadata": {"name": name, "namespace": JOB_NAMESPACE},
+        "spec": {
+            "inputURL": "s3://x/in.jsonl",
+            "outputURL": "s3://x/out/",
+            "templateRef": "no-such-template",
+        },
+    }
+    kubectl(site, "apply", "-f", "-", stdin=json.dumps(body))
+    kubectl(
+        site, "-n", JOB_NAMESPACE, "wait", "--for=condition=Failed", f"batchinference/{name}", "--timeout=60s"
+    )
+    return name
+
+
+def test_of_two_operator_replicas_exactly_one_acts_and_the_other_takes_over(site: Site) -> None:
+    kubectl(site, "-n", SYSTEM, "scale", f"deployment/{OPERATOR}", "--replicas=2")
+    kubectl(site, "-n", SYSTEM, "rollout", "status", f"deployment/{OPERATOR}", "--timeout=120s", timeout=150)
+    time.sleep(3)  # a few peering rounds: the replicas have seen each other
+    first = probe_job(site)
+    time.sleep(2)
+    handlers = acting(site, first)
+    assert len(handlers) == 1, handlers
+    core = client.CoreV1Api(site.api)
+    core.delete_namespaced_pod(handlers[0], SYSTEM)  # graceful: it leaves the peering at once
+    wait_until(
+        lambda: handlers[0] not in {p.metadata.name for p in core.list_namespaced_pod(SYSTEM).items},
+        60,
+        "the acting replica gone",
+    )
+    second = probe_job(site)
+    time.sleep(2)
+    assert len(acting(site, second)) == 1
