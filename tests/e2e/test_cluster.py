@@ -337,6 +337,42 @@ def test_a_crashing_container_is_restarted_with_back_off(kube: Kube, namespace: 
     assert terminated.exit_code == 3
 
 
+def test_liveness_waits_for_the_startup_probe(kube: Kube, namespace: str, tmp_path: Path) -> None:
+    """A slow starter is not killed by its liveness probe while its startup probe still allows
+    it; a container that never starts is killed once the startup probe gives up."""
+    started = tmp_path / "started"
+    slow = container(
+        f"import pathlib, time\ntime.sleep(3)\npathlib.Path({str(started)!r}).touch()\ntime.sleep(600)"
+    )
+    check = {"exec": {"command": ["test", "-f", str(started)]}, "periodSeconds": 1, "failureThreshold": 1}
+    slow.update(startupProbe={**check, "failureThreshold": 30}, livenessProbe=check)
+    never = container("import time; time.sleep(600)")
+    never["name"] = "never"
+    never.update(startupProbe={**check, "exec": {"command": ["false"]}, "failureThreshold": 2})
+    kube.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "slow"},
+            "spec": {"containers": [slow, never]},
+        },
+    )
+
+    def statuses() -> dict[str, client.V1ContainerStatus]:
+        pod = kube.core.read_namespaced_pod("slow", namespace)
+        return {c.name: c for c in pod.status.container_statuses or []}
+
+    until(lambda: statuses().get("main") and statuses()["main"].started, 30, "the slow starter started")
+    until(
+        lambda: statuses().get("never") and statuses()["never"].restart_count >= 1,
+        30,
+        "the never-starter killed",
+    )
+    time.sleep(2)
+    assert statuses()["main"].restart_count == 0  # liveness would have killed it at once without startup
+
+
 # --- preemption -----------------------------------------------------------------------------------
 
 

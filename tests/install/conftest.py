@@ -39,6 +39,8 @@ NODE_GPUS = 2
 """The example pool keeps one GPU of headroom: one worker of one GPU."""
 EXAMPLE_MODEL_PATH = "/models/SmolLM2-135M-Instruct"
 BUCKET = "team-a-batches"
+S3_URL = "http://s3.object-store.svc"
+"""The object store as pods reach it: a Service in front of this host's."""
 
 
 @dataclass
@@ -123,7 +125,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     prometheus = start_prometheus(
         workdir / "prometheus", [f"{LOOPBACK}:{exporter_port}"], job_name="kube-state-metrics"
     )
-    s3 = start_s3(workdir / "s3")
+    s3 = start_s3(workdir / "s3", [S3_URL])
     plane = start_control_plane(workdir / "plane")
     agent = None
     try:

@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client
 
 from tests.conftest import REPO_ROOT
-from tests.install.conftest import BUCKET, Site, read_example
+from tests.install.conftest import BUCKET, S3_URL, Site, read_example
 from troughfill import constants
 from troughfill.devenv.services import wait_until
 
@@ -63,11 +63,10 @@ def transcript(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_site_settings_before_the_operator(site: Site) -> None:
     """What an admin sets up first: where the object store is and the credentials for it."""
-    s3_url = "http://s3.object-store.svc"
     kubectl(site, "create", "namespace", SYSTEM)
     kubectl(
         site, "-n", SYSTEM, "create", "configmap", "troughfill-settings",
-        f"--from-literal=TROUGHFILL_S3_ENDPOINT_URL={s3_url}",
+        f"--from-literal=TROUGHFILL_S3_ENDPOINT_URL={S3_URL}",
         "--from-literal=TROUGHFILL_S3_ADDRESSING_STYLE=path",
         "--from-literal=TROUGHFILL_STORAGE_SECRET=troughfill-storage",
     )  # fmt: skip
@@ -128,6 +127,7 @@ def test_base_brings_up_redis_and_the_operator_under_its_service_account(site: S
         assert answer.strip().splitlines()[0] == allowed, (verb, resource, answer)
 
 
+@pytest.mark.timeout(1500)
 def test_the_example_job_completes(site: Site) -> None:
     started = time.monotonic()
     kubectl(site, "apply", "-k", str(REPO_ROOT / "manifests" / "examples"))

@@ -114,3 +114,11 @@ def test_object_store_endpoint_style_and_credentials_reach_the_worker() -> None:
     assert env["TROUGHFILL_S3_ADDRESSING_STYLE"] == "path"
     assert container["envFrom"] == [{"secretRef": {"name": "troughfill-storage"}}]
     kubernetes_validate.validate(made, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_a_slow_first_start_is_allowed_several_cold_starts_before_a_restart(pod: dict[str, Any]) -> None:
+    (container,) = pod["spec"]["containers"]
+    startup = container["startupProbe"]
+    allowed = startup["periodSeconds"] * startup["failureThreshold"]
+    assert allowed >= 3 * 90  # the example template's coldStartSeconds
+    assert "initialDelaySeconds" not in container["livenessProbe"]  # liveness only judges after startup

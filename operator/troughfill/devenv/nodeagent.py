@@ -65,7 +65,14 @@ from troughfill.devenv.podfs import (
     mounts_for,
     wrap,
 )
-from troughfill.devenv.podnet import PodNetwork, PodSandbox, ServiceProxy, hosts_file, wait_for_names
+from troughfill.devenv.podnet import (
+    CLUSTER_DOMAIN,
+    PodNetwork,
+    PodSandbox,
+    ServiceProxy,
+    hosts_file,
+    wait_for_names,
+)
 
 log = logging.getLogger("troughfill.nodeagent")
 
@@ -79,6 +86,7 @@ does (a process that left its process group, like the worker's engine, included)
 """Set on each running pod: {container: pid} of its local processes (tests look at them)."""
 LOCAL_PROVISIONER = "troughfill.dev/node-agent-hostpath"
 HEARTBEAT_SECONDS = 5.0
+CONFIG_RETRY_SECONDS = 2.0
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
 """Host variables a container also gets (its command runs here, it needs a PATH)."""
@@ -101,11 +109,17 @@ class Container:
     ready: bool = False
     probe_due: float = 0.0
     liveness_due: float = 0.0
+    started: bool = True
+    """False until its startupProbe, if any, has passed (liveness and readiness wait for it)."""
+    startup_due: float = 0.0
+    startup_failures: int = 0
     liveness_failures: int = 0
     readiness_failures: int = 0
     readiness_successes: int = 0
     waiting: dict[str, str] | None = None
-    """Why it cannot start at all (an image this node does not have)."""
+    """Why it cannot start (an image this node does not have, a Secret not there yet)."""
+    retry_at: float = 0.0
+    """When to try starting it again while it waits (0: never)."""
     isolated: bool = False
     """Runs in namespaces of its own (exec probes enter them)."""
 
@@ -126,7 +140,8 @@ class LocalPod:
     reported: str = ""
     sandbox: PodSandbox | None = None
     volumes: PodVolumes = field(default_factory=PodVolumes)
-    hosts: Path | None = None
+    names: Path | None = None
+    """With a pod network: the directory holding its hosts and resolv.conf."""
     hosts_generation: int = -1
 
     @property
@@ -136,6 +151,10 @@ class LocalPod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+class ContainerConfigError(RuntimeError):
+    """What a container's environment names is not there (CreateContainerConfigError)."""
 
 
 class NodeAgent:
@@ -348,7 +367,14 @@ class NodeAgent:
         try:
             if self.network is not None and not spec.get("hostNetwork"):
                 local.sandbox = self.network.add_pod(local.uid)
-                local.hosts = directory / "etc-hosts"
+                local.names = directory / "etc"
+                local.names.mkdir(exist_ok=True)
+                # No DNS server: names are in /etc/hosts; any other lookup fails at once
+                # (nothing answers on the pod's own loopback) instead of timing out.
+                (local.names / "resolv.conf").write_text(
+                    f"search {local.namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\n"
+                    "nameserver 127.0.0.1\noptions ndots:5 timeout:1 attempts:1\n"
+                )
                 self._write_hosts(local)
             local.volumes = self.volume_maker.materialise(pod, directory)
         except (VolumeError, ApiException, RuntimeError, OSError) as error:
@@ -362,16 +388,18 @@ class NodeAgent:
 
     def _fail(self, local: LocalPod, reason: str, message: str) -> None:
         local.finished = True
+        self._release(local)
         log.warning("pod %s failed: %s: %s", local.key, reason, message)
         self._patch_status(local, {"phase": "Failed", "reason": reason, "message": message})
 
     def _write_hosts(self, local: LocalPod) -> None:
         """The pod's /etc/hosts: rewritten in place when Services change (the bind mount
         follows the file, not a name)."""
-        if local.hosts is None or self.proxy is None:
+        if local.names is None or self.proxy is None:
             return
         generation = self.proxy.generation
-        local.hosts.write_text(hosts_file(local.namespace, local.name, local.address, self.proxy.names))
+        hosts = hosts_file(local.namespace, local.name, local.address, self.proxy.names)
+        (local.names / "hosts").write_text(hosts)
         local.hosts_generation = generation
 
     def _image(self, container: Container) -> LocalImage | None:
@@ -394,19 +422,20 @@ class NodeAgent:
                 env.update(KUBERNETES_SERVICE_HOST=kubernetes.addresses[0], KUBERNETES_SERVICE_PORT="443")
         for source in spec.get("envFrom", []):
             prefix = source.get("prefix", "")
-            if "configMapRef" in source:
-                data = self._config_map(local.namespace, source["configMapRef"]["name"])
-            else:
-                data = self._secret(local.namespace, source["secretRef"]["name"])
-            env.update({prefix + k: v for k, v in data.items()})
+            ref = source.get("configMapRef") or source["secretRef"]
+            read = self._config_map if "configMapRef" in source else self._secret
+            data = read(local.namespace, ref["name"], optional=bool(ref.get("optional")))
+            env.update({prefix + k: v for k, v in (data or {}).items()})
         for item in spec.get("env", []):
             if "value" in item:
                 env[item["name"]] = _expand(str(item["value"]), env)
             elif "valueFrom" in item:
-                env[item["name"]] = self._value_from(local, item["valueFrom"])
+                value = self._value_from(local, item["valueFrom"])
+                if value is not None:  # an optional reference to what is not there: unset
+                    env[item["name"]] = value
         return env
 
-    def _value_from(self, local: LocalPod, source: dict[str, Any]) -> str:
+    def _value_from(self, local: LocalPod, source: dict[str, Any]) -> str | None:
         if "fieldRef" in source:
             path = source["fieldRef"]["fieldPath"]
             fields = {
@@ -424,19 +453,39 @@ class NodeAgent:
                 if path.startswith(prefix + "['"):
                     return str(local.metadata.get(mapping, {}).get(path[len(prefix) + 2 : -2], ""))
             return ""
-        if "configMapKeyRef" in source:
-            ref = source["configMapKeyRef"]
-            return self._config_map(local.namespace, ref["name"]).get(ref["key"], "")
-        if "secretKeyRef" in source:
-            ref = source["secretKeyRef"]
-            return self._secret(local.namespace, ref["name"]).get(ref["key"], "")
+        for kind in ("configMapKeyRef", "secretKeyRef"):
+            if kind in source:
+                ref = source[kind]
+                optional = bool(ref.get("optional"))
+                read = self._config_map if kind == "configMapKeyRef" else self._secret
+                data = read(local.namespace, ref["name"], optional=optional)
+                if data is None or (ref["key"] not in data and optional):
+                    return None
+                if ref["key"] not in data:
+                    raise ContainerConfigError(f"key {ref['key']} not in {kind[:-6]} {ref['name']}")
+                return data[ref["key"]]
         return ""
 
-    def _config_map(self, namespace: str, name: str) -> dict[str, str]:
-        return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+    def _config_map(self, namespace: str, name: str, *, optional: bool = False) -> dict[str, str] | None:
+        """Its data; None when it is not there and `optional` (ContainerConfigError otherwise)."""
+        try:
+            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            if optional:
+                return None
+            raise ContainerConfigError(f"configmap {name} not found") from error
 
-    def _secret(self, namespace: str, name: str) -> dict[str, str]:
-        data = self.core.read_namespaced_secret(name, namespace).data or {}
+    def _secret(self, namespace: str, name: str, *, optional: bool = False) -> dict[str, str] | None:
+        try:
+            data = self.core.read_namespaced_secret(name, namespace).data or {}
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            if optional:
+                return None
+            raise ContainerConfigError(f"secret {name} not found") from error
         return {k: base64.b64decode(v).decode() for k, v in data.items()}
 
     def _start_container(self, local: LocalPod, container: Container) -> None:
@@ -451,6 +500,13 @@ class NodeAgent:
             return
         try:
             env = self._environment(local, spec)
+        except ContainerConfigError as error:
+            # As the kubelet: the container waits and is tried again (the object may come).
+            container.waiting = {"reason": "CreateContainerConfigError", "message": str(error)}
+            container.retry_at = time.monotonic() + CONFIG_RETRY_SECONDS
+            return
+        container.waiting = None
+        try:
             argv = [_expand(a, env) for a in argv]
             if not argv:
                 raise ValueError("no command: the node agent cannot run an image's entrypoint")
@@ -459,7 +515,7 @@ class NodeAgent:
                 cwd = str(local.directory)
             (local.directory / "home").mkdir(exist_ok=True)
             env[CONTAINER_TAG] = _tag(local, container)
-            mounts = mounts_for(spec, local.volumes, image, local.hosts)
+            mounts = mounts_for(spec, local.volumes, image, local.names)
             netns = local.sandbox.netns_path if local.sandbox else None
             container.isolated = bool(mounts or netns)
             with (local.directory / f"{container.name}.log").open("ab") as output:
@@ -483,6 +539,10 @@ class NodeAgent:
         liveness = spec.get("livenessProbe") or {}
         container.liveness_due = time.monotonic() + float(liveness.get("initialDelaySeconds", 0))
         container.liveness_failures = container.readiness_failures = container.readiness_successes = 0
+        startup = spec.get("startupProbe") or {}
+        container.started = not startup
+        container.startup_due = time.monotonic() + float(startup.get("initialDelaySeconds", 0))
+        container.startup_failures = 0
 
     # --- supervision ---------------------------------------------------------------------
 
@@ -529,6 +589,10 @@ class NodeAgent:
                         code,
                         delay,
                     )
+            elif process is None and container.waiting and container.retry_at:
+                if time.monotonic() >= container.retry_at:
+                    container.retry_at = 0.0
+                    self._start_container(local, container)
             elif process is None and container.terminated and container.backoff_until:
                 if time.monotonic() >= container.backoff_until:
                     container.backoff_until = 0.0
@@ -539,11 +603,31 @@ class NodeAgent:
                 self._probe(local, container)
         if all(c.process is None and c.terminated and not c.backoff_until for c in local.containers):
             local.finished = True
+            self._release(local)  # as the kubelet: a finished pod's sandbox goes, its object stays
         self._report(local)
 
     def _probe(self, local: LocalPod, container: Container) -> None:
         readiness = container.spec.get("readinessProbe")
         clock = time.monotonic()
+        if not container.started:  # as the kubelet: nothing else is probed before startup passes
+            startup = container.spec["startupProbe"]
+            if clock >= container.startup_due:
+                container.startup_due = clock + float(startup.get("periodSeconds", 10))
+                if self._run_probe(local, container, startup):
+                    container.started = True
+                else:
+                    container.startup_failures += 1
+                    if (
+                        container.startup_failures >= int(startup.get("failureThreshold", 3))
+                        and container.process
+                    ):
+                        log.info(
+                            "pod %s container %s failed its startup probe; killing it",
+                            local.key,
+                            container.name,
+                        )
+                        _signal_group(container.process, signal.SIGKILL)
+            return
         if readiness and clock >= container.probe_due:
             container.probe_due = clock + float(readiness.get("periodSeconds", 10))
             if self._run_probe(local, container, readiness):
@@ -617,7 +701,7 @@ class NodeAgent:
             "imageID": "",
             "restartCount": container.restarts,
             "ready": container.ready and container.process is not None,
-            "started": container.process is not None,
+            "started": container.process is not None and container.started,
         }
         if container.process is not None:
             status["state"] = {"running": {"startedAt": container.started_at}}

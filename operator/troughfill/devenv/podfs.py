@@ -235,12 +235,13 @@ class VolumeMaker:
 
 
 def mounts_for(
-    container: dict[str, Any], volumes: PodVolumes, image: LocalImage | None, hosts: Path | None
+    container: dict[str, Any], volumes: PodVolumes, image: LocalImage | None, names: Path | None
 ) -> list[tuple[str, str]]:
-    """(host source, container path) pairs to bind, in order: image, /etc/hosts, volumes."""
+    """(host source, container path) pairs to bind, in order: image, the pod's name files
+    (`names`: a directory with its hosts and resolv.conf), volumes."""
     pairs = [(source, target) for target, source in (image.mounts if image else ())]
-    if hosts is not None:
-        pairs.append((str(hosts), "/etc/hosts"))
+    if names is not None:
+        pairs += [(str(names / "hosts"), "/etc/hosts"), (str(names / "resolv.conf"), "/etc/resolv.conf")]
     for mount in container.get("volumeMounts", []):
         source = volumes.directories.get(mount["name"])
         if source is None:

@@ -285,11 +285,17 @@ class S3Server:
         self.managed.stop()
 
 
-def start_s3(workdir: Path) -> S3Server:
-    """An S3-protocol server process on a free loopback port (buckets are created by the caller)."""
+def start_s3(workdir: Path, endpoints: Sequence[str] = ()) -> S3Server:
+    """An S3-protocol server process on a free loopback port (buckets are created by the caller).
+
+    `endpoints`: other URLs it is reached by (a Service's name, say); without this the server
+    would take the first label of such a host name for a bucket's."""
     port = free_port()
     managed = ManagedProcess(
-        "s3", [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)], workdir
+        "s3",
+        [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
+        workdir,
+        env={"MOTO_S3_CUSTOM_ENDPOINTS": ",".join(endpoints)} if endpoints else None,
     )
 
     def ready() -> bool:

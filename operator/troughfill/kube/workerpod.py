@@ -13,6 +13,7 @@ pod-deletion-cost, kept up to date from the worker's progress (see deletion_cost
 whatever else on the cluster reads it.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,14 @@ WORKER_CONTAINER = "worker"
 MAX_DELETION_COST = 2**31 - 1
 YIELD_GRACE_SECONDS = 10
 """A yielding worker exits in about 2 s; the rest is margin before SIGKILL."""
+STARTUP_PROBE_SECONDS = 10
+STARTUP_ALLOWANCE = 3
+"""A worker whose engine is not serving after this many times the template's cold-start
+estimate (plus a minute) is restarted."""
+
+
+def startup_probe_failures(cold_start_seconds: int) -> int:
+    return math.ceil((STARTUP_ALLOWANCE * cold_start_seconds + 60) / STARTUP_PROBE_SECONDS)
 
 
 def deletion_cost(ready: bool, unsaved_tokens: int) -> str:
@@ -147,9 +156,17 @@ def worker_pod(
             else {}
         ),
         "resources": resources,
-        # Ready once the engine answers and the worker heartbeats; the engine's cold start is
-        # the template's estimate, so liveness waits that long before judging.
-        # A check is a Python start-up plus one Redis read: seconds on a busy node, so no 1 s timeout.
+        # Ready once the engine answers and the worker heartbeats. The engine's cold start is
+        # the template's estimate, but a first start can take several times it (compiling,
+        # a busy node): the startup probe allows STARTUP_ALLOWANCE times it before the pod is
+        # restarted, and liveness judges only after startup. A check is a Python start-up plus
+        # one Redis read: seconds on a busy node, so no 1 s timeout.
+        "startupProbe": {
+            "exec": {"command": check},
+            "periodSeconds": STARTUP_PROBE_SECONDS,
+            "timeoutSeconds": 10,
+            "failureThreshold": startup_probe_failures(tspec.cold_start_seconds),
+        },
         "readinessProbe": {
             "exec": {"command": check},
             "periodSeconds": 5,
@@ -158,7 +175,6 @@ def worker_pod(
         },
         "livenessProbe": {
             "exec": {"command": check},
-            "initialDelaySeconds": tspec.cold_start_seconds + 30,
             "periodSeconds": 10,
             "timeoutSeconds": 10,
             "failureThreshold": 6,

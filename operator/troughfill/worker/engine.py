@@ -46,12 +46,14 @@ class EngineProcess:
         self, command: Sequence[str], env: dict[str, str] | None = None, log_path: str | None = None
     ) -> None:
         self.command = list(command)
-        log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
+        # Without a log file the engine writes where the worker does: the container's log, so
+        # `kubectl logs` shows why an engine is slow to start or died.
+        log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             self.command,
             env={**ENGINE_KEEP_ALIVE_ENV, **os.environ, **(env or {})},
             stdout=log,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if log else None,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
