@@ -151,7 +151,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seconds_per_hour=args.seconds_per_hour,
         timeout_seconds=args.timeout,
     )
-    result = demo.run_demo(options)
+    try:
+        result = demo.run_demo(options)
+    except demo.DemoError as error:
+        print(f"troughfill demo: failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("troughfill demo: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
     print(json.dumps(result, indent=2))
     done = result["phase"] == "completed" and result["requests"]["everyCustomIdExactlyOnce"]
     return 0 if done else 1

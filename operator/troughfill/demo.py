@@ -10,18 +10,19 @@ time; Prometheus scrapes it and the pool's `gpusInUseQuery` reads it. The exampl
 node's GPUs, the template runs the real vLLM CPU engine on SmolLM2-135M-Instruct, the job reads
 the example requests from a file:// URL.
 
-Online load holds at its `start_hour` level until the first result is in, then follows the
-trace at `seconds_per_hour` seconds per trace hour: the afternoon trough, the evening peak
-(the batch worker yields), the night (it comes back and finishes). Progress is printed as it
-goes; the summary is JSON.
+The trace clock is paced so that the story does not depend on how fast this machine is
+(`TraceClock`): the afternoon trough lasts until a share of the batch is done, the evening
+(where the worker must yield) plays at `seconds_per_hour`, and the night trough lasts until
+the job is done. Progress is printed as it goes, with why nothing is done yet while that is
+so (the engine loading, requests in the engine, tokens it generated); the summary is JSON.
 """
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import urllib.request
@@ -30,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,6 +45,7 @@ from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start
 from troughfill.devenv.nodeagent import AGENT_LABEL
 from troughfill.devenv.services import LOOPBACK, VLLM_ENV
 from troughfill.devenv.stack import LocalCluster, create_namespace, start_local_cluster, start_operator
+from troughfill.ledger.keys import JobKeys
 from troughfill.sim.scenario import DEFAULT_TRACE, bundled
 from troughfill.sim.trace import load_rate_trace, online_demand
 
@@ -50,6 +54,17 @@ NODE_GPUS = 4
 WORKER_GPUS = 2
 ONLINE_PEAK_FRACTION = 0.85
 """As in the simulator: online's 99.9th percentile needs this share of the pool."""
+
+
+AFTERNOON_SHARE = 0.4
+"""Of the batch, what the afternoon trough does before the evening squeezes the worker out."""
+NIGHT_SPAN = 0.6
+"""How much of the night trough the rest of the batch takes (the morning rise never comes)."""
+MIN_NIGHT_HOURS = 3.0
+"""A trough this long after the evening peak is the night's (shorter ones are blips)."""
+DEMO_MAX_NUM_SEQS = "16"
+"""The job's engine batch here: a CPU engine with 128 sequences (the example's, sized for a
+GPU) takes minutes before its first result; 16 turns requests into results within seconds."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +79,78 @@ class DemoOptions:
     reconcile_seconds: float = 1.0
 
 
+class DemoError(RuntimeError):
+    """The demo could not finish; the message says what and why in one line."""
+
+
+# --- the trace clock --------------------------------------------------------------------------
+
+
+class TraceClock:
+    """Demo time on the trace: troughs move with the batch's progress, the evening with the wall.
+
+    - From `start` through the first trough the worker fits in (`fits[t]`), the clock moves
+      with completed requests: it reaches the trough's end when AFTERNOON_SHARE of the batch is
+      done. However fast this machine is, the afternoon's work gets done, and the evening's
+      yield catches requests in flight.
+    - Then `speed` trace seconds per wall second through the evening (the worker yields, the
+      peak passes) until the next trough of at least MIN_NIGHT_HOURS.
+    - That night trough moves with progress again and reaches NIGHT_SPAN of its length when the
+      last request is done.
+    """
+
+    def __init__(self, fits: list[bool], start: float, speed: float) -> None:
+        day = len(fits)
+        self.start, self.speed = start, speed
+
+        def fits_at(t: float) -> bool:
+            return fits[int(t) % day]
+
+        if not fits_at(start):
+            raise DemoError(f"the trace leaves no room for the worker at hour {start / 3600:g}")
+        t = start
+        while fits_at(t) and t < start + day:
+            t += 1
+        self.afternoon_end = t
+        night = MIN_NIGHT_HOURS * 3600
+        while t < self.afternoon_end + day and not all(fits_at(t + k) for k in range(0, int(night), 60)):
+            t += 60
+        while not fits_at(t):  # the first second of that trough
+            t += 1
+        self.night_start = t
+        length = 0
+        while fits_at(t + length) and length < day:
+            length += 1
+        self.night_span = NIGHT_SPAN * length
+        self.phase = "afternoon"
+        self.done = self.total = 0
+        self._evening_from = 0.0
+        self._done_at_night = 0
+
+    def record(self, done: int, total: int, now: float) -> None:
+        """The batch's progress (requests completed or failed, of `total`), seen at `now`."""
+        self.done, self.total = done, total
+        if self.phase == "afternoon" and total and done >= AFTERNOON_SHARE * total:
+            self.phase, self._evening_from = "evening", now
+        if self.phase == "evening" and self.trace_seconds(now) >= self.night_start:
+            self.phase, self._done_at_night = "night", done
+
+    def trace_seconds(self, now: float) -> float:
+        if self.phase == "afternoon":
+            share = self.done / (AFTERNOON_SHARE * self.total) if self.total else 0.0
+            return self.start + (self.afternoon_end - self.start) * min(share, 1.0)
+        if self.phase == "evening":
+            return min(self.night_start, self.afternoon_end + (now - self._evening_from) * self.speed)
+        left = self.total - self._done_at_night
+        share = (self.done - self._done_at_night) / left if left > 0 else 1.0
+        return self.night_start + self.night_span * min(share, 1.0)
+
+
 # --- synthetic online load --------------------------------------------------------------------
 
 
 class OnlineLoad:
-    """A /metrics endpoint whose online-GPU gauge follows the trace, compressed in time."""
+    """A /metrics endpoint whose online-GPU gauge follows the trace on the demo's TraceClock."""
 
     def __init__(self, start_hour: float, seconds_per_hour: float, capacity: int) -> None:
         trace = load_rate_trace(bundled(DEFAULT_TRACE), "language/m-small")
@@ -81,9 +163,11 @@ class OnlineLoad:
             seed=7,
         )
         self.gpus = demand.gpus
-        self.start_hour = start_hour
-        self.speed = 3600.0 / seconds_per_hour
-        self.started: float | None = None
+        self.clock = TraceClock(
+            [int(g) <= capacity - WORKER_GPUS for g in self.gpus],
+            start_hour * 3600,
+            3600.0 / seconds_per_hour,
+        )
         self.registry = CollectorRegistry()
         self.gauge = Gauge(ONLINE_METRIC, "GPUs held by online serving (synthetic)", registry=self.registry)
         self.port = free_port()
@@ -98,19 +182,14 @@ class OnlineLoad:
         self.thread.start()
 
     def trace_seconds(self) -> float:
-        elapsed = 0.0 if self.started is None else time.monotonic() - self.started
-        return self.start_hour * 3600 + elapsed * self.speed
+        return self.clock.trace_seconds(time.monotonic())
 
-    def clock(self) -> str:
+    def time_of_day(self) -> str:
         seconds = int(self.trace_seconds()) % 86_400
         return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}"
 
     def _value_at(self, trace_seconds: float) -> int:
         return int(self.gpus[int(trace_seconds) % len(self.gpus)])
-
-    def start_clock(self) -> None:
-        if self.started is None:
-            self.started = time.monotonic()
 
     def _run(self) -> None:
         while not self.stopping.wait(0.1):
@@ -174,6 +253,10 @@ def local_objects(options: DemoOptions, online_query: str) -> list[dict[str, Any
     job["spec"]["inputURL"] = requests.as_uri()
     job["spec"]["outputURL"] = (options.workdir / "results").as_uri() + "/"
     job["spec"]["maxWorkers"] = 1
+    job["spec"]["engineArgs"] = [
+        arg if arg["name"] != "max-num-seqs" else {**arg, "value": DEMO_MAX_NUM_SEQS}
+        for arg in job["spec"].get("engineArgs", [])
+    ]
     return [pool, template, job]
 
 
@@ -184,6 +267,7 @@ class Demo:
         self.started = time.monotonic()
         self.operator: ManagedProcess | None = None
         self.online: OnlineLoad | None = None
+        self.redis_url = ""
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
@@ -193,6 +277,7 @@ class Demo:
         work = self.options.workdir
         redis = start_redis(work / "redis")
         self.stack.callback(redis.stop)
+        self.redis_url = redis.url
         self.say(f"redis-server on {redis.url}")
         self.online = OnlineLoad(self.options.start_hour, self.options.seconds_per_hour, NODE_GPUS)
         self.stack.callback(self.online.stop)
@@ -233,27 +318,35 @@ class Demo:
             f"applied BatchPool/{pool['metadata']['name']}, ModelTemplate/{template['metadata']['name']}, "
             f"BatchInference {namespace}/{name} ({_lines(self.options.examples / 'requests.jsonl')} requests)"
         )
+        clock = self.online.clock
         self.say(
-            f"online load holds at its {self.online.clock()} level until the first result, then follows "
-            f"the trace at {self.options.seconds_per_hour:g}s per hour"
+            f"trace clock: the afternoon trough lasts until {AFTERNOON_SHARE:.0%} of the batch is done "
+            f"(then online needs 3 of {NODE_GPUS} GPUs, at {_hhmm(clock.afternoon_end)}); the evening plays "
+            f"at {self.options.seconds_per_hour:g}s per hour; the night trough ({_hhmm(clock.night_start)}) "
+            "lasts until the job is done"
         )
-        watcher = Watcher(api, namespace, name, pool["metadata"]["name"], self.online)
+        watcher = Watcher(
+            api, namespace, name, pool["metadata"]["name"], self.online, redis_url=self.redis_url
+        )
         deadline = time.monotonic() + self.options.timeout_seconds
         last, printed = "", 0.0
         while True:
             self.operator.check_alive()
             state = watcher.poll()
-            if state.completed > 0:
-                self.online.start_clock()
+            clock.record(state.completed + state.failed, state.total, time.monotonic())
             # A line when something but the trace clock moved, and at least every 10 s.
-            news = state.line(self.online).split("  ", 1)[1]
+            line = state.line(self.online)
+            news = line.split("  ", 1)[1]
             if news != last or time.monotonic() - printed >= 10:
-                self.say(state.line(self.online))
+                self.say(line)
                 last, printed = news, time.monotonic()
             if state.phase in {"completed", "failed", "expired", "cancelled"}:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the job did not finish in {self.options.timeout_seconds:.0f}s")
+                raise DemoError(
+                    f"the job did not finish in {self.options.timeout_seconds:.0f}s: "
+                    f"{state.completed}/{state.total} done, {state.why()}"
+                )
             time.sleep(1.0)
         scraped = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
         return summarise(watcher, scraped, job, self.options, time.monotonic() - self.started)
@@ -267,37 +360,72 @@ def _lines(path: Path) -> int:
         return sum(1 for line in stream if line.strip())
 
 
+def _hhmm(trace_seconds: float) -> str:
+    seconds = int(trace_seconds) % 86_400
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}"
+
+
+@dataclass
+class EngineView:
+    """What the worker's engine says it is doing (its /metrics), found through the worker's heartbeat."""
+
+    running: int
+    waiting: int
+    generated: int
+
+
 @dataclass
 class State:
     phase: str | None
     completed: int
+    failed: int
     total: int
     ready_workers: int
     worker_pods: int
+    worker_age: float
     online_gpus: int
     trough_gpus: int
     batch_gpus: int
     tokens: int
+    engine: EngineView | None
+
+    def why(self) -> str:
+        """Why nothing is coming out right now, or what is going on."""
+        if not self.worker_pods:
+            return "no worker (waiting for room)"
+        if not self.ready_workers or self.engine is None:
+            return f"engine loading ({self.worker_age:.0f}s)"
+        engine = self.engine
+        return (
+            f"engine: {engine.running} running, {engine.waiting} waiting, {engine.generated} tokens generated"
+        )
 
     def line(self, online: OnlineLoad) -> str:
         workers = f"{self.ready_workers}/{self.worker_pods} worker ready" if self.worker_pods else "no worker"
-        clock = online.clock() if online.started is not None else f"{online.clock()} (held)"
         return (
-            f"trace {clock:<13}  online {online.value} GPU  "
+            f"trace {online.time_of_day()} ({online.clock.phase:<9})  online {online.value} GPU  "
             f"trough {self.trough_gpus}  batch {self.batch_gpus}  {workers}  "
-            f"done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]"
+            f"done {self.completed}/{self.total}  {self.tokens} tokens  [{self.phase}]  {self.why()}"
         )
 
 
 class Watcher:
-    """Reads the job, the pool and the worker pods; remembers what the summary needs."""
+    """Reads the job, the pool, the worker pods and their engines; remembers what the summary needs."""
 
     def __init__(
-        self, api: client.ApiClient, namespace: str, name: str, pool: str, online: OnlineLoad
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        name: str,
+        pool: str,
+        online: OnlineLoad,
+        *,
+        redis_url: str,
     ) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.namespace, self.name, self.pool, self.online = namespace, name, pool, online
+        self.redis = redis.Redis.from_url(redis_url)
         self.job: dict[str, Any] = {}
         self.pods_seen: set[str] = set()
         self.yields: list[float] = []
@@ -314,25 +442,52 @@ class Watcher:
         selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
         pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
         self.pods_seen |= {p.metadata.name for p in pods}
-        ready = sum(
-            1
+        ready = [
+            p
             for p in pods
             if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-        )
+        ]
         status, pool_status = self.job.get("status", {}), pool.get("status", {})
         counts = status.get("requestCounts", {})
         self._time_yields(bool(pods))
+        oldest = min((p.metadata.creation_timestamp for p in pods), default=None)
         return State(
             phase=status.get("phase"),
             completed=int(counts.get("completed", 0)),
+            failed=int(counts.get("failed", 0)),
             total=int(counts.get("total", 0)),
-            ready_workers=ready,
+            ready_workers=len(ready),
             worker_pods=len(pods),
+            worker_age=(dt.datetime.now(dt.UTC) - oldest).total_seconds() if oldest else 0.0,
             online_gpus=int(pool_status.get("onlineGPUs", 0)),
             trough_gpus=int(pool_status.get("troughGPUs", 0)),
             batch_gpus=int(pool_status.get("batchGPUs", 0)),
             tokens=int(status.get("tokens", {}).get("completion", 0)),
+            engine=self._engine([p.metadata.name for p in pods]),
         )
+
+    def _engine(self, workers: list[str]) -> EngineView | None:
+        """The first serving worker's engine, as its /metrics reports it (None: none serving)."""
+        uid = self.job["metadata"]["uid"]
+        for worker in workers:
+            key = JobKeys(self.namespace, self.name, uid).key(f"worker:{worker}")
+            try:
+                beat = self.redis.get(key)
+                if not beat:
+                    continue
+                url = json.loads(beat).get("engine_url")
+                if not url:
+                    continue
+                scraped = urllib.request.urlopen(f"{url}/metrics", timeout=2).read().decode()
+            except (OSError, ValueError, redis.RedisError):
+                continue
+            samples = _samples(scraped)
+            return EngineView(
+                running=_metric_total(samples, "vllm:num_requests_running"),
+                waiting=_metric_total(samples, "vllm:num_requests_waiting"),
+                generated=_metric_total(samples, "vllm:generation_tokens_total"),
+            )
+        return None
 
     def _time_yields(self, worker_present: bool) -> None:
         squeezed = self.online.value > NODE_GPUS - WORKER_GPUS
@@ -346,6 +501,10 @@ class Watcher:
         if not worker_present or not squeezed:
             self._squeezed_at = None
         self._had_worker = worker_present
+
+
+def _metric_total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> int:
+    return int(sum(value for (metric, _), value in samples.items() if metric == name))
 
 
 def _samples(scraped: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -425,6 +584,8 @@ def _interruptible() -> Iterator[None]:
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
+    """The demo, start to summary; DemoError (one line: what, why, where the logs are) when it
+    cannot finish, KeyboardInterrupt on Ctrl-C or SIGTERM. Everything started is stopped."""
     if options.workdir.exists():
         shutil.rmtree(options.workdir)
     options.workdir.mkdir(parents=True)
@@ -432,10 +593,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     with _interruptible():
         try:
             return demo.run()
-        except BaseException:
-            if demo.operator is not None:
-                print(f"--- operator log (tail)\n{demo.operator.log_tail(40)}", file=sys.stderr)
-            raise
+        except (DemoError, RuntimeError, TimeoutError, OSError, ApiException, redis.RedisError) as error:
+            what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DemoError(f"{what} (logs of every process: {options.workdir})") from error
         finally:
             demo.say("stopping everything it started")
             demo.close()

@@ -7,7 +7,17 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
-from troughfill.demo import NODE_GPUS, ONLINE_METRIC, WORKER_GPUS, DemoOptions, OnlineLoad, local_objects
+from troughfill.demo import (
+    AFTERNOON_SHARE,
+    NIGHT_SPAN,
+    NODE_GPUS,
+    ONLINE_METRIC,
+    WORKER_GPUS,
+    DemoOptions,
+    OnlineLoad,
+    TraceClock,
+    local_objects,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 
@@ -33,21 +43,43 @@ def test_the_example_adapted_to_this_machine_is_still_admitted(tmp_path: Path) -
     )
 
 
-def test_online_load_holds_until_started_then_follows_the_trace_on_metrics() -> None:
-    load = OnlineLoad(start_hour=14, seconds_per_hour=0.01, capacity=NODE_GPUS)  # a day in 0.24 s
+def test_the_trace_clock_moves_with_progress_in_troughs_and_with_the_wall_in_the_evening() -> None:
+    hour = 3600
+    # 0-6h trough, 6-8h peak, 8-8.5h blip of room, 8.5-10h peak, 10-24h night trough.
+    fits = [t < 6 * hour or 8 * hour <= t < 8.5 * hour or t >= 10 * hour for t in range(24 * hour)]
+    clock = TraceClock(fits, start=1 * hour, speed=3600.0)  # a trace hour per wall second
+    assert (clock.afternoon_end, clock.night_start) == (6 * hour, 10 * hour)  # the blip is no night
+    clock.record(0, 0, now=0.0)
+    assert clock.trace_seconds(100.0) == 1 * hour  # nothing done: held, however long it takes
+    clock.record(20, 100, now=100.0)
+    assert clock.trace_seconds(100.0) == 1 * hour + 5 * hour * 20 / (AFTERNOON_SHARE * 100)
+    clock.record(int(AFTERNOON_SHARE * 100), 100, now=200.0)
+    assert clock.phase == "evening"
+    assert clock.trace_seconds(200.0) == 6 * hour  # the squeeze
+    assert clock.trace_seconds(202.0) == 8 * hour  # now the wall clock
+    clock.record(41, 100, now=205.0)
+    assert clock.phase == "night"
+    assert clock.trace_seconds(1000.0) == 10 * hour  # progress again: nothing more done
+    clock.record(100, 100, now=1000.0)
+    # The night runs on past midnight into the next day's 0-6h trough: 20 hours.
+    assert clock.trace_seconds(1000.0) == 10 * hour + NIGHT_SPAN * 20 * hour  # done before the morning
+
+
+def test_online_load_follows_its_clock_on_metrics() -> None:
+    load = OnlineLoad(start_hour=14, seconds_per_hour=0.01, capacity=NODE_GPUS)  # an evening in 0.1 s
     try:
         held = load.value
         time.sleep(0.3)
-        assert load.value == held  # not started: held
+        assert load.value == held  # nothing done: the afternoon holds
         assert len(load.history) == 1
-        assert load.clock() == "14:00"
-        load.start_clock()
+        assert load.time_of_day() == "14:00"
+        load.clock.record(100, 100, time.monotonic())  # the afternoon's share done: the evening plays
         seen = set()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(seen) < 3:
+        while time.monotonic() < deadline and len(seen) < 2:
             seen.add(load.value)
             time.sleep(0.01)
-        assert len(seen) >= 3, seen  # a day of the trace moves online demand through several levels
+        assert len(seen) >= 2, seen  # the evening moves online demand up
         assert max(seen) <= NODE_GPUS
         load.stopping.set()  # freeze it, then read what Prometheus would scrape
         load.thread.join(5)

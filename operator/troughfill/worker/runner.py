@@ -492,6 +492,7 @@ class Worker:
                 "in_flight": len(self.in_flight),
                 "unsaved_tokens": self.unsaved_tokens(),
                 "limit": self.limit,
+                "engine_url": self.engine.base_url,
                 "results": self.stats.results,
                 "engine": not self.engine_dead,
             }
