@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB, and builds
-# the local Kubernetes control plane from Debian's source, about 8 minutes) and run
-# every check: ruff, mypy --strict, import-linter, pytest.
+# Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB, converts
+# the SmolLM2 model and builds the local Kubernetes control plane from its Go modules, about 11
+# minutes) and run every check: ruff, mypy --strict, import-linter, pytest (every tier: unit,
+# manifests, integration, engine, e2e with the CEL tier, install).
 # Extra arguments go to pytest (e.g. scripts/test.sh -k crds).
 set -euo pipefail
 # shellcheck source=scripts/setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 # shellcheck source=scripts/setup_vllm.sh
 source "$TROUGHFILL_REPO/scripts/setup_vllm.sh"
+# shellcheck source=scripts/setup_demo.sh
+source "$TROUGHFILL_REPO/scripts/setup_demo.sh"
 # shellcheck source=scripts/setup_k8s.sh
 source "$TROUGHFILL_REPO/scripts/setup_k8s.sh"
 cd "$TROUGHFILL_REPO"

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from troughfill import __version__, api
+from troughfill import __version__, api, constants
 from troughfill.api import crdgen
 from troughfill.api.batchfile import check_lines
 from troughfill.api.resource import Resource
@@ -74,6 +74,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name in args.files:
         for index, document in enumerate(load_documents(Path(name))):
             label = f"{name}[{index}] {document.get('kind')}/{(document.get('metadata') or {}).get('name')}"
+            if str(document.get("apiVersion", "")).split("/")[0] != constants.API_GROUP:
+                print(f"{label}: skipped (not a {constants.API_GROUP} object)")
+                continue
             try:
                 parse_resource(document)
             except ValidationError as error:

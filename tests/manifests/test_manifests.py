@@ -75,7 +75,12 @@ def test_crd_component_holds_exactly_the_generated_crds_and_kopf_peering() -> No
 
 
 def test_examples_are_valid_troughfill_objects_and_admitted() -> None:
-    objects = {o["kind"]: parse_resource(o) for o in build("examples")}
+    built = build("examples")
+    objects = {o["kind"]: parse_resource(o) for o in built if o["apiVersion"] == constants.GROUP_VERSION}
+    # The team's namespace comes with it, so that `kubectl apply -k` works on a new cluster.
+    assert {(o["kind"], o["metadata"]["name"]) for o in built if o["apiVersion"] == "v1"} == {
+        ("Namespace", objects["BatchInference"].metadata.namespace)
+    }
     job, template, pool = objects["BatchInference"], objects["ModelTemplate"], objects["BatchPool"]
     assert isinstance(job, api.BatchInference)
     assert isinstance(template, api.ModelTemplate)

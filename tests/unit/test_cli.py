@@ -35,6 +35,7 @@ def test_validate_reports_each_problem_with_its_path(
                 batch_inference(name="good"),
                 batch_inference(name="bad", minWorkers=5, maxWorkers=1, inputURL="ftp://x"),
                 {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}},
+                {"apiVersion": "troughfill.io/v1alpha1", "kind": "BatchJob", "metadata": {"name": "typo"}},
             ]
         )
     )
@@ -42,7 +43,8 @@ def test_validate_reports_each_problem_with_its_path(
     out = capsys.readouterr().out
     assert "BatchInference/good: valid" in out
     assert "spec.inputURL: String should match pattern" in out
-    assert "kind 'Pod' is not a troughfill resource" in out
+    assert "Pod/p: skipped (not a troughfill.io object)" in out  # a file may hold other kinds too
+    assert "kind 'BatchJob' is not a troughfill resource" in out
 
 
 def test_validate_accepts_the_examples(repo_root: Path) -> None:
