@@ -50,6 +50,7 @@ buildah_ build --quiet --isolation chroot --network host "${volumes[@]}" \
   --build-arg "BASE=$BASE" -f "$TROUGHFILL_REPO/images/operator.Containerfile" -t "$TAG" \
   "$TROUGHFILL_REPO" >"$IMAGES/build.log" 2>&1 || { tail -n 30 "$IMAGES/build.log" >&2; exit 1; }
 seconds=$(( $(date +%s) - started ))
+buildah_ rmi --prune >/dev/null 2>&1 || true  # the build stage and earlier builds of the tag
 
 # What runs in the image: as its user, from its entrypoint.
 container="$(buildah_ from "$TAG")"
