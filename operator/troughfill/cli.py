@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=os.environ.get("TROUGHFILL_DEMO_MODEL"), help="model directory")
     demo.add_argument("--workdir", help="scratch directory, emptied first (default: $TROUGHFILL_CACHE/demo)")
     demo.add_argument("--start-hour", type=float, default=14.0, help="trace hour online load starts at")
-    demo.add_argument("--seconds-per-hour", type=float, default=10.0, help="demo seconds per trace hour")
+    demo.add_argument(
+        "--seconds-per-hour", type=float, default=6.0, help="demo seconds per trace hour in the evening"
+    )
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds the job may take")
     demo.set_defaults(handler=cmd_demo)
 

@@ -74,7 +74,7 @@ class DemoOptions:
     vllm_python: str
     model: Path
     start_hour: float = 14.0
-    seconds_per_hour: float = 10.0
+    seconds_per_hour: float = 6.0
     timeout_seconds: float = 900.0
     reconcile_seconds: float = 1.0
 
@@ -329,16 +329,16 @@ class Demo:
             api, namespace, name, pool["metadata"]["name"], self.online, redis_url=self.redis_url
         )
         deadline = time.monotonic() + self.options.timeout_seconds
-        last, printed = "", 0.0
+        last: tuple[object, ...] = ()
+        printed = 0.0
         while True:
             self.operator.check_alive()
             state = watcher.poll()
             clock.record(state.completed + state.failed, state.total, time.monotonic())
-            # A line when something but the trace clock moved, and at least every 10 s.
-            line = state.line(self.online)
-            news = line.split("  ", 1)[1]
-            if news != last or time.monotonic() - printed >= 10:
-                self.say(line)
+            # A line when the situation changes (not every request or token), and every 5 s.
+            news = (clock.phase, self.online.value, *state.situation())
+            if news != last or time.monotonic() - printed >= 5:
+                self.say(state.line(self.online))
                 last, printed = news, time.monotonic()
             if state.phase in {"completed", "failed", "expired", "cancelled"}:
                 break
@@ -393,12 +393,17 @@ class State:
         """Why nothing is coming out right now, or what is going on."""
         if not self.worker_pods:
             return "no worker (waiting for room)"
-        if not self.ready_workers or self.engine is None:
+        if self.engine is None:
             return f"engine loading ({self.worker_age:.0f}s)"
         engine = self.engine
         return (
             f"engine: {engine.running} running, {engine.waiting} waiting, {engine.generated} tokens generated"
         )
+
+    def situation(self) -> tuple[object, ...]:
+        """What a reader would call a change: not each request or token."""
+        serving = "serving" if self.engine else "loading" if self.worker_pods else "idle"
+        return (self.phase, self.trough_gpus, self.batch_gpus, self.worker_pods, self.ready_workers, serving)
 
     def line(self, online: OnlineLoad) -> str:
         workers = f"{self.ready_workers}/{self.worker_pods} worker ready" if self.worker_pods else "no worker"

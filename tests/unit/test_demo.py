@@ -4,9 +4,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from troughfill import demo
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
+from troughfill.cli import main
 from troughfill.demo import (
     AFTERNOON_SHARE,
     NIGHT_SPAN,
@@ -93,3 +96,18 @@ def test_online_load_follows_its_clock_on_metrics() -> None:
 
     finally:
         load.stop()
+
+
+def test_a_failure_is_one_line_saying_what_and_where_the_logs_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(self: demo.Demo) -> dict[str, object]:
+        raise RuntimeError("kube-apiserver exited with 1:\nE1130 a long log tail\nmore")
+
+    monkeypatch.setattr(demo.Demo, "run", broken)
+    args = ["demo", "--workdir", str(tmp_path / "work"), "--vllm-python", "python", "--model", str(tmp_path)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"troughfill demo: failed: kube-apiserver exited with 1: (logs of every process: {tmp_path / 'work'})"
+    ]
