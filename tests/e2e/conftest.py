@@ -1,7 +1,7 @@
 """End-to-end tier: a real Kubernetes control plane.
 
 By default the harness starts one for the session (devenv.cluster: etcd, kube-apiserver,
-kube-scheduler and kube-controller-manager 1.20.2 built from Debian's source by
+kube-scheduler and kube-controller-manager v1.37.2 built from their Go modules by
 scripts/setup_k8s.sh) and the node agent (devenv.nodeagent: two nodes with 8
 `nvidia.com/gpu` each, pods run as local processes). With KUBECONFIG pointing at a file, the
 same tests run unchanged against that cluster instead and no harness is started; checks

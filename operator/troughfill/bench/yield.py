@@ -183,7 +183,7 @@ class Bench:
             },
         }  # fmt: skip
         started = time.monotonic()
-        for attempt in range(5):  # a loaded 1.20 API server can time out its quota admission (500)
+        for attempt in range(5):  # a loaded API server can time out its quota admission (500)
             try:
                 self.core.create_namespaced_pod("default", pod)
                 break

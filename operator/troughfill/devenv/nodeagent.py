@@ -422,9 +422,9 @@ class NodeAgent:
                 env.update(KUBERNETES_SERVICE_HOST=kubernetes.addresses[0], KUBERNETES_SERVICE_PORT="443")
         for source in spec.get("envFrom", []):
             prefix = source.get("prefix", "")
-            ref = source.get("configMapRef") or source["secretRef"]
-            read = self._config_map if "configMapRef" in source else self._secret
-            data = read(local.namespace, ref["name"], optional=bool(ref.get("optional")))
+            kind = "configMap" if "configMapRef" in source else "secret"
+            ref = source[f"{kind}Ref"]
+            data = self._source_data(kind, local.namespace, ref["name"], optional=bool(ref.get("optional")))
             env.update({prefix + k: v for k, v in (data or {}).items()})
         for item in spec.get("env", []):
             if "value" in item:
@@ -453,40 +453,35 @@ class NodeAgent:
                 if path.startswith(prefix + "['"):
                     return str(local.metadata.get(mapping, {}).get(path[len(prefix) + 2 : -2], ""))
             return ""
-        for kind in ("configMapKeyRef", "secretKeyRef"):
-            if kind in source:
-                ref = source[kind]
+        for kind in ("configMap", "secret"):
+            if f"{kind}KeyRef" in source:
+                ref = source[f"{kind}KeyRef"]
                 optional = bool(ref.get("optional"))
-                read = self._config_map if kind == "configMapKeyRef" else self._secret
-                data = read(local.namespace, ref["name"], optional=optional)
+                data = self._source_data(kind, local.namespace, ref["name"], optional=optional)
                 if data is None or (ref["key"] not in data and optional):
                     return None
                 if ref["key"] not in data:
-                    raise ContainerConfigError(f"key {ref['key']} not in {kind[:-6]} {ref['name']}")
+                    raise ContainerConfigError(f"key {ref['key']} not in {kind} {ref['name']}")
                 return data[ref["key"]]
         return ""
 
-    def _config_map(self, namespace: str, name: str, *, optional: bool = False) -> dict[str, str] | None:
-        """Its data; None when it is not there and `optional` (ContainerConfigError otherwise)."""
+    def _source_data(self, kind: str, namespace: str, name: str, *, optional: bool) -> dict[str, str] | None:
+        """A ConfigMap's (`kind` "configMap") or Secret's data; None when it is not there and
+        `optional`, ContainerConfigError when it is not there and required."""
+        read = (
+            self.core.read_namespaced_config_map if kind == "configMap" else self.core.read_namespaced_secret
+        )
         try:
-            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+            data = read(name, namespace).data or {}
         except ApiException as error:
             if error.status != 404:
                 raise
             if optional:
                 return None
-            raise ContainerConfigError(f"configmap {name} not found") from error
-
-    def _secret(self, namespace: str, name: str, *, optional: bool = False) -> dict[str, str] | None:
-        try:
-            data = self.core.read_namespaced_secret(name, namespace).data or {}
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            if optional:
-                return None
-            raise ContainerConfigError(f"secret {name} not found") from error
-        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+            raise ContainerConfigError(f"{kind} {name} not found") from error
+        if kind == "secret":
+            return {k: base64.b64decode(v).decode() for k, v in data.items()}
+        return dict(data)
 
     def _start_container(self, local: LocalPod, container: Container) -> None:
         spec = container.spec
@@ -617,16 +612,9 @@ class NodeAgent:
                     container.started = True
                 else:
                     container.startup_failures += 1
-                    if (
-                        container.startup_failures >= int(startup.get("failureThreshold", 3))
-                        and container.process
-                    ):
-                        log.info(
-                            "pod %s container %s failed its startup probe; killing it",
-                            local.key,
-                            container.name,
-                        )
-                        _signal_group(container.process, signal.SIGKILL)
+                    self._kill_past_threshold(
+                        local, container, container.startup_failures, startup, "startup"
+                    )
             return
         if readiness and clock >= container.probe_due:
             container.probe_due = clock + float(readiness.get("periodSeconds", 10))
@@ -647,14 +635,17 @@ class NodeAgent:
                 container.liveness_failures = 0
             else:
                 container.liveness_failures += 1
-                if (
-                    container.liveness_failures >= int(liveness.get("failureThreshold", 3))
-                    and container.process
-                ):
-                    log.info(
-                        "pod %s container %s failed its liveness probe; killing it", local.key, container.name
-                    )
-                    _signal_group(container.process, signal.SIGKILL)
+                self._kill_past_threshold(local, container, container.liveness_failures, liveness, "liveness")
+
+    @staticmethod
+    def _kill_past_threshold(
+        local: LocalPod, container: Container, failures: int, probe: dict[str, Any], kind: str
+    ) -> None:
+        """A startup or liveness probe that failed `failureThreshold` times kills the container
+        (its restart policy decides what follows), as the kubelet does."""
+        if failures >= int(probe.get("failureThreshold", 3)) and container.process:
+            log.info("pod %s container %s failed its %s probe; killing it", local.key, container.name, kind)
+            _signal_group(container.process, signal.SIGKILL)
 
     def _run_probe(self, local: LocalPod, container: Container, probe: dict[str, Any]) -> bool:
         timeout = float(probe.get("timeoutSeconds", 1))

@@ -7,8 +7,8 @@ from the template's command and reports through the ledger.
 
 Workers are bare pods owned by the BatchInference (not a Deployment or Jobs): the planner
 chooses *which* worker stops (least unsaved progress first) and *how* (drain or yield), which
-a ReplicaSet's scale-down cannot be told on Kubernetes 1.20 (pod-deletion-cost is 1.22+ and
-only a hint), and a finished worker must not be restarted in place. The pods still carry
+a ReplicaSet's scale-down cannot be told (pod-deletion-cost is only a hint), and a finished
+worker must not be restarted in place. The pods still carry
 pod-deletion-cost, kept up to date from the worker's progress (see deletion_cost), for
 whatever else on the cluster reads it.
 """
