@@ -382,6 +382,7 @@ class State:
     total: int
     ready_workers: int
     worker_pods: int
+    stopping_pods: int
     worker_age: float
     online_gpus: int
     trough_gpus: int
@@ -393,6 +394,8 @@ class State:
         """Why nothing is coming out right now, or what is going on."""
         if not self.worker_pods:
             return "no worker (waiting for room)"
+        if self.stopping_pods == self.worker_pods:
+            return "worker stopping (its GPUs are wanted, or the job is done)"
         if self.engine is None:
             return f"engine loading ({self.worker_age:.0f}s)"
         engine = self.engine
@@ -403,7 +406,15 @@ class State:
     def situation(self) -> tuple[object, ...]:
         """What a reader would call a change: not each request or token."""
         serving = "serving" if self.engine else "loading" if self.worker_pods else "idle"
-        return (self.phase, self.trough_gpus, self.batch_gpus, self.worker_pods, self.ready_workers, serving)
+        return (
+            self.phase,
+            self.trough_gpus,
+            self.batch_gpus,
+            self.worker_pods,
+            self.ready_workers,
+            self.stopping_pods,
+            serving,
+        )
 
     def line(self, online: OnlineLoad) -> str:
         workers = f"{self.ready_workers}/{self.worker_pods} worker ready" if self.worker_pods else "no worker"
@@ -463,6 +474,7 @@ class Watcher:
             total=int(counts.get("total", 0)),
             ready_workers=len(ready),
             worker_pods=len(pods),
+            stopping_pods=sum(1 for p in pods if p.metadata.deletion_timestamp),
             worker_age=(dt.datetime.now(dt.UTC) - oldest).total_seconds() if oldest else 0.0,
             online_gpus=int(pool_status.get("onlineGPUs", 0)),
             trough_gpus=int(pool_status.get("troughGPUs", 0)),
