@@ -63,6 +63,7 @@ def transcript(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_site_settings_before_the_operator(site: Site) -> None:
     """What an admin sets up first: where the object store is and the credentials for it."""
+    assert "Server Version: v1.37.2" in kubectl(site, "version")  # scripts/k8s: the release built
     kubectl(site, "create", "namespace", SYSTEM)
     kubectl(
         site, "-n", SYSTEM, "create", "configmap", "troughfill-settings",
