@@ -15,6 +15,7 @@ IMAGES="$TROUGHFILL_CACHE/images"
 ROOTFS="$IMAGES/bookworm-python"
 BASE=localhost/troughfill-base:bookworm-python3.11
 TAG="${TROUGHFILL_IMAGE_TAG:-troughfill/operator:0.1.0}"
+mkdir -p "$IMAGES"
 buildah_() { buildah --storage-driver vfs --root "$IMAGES/storage" --runroot "$IMAGES/run" "$@"; }
 log() { printf '[images] %s\n' "$*" >&2; }
 
