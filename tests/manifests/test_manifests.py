@@ -58,14 +58,12 @@ def test_kustomize_builds(name: str) -> None:
 @pytest.mark.parametrize("name", ["crds", "base"])
 def test_every_object_is_valid_kubernetes(name: str, version: str) -> None:
     for obj in build(name):
-        if obj["apiVersion"] != "kopf.dev/v1":  # Kopf's peering object: its own CRD's schema
-            kubernetes_validate.validate(obj, version, strict=True)
+        kubernetes_validate.validate(obj, version, strict=True)
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_only_apis_that_kubernetes_1_29_serves(name: str) -> None:
-    # Besides Kopf's own peering object, whose CRD manifests/crds installs.
-    assert {o["apiVersion"] for o in build(name)} - {"kopf.dev/v1"} <= SERVED_BY_1_29
+    assert {o["apiVersion"] for o in build(name)} <= SERVED_BY_1_29
 
 
 def test_crd_component_holds_exactly_the_generated_crds_and_kopf_peering() -> None:
