@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB, builds
-# the local Kubernetes control plane from its Go modules, about 11 minutes, and converts the
+# the local Kubernetes control plane from its Go modules, about 10 minutes, and converts the
 # SmolLM2 model) and run the main job: the embedded example on a local cluster, end to end.
 # Extra arguments go to `troughfill demo` (e.g. --check-only, --seconds-per-hour 20).
 set -euo pipefail

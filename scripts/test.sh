@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB, converts
-# the SmolLM2 model and builds the local Kubernetes control plane from its Go modules, about 11
+# the SmolLM2 model and builds the local Kubernetes control plane from its Go modules, about 10
 # minutes) and run every check: ruff, mypy --strict, import-linter, pytest (every tier: unit,
 # manifests, integration, engine, e2e with the CEL tier, install).
 # Extra arguments go to pytest (e.g. scripts/test.sh -k crds).
