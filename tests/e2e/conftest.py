@@ -24,7 +24,7 @@ from troughfill import constants
 from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
 from troughfill.devenv.nodeagent import GPU_RESOURCE
 from troughfill.devenv.services import wait_until as until
-from troughfill.devenv.stack import create_namespace, server_version
+from troughfill.devenv.stack import create_namespace
 
 GPUS_PER_NODE = 8
 
@@ -44,10 +44,6 @@ class Kube:
     @property
     def local(self) -> bool:
         return self.plane is not None
-
-    @property
-    def server_version(self) -> tuple[int, int]:
-        return server_version(self.api)
 
     def kubectl(self) -> str:
         if self.plane is not None:

@@ -39,11 +39,6 @@ class LocalCluster:
         self.plane.stop()
 
 
-def server_version(api: client.ApiClient) -> tuple[int, int]:
-    version = client.VersionApi(api).get_code()
-    return int(version.major), int(version.minor.rstrip("+"))
-
-
 def create_namespace(api: client.ApiClient, name: str, timeout: float = 30) -> None:
     """A namespace ready for pods: its default service account exists (the ServiceAccount
     admission plugin refuses pods until the controller manager has made it)."""
