@@ -317,6 +317,14 @@ def engine_pool_and_template(
     return pool, template
 
 
+LONG_TOKENS = 400
+LONG_REQUESTS = 240
+"""The yield test's job: the tiny model's engine once did 120 x 400 tokens before the online pod
+came, leaving nothing to yield. (Longer requests are no way out: a resumed request's prompt is
+the original plus its partial output re-tokenized, and the random model's output re-tokenizes
+into more tokens than it was generated as: 800-token requests overflowed the 1024 context.)"""
+
+
 def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     kube: Kube,
     namespace: str,
@@ -335,7 +343,9 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     online_label = f"online-{suffix}"
     pool, template = engine_pool_and_template(suffix, engine_paths, online_label, namespace)
     requests = tmp_path / "requests.jsonl"
-    write_requests(requests, 120, max_tokens=400)
+    # Enough work that the worker is still busy when the online pod comes: before that the test
+    # waits for Ready and for the deletion cost (patched at most every 30 s).
+    write_requests(requests, LONG_REQUESTS, max_tokens=LONG_TOKENS)
     output = tmp_path / "out"
     for name, value in operator_settings(redis_server).items():
         monkeypatch.setenv(name, value)
@@ -412,7 +422,9 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
         job_status = get_job(kube, namespace, "long")["status"]
         assert job_status["workers"]["desired"] == 0
         done_at_yield = completed()
-        assert done_at_yield < 120, "the job finished before online load arrived; nothing was yielded"
+        assert done_at_yield < LONG_REQUESTS, (
+            "the job finished before online load arrived; nothing was yielded"
+        )
 
         time.sleep(2)  # the trough stays closed while the online pod runs
         assert not workers()
@@ -430,12 +442,12 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     assert runner.exception is None
     assert_decisions_metered(scraped, f"pool-{suffix}")
     lines = [json.loads(line) for line in (output / "output.jsonl").read_text().splitlines()]
-    assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(120))
-    assert all(line["response"]["body"]["usage"]["completion_tokens"] == 400 for line in lines)
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(LONG_REQUESTS))
+    assert all(line["response"]["body"]["usage"]["completion_tokens"] == LONG_TOKENS for line in lines)
     assert {"ScaleUp", "Yield"} <= pool_events(kube, f"pool-{suffix}")
     print(
         f"\nonline pod created -> batch worker gone (GPUs free) in {yielded:.2f}s; "
-        f"{done_at_yield} of 120 done at the yield; the job then completed on a new worker"
+        f"{done_at_yield} of {LONG_REQUESTS} done at the yield; the job then completed on a new worker"
     )
 
 

@@ -28,7 +28,8 @@ WORKER_CONTAINER = "worker"
 MAX_DELETION_COST = 2**31 - 1
 YIELD_GRACE_SECONDS = 10
 """A yielding worker exits in about 2 s; the rest is margin before SIGKILL."""
-STARTUP_PROBE_SECONDS = 10
+STARTUP_PROBE_SECONDS = 5
+"""As often as readiness: a worker is Ready soon after its engine serves."""
 STARTUP_ALLOWANCE = 3
 """A worker whose engine is not serving after this many times the template's cold-start
 estimate (plus a minute) is restarted."""
