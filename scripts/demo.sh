@@ -2,7 +2,7 @@
 # Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB, builds
 # the local Kubernetes control plane from its Go modules, about 10 minutes, and converts the
 # SmolLM2 model) and run the main job: the embedded example on a local cluster, end to end.
-# Extra arguments go to `troughfill demo` (e.g. --check-only, --seconds-per-hour 20).
+# Extra arguments go to `troughfill-dev demo` (e.g. --check-only, --seconds-per-hour 20).
 set -euo pipefail
 # shellcheck source=scripts/setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
@@ -13,4 +13,4 @@ source "$TROUGHFILL_REPO/scripts/setup_demo.sh"
 # shellcheck source=scripts/setup_k8s.sh
 source "$TROUGHFILL_REPO/scripts/setup_k8s.sh"
 cd "$TROUGHFILL_REPO"
-exec troughfill demo "$@"
+exec troughfill-dev demo "$@"

@@ -54,11 +54,11 @@ apt_install redis-server prometheus
 
 # The venv is reused across checkouts; the stamp makes it reinstall when the project's
 # dependencies or the checkout it points at change.
-want_stamp="$(sha256sum "$TROUGHFILL_REPO/pyproject.toml" | cut -d' ' -f1) $TROUGHFILL_REPO"
+want_stamp="$(cat "$TROUGHFILL_REPO/pyproject.toml" "$TROUGHFILL_REPO/dev/pyproject.toml" | sha256sum | cut -d' ' -f1) $TROUGHFILL_REPO"
 if [ ! -x "$TROUGHFILL_VENV/bin/python" ] || [ "$(cat "$TROUGHFILL_VENV/.stamp" 2>/dev/null)" != "$want_stamp" ]; then
   log "installing the project and its dev tools into $TROUGHFILL_VENV"
   [ -x "$TROUGHFILL_VENV/bin/python" ] || python3 -m venv "$TROUGHFILL_VENV"
-  "$TROUGHFILL_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$TROUGHFILL_REPO[dev]" \
+  "$TROUGHFILL_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$TROUGHFILL_REPO[dev,sim]" -e "$TROUGHFILL_REPO/dev" \
     >"$TROUGHFILL_CACHE/pip.log" 2>&1 || { tail -n 40 "$TROUGHFILL_CACHE/pip.log" >&2; log "pip install failed"; exit 1; }
   echo "$want_stamp" >"$TROUGHFILL_VENV/.stamp"
 fi

@@ -16,8 +16,8 @@ source "$TROUGHFILL_REPO/scripts/setup_k8s.sh"
 cd "$TROUGHFILL_REPO"
 
 echo "== ruff"
-ruff check operator tests scripts
-ruff format --check operator tests scripts
+ruff check operator dev tests scripts
+ruff format --check operator dev tests scripts
 echo "== mypy --strict"
 mypy
 echo "== import-linter"

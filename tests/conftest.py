@@ -2,6 +2,7 @@
 
 Tiers (each folder's conftest says what in it is real):
 - unit/: pure Python, no processes, no network.
+- packaging/: the wheel pip builds from this checkout: what it holds and what it loads.
 - manifests/: the generated CRDs and kustomize output, built with a real kubectl and
   checked against Kubernetes' published OpenAPI schemas and a real CEL interpreter.
 - integration/: real redis-server and prometheus processes on loopback.
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import settings
 from redis.asyncio import Redis
 
-from troughfill.devenv import RedisServer, VllmServer, start_redis, start_vllm
+from troughfill_dev.localcluster import RedisServer, VllmServer, start_redis, start_vllm
 
 # Shared 2-core machines time out fast examples at random; a property failing is what matters.
 settings.register_profile("default", deadline=None)

@@ -10,9 +10,9 @@ from typing import Any
 
 from troughfill.api import Endpoint
 from troughfill.api.batchfile import RequestLine, output_record
-from troughfill.jobs import ResultWriter, load_requests
 from troughfill.ledger import Claim, JobConfig, JobKeys, JobLedger, Outcome
 from troughfill.ledger.ledger import Redis
+from troughfill.results import ResultWriter, load_requests
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
 
 

@@ -21,10 +21,15 @@ from kubernetes.config import kube_config
 
 from tests.conftest import REPO_ROOT
 from troughfill import constants
-from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
-from troughfill.devenv.nodeagent import GPU_RESOURCE
-from troughfill.devenv.services import wait_until as until
-from troughfill.devenv.stack import create_namespace
+from troughfill_dev.localcluster.controlplane import (
+    ControlPlane,
+    k8s_bin_dir,
+    start_control_plane,
+    start_node_agent,
+)
+from troughfill_dev.localcluster.nodeagent import GPU_RESOURCE
+from troughfill_dev.localcluster.services import wait_until as until
+from troughfill_dev.localcluster.stack import create_namespace
 
 GPUS_PER_NODE = 8
 

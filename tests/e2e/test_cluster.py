@@ -15,8 +15,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.conftest import Kube
-from troughfill.devenv.nodeagent import GPU_RESOURCE, PID_ANNOTATION
-from troughfill.devenv.services import wait_until as until
+from troughfill_dev.localcluster.nodeagent import GPU_RESOURCE, PID_ANNOTATION
+from troughfill_dev.localcluster.services import wait_until as until
 
 IMAGE = os.environ.get("TROUGHFILL_E2E_IMAGE", "python:3.11-slim")
 """Ignored by the node agent (it runs the command here); what a real cluster pulls."""

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Kube, kubectl, until
 from troughfill import constants
-from troughfill.devenv import RedisServer, VllmServer, free_port, start_prometheus
-from troughfill.devenv.services import VLLM_ENV
+from troughfill_dev.localcluster import RedisServer, VllmServer, free_port, start_prometheus
+from troughfill_dev.localcluster.services import VLLM_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 

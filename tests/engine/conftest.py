@@ -20,11 +20,11 @@ from redis.asyncio import Redis
 
 from tests.ledgertools import create_job
 from troughfill.api import Endpoint
-from troughfill.devenv import RedisServer, VllmServer
-from troughfill.devenv.services import VLLM_ENV
-from troughfill.jobs import index_input
 from troughfill.ledger import JobKeys, JobLedger
+from troughfill.results import index_input
 from troughfill.storage import ObjectStore
+from troughfill_dev.localcluster import RedisServer, VllmServer
+from troughfill_dev.localcluster.services import VLLM_ENV
 
 
 def chat_line(custom_id: str, max_tokens: int, content: str = "classify this ticket") -> str:

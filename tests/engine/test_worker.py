@@ -11,9 +11,9 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from tests.engine.conftest import Job, chat_line, make_job, until
-from troughfill.devenv import RedisServer, VllmServer, free_port, vllm_command
-from troughfill.jobs import finalize
+from troughfill.results import finalize
 from troughfill.storage import ObjectStore
+from troughfill_dev.localcluster import RedisServer, VllmServer, free_port, vllm_command
 
 
 def exactly_once(job: Job, count: int) -> list[dict[str, object]]:

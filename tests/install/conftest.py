@@ -29,9 +29,14 @@ from kubernetes import client, config
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tests.conftest import REPO_ROOT
-from troughfill.devenv import start_prometheus, start_s3
-from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
-from troughfill.devenv.services import LOOPBACK, VLLM_ENV, PrometheusServer, S3Server, free_port
+from troughfill_dev.localcluster import start_prometheus, start_s3
+from troughfill_dev.localcluster.controlplane import (
+    ControlPlane,
+    k8s_bin_dir,
+    start_control_plane,
+    start_node_agent,
+)
+from troughfill_dev.localcluster.services import LOOPBACK, VLLM_ENV, PrometheusServer, S3Server, free_port
 
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 """What the example pool selects."""

@@ -21,7 +21,7 @@ from kubernetes import client
 from tests.conftest import REPO_ROOT
 from tests.install.conftest import BUCKET, S3_URL, Site, read_example
 from troughfill import constants
-from troughfill.devenv.services import wait_until
+from troughfill_dev.localcluster.services import wait_until
 
 OPERATOR = "troughfill-operator"
 SYSTEM = constants.OPERATOR_NAMESPACE

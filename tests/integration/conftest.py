@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from tests.ledgertools import FakeClock
-from troughfill.devenv import PrometheusServer, RedisServer, S3Server, start_prometheus, start_s3
 from troughfill.storage import ObjectStore
+from troughfill_dev.localcluster import PrometheusServer, RedisServer, S3Server, start_prometheus, start_s3
 
 
 @pytest.fixture

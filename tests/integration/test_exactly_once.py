@@ -29,10 +29,10 @@ from tests.ledgertools import (
     tokens_for,
     write_input,
 )
-from troughfill.devenv import RedisServer
-from troughfill.jobs import finalize, index_input
 from troughfill.ledger import JobKeys, JobLedger, Progress
+from troughfill.results import finalize, index_input
 from troughfill.storage import ObjectStore, new_segment_id, write_segment
+from troughfill_dev.localcluster import RedisServer
 
 LEASE_SECONDS = 10.0
 WORKERS = 3

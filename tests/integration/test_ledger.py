@@ -20,7 +20,6 @@ from tests.ledgertools import (
     write_input,
 )
 from troughfill.api import Phase
-from troughfill.jobs import finalize, index_input, load_requests
 from troughfill.ledger import (
     TRANSITIONS,
     InvalidTransitionError,
@@ -30,6 +29,7 @@ from troughfill.ledger import (
     Partial,
 )
 from troughfill.ledger.ledger import DEFAULT_LEASE_SECONDS
+from troughfill.results import finalize, index_input, load_requests
 from troughfill.storage import ObjectStore
 
 

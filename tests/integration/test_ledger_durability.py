@@ -21,10 +21,10 @@ from tests.ledgertools import (
     request_line,
     write_input,
 )
-from troughfill.devenv import start_redis
-from troughfill.jobs import finalize, index_input
 from troughfill.ledger import JobLedger
+from troughfill.results import finalize, index_input
 from troughfill.storage import ObjectStore
+from troughfill_dev.localcluster import start_redis
 
 REQUESTS = 2_000
 

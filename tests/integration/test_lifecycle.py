@@ -9,10 +9,10 @@ from redis.asyncio import Redis
 
 from tests.builders import batch_inference, pool, template
 from tests.ledgertools import FakeWorker, drain, read_jsonl, request_line, write_input
-from troughfill import lifecycle
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.admission import Admission
 from troughfill.api.conditions import find_condition
+from troughfill.controller import jobs as lifecycle
 from troughfill.storage import ObjectStore
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

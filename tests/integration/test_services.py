@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydantic import SecretStr
 
 from troughfill.config import Settings
-from troughfill.devenv import PrometheusServer, free_port, start_prometheus, start_redis
 from troughfill.ledger import connect
+from troughfill_dev.localcluster import PrometheusServer, free_port, start_prometheus, start_redis
 
 
 def test_redis_is_real_and_durable_by_default(redis_client: "redis.Redis[bytes]") -> None:

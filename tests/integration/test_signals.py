@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tests.plannertools import job, workers
 from troughfill.api.batchpool import OnlineWorkload
-from troughfill.devenv import PrometheusServer, free_port, start_prometheus
 from troughfill.planner import Plan, PoolPolicy, Quota, SignalState, Snapshot, StopMode, plan
 from troughfill.signals import PrometheusSignals, SignalReading
+from troughfill_dev.localcluster import PrometheusServer, free_port, start_prometheus
 
 SCRAPE_SECONDS = 1.0
 ONLINE = OnlineWorkload.model_validate(

@@ -8,9 +8,9 @@ import s3fs
 from redis.asyncio import Redis
 
 from tests.ledgertools import FakeClock, FakeWorker, create_job, drain, new_ledger, request_line
-from troughfill.devenv import S3Server
-from troughfill.jobs import finalize, index_input, load_requests
+from troughfill.results import finalize, index_input, load_requests
 from troughfill.storage import ObjectStore
+from troughfill_dev.localcluster import S3Server
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -8,6 +8,7 @@ import yaml
 
 from tests.builders import batch_inference
 from troughfill.cli import main
+from troughfill_dev.cli import main as dev_main
 
 
 def test_crds_check_fails_when_stale_then_passes_after_generation(
@@ -55,7 +56,7 @@ def test_validate_accepts_the_examples(repo_root: Path) -> None:
 
 
 def test_demo_admits_the_embedded_example(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--check-only"]) == 0
+    assert dev_main(["demo", "--check-only"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["admission"]["allowed"] is True
     assert report["admission"]["priorityClassName"] == "troughfill-batch"
@@ -71,5 +72,5 @@ def test_demo_fails_on_a_refused_job(
     job = yaml.safe_load((examples / "batchinference.yaml").read_text())
     job["spec"]["engineArgs"] = [{"name": "enforce-eager", "value": "true"}]
     (tmp_path / "batchinference.yaml").write_text(yaml.safe_dump(job))
-    assert main(["demo", "--check-only", "--examples", str(tmp_path)]) == 1
+    assert dev_main(["demo", "--check-only", "--examples", str(tmp_path)]) == 1
     assert json.loads(capsys.readouterr().out)["admission"]["reason"] == "EngineArgNotAllowed"

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from troughfill import demo
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
-from troughfill.cli import main
-from troughfill.demo import (
+from troughfill_dev import demo
+from troughfill_dev.cli import main
+from troughfill_dev.demo import (
     AFTERNOON_SHARE,
     NIGHT_SPAN,
     NODE_GPUS,
@@ -109,5 +109,6 @@ def test_a_failure_is_one_line_saying_what_and_where_the_logs_are(
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"troughfill demo: failed: kube-apiserver exited with 1: (logs of every process: {tmp_path / 'work'})"
+        "troughfill-dev demo: failed: kube-apiserver exited with 1: "
+        f"(logs of every process: {tmp_path / 'work'})"
     ]

@@ -68,7 +68,7 @@ def test_a_missing_peering_crd_stops_the_operator_with_what_to_do(
     fake.crds.clear()
     with pytest.raises(PeeringUnavailableError, match="apply manifests/crds"):
         ensure_peering(client.ApiClient(), "troughfill")
-    monkeypatch.setattr("troughfill.kube.cluster.api_client", client.ApiClient)
+    monkeypatch.setattr("troughfill.kube.adapter.api_client", client.ApiClient)
     assert main(["operator"]) == 2
     err = capsys.readouterr().err
     assert "clusterkopfpeerings.kopf.dev is not installed" in err

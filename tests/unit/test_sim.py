@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from troughfill.cli import main as cli_main
 from troughfill.planner import StopMode
 from troughfill.sim import Scenario, plot, run
-from troughfill.sim.cluster import QUEUE, Actions, Cluster, ClusterParams, ClusterView, SimJob
+from troughfill.sim.fleet import QUEUE, Actions, Cluster, ClusterParams, ClusterView, SimJob
 from troughfill.sim.policies import KedaPolicy, TroughfillPolicy, pool_policy
 from troughfill.sim.scenario import run_oracle
 from troughfill.sim.trace import load_burst_profile, load_rate_trace, online_demand, sliding_max

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from troughfill.api import Endpoint
-from troughfill.worker import requests as calls
+from troughfill.worker import calls
 from troughfill.worker.concurrency import ConcurrencyPolicy, EngineLoad, next_limit
 from troughfill.worker.engine import parse_load
 

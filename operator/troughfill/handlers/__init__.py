@@ -1,4 +1,4 @@
-"""Kopf handlers: thin. They look objects up, call troughfill.lifecycle and write what it returns.
+"""Kopf handlers: thin. They look objects up, call troughfill.controller.jobs and write what it returns.
 
 Run with `troughfill operator` or `kopf run -m troughfill.handlers`. The only module that
 imports kopf. Kopf's own annotations and the finalizer use troughfill's names
@@ -14,17 +14,18 @@ from typing import Any
 import kopf
 import pydantic
 
-from troughfill import constants, lifecycle, metrics
+from troughfill import constants, metrics
 from troughfill.api.admission import admit
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.config import Settings
-from troughfill.kube.cluster import KubeWorkers, api_client
+from troughfill.controller import jobs as lifecycle
+from troughfill.controller.pools import PoolController, pool_status
+from troughfill.kube.adapter import KubeWorkers, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, connect
-from troughfill.pools import PoolController, pool_status
 from troughfill.signals import PrometheusSignals
 from troughfill.storage import store_for
 

@@ -11,13 +11,15 @@ from collections.abc import Sequence
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from troughfill.errors import TroughfillError
+
 PEERING_GROUP = "kopf.dev"
 PEERING_VERSION = "v1"
 CLUSTER_PEERINGS = "clusterkopfpeerings"
 NAMESPACED_PEERINGS = "kopfpeerings"
 
 
-class PeeringUnavailableError(RuntimeError):
+class PeeringUnavailableError(TroughfillError):
     """Leader election cannot work on this cluster as it is; the message says what to do."""
 
 

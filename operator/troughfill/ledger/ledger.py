@@ -13,6 +13,7 @@ from redis.commands.core import AsyncScript
 
 from troughfill.api.batchinference import Endpoint, Phase
 from troughfill.config import Settings
+from troughfill.errors import TroughfillError
 from troughfill.ledger import lua
 from troughfill.ledger.keys import CUSTOM_IDS, OFFSETS, JobKeys
 from troughfill.ledger.states import InvalidTransitionError, sources_of
@@ -108,8 +109,12 @@ class Partial:
     prompt_tokens: int | None = None
 
 
-class LedgerClosedError(Exception):
+class LedgerClosedError(TroughfillError):
     """The job no longer accepts results (finalizing or terminal)."""
+
+
+class JobNotRecordedError(TroughfillError, LookupError):
+    """The ledger has no record of the job (never admitted, or its keys are gone)."""
 
 
 class JobLedger:
@@ -159,7 +164,7 @@ class JobLedger:
     async def config(self) -> JobConfig:
         meta = await self._meta()
         if "input_url" not in meta:
-            raise KeyError(f"no job at {self.keys.prefix}")
+            raise JobNotRecordedError(f"no job at {self.keys.prefix}")
         return JobConfig(
             input_url=meta["input_url"],
             output_url=meta["output_url"],

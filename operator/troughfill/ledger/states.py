@@ -3,6 +3,7 @@
 from types import MappingProxyType
 
 from troughfill.api.batchinference import Phase
+from troughfill.errors import TroughfillError
 
 # finalizing merges the output, then ends completed, or expired when the completion window
 # ran out first; cancelling merges what was done, then ends cancelled.
@@ -29,7 +30,7 @@ def sources_of(target: Phase) -> frozenset[Phase]:
     return frozenset(state for state, moves in TRANSITIONS.items() if target in moves)
 
 
-class InvalidTransitionError(Exception):
+class InvalidTransitionError(TroughfillError):
     def __init__(self, current: Phase | None, target: Phase) -> None:
         super().__init__(
             f"cannot move a job from {current.value if current else 'nothing'} to {target.value}"

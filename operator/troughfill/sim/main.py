@@ -3,20 +3,20 @@
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from troughfill.sim.cluster import ClusterParams
+from troughfill.sim.fleet import ClusterParams
 from troughfill.sim.scenario import Scenario, plot, run
 
 POLICIES = ("troughfill", "keda-hpa", "static")
 
 
-def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = commands.add_parser(
-        "simulate",
-        help="trace-driven simulation: troughfill vs a KEDA/HPA autoscaler, a static split and the oracle",
-        description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="troughfill simulate",
+        description="troughfill vs a KEDA/HPA autoscaler, a static split and the oracle, over a trace",
     )
     defaults = Scenario()
     params = ClusterParams()
@@ -51,7 +51,7 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
     )
     parser.add_argument("--output", type=Path, help="write the JSON report here (default: stdout)")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
-    parser.set_defaults(handler=cmd_simulate)
+    return parser
 
 
 def scenario_from(args: argparse.Namespace) -> Scenario:
@@ -88,7 +88,8 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
     )
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     scenario = scenario_from(args)
     report, series = run(scenario)
     if args.plot:

@@ -18,7 +18,7 @@ from troughfill.planner import (
     plan,
     seasonal_forecast,
 )
-from troughfill.sim.cluster import QUEUE, Actions, ClusterParams, ClusterView, SimWorker
+from troughfill.sim.fleet import QUEUE, Actions, ClusterParams, ClusterView, SimWorker
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from troughfill.sim.cluster import (
+from troughfill.sim.fleet import (
     SAMPLE_SECONDS,
     Cluster,
     ClusterParams,

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from troughfill import constants
+from troughfill.errors import TroughfillError
 from troughfill.processes import stop_process_group
 from troughfill.worker.concurrency import EngineLoad
 
@@ -21,12 +22,12 @@ WAITING = "vllm:num_requests_waiting"
 KV_CACHE = "vllm:kv_cache_usage_perc"
 
 
-class EngineDeadError(Exception):
+class EngineDeadError(TroughfillError):
     """The engine process exited or stopped answering."""
 
 
 @dataclass
-class EngineHttpError(Exception):
+class EngineHttpError(TroughfillError):
     """The engine answered with an error status."""
 
     status: int

@@ -26,10 +26,10 @@ import aiohttp
 
 from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.api.batchinference import Endpoint
-from troughfill.jobs import ResultWriter, load_requests
 from troughfill.ledger import JobLedger, LedgerClosedError, Outcome, Partial
+from troughfill.results import ResultWriter, load_requests
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
-from troughfill.worker import requests as calls
+from troughfill.worker import calls
 from troughfill.worker.concurrency import ConcurrencyPolicy, next_limit
 from troughfill.worker.engine import EngineClient, EngineDeadError, EngineHttpError
 

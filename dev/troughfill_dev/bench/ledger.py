@@ -1,6 +1,6 @@
 """Ledger throughput on one local redis-server: index, claim, complete, finalize.
 
-    python -m troughfill.bench.ledger [--requests 100000] [--chunk 1000] [--workers 4]
+    python -m troughfill_dev.bench.ledger [--requests 100000] [--chunk 1000] [--workers 4]
 
 Starts its own redis-server (AOF, fsync every second, as deployed) unless --redis-url is
 given, writes a synthetic OpenAI Batch input, and runs the real data path: indexing,
@@ -22,10 +22,10 @@ import redis.asyncio as aioredis
 
 from troughfill.api.batchfile import output_record
 from troughfill.api.batchinference import Endpoint
-from troughfill.devenv import start_redis
-from troughfill.jobs import ResultWriter, finalize, index_input
 from troughfill.ledger import Claim, JobConfig, JobKeys, JobLedger, Outcome
+from troughfill.results import ResultWriter, finalize, index_input
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
+from troughfill_dev.localcluster import start_redis
 
 
 def write_input(path: Path, requests: int) -> None:

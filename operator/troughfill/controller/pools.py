@@ -28,7 +28,7 @@ from troughfill.api.batchpool import BatchPool, BatchPoolStatus
 from troughfill.api.conditions import ConditionStatus, PoolConditionType, Reason, is_true, set_condition
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.api.types import LabelSelector, parse_duration
-from troughfill.kube.cluster import KubeWorkers
+from troughfill.kube.adapter import KubeWorkers
 from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, worker_pod
 from troughfill.ledger import JobKeys, JobLedger
 from troughfill.planner import (

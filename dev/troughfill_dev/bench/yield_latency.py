@@ -1,6 +1,6 @@
 """How fast batch gives GPUs back, on a real control plane.
 
-    python -m troughfill.bench.yield [--iterations 5] [--interval 0.5]
+    python -m troughfill_dev.bench.yield_latency [--iterations 5] [--interval 0.5]
 
 Starts Redis, Prometheus (scraping a metrics endpoint this script serves, every second), the
 local control plane with the node agent (one node, 2 GPUs) and `troughfill operator`. A pool
@@ -36,9 +36,9 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from troughfill import constants
-from troughfill.devenv import free_port, start_prometheus, start_redis
-from troughfill.devenv.services import VLLM_ENV, wait_until
-from troughfill.devenv.stack import start_local_cluster, start_operator
+from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
+from troughfill_dev.localcluster.services import VLLM_ENV, wait_until
+from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
 
 POLL = 0.02
 """Seconds between checks while a latency is being measured."""

@@ -1,6 +1,6 @@
 """The worker's overhead and what a mid-job yield costs, on a real vLLM engine.
 
-    python -m troughfill.bench.worker [--requests 600] [--max-tokens 64] [--concurrency 32] [--rounds 3]
+    python -m troughfill_dev.bench.worker [--requests 600] [--max-tokens 64] [--concurrency 32] [--rounds 3]
 
 1. Throughput: the same requests at the same concurrency to the same engine, once through a
    plain async client (aiohttp, one request per slot, not streamed: what a user's script
@@ -35,13 +35,13 @@ import redis.asyncio as aioredis
 
 from troughfill import constants
 from troughfill.api.batchinference import Endpoint
-from troughfill.devenv import split_cpus, start_redis, start_vllm
-from troughfill.jobs import finalize, index_input
 from troughfill.ledger import JobConfig, JobKeys, JobLedger
+from troughfill.results import finalize, index_input
 from troughfill.storage import ObjectStore
 from troughfill.worker.concurrency import ConcurrencyPolicy
 from troughfill.worker.engine import EngineClient
 from troughfill.worker.runner import StopMode, Worker, WorkerOptions
+from troughfill_dev.localcluster import split_cpus, start_redis, start_vllm
 
 SERVED = "tiny"
 # The engines started here keep idle connections as long as the worker's own (devenv's VLLM_ENV).

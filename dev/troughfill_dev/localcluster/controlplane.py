@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from troughfill.devenv.nodeagent import AGENT_LABEL
-from troughfill.devenv.services import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
+from troughfill_dev.localcluster.nodeagent import AGENT_LABEL
+from troughfill_dev.localcluster.services import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
 NETWORK_BLOCK = 198
 """Service and pod CIDRs come from 198.18.0.0/15 (reserved for benchmarking, RFC 2544): no
@@ -458,7 +458,7 @@ def start_node_agent(
     and Services work (needs root); `images`: a JSON file of the local images pods may run;
     `storage_class`: the default StorageClass, whose claims the agent provisions."""
     args = [
-        python or os.environ.get("PYTHON", "python"), "-m", "troughfill.devenv.nodeagent",
+        python or os.environ.get("PYTHON", "python"), "-m", "troughfill_dev.localcluster.nodeagent",
         "--kubeconfig", str(plane.node_agent_kubeconfig), "--workdir", str(workdir / "pods"),
         "--nodes", str(nodes), "--gpus", str(gpus),
     ]  # fmt: skip

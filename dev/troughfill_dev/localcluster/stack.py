@@ -9,10 +9,14 @@ from pathlib import Path
 
 from kubernetes import client, config
 
-from troughfill.devenv.cluster import ControlPlane, k8s_bin_dir, start_control_plane, start_node_agent
-from troughfill.devenv.services import ManagedProcess, http_ok, wait_until
-
-REPO = Path(__file__).resolve().parents[3]
+from troughfill_dev import paths
+from troughfill_dev.localcluster.controlplane import (
+    ControlPlane,
+    k8s_bin_dir,
+    start_control_plane,
+    start_node_agent,
+)
+from troughfill_dev.localcluster.services import ManagedProcess, http_ok, wait_until
 
 
 @dataclass
@@ -62,8 +66,8 @@ def start_local_cluster(workdir: Path, *, nodes: int, gpus: int) -> LocalCluster
         raise
     cluster = LocalCluster(plane, agent, config.new_client_from_config(config_file=str(plane.kubeconfig)))
     try:
-        cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "crds"))
-        cluster.kubectl("apply", "-f", str(REPO / "manifests" / "base" / "priorityclass.yaml"))
+        cluster.kubectl("apply", "--server-side", "-k", str(paths.manifests() / "crds"))
+        cluster.kubectl("apply", "-f", str(paths.manifests() / "base" / "priorityclass.yaml"))
         cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     except BaseException:
         cluster.stop()

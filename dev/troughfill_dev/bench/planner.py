@@ -1,6 +1,6 @@
 """Planning cycle time at scale: 1,000 jobs over a 10,000-GPU pool.
 
-    python -m troughfill.bench.planner [--jobs 1000] [--gpus 10000] [--cycles 60]
+    python -m troughfill_dev.bench.planner [--jobs 1000] [--gpus 10000] [--cycles 60]
 
 Jobs spread over 50 namespaces (weights 1-5, quotas), 3 priority classes, 1-8 GPUs per worker,
 a third with deadlines, with workers already holding most of the pool in an arbitrary

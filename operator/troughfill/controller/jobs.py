@@ -32,8 +32,8 @@ from troughfill.api.conditions import (
 )
 from troughfill.api.modeltemplate import ModelTemplate, ModelTemplateStatus
 from troughfill.api.types import parse_duration
-from troughfill.jobs import FinalReport, finalize, index_input
 from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger
+from troughfill.results import FinalReport, finalize, index_input
 from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, join
 
 

@@ -30,7 +30,7 @@ Not supported (the pod is marked Failed with a reason saying so): init container
 types other than those above. Resource limits and security contexts are not enforced.
 `kubectl logs` and `exec` need a kubelet API and do not work; read the log files instead.
 
-Run it as `python -m troughfill.devenv.nodeagent --kubeconfig K --nodes 2 --gpus 8 --workdir D`.
+Run it as `python -m troughfill_dev.localcluster.nodeagent --kubeconfig K --nodes 2 --gpus 8 --workdir D`.
 """
 
 import argparse
@@ -55,7 +55,7 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from troughfill.devenv.podfs import (
+from troughfill_dev.localcluster.podfs import (
     LocalImage,
     PodVolumes,
     VolumeError,
@@ -65,7 +65,7 @@ from troughfill.devenv.podfs import (
     mounts_for,
     wrap,
 )
-from troughfill.devenv.podnet import (
+from troughfill_dev.localcluster.podnet import (
     CLUSTER_DOMAIN,
     PodNetwork,
     PodSandbox,

@@ -6,7 +6,7 @@ over HTTP, vLLM is the real engine (CPU build) in its own virtual environment; e
 on a free 127.0.0.1 port in a scratch directory.
 """
 
-from troughfill.devenv.services import (
+from troughfill_dev.localcluster.services import (
     ManagedProcess,
     PrometheusServer,
     RedisServer,

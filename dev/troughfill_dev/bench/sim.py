@@ -2,7 +2,7 @@
 burstiness from the Azure conversation trace, troughfill vs a KEDA/HPA autoscaler vs a static
 split vs the oracle. Prints the JSON report; `--plot FILE` also draws it.
 
-    python -m troughfill.bench.sim [--days 14] [--plot sim.png]
+    python -m troughfill_dev.bench.sim [--days 14] [--plot sim.png]
 """
 
 import argparse

@@ -41,13 +41,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from troughfill import constants
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
-from troughfill.devenv import ManagedProcess, free_port, start_prometheus, start_redis
-from troughfill.devenv.nodeagent import AGENT_LABEL
-from troughfill.devenv.services import LOOPBACK, VLLM_ENV
-from troughfill.devenv.stack import LocalCluster, create_namespace, start_local_cluster, start_operator
 from troughfill.ledger.keys import JobKeys
 from troughfill.sim.scenario import DEFAULT_TRACE, bundled
 from troughfill.sim.trace import load_rate_trace, online_demand
+from troughfill_dev.localcluster import ManagedProcess, free_port, start_prometheus, start_redis
+from troughfill_dev.localcluster.nodeagent import AGENT_LABEL
+from troughfill_dev.localcluster.services import LOOPBACK, VLLM_ENV
+from troughfill_dev.localcluster.stack import (
+    LocalCluster,
+    create_namespace,
+    start_local_cluster,
+    start_operator,
+)
 
 ONLINE_METRIC = "troughfill_demo_online_gpus"
 NODE_GPUS = 4

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print JSON (`python -m troughfill_dev.bench.NAME`), not timed tests."""

@@ -1,1 +1,0 @@
-"""Benchmarks: scripts that print JSON (`python -m troughfill.bench.NAME`), not timed tests."""
