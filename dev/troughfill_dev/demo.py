@@ -41,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from troughfill import constants
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
+from troughfill.ledger.contract import Heartbeat
 from troughfill.ledger.keys import JobKeys
 from troughfill.sim.scenario import DEFAULT_TRACE, bundled
 from troughfill.sim.trace import load_rate_trace, online_demand
@@ -497,7 +498,7 @@ class Watcher:
                 beat = self.redis.get(key)
                 if not beat:
                     continue
-                url = json.loads(beat).get("engine_url")
+                url = Heartbeat.model_validate_json(beat).engine_url
                 if not url:
                     continue
                 scraped = urllib.request.urlopen(f"{url}/metrics", timeout=2).read().decode()

@@ -11,6 +11,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from tests.engine.conftest import Job, chat_line, make_job, until
+from troughfill.ledger import StopMode
 from troughfill.results import finalize
 from troughfill.storage import ObjectStore
 from troughfill_dev.localcluster import RedisServer, VllmServer, free_port, vllm_command
@@ -131,7 +132,7 @@ async def test_operator_can_pick_the_stop_mode_per_worker(
     job = await make_job(
         aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 900) for i in range(40)]
     )
-    await job.ledger.request_stop("told-to-yield", "yield")
+    await job.ledger.request_stop("told-to-yield", StopMode.YIELD)
     code, seconds, _ = await stop_mid_job(
         job, "told-to-yield", signal.SIGTERM, "--on-sigterm", "drain", mid_generation=True
     )
@@ -214,8 +215,8 @@ async def test_an_engine_crash_makes_the_worker_fail_without_marking_in_flight_w
     await until(working, "the worker's own engine starting and serving", within=300)
     beat = await job.ledger.last_heartbeat("owner")
     assert beat is not None
-    assert beat["engine_pid"]
-    os.killpg(int(beat["engine_pid"]), signal.SIGKILL)
+    assert beat.engine_pid
+    os.killpg(int(beat.engine_pid), signal.SIGKILL)
     code = await asyncio.to_thread(worker.wait, 60)
     assert code == 3, job.log("owner")
     progress = await job.ledger.progress()

@@ -13,6 +13,7 @@ from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.admission import Admission
 from troughfill.api.conditions import find_condition
 from troughfill.controller import jobs as lifecycle
+from troughfill.planner import Limit
 from troughfill.storage import ObjectStore
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -39,7 +40,7 @@ async def test_a_job_is_indexed_then_completes_with_its_counts(aredis: Redis, tm
     again = await lifecycle.start(job, admitted(job), ledger, store, NOW)
     assert again.events == []  # a resumed handler does not re-admit or re-index
     await drain(ledger, store, job.spec.output_url)
-    workers = lifecycle.Workers(desired=1, ready=1, limit="None", at_risk=False)
+    workers = lifecycle.WorkerView(desired=1, ready=1, limit=Limit.NONE, at_risk=False)
     done = await lifecycle.refresh_status(job, started.status, ledger, store, NOW, workers=workers)
     assert done.status.phase == "completed"
     assert done.status.progress == "12/12 (100%)"

@@ -42,7 +42,9 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_holds_the_runtime_package_only(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    packages = {name.split("/")[1] for name in names if name.startswith("troughfill/") and name.count("/") > 1}
+    packages = {
+        name.split("/")[1] for name in names if name.startswith("troughfill/") and name.count("/") > 1
+    }
     assert set(RUNTIME) <= packages
     assert packages == {*RUNTIME, "sim"}, packages - {*RUNTIME, "sim"}
     tops = {name.split("/")[0] for name in names}
@@ -75,8 +77,10 @@ def _run_installed(installed: Path, argv: list[str]) -> dict[str, object]:
         "    except SystemExit as stop:\n"
         "        code = stop.code\n"
         "import troughfill\n"
-        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'matplotlib', 'troughfill_dev', 'kopf'})\n"
-        "print(json.dumps({'code': code, 'loaded': loaded, 'file': troughfill.__file__, 'out': out.getvalue()}))\n"
+        "heavy = {'numpy', 'matplotlib', 'troughfill_dev', 'kopf'}\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & heavy)\n"
+        "result = {'code': code, 'loaded': loaded, 'file': troughfill.__file__, 'out': out.getvalue()}\n"
+        "print(json.dumps(result))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe],

@@ -35,12 +35,12 @@ import redis.asyncio as aioredis
 
 from troughfill import constants
 from troughfill.api.batchinference import Endpoint
-from troughfill.ledger import JobConfig, JobKeys, JobLedger
+from troughfill.ledger import JobConfig, JobKeys, JobLedger, StopMode
 from troughfill.results import finalize, index_input
 from troughfill.storage import ObjectStore
 from troughfill.worker.concurrency import ConcurrencyPolicy
 from troughfill.worker.engine import EngineClient
-from troughfill.worker.runner import StopMode, Worker, WorkerOptions
+from troughfill.worker.runner import Worker, WorkerOptions
 from troughfill_dev.localcluster import split_cpus, start_redis, start_vllm
 
 SERVED = "tiny"

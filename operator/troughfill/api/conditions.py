@@ -88,6 +88,11 @@ class Reason(StrEnum):
     PRIORITY_CLASS_MISSING = "PriorityClassMissing"
     RESUMED = "Resumed"
     TEMPLATE_DELETED = "TemplateDeleted"
+    # Events of a pool's planning cycle
+    SCALE_UP = "ScaleUp"
+    SCALE_DOWN = "ScaleDown"
+    YIELD = "Yield"
+    WORKER_CREATE_FAILED = "WorkerCreateFailed"
 
 
 ConditionType = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Za-z0-9]*$", max_length=316)]

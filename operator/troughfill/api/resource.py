@@ -58,6 +58,21 @@ class ObjectMeta(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
+    @property
+    def ns(self) -> str:
+        """The namespace, "default" when the object was read without one (as the API server defaults it)."""
+        return self.namespace or "default"
+
+    @property
+    def key(self) -> str:
+        """namespace/name: how the planner, metrics and logs name a namespaced object."""
+        return f"{self.ns}/{self.name}"
+
+    @property
+    def uid_text(self) -> str:
+        """The uid ("" for an object not yet stored: such an object has no ledger and no workers)."""
+        return self.uid or ""
+
 
 class Resource(ApiModel):
     """A whole custom object: apiVersion, kind, metadata, spec, status."""

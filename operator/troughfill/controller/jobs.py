@@ -32,7 +32,8 @@ from troughfill.api.conditions import (
 )
 from troughfill.api.modeltemplate import ModelTemplate, ModelTemplateStatus
 from troughfill.api.types import parse_duration
-from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger
+from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, Progress
+from troughfill.planner import Limit
 from troughfill.results import FinalReport, finalize, index_input
 from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, join
 
@@ -53,8 +54,7 @@ class StatusUpdate:
 
 
 def ledger_for(job: BatchInference, client: Redis) -> JobLedger:
-    meta = job.metadata
-    return JobLedger(client, JobKeys(meta.namespace or "default", meta.name, meta.uid or ""))
+    return JobLedger(client, JobKeys.of(job.metadata))
 
 
 def _status(job: BatchInference) -> BatchInferenceStatus:
@@ -162,15 +162,19 @@ async def start(
 
 
 @dataclass(frozen=True)
-class Workers:
-    """The job's workers as its pool's last planning cycle saw them."""
+class WorkerView:
+    """The job's workers as its pool's last planning cycle saw them (controller.pools records it)."""
 
     desired: int
     ready: int
-    limit: str
-    """The planner's reason for fewer workers than the job could use ("None" when not short)."""
+    """Serving: Ready and not being stopped."""
+    limit: Limit
+    """The planner's reason for fewer workers than the job could use."""
     at_risk: bool
     crash_loop: str | None = None
+    """Why no worker is started right now, when its workers keep failing."""
+    gpu_seconds: float = 0.0
+    """GPU-seconds its serving workers held in all (what the status reports)."""
 
 
 def deadline(job: BatchInference) -> datetime | None:
@@ -178,7 +182,7 @@ def deadline(job: BatchInference) -> datetime | None:
     return created + parse_duration(job.spec.completion_window) if created else None
 
 
-def _running_condition(job: BatchInference, workers: Workers) -> tuple[ConditionStatus, Reason, str]:
+def _running_condition(job: BatchInference, workers: WorkerView) -> tuple[ConditionStatus, Reason, str]:
     if workers.crash_loop:
         return ConditionStatus.FALSE, Reason.CRASH_LOOP, workers.crash_loop
     if job.spec.suspend:
@@ -193,13 +197,13 @@ def _running_condition(job: BatchInference, workers: Workers) -> tuple[Condition
             Reason.WORKERS_READY,
             f"{workers.ready} of {workers.desired} workers ready",
         )
-    reason = {"StaleSignal": Reason.SIGNAL_STALE, "NoTrough": Reason.ONLINE_DEMAND}.get(
+    reason = {Limit.STALE_SIGNAL: Reason.SIGNAL_STALE, Limit.NO_TROUGH: Reason.ONLINE_DEMAND}.get(
         workers.limit, Reason.WAITING_FOR_TROUGH
     )
     return (
         ConditionStatus.FALSE,
         reason,
-        f"no worker ready ({workers.desired} wanted; limited by {workers.limit})",
+        f"no worker ready ({workers.desired} wanted; limited by {workers.limit.value})",
     )
 
 
@@ -210,35 +214,75 @@ async def refresh_status(
     store: ObjectStore,
     now: datetime,
     *,
-    workers: Workers | None = None,
+    workers: WorkerView | None = None,
 ) -> StatusUpdate:
     """Counts and phase from the ledger; workers from the pool's plan; once every request is
     done, merge the output and complete; once the completion window has passed, expire the rest."""
-    progress = await ledger.progress()
     events: list[Event] = []
+    progress = await _expire_if_window_ended(job, status, ledger, store, now=now, events=events)
+    progress = await _finalize_if_done(status, ledger, store, progress, events)
+    _counts(job, status, progress)
+    if progress.refused:
+        _refused(status, job, progress.refused, now)  # whatever status this writer started from
+    if progress.state is not None:
+        status.phase = progress.state
+    if progress.state == Phase.COMPLETED:
+        await _completed(job, status, ledger, progress, now)
+    if workers is not None and progress.state not in TERMINAL:
+        _workers_conditions(job, status, workers, now)
+    elif progress.state in TERMINAL:
+        _workers_ended(job, status, progress.state, now)
+    return StatusUpdate(status, events)
+
+
+async def _expire_if_window_ended(
+    job: BatchInference,
+    status: BatchInferenceStatus,
+    ledger: JobLedger,
+    store: ObjectStore,
+    *,
+    now: datetime,
+    events: list[Event],
+) -> Progress:
+    """Past the completion window with work left: merge what is done, the rest as expired."""
+    progress = await ledger.progress()
     ends = deadline(job)
     if (
-        ends is not None
-        and now >= ends
-        and not progress.all_done
-        and progress.state in {Phase.VALIDATING, Phase.IN_PROGRESS, Phase.FINALIZING}
+        ends is None
+        or now < ends
+        or progress.all_done
+        or progress.state not in {Phase.VALIDATING, Phase.IN_PROGRESS, Phase.FINALIZING}
     ):
-        report = await finalize(ledger, store, Phase.EXPIRED)
-        message = f"completion window {job.spec.completion_window} ended: {_summary(report)}"
-        events.append(Event(Reason.WINDOW_ENDED, message, warning=True))
-        status.output_url, status.error_url = report.output_url, report.error_url
-        _set(
-            status, job, JobConditionType.EXPIRED,
-            value=ConditionStatus.TRUE, reason=Reason.WINDOW_ENDED, message=message, now=now,
-        )  # fmt: skip
-        status.finished_at = status.finished_at or now
-        progress = await ledger.progress()
-    if progress.all_done and progress.state not in TERMINAL:
-        report = await finalize(ledger, store)
-        message = _summary(report)
-        events.append(Event(Reason.ALL_REQUESTS_DONE, message))
-        status.output_url, status.error_url = report.output_url, report.error_url
-        progress = await ledger.progress()
+        return progress
+    report = await finalize(ledger, store, Phase.EXPIRED)
+    message = f"completion window {job.spec.completion_window} ended: {_summary(report)}"
+    events.append(Event(Reason.WINDOW_ENDED, message, warning=True))
+    status.output_url, status.error_url = report.output_url, report.error_url
+    _set(
+        status, job, JobConditionType.EXPIRED,
+        value=ConditionStatus.TRUE, reason=Reason.WINDOW_ENDED, message=message, now=now,
+    )  # fmt: skip
+    status.finished_at = status.finished_at or now
+    return await ledger.progress()
+
+
+async def _finalize_if_done(
+    status: BatchInferenceStatus,
+    ledger: JobLedger,
+    store: ObjectStore,
+    progress: Progress,
+    events: list[Event],
+) -> Progress:
+    """Every request done: merge the output (idempotent; a retry after a crash converges)."""
+    if not progress.all_done or progress.state in TERMINAL:
+        return progress
+    report = await finalize(ledger, store)
+    events.append(Event(Reason.ALL_REQUESTS_DONE, _summary(report)))
+    status.output_url, status.error_url = report.output_url, report.error_url
+    return await ledger.progress()
+
+
+def _counts(job: BatchInference, status: BatchInferenceStatus, progress: Progress) -> None:
     status.request_counts = RequestCounts(
         total=progress.total, completed=progress.completed, failed=progress.failed, resumed=progress.resumed
     )
@@ -250,42 +294,49 @@ async def refresh_status(
         wasted=progress.wasted_tokens,
     )
     status.observed_generation = job.metadata.generation
-    if progress.refused:
-        _refused(status, job, progress.refused, now)  # whatever status this writer started from
-    if progress.state is not None:
-        status.phase = progress.state
-    if progress.state == Phase.COMPLETED:
+
+
+async def _completed(
+    job: BatchInference, status: BatchInferenceStatus, ledger: JobLedger, progress: Progress, now: datetime
+) -> None:
+    _set(
+        status, job, JobConditionType.COMPLETE,
+        value=ConditionStatus.TRUE, reason=Reason.ALL_REQUESTS_DONE,
+        message=f"{progress.completed} completed, {progress.failed} failed of {progress.total}", now=now,
+    )  # fmt: skip
+    status.finished_at = status.finished_at or now
+    if status.output_url is None:
+        config = await ledger.config()
+        status.output_url = join(config.output_url, OUTPUT_FILE)
+        status.error_url = join(config.output_url, ERROR_FILE)
+
+
+def _workers_conditions(
+    job: BatchInference, status: BatchInferenceStatus, workers: WorkerView, now: datetime
+) -> None:
+    """Running and AtRisk from the pool's last cycle; the GPU-seconds its workers held."""
+    status.workers = WorkerCounts(desired=workers.desired, ready=workers.ready)
+    status.gpu_seconds = max(status.gpu_seconds, workers.gpu_seconds)
+    value, reason, message = _running_condition(job, workers)
+    _set(status, job, JobConditionType.RUNNING, value=value, reason=reason, message=message, now=now)
+    _set(
+        status, job, JobConditionType.AT_RISK,
+        value=ConditionStatus.TRUE if workers.at_risk else ConditionStatus.FALSE,
+        reason=Reason.DEADLINE_AT_RISK if workers.at_risk else Reason.ON_TRACK,
+        message="the deadline is missed at the current pace" if workers.at_risk else "on track",
+        now=now,
+    )  # fmt: skip
+
+
+def _workers_ended(job: BatchInference, status: BatchInferenceStatus, state: Phase, now: datetime) -> None:
+    status.workers = WorkerCounts(desired=0, ready=0)
+    if find_condition(status.conditions, JobConditionType.RUNNING) is not None:
+        ended = {Phase.COMPLETED: Reason.ALL_REQUESTS_DONE, Phase.EXPIRED: Reason.WINDOW_ENDED}
         _set(
-            status, job, JobConditionType.COMPLETE,
-            value=ConditionStatus.TRUE, reason=Reason.ALL_REQUESTS_DONE,
-            message=f"{progress.completed} completed, {progress.failed} failed of {progress.total}", now=now,
+            status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE,
+            reason=ended.get(state, Reason.DELETED),
+            message=f"the job is {state.value}", now=now,
         )  # fmt: skip
-        status.finished_at = status.finished_at or now
-        if status.output_url is None:
-            config = await ledger.config()
-            status.output_url = join(config.output_url, OUTPUT_FILE)
-            status.error_url = join(config.output_url, ERROR_FILE)
-    if workers is not None and progress.state not in TERMINAL:
-        status.workers = WorkerCounts(desired=workers.desired, ready=workers.ready)
-        value, reason, message = _running_condition(job, workers)
-        _set(status, job, JobConditionType.RUNNING, value=value, reason=reason, message=message, now=now)
-        _set(
-            status, job, JobConditionType.AT_RISK,
-            value=ConditionStatus.TRUE if workers.at_risk else ConditionStatus.FALSE,
-            reason=Reason.DEADLINE_AT_RISK if workers.at_risk else Reason.ON_TRACK,
-            message="the deadline is missed at the current pace" if workers.at_risk else "on track",
-            now=now,
-        )  # fmt: skip
-    elif progress.state in TERMINAL:
-        status.workers = WorkerCounts(desired=0, ready=0)
-        if find_condition(status.conditions, JobConditionType.RUNNING) is not None:
-            ended = {Phase.COMPLETED: Reason.ALL_REQUESTS_DONE, Phase.EXPIRED: Reason.WINDOW_ENDED}
-            _set(
-                status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE,
-                reason=ended.get(progress.state, Reason.DELETED),
-                message=f"the job is {progress.state.value}", now=now,
-            )  # fmt: skip
-    return StatusUpdate(status, events)
 
 
 def _summary(report: FinalReport) -> str:

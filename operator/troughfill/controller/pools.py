@@ -1,10 +1,17 @@
-"""One planning cycle of a BatchPool: observe the cluster, Prometheus and the ledger, plan, act.
+"""A BatchPool's planning cycle, as named phases (Kueue's `schedule()` is the model):
 
-Observe: the pool's GPUs (a fixed count or its nodes' allocatable GPUs), online demand (the
-pool's Prometheus queries, plus GPUs of online pods still pending), every admitted job on the
-pool with its remaining work (ledger) and its worker pods. Plan: the pure planner. Act: tell
-each victim how to stop (drain or yield, through the ledger), delete its pod (the worker
-gets SIGTERM and reads that), and create the workers the plan starts. No Kopf here.
+    observe   read the pool's GPUs, its jobs with their ledger progress and worker heartbeats,
+              its worker pods and online demand (read last: the freshest is acted on)
+    snapshot  a pure function of what was observed: the planner's Snapshot
+    plan      the pure planner
+    act       carry the plan out: finished and orphaned worker pods go, each victim is told
+              how to stop (ledger) and its pod deleted, new workers are created, serving
+              workers' pod-deletion-cost follows their unsaved progress
+    record    what the cycle leaves behind: metrics, each job's WorkerView (its status reads
+              it) and the GPU-seconds its workers held
+
+What one pool remembers between cycles is one PoolState. The cluster is the Cluster Protocol
+(controller.ports), so the cycle runs the same against the Kubernetes API or a fake. No Kopf here.
 """
 
 import asyncio
@@ -28,19 +35,18 @@ from troughfill.api.batchpool import BatchPool, BatchPoolStatus
 from troughfill.api.conditions import ConditionStatus, PoolConditionType, Reason, is_true, set_condition
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.api.types import LabelSelector, parse_duration
-from troughfill.kube.adapter import KubeWorkers
+from troughfill.controller.jobs import WorkerView
+from troughfill.controller.ports import Cluster, WorkerPod
 from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, worker_pod
-from troughfill.ledger import JobKeys, JobLedger
+from troughfill.ledger import Heartbeat, JobKeys, JobLedger, Progress, StopMode
 from troughfill.planner import (
     JobState,
-    Limit,
     OnlineSignal,
     Plan,
     PlannerMemory,
     PoolPolicy,
     SignalState,
     Snapshot,
-    StopMode,
     WorkerState,
     plan,
 )
@@ -56,20 +62,101 @@ DELETION_COST_MIN_SECONDS = 30.0
 every second); becoming ready is written at once."""
 
 
-@dataclass(frozen=True)
-class WorkerView:
-    """What the job's own status reports about its workers (read by the job's reconcile)."""
+# --- what one pool remembers ------------------------------------------------------------------
 
-    desired: int
-    ready: int
-    limit: Limit
-    at_risk: bool
-    crash_loop: str | None = None
-    """Why no worker is started right now, when its workers keep failing."""
+
+@dataclass
+class GpuSeconds:
+    """GPU-seconds a job's serving workers held: what its status said when this operator first
+    saw it, plus what this operator counted since. The status is set to the total (never added
+    to), so a status write that is lost or retried counts nothing twice and loses nothing."""
+
+    base: float
+    counted: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.base + self.counted
+
+
+@dataclass
+class PoolState:
+    """Everything the controller remembers of one pool between its cycles."""
+
+    memory: PlannerMemory | None = None
+    last_cycle: float | None = None
+    stopping: dict[str, tuple[float, StopMode]] = field(default_factory=dict)
+    """Pod (namespace/name) -> (when the plan stopped it, how), until the pod is gone."""
+    cost_patched: dict[str, float] = field(default_factory=dict)
+    """Pod (namespace/name) -> when its pod-deletion-cost was last patched."""
+    classes_checked: tuple[float, list[str]] | None = None
+    """(when, the PriorityClasses the pool names that do not exist)."""
+    failures: dict[str, list[float]] = field(default_factory=dict)
+    """Job uid -> when its recent worker pods failed."""
+    views: dict[str, WorkerView] = field(default_factory=dict)
+    """Job uid -> its workers as of the last cycle."""
+    gpu_seconds: dict[str, GpuSeconds] = field(default_factory=dict)
+    """Job uid -> the GPU-seconds its workers held."""
+
+    def crash_loop(self, uid: str, now: float) -> str | None:
+        """Why the job gets no new worker now, when its workers keep failing."""
+        recent = [t for t in self.failures.get(uid, []) if now - t < CRASH_LOOP_SECONDS]
+        if len(recent) < CRASH_LOOP_FAILURES:
+            return None
+        return (
+            f"{len(recent)} worker pods failed in the last {CRASH_LOOP_SECONDS:.0f}s; "
+            f"no new worker until {CRASH_LOOP_SECONDS:.0f}s after the last failure"
+        )
+
+
+# --- what a cycle sees, decides and did --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    job: BatchInference
+    template: ModelTemplate
+    admission: Admission
+    priority: int
+    ledger: JobLedger
+    progress: Progress
+    pods: tuple[WorkerPod, ...]
+    """Its worker pods that have not finished."""
+    beats: tuple[Heartbeat | None, ...]
+    """Each pod's last heartbeat, in the order of `pods`."""
+
+    @property
+    def key(self) -> str:
+        """namespace/name, as the planner names jobs."""
+        return self.job.metadata.key
+
+    @property
+    def uid(self) -> str:
+        return self.job.metadata.uid_text
+
+    @property
+    def serving(self) -> int:
+        return sum(1 for pod in self.pods if pod.serving)
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    capacity: int
+    online: OnlineSignal
+    jobs: tuple[ObservedJob, ...]
+    finished: tuple[WorkerPod, ...]
+    """Worker pods that ended: removed (the plan replaces them if it wants)."""
+    orphans: tuple[WorkerPod, ...]
+    """Workers of jobs no longer active on this pool (finished, expired, suspended out, deleted)."""
+    present: frozenset[str]
+    """Every worker pod of the pool (namespace/name), finished or not."""
 
 
 @dataclass
 class Cycle:
+    """What one cycle decided and did (the handler reports it: status, Events, logs)."""
+
     plan: Plan
     online: OnlineSignal
     capacity_gpus: int
@@ -79,19 +166,6 @@ class Cycle:
     missing_priority_classes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     """Workers the API server refused to create (missing PriorityClass, quota, ...), with why."""
-
-
-@dataclass
-class _Job:
-    job: BatchInference
-    template: ModelTemplate
-    ledger: JobLedger
-    pods: list[Any]
-
-    @property
-    def key(self) -> str:
-        """namespace/name, as the planner names jobs."""
-        return f"{self.job.metadata.namespace}/{self.job.metadata.name}"
 
 
 def selector_string(selector: LabelSelector) -> str:
@@ -117,23 +191,74 @@ def _api_message(error: ApiException) -> str:
         return f"{error.status} {error.reason}"
 
 
-def _epoch(value: datetime | None) -> float:
-    return value.timestamp() if value else time.time()
+def _epoch(value: datetime | None, default: float) -> float:
+    return value.timestamp() if value else default
 
 
-def _ready(pod: Any) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
+def _active_job(raw: dict[str, Any]) -> BatchInference | None:
+    """The job, if it is admitted and running (validating or in progress)."""
+    try:
+        job = BatchInference.model_validate(raw)
+    except pydantic.ValidationError:
+        return None  # its own handler reports it
+    status = job.status
+    if status is None or status.phase not in ACTIVE_PHASES or not is_true(status.conditions, "Admitted"):
+        return None
+    return job
 
 
-def _ready_workers(pods: list[Any]) -> int:
-    """Workers serving: Ready and not being stopped."""
-    return sum(1 for pod in pods if _ready(pod) and not pod.metadata.deletion_timestamp)
+# --- the pure step ------------------------------------------------------------------------------
+
+
+def snapshot(pool: BatchPool, seen: Observation, crash_looping: frozenset[str]) -> Snapshot:
+    """The planner's view of what was observed (pure). A job whose workers keep failing asks for
+    no work: its running workers drain, none is started until the failures age out."""
+    return Snapshot(
+        now=seen.now,
+        pool=PoolPolicy.from_spec(pool.spec, seen.capacity),
+        online=seen.online,
+        jobs=tuple(_job_state(entry, entry.uid in crash_looping, seen.now) for entry in seen.jobs),
+    )
+
+
+def _job_state(entry: ObservedJob, crash_looping: bool, now: float) -> JobState:
+    job, template, progress = entry.job, entry.template, entry.progress
+    stopped = job.spec.suspend or bool(progress.refused) or not progress.indexed or crash_looping
+    remaining = 0 if stopped else max(0, progress.total - progress.finished)
+    average = progress.completion_tokens / progress.finished if progress.finished else 0.0
+    window = parse_duration(job.spec.completion_window).total_seconds()
+    return JobState(
+        key=entry.key,
+        namespace=job.metadata.ns,
+        priority=entry.priority,
+        gpus_per_worker=template.spec.gpus_per_worker,
+        min_workers=job.spec.min_workers,
+        max_workers=job.spec.max_workers,
+        remaining_requests=remaining,
+        remaining_tokens=average * remaining,
+        worker_tokens_per_second=float(template.spec.tokens_per_second or 0),
+        deadline=_epoch(job.metadata.creationTimestamp, now) + window,
+        cold_start_seconds=float(template.spec.cold_start_seconds),
+        workers=tuple(
+            WorkerState(
+                name=pod.name,
+                started_at=pod.created_at,
+                ready=pod.ready,
+                unsaved_tokens=beat.unsaved_tokens if beat else 0,
+                stopping=StopMode.DRAIN if pod.deleting else None,
+            )
+            for pod, beat in zip(entry.pods, entry.beats, strict=True)
+        ),
+    )
+
+
+# --- the controller -----------------------------------------------------------------------------
 
 
 class PoolController:
     def __init__(
         self,
-        cluster: KubeWorkers,
+        cluster: Cluster,
         signals: SignalSource,
         redis: Redis,
         environment: WorkerEnvironment,
@@ -144,39 +269,89 @@ class PoolController:
         self.redis = redis
         self.environment = environment
         self.clock = clock
-        self.memory: dict[str, PlannerMemory] = {}
-        self.views: dict[str, WorkerView] = {}
-        """Job uid -> its workers as of the last cycle of its pool."""
-        self.failures: dict[str, list[float]] = {}
-        """Job uid -> when its recent worker pods failed."""
-        self.stopping: dict[str, tuple[str, float, StopMode]] = {}
-        """Pod (namespace/name) -> (pool, when the plan stopped it, how), until it is gone."""
-        self.gpu_seconds: dict[str, float] = {}
-        """Job uid -> GPU-seconds its ready workers held and its status has not counted yet."""
-        self.last_cycle: dict[str, float] = {}
-        self.cost_patched: dict[str, float] = {}
-        """Pod (pool/namespace/name) -> when its pod-deletion-cost was last patched."""
-        self.classes_checked: dict[str, tuple[float, list[str]]] = {}
-        """Pool -> (when, the PriorityClasses it names that do not exist)."""
+        self.pools: dict[str, PoolState] = {}
 
-    def forget(self, pool: str) -> None:
+    async def cycle(self, pool: BatchPool) -> Cycle:
+        state = self.pools.setdefault(pool.metadata.name, PoolState())
+        seen = await self.observe(pool, state)
+        self._note_failures(state, seen)
+        crash_looping = frozenset(e.uid for e in seen.jobs if state.crash_loop(e.uid, seen.now))
+        decided = plan(snapshot(pool, seen, crash_looping), state.memory)
+        state.memory = decided.memory
+        done = await self.act(pool, seen, decided, state)
+        self.record(pool, seen, decided, done, state)
+        # Last: a recheck's API reads must not delay this cycle's stops.
+        done.missing_priority_classes = await self._missing_priority_classes(pool, state)
+        return done
+
+    def workers_of(self, uid: str) -> WorkerView | None:
+        """A job's workers as its pool's last cycle saw them (None: no pool has planned it)."""
+        for state in self.pools.values():
+            if uid in state.views:
+                return state.views[uid]
+        return None
+
+    def forget_pool(self, name: str) -> None:
         """Drop what is remembered of a deleted pool."""
-        for table in (self.memory, self.last_cycle, self.classes_checked):
-            table.pop(pool, None)
-        for key in [k for k, (owner, _, _) in self.stopping.items() if owner == pool]:
-            del self.stopping[key]
+        self.pools.pop(name, None)
 
-    async def _missing_priority_classes(self, pool: BatchPool) -> list[str]:
-        name, now = pool.metadata.name, self.clock()
-        checked = self.classes_checked.get(name)
-        if checked is None or now - checked[0] >= PRIORITY_CLASS_RECHECK_SECONDS:
-            names = sorted(
-                {pool.spec.default_priority_class_name}
-                | {c for quota in pool.spec.quotas for c in quota.allowed_priority_classes}
+    def forget_job(self, uid: str) -> None:
+        for state in self.pools.values():
+            for table in (state.views, state.gpu_seconds, state.failures):
+                table.pop(uid, None)
+
+    # --- observe ------------------------------------------------------------------------------
+
+    async def observe(self, pool: BatchPool, state: PoolState) -> Observation:
+        capacity = await self._capacity(pool)
+        pods = await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name)
+        by_job: dict[str, list[WorkerPod]] = {}
+        for pod in pods:
+            if not pod.finished:
+                by_job.setdefault(pod.job_uid, []).append(pod)
+        templates: dict[str, ModelTemplate | None] = {}
+        priorities: dict[str, int] = {}
+        jobs: list[ObservedJob] = []
+        for raw in await asyncio.to_thread(self.cluster.jobs):
+            job = _active_job(raw)
+            if job is None:
+                continue
+            name = job.spec.template_ref
+            if name not in templates:
+                templates[name] = await asyncio.to_thread(self.cluster.template, name)
+            template = templates[name]
+            if template is None or template.spec.pool_ref != pool.metadata.name:
+                continue
+            admission = admit(job, template, pool)
+            klass = admission.priority_class_name or pool.spec.default_priority_class_name
+            if klass not in priorities:
+                priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
+            ledger = JobLedger(self.redis, JobKeys.of(job.metadata))
+            own = tuple(by_job.pop(job.metadata.uid_text, []))
+            progress = await ledger.progress()
+            beats = await asyncio.gather(*(ledger.last_heartbeat(pod.name) for pod in own))
+            jobs.append(
+                ObservedJob(job, template, admission, priorities[klass], ledger, progress, own, tuple(beats))
             )
-            checked = (now, await asyncio.to_thread(self.cluster.missing_priority_classes, names))
-            self.classes_checked[name] = checked
-        return checked[1]
+        online = await self._online(pool)  # read last: the freshest demand is what is acted on
+        return Observation(
+            now=self.clock(),
+            capacity=capacity,
+            online=online,
+            jobs=tuple(jobs),
+            finished=tuple(pod for pod in pods if pod.finished),
+            orphans=tuple(pod for rest in by_job.values() for pod in rest if not pod.deleting),
+            present=frozenset(pod.key for pod in pods),
+        )
+
+    def _note_failures(self, state: PoolState, seen: Observation) -> None:
+        """A failed worker pod counts once: it is deleted this cycle (a pod already being
+        deleted was stopped by us, not failed on its own)."""
+        for pod in seen.finished:
+            if pod.phase == "Failed" and not pod.deleting:
+                state.failures.setdefault(pod.job_uid, []).append(seen.now)
+        for uid, times in list(state.failures.items()):
+            state.failures[uid] = [t for t in times if seen.now - t < CRASH_LOOP_SECONDS]
 
     async def _capacity(self, pool: BatchPool) -> int:
         gpus = pool.spec.gpus
@@ -198,218 +373,132 @@ class PoolController:
         reading = await asyncio.to_thread(self.signals.read, pool.metadata.name, online)
         return reading.online_signal(pending_gpus=pending)
 
-    async def _jobs(self, pool: BatchPool) -> list[_Job]:
-        templates: dict[str, ModelTemplate | None] = {}
-        pods_by_job: dict[str, list[Any]] = {}
-        pods = await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name)
-        present = {f"{p.metadata.namespace}/{p.metadata.name}" for p in pods}
-        for key in [k for k in self.cost_patched if k.startswith(f"{pool.metadata.name}/")]:
-            if key.split("/", 1)[1] not in present:
-                del self.cost_patched[key]
-        for key, (pool_name, decided, mode) in list(self.stopping.items()):
-            if pool_name == pool.metadata.name and key not in present:
-                metrics.YIELD_LATENCY.labels(pool_name, mode.value.lower()).observe(self.clock() - decided)
-                del self.stopping[key]
-        for pod in pods:
-            uid = pod.metadata.labels.get(constants.LABEL_JOB_UID, "")
-            if pod.status.phase in {"Succeeded", "Failed"}:
-                # Finished workers are removed (and replaced if the plan wants); failures are counted.
-                if pod.status.phase == "Failed" and not pod.metadata.deletion_timestamp:
-                    self.failures.setdefault(uid, []).append(self.clock())
-                await asyncio.to_thread(self.cluster.delete_pod, pod.metadata.namespace, pod.metadata.name)
-                continue
-            pods_by_job.setdefault(uid, []).append(pod)
-        found: list[_Job] = []
-        for raw in await asyncio.to_thread(self.cluster.jobs):
-            try:
-                job = BatchInference.model_validate(raw)
-            except pydantic.ValidationError:
-                continue
-            status = job.status
-            if (
-                status is None
-                or status.phase not in ACTIVE_PHASES
-                or not is_true(status.conditions, "Admitted")
-            ):
-                continue
-            name = job.spec.template_ref
-            if name not in templates:
-                templates[name] = await asyncio.to_thread(self.cluster.template, name)
-            template = templates[name]
-            if template is None or template.spec.pool_ref != pool.metadata.name:
-                continue
-            meta = job.metadata
-            ledger = JobLedger(self.redis, JobKeys(meta.namespace or "default", meta.name, meta.uid or ""))
-            found.append(_Job(job, template, ledger, pods_by_job.pop(meta.uid or "", [])))
-        # Workers of jobs no longer active here (finished, expired, suspended out, deleted): stop them.
-        for pods in pods_by_job.values():
-            for pod in pods:
-                if not pod.metadata.deletion_timestamp:
-                    await asyncio.to_thread(
-                        self.cluster.delete_pod, pod.metadata.namespace, pod.metadata.name
-                    )
-        return found
-
-    def _crash_loop(self, uid: str) -> str | None:
+    async def _missing_priority_classes(self, pool: BatchPool, state: PoolState) -> list[str]:
         now = self.clock()
-        recent = [t for t in self.failures.get(uid, []) if now - t < CRASH_LOOP_SECONDS]
-        self.failures[uid] = recent
-        if len(recent) < CRASH_LOOP_FAILURES:
-            return None
-        return (
-            f"{len(recent)} worker pods failed in the last {CRASH_LOOP_SECONDS:.0f}s; "
-            f"no new worker until {CRASH_LOOP_SECONDS:.0f}s after the last failure"
-        )
-
-    async def _job_state(self, entry: _Job, priority: int, pool: BatchPool, elapsed: float) -> JobState:
-        job, template = entry.job, entry.template
-        progress = await entry.ledger.progress()
-        ready = _ready_workers(entry.pods)
-        uid, labels = job.metadata.uid or "", (job.metadata.namespace or "default", job.metadata.name)
-        held = ready * template.spec.gpus_per_worker
-        self.gpu_seconds[uid] = self.gpu_seconds.get(uid, 0.0) + held * elapsed
-        metrics.JOB_GPUS.labels(*labels).set(held)
-        for state, value in (
-            ("total", progress.total),
-            ("completed", progress.completed),
-            ("failed", progress.failed),
-        ):
-            metrics.JOB_REQUESTS.labels(*labels, state).set(value)
-        metrics.JOB_TOKENS.labels(*labels, "prompt").set(progress.prompt_tokens)
-        metrics.JOB_TOKENS.labels(*labels, "completion").set(progress.completion_tokens)
-        if progress.completion_tokens:
-            counted = (job.status.gpu_seconds if job.status else 0.0) + self.gpu_seconds[uid]
-            dollars = float(pool.spec.gpu_hourly_cost) * counted / 3600
-            metrics.JOB_COST.labels(*labels).set(dollars / (progress.completion_tokens / 1e6))
-        stopped = job.spec.suspend or progress.refused or not progress.indexed
-        remaining = 0 if stopped else progress.total - progress.finished
-        if self._crash_loop(job.metadata.uid or ""):
-            remaining = 0  # running workers drain; none is started until the failures age out
-        live = [pod for pod in entry.pods if pod.status.phase not in {"Succeeded", "Failed"}]
-        beats = await asyncio.gather(*(entry.ledger.last_heartbeat(pod.metadata.name) for pod in live))
-        workers = tuple(
-            WorkerState(
-                name=pod.metadata.name,
-                started_at=_epoch(pod.metadata.creation_timestamp),
-                ready=_ready(pod),
-                unsaved_tokens=int((beat or {}).get("unsaved_tokens", 0)),
-                stopping=StopMode.DRAIN if pod.metadata.deletion_timestamp else None,
+        if state.classes_checked is None or now - state.classes_checked[0] >= PRIORITY_CLASS_RECHECK_SECONDS:
+            names = sorted(
+                {pool.spec.default_priority_class_name}
+                | {c for quota in pool.spec.quotas for c in quota.allowed_priority_classes}
             )
-            for pod, beat in zip(live, beats, strict=True)
-        )
-        window = parse_duration(job.spec.completion_window).total_seconds()
-        created = _epoch(job.metadata.creationTimestamp)
-        tokens_per_second = float(template.spec.tokens_per_second or 0)
-        average = progress.completion_tokens / progress.finished if progress.finished else 0.0
-        return JobState(
-            key=entry.key,
-            namespace=job.metadata.namespace or "default",
-            priority=priority,
-            gpus_per_worker=template.spec.gpus_per_worker,
-            min_workers=job.spec.min_workers,
-            max_workers=job.spec.max_workers,
-            remaining_requests=max(0, remaining),
-            remaining_tokens=average * max(0, remaining),
-            worker_tokens_per_second=tokens_per_second,
-            deadline=created + window,
-            cold_start_seconds=float(template.spec.cold_start_seconds),
-            workers=workers,
-        )
+            state.classes_checked = (
+                now,
+                await asyncio.to_thread(self.cluster.missing_priority_classes, names),
+            )
+        return state.classes_checked[1]
 
-    async def cycle(self, pool: BatchPool) -> Cycle:
-        name = pool.metadata.name
-        now = self.clock()
-        elapsed = now - self.last_cycle.get(name, now)
-        self.last_cycle[name] = now
-        capacity = await self._capacity(pool)
-        entries = await self._jobs(pool)
-        priorities: dict[str, int] = {}
-        states: list[JobState] = []
-        admissions: dict[str, Admission] = {}
-        for entry in entries:
-            admission = admissions[entry.key] = admit(entry.job, entry.template, pool)
-            klass = admission.priority_class_name or pool.spec.default_priority_class_name
-            if klass not in priorities:
-                priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
-            states.append(await self._job_state(entry, priorities[klass], pool, elapsed))
-        online = await self._online(pool)  # read last: the freshest demand is what is acted on
-        snapshot = Snapshot(
-            now=self.clock(),
-            pool=PoolPolicy.from_spec(pool.spec, capacity),
-            online=online,
-            jobs=tuple(states),
-        )
-        decided = plan(snapshot, self.memory.get(name))
-        self.memory[name] = decided.memory
-        metrics.CAPACITY.labels(name).set(capacity)
-        metrics.ONLINE.labels(name).set(online.gpus_in_use or 0)
-        metrics.TROUGH.labels(name).set(decided.trough_gpus)
-        metrics.BATCH.labels(name).set(decided.batch_gpus)
-        if online.observed_at is not None:
-            metrics.STALENESS.labels(name).set(max(0.0, snapshot.now - online.observed_at))
-        result = Cycle(decided, online, capacity, jobs=len(entries))
-        by_key = {e.key: e for e in entries}
+    # --- act ----------------------------------------------------------------------------------
+
+    async def act(self, pool: BatchPool, seen: Observation, decided: Plan, state: PoolState) -> Cycle:
+        done = Cycle(decided, seen.online, seen.capacity, jobs=len(seen.jobs))
+        for pod in (*seen.finished, *seen.orphans):
+            await asyncio.to_thread(self.cluster.delete_pod, pod.namespace, pod.name)
+        by_key = {entry.key: entry for entry in seen.jobs}
         for stop in decided.stops:
             entry = by_key[stop.job]
-            pod = next((p for p in entry.pods if p.metadata.name == stop.worker), None)
-            if pod is None or pod.metadata.deletion_timestamp:
+            victim = next((p for p in entry.pods if p.name == stop.worker), None)
+            if victim is None or victim.deleting:
                 continue
-            await entry.ledger.request_stop(stop.worker, stop.mode.value.lower())
-            await asyncio.to_thread(self.cluster.delete_pod, pod.metadata.namespace, pod.metadata.name)
-            self.stopping[f"{pod.metadata.namespace}/{pod.metadata.name}"] = (name, snapshot.now, stop.mode)
-            metrics.DECISIONS.labels(name, stop.mode.value.lower()).inc()
-            result.stopped.append((stop.worker, stop.mode))
-        await self._mark_deletion_costs(entries, states, {worker for worker, _ in result.stopped})
+            await entry.ledger.request_stop(stop.worker, stop.mode)  # read by the worker on SIGTERM
+            await asyncio.to_thread(self.cluster.delete_pod, victim.namespace, victim.name)
+            state.stopping[victim.key] = (seen.now, stop.mode)
+            done.stopped.append((stop.worker, stop.mode))
+        await self._mark_deletion_costs(seen, state, {worker for worker, _ in done.stopped})
         for key, job_plan in decided.jobs.items():
             entry = by_key[key]
-            uid = entry.job.metadata.uid or ""
-            self.views[uid] = WorkerView(
-                desired=job_plan.desired_workers,
-                ready=_ready_workers(entry.pods),
-                limit=job_plan.limit,
-                at_risk=job_plan.at_risk,
-                crash_loop=self._crash_loop(uid),
-            )
             for _ in range(job_plan.starts):
-                pod_name = f"{entry.job.metadata.name[:40]}-w-{secrets.token_hex(3)}"
+                name = f"{entry.job.metadata.name[:40]}-w-{secrets.token_hex(3)}"
                 manifest = worker_pod(
-                    pod_name, entry.job, entry.template, pool, admissions[key], environment=self.environment
+                    name, entry.job, entry.template, pool, entry.admission, environment=self.environment
                 )
                 try:
                     await asyncio.to_thread(self.cluster.create_pod, manifest)
                 except ApiException as error:
-                    reason = _api_message(error)
-                    result.failures.append(f"{key}: {reason}")
+                    done.failures.append(f"{key}: {_api_message(error)}")
                     break  # the next start of this job would be refused the same way
-                result.created.append(pod_name)
-                metrics.DECISIONS.labels(name, "start").inc()
-        # After acting: a recheck's API reads must not delay this cycle's stops.
-        result.missing_priority_classes = await self._missing_priority_classes(pool)
-        return result
+                done.created.append(name)
+        return done
 
-    async def _mark_deletion_costs(
-        self, entries: list[_Job], states: list[JobState], stopped: set[str]
-    ) -> None:
+    async def _mark_deletion_costs(self, seen: Observation, state: PoolState, stopped: set[str]) -> None:
         """Keep each serving worker's pod-deletion-cost in step with its unsaved progress."""
-        for entry, state in zip(entries, states, strict=True):
-            pods = {pod.metadata.name: pod for pod in entry.pods}
-            for worker in state.workers:
-                pod = pods.get(worker.name)
-                if pod is None or pod.metadata.deletion_timestamp or worker.name in stopped:
+        for entry in seen.jobs:
+            for pod, beat in zip(entry.pods, entry.beats, strict=True):
+                if pod.deleting or pod.name in stopped:
                     continue
-                cost = deletion_cost(worker.ready, worker.unsaved_tokens)
-                current = (pod.metadata.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST)
-                pool_name = pod.metadata.labels.get(constants.LABEL_POOL, "")
-                key = f"{pool_name}/{pod.metadata.namespace}/{pod.metadata.name}"
-                recent = self.clock() - self.cost_patched.get(key, -math.inf) < DELETION_COST_MIN_SECONDS
-                if current != cost and (current == "0" or not recent):
-                    self.cost_patched[key] = self.clock()
+                cost = deletion_cost(pod.ready, beat.unsaved_tokens if beat else 0)
+                recent = self.clock() - state.cost_patched.get(pod.key, -math.inf) < DELETION_COST_MIN_SECONDS
+                if pod.deletion_cost != cost and (pod.deletion_cost == "0" or not recent):
+                    state.cost_patched[pod.key] = self.clock()
                     await asyncio.to_thread(
                         self.cluster.annotate_pod,
-                        pod.metadata.namespace,
-                        pod.metadata.name,
+                        pod.namespace,
+                        pod.name,
                         {constants.ANNOTATION_POD_DELETION_COST: cost},
                     )
+
+    # --- record -------------------------------------------------------------------------------
+
+    def record(
+        self, pool: BatchPool, seen: Observation, decided: Plan, done: Cycle, state: PoolState
+    ) -> None:
+        name = pool.metadata.name
+        elapsed = seen.now - state.last_cycle if state.last_cycle is not None else 0.0
+        state.last_cycle = seen.now
+        for key in [k for k in state.cost_patched if k not in seen.present]:
+            del state.cost_patched[key]
+        for key, (decided_at, mode) in list(state.stopping.items()):
+            if key not in seen.present:
+                metrics.YIELD_LATENCY.labels(name, mode.value).observe(seen.now - decided_at)
+                del state.stopping[key]
+        metrics.CAPACITY.labels(name).set(seen.capacity)
+        metrics.ONLINE.labels(name).set(seen.online.gpus_in_use or 0)
+        metrics.TROUGH.labels(name).set(decided.trough_gpus)
+        metrics.BATCH.labels(name).set(decided.batch_gpus)
+        if seen.online.observed_at is not None:
+            metrics.STALENESS.labels(name).set(max(0.0, seen.now - seen.online.observed_at))
+        for _, mode in done.stopped:
+            metrics.DECISIONS.labels(name, mode.value).inc()
+        for _ in done.created:
+            metrics.DECISIONS.labels(name, "start").inc()
+        active = set()
+        for entry in seen.jobs:
+            active.add(entry.uid)
+            held = entry.serving * entry.template.spec.gpus_per_worker
+            account = state.gpu_seconds.setdefault(
+                entry.uid, GpuSeconds(base=entry.job.status.gpu_seconds if entry.job.status else 0.0)
+            )
+            account.counted += held * elapsed
+            self._job_metrics(pool, entry, held, account.total)
+            job_plan = decided.jobs.get(entry.key)
+            if job_plan is None:
+                continue
+            state.views[entry.uid] = WorkerView(
+                desired=job_plan.desired_workers,
+                ready=entry.serving,
+                limit=job_plan.limit,
+                at_risk=job_plan.at_risk,
+                crash_loop=state.crash_loop(entry.uid, seen.now),
+                gpu_seconds=account.total,
+            )
+        for table in (state.views, state.gpu_seconds):
+            for uid in [uid for uid in table if uid not in active]:
+                del table[uid]  # the job ended, moved out or is gone: its status no longer asks
+
+    @staticmethod
+    def _job_metrics(pool: BatchPool, entry: ObservedJob, held: int, gpu_seconds: float) -> None:
+        labels = (entry.job.metadata.ns, entry.job.metadata.name)
+        progress = entry.progress
+        metrics.JOB_GPUS.labels(*labels).set(held)
+        for kind, value in (
+            ("total", progress.total),
+            ("completed", progress.completed),
+            ("failed", progress.failed),
+        ):
+            metrics.JOB_REQUESTS.labels(*labels, kind).set(value)
+        metrics.JOB_TOKENS.labels(*labels, "prompt").set(progress.prompt_tokens)
+        metrics.JOB_TOKENS.labels(*labels, "completion").set(progress.completion_tokens)
+        if progress.completion_tokens:
+            dollars = float(pool.spec.gpu_hourly_cost) * gpu_seconds / 3600
+            metrics.JOB_COST.labels(*labels).set(dollars / (progress.completion_tokens / 1e6))
 
 
 def pool_status(pool: BatchPool, cycle: Cycle, now: datetime) -> BatchPoolStatus:

@@ -1,18 +1,27 @@
-"""Kopf handlers: thin. They look objects up, call troughfill.controller.jobs and write what it returns.
+"""Kopf handlers: thin. They look objects up, call troughfill.controller and write what it returns.
 
 Run with `troughfill operator` or `kopf run -m troughfill.handlers`. The only module that
 imports kopf. Kopf's own annotations and the finalizer use troughfill's names
 (constants.ANNOTATION_PREFIX, constants.FINALIZER), so another Kopf operator on the same
 cluster never reads this one's state.
+
+Errors the Kopf way: an object that cannot be parsed raises kopf.PermanentError (Kopf logs it,
+posts it as an Event and does not retry); Redis or the Kubernetes API being unavailable raises
+kopf.TemporaryError with a delay (Kopf retries). Each decision is logged through Kopf's
+per-object logger (Events only from warnings up: settings.posting.level).
 """
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kopf
 import pydantic
+import redis.exceptions
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
 
 from troughfill import constants, metrics
 from troughfill.api.admission import admit
@@ -20,12 +29,13 @@ from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
 from troughfill.api.modeltemplate import ModelTemplate
+from troughfill.api.resource import ObjectMeta
 from troughfill.config import Settings
-from troughfill.controller import jobs as lifecycle
-from troughfill.controller.pools import PoolController, pool_status
-from troughfill.kube.adapter import KubeWorkers, api_client
+from troughfill.controller import jobs
+from troughfill.controller.pools import Cycle, PoolController, pool_status
+from troughfill.kube.adapter import KubeCluster, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
-from troughfill.ledger import TERMINAL, connect
+from troughfill.ledger import TERMINAL, JobKeys, JobLedger, StopMode, connect
 from troughfill.signals import PrometheusSignals
 from troughfill.storage import store_for
 
@@ -36,6 +46,8 @@ POOLS = (constants.API_GROUP, constants.API_VERSION, BatchPool.crd.plural)
 TEMPLATES = (constants.API_GROUP, constants.API_VERSION, ModelTemplate.crd.plural)
 TEMPLATE_RECHECK_SECONDS = 30.0
 """How often a template's Ready condition is re-checked (its pool may come or go)."""
+RETRY_SECONDS = 5.0
+"""How long Kopf waits before retrying a handler that met an unavailable Redis or API server."""
 
 
 @kopf.on.startup()
@@ -54,7 +66,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.settings = own = Settings()
     if own.metrics_port:
         metrics.serve(own.metrics_port)
-    memo.cluster = KubeWorkers(api)
+    memo.cluster = KubeCluster(api)
     memo.redis = connect(own)
     memo.store = store_for(own)
     memo.pools = PoolController(
@@ -78,187 +90,240 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
         await memo.redis.aclose()
 
 
-def _write(patch: kopf.Patch, body: kopf.Body, update: lifecycle.StatusUpdate) -> None:
-    new = update.status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if new != dict(body.get("status", {})):
-        patch.status.update(new)
+# --- shared -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def transient(what: str, delay: float = RETRY_SECONDS) -> Iterator[None]:
+    """Redis or the API server unavailable: kopf.TemporaryError, so Kopf retries after a delay
+    (an API refusal other than overload is not transient and propagates)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+        raise kopf.TemporaryError(f"{what}: Redis unavailable: {error}", delay=delay) from error
+    except urllib3.exceptions.HTTPError as error:
+        raise kopf.TemporaryError(f"{what}: API server unreachable: {error}", delay=delay) from error
+    except ApiException as error:
+        if error.status in {0, 429} or error.status >= 500:
+            raise kopf.TemporaryError(
+                f"{what}: API server answered {error.status} {error.reason}", delay=delay
+            ) from error
+        raise
+
+
+def write_status(
+    patch: kopf.Patch, body: kopf.Body, status: pydantic.BaseModel, *, volatile: frozenset[str] = frozenset()
+) -> bool:
+    """Patch the status where it differs from the object's (fields in `volatile` alone do not
+    warrant a write). True when something is written."""
+    new = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    old = dict(body.get("status", {}))
+    if {k: v for k, v in new.items() if k not in volatile} == {
+        k: v for k, v in old.items() if k not in volatile
+    }:
+        return False
+    patch.status.update(new)
+    return True
+
+
+def _post(body: Any, reason: Reason, message: str, *, warning: bool = False) -> None:
+    """An Event about the object (`body`: a kopf.Body, or an object as the API returned it)."""
+    kopf.event(body, type="Warning" if warning else "Normal", reason=reason.value, message=message[:1000])
+
+
+def _write(patch: kopf.Patch, body: kopf.Body, update: jobs.StatusUpdate, logger: kopf.Logger) -> None:
+    if write_status(patch, body, update.status) and update.status.phase != body.get("status", {}).get(
+        "phase"
+    ):
+        logger.info("phase %s (%s)", update.status.phase, update.status.progress)
     for event in update.events:  # posted whatever settings.posting.level filters from the logs
-        kopf.event(
-            body,
-            type="Warning" if event.warning else "Normal",
-            reason=event.reason.value,
-            message=event.message,
-        )
+        _post(body, event.reason, event.message, warning=event.warning)
+        (logger.warning if event.warning else logger.info)("%s: %s", event.reason.value, event.message)
 
 
-def _parse(body: Mapping[str, Any]) -> BatchInference | str:
+def _parse_job(body: Mapping[str, Any]) -> BatchInference:
     try:
         return BatchInference.model_validate(dict(body))
     except pydantic.ValidationError as error:
-        return str(error)
+        raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
+
+
+def _problems(error: pydantic.ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or '(object)'}: {problem['msg']}"
+        for problem in error.errors()
+    )[:1000]
+
+
+# --- BatchInference -----------------------------------------------------------------------------
 
 
 @kopf.on.create(*JOBS)
 @kopf.on.resume(*JOBS)
-async def start_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    job = _parse(body)
-    now = lifecycle.now_utc()
-    if isinstance(job, str):
-        status = body.get("status") or {}
-        if status.get("phase") != "failed":
-            kopf.event(body, type="Warning", reason=Reason.INVALID_SPEC.value, message=job[:1000])
-            patch.status["phase"] = "failed"
-        return
+async def start_job(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    try:
+        job = _parse_job(body)
+    except kopf.PermanentError:
+        if (body.get("status") or {}).get("phase") != "failed":
+            patch.status["phase"] = "failed"  # the handler's patch is applied even though it fails
+        raise
     if job.status and job.status.phase in TERMINAL:
         return
-    template = await asyncio.to_thread(memo.cluster.template, job.spec.template_ref)
-    pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref) if template else None
-    admission = admit(job, template, pool)
-    update = await lifecycle.start(job, admission, lifecycle.ledger_for(job, memo.redis), memo.store, now)
-    _write(patch, body, update)
+    with transient("starting the job"):
+        template = await asyncio.to_thread(memo.cluster.template, job.spec.template_ref)
+        pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref) if template else None
+        admission = admit(job, template, pool)
+        logger.info("admission: %s (%s)", admission.reason.value, admission.message)
+        update = await jobs.start(
+            job, admission, jobs.ledger_for(job, memo.redis), memo.store, jobs.now_utc()
+        )
+    _write(patch, body, update, logger)
 
 
 @kopf.timer(*JOBS, interval=INTERVAL, initial_delay=INTERVAL, backoff=max(1.0, 2 * INTERVAL))
-async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    job = _parse(body)
-    if isinstance(job, str) or job.status is None or job.status.phase is None or job.status.phase in TERMINAL:
-        return
-    status = job.status.model_copy(deep=True)
-    ledger = lifecycle.ledger_for(job, memo.redis)
-    view = memo.pools.views.get(job.metadata.uid or "")
-    workers = (
-        lifecycle.Workers(view.desired, view.ready, view.limit.value, view.at_risk, view.crash_loop)
-        if view is not None
-        else None
-    )
-    status.gpu_seconds += memo.pools.gpu_seconds.pop(job.metadata.uid or "", 0.0)
-    update = await lifecycle.refresh_status(
-        job, status, ledger, memo.store, lifecycle.now_utc(), workers=workers
-    )
-    _write(patch, body, update)
+async def reconcile_job(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    if (body.get("status") or {}).get("phase") in {phase.value for phase in TERMINAL}:
+        return  # ended (an unparseable job too: start_job marked it failed)
+    job = _parse_job(body)
+    if job.status is None or job.status.phase is None:
+        return  # start_job has not recorded it yet
+    with transient("refreshing the job's status"):
+        update = await jobs.refresh_status(
+            job,
+            job.status.model_copy(deep=True),
+            jobs.ledger_for(job, memo.redis),
+            memo.store,
+            jobs.now_utc(),
+            workers=memo.pools.workers_of(job.metadata.uid_text),
+        )
+    _write(patch, body, update, logger)
 
 
 @kopf.on.update(*JOBS, field="spec")
 async def update_job(
-    old: Any, new: Any, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+    *, old: Any, new: Any, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Suspend and resume take effect through the pool's next cycle (it reads the spec each
-    time); fields fixed at admission are refused (see lifecycle.spec_changed)."""
-    job = _parse(body)
-    if isinstance(job, str):
-        return
+    time); fields fixed at admission are refused (see controller.jobs.spec_changed)."""
+    job = _parse_job(body)
     try:
         previous = job.model_copy(update={"spec": type(job.spec).model_validate(old)})
         current = job.model_copy(update={"spec": type(job.spec).model_validate(new)})
-    except pydantic.ValidationError:
-        return  # an invalid spec: start_job's parse reports it
-    update = await lifecycle.spec_changed(
-        previous, current, lifecycle.ledger_for(job, memo.redis), lifecycle.now_utc()
-    )
+    except pydantic.ValidationError as error:
+        raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
+    with transient("applying the spec change"):
+        update = await jobs.spec_changed(previous, current, jobs.ledger_for(job, memo.redis), jobs.now_utc())
     if update is not None:
-        _write(patch, body, update)
+        _write(patch, body, update, logger)
 
 
 @kopf.on.delete(*JOBS)
-async def delete_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def delete_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Deleting cancels: workers stop, what is done is merged into the output (the rest as
-    batch_cancelled), the ledger's keys go; the output stays."""
-    job = _parse(body)
-    if isinstance(job, str):
-        return
-    await asyncio.to_thread(
-        memo.cluster.delete_job_workers, job.metadata.namespace or "default", job.metadata.uid or ""
-    )
-    report = await lifecycle.cancel(lifecycle.ledger_for(job, memo.redis), memo.store)
-    memo.pools.views.pop(job.metadata.uid or "", None)
+    batch_cancelled), the ledger's keys go; the output stays. Needs only the object's metadata,
+    so a job whose spec cannot be parsed is cleaned up too."""
+    meta = ObjectMeta.model_validate(dict(body.get("metadata", {})))
+    with transient("cancelling the job"):
+        stopped = await asyncio.to_thread(memo.cluster.delete_job_workers, meta.ns, meta.uid_text)
+        report = await jobs.cancel(JobLedger(memo.redis, JobKeys.of(meta)), memo.store)
+    memo.pools.forget_job(meta.uid_text)
+    logger.info("deleted: %d worker pods stopped, ledger keys removed", stopped)
     if report is not None:
-        kopf.event(
-            body,
-            type="Normal",
-            reason=Reason.DELETED.value,
-            message=f"cancelled: {report.outputs} results, {report.errors} errors in {report.output_url}",
-        )
+        message = f"cancelled: {report.outputs} results, {report.errors} errors in {report.output_url}"
+        logger.info(message)
+        _post(body, Reason.DELETED, message)
+
+
+# --- BatchPool ----------------------------------------------------------------------------------
 
 
 # Sharp: a cycle starts every INTERVAL however long the last took (yield latency depends on it).
 @kopf.timer(*POOLS, interval=INTERVAL, sharp=True, backoff=max(1.0, 2 * INTERVAL))
-async def reconcile_pool(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+async def reconcile_pool(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
     """Plan the pool's batch workers and carry the plan out; the pool's status reports it."""
-    pool = BatchPool.model_validate(dict(body))
-    cycle = await memo.pools.cycle(pool)
-    status = pool_status(pool, cycle, lifecycle.now_utc()).model_dump(
-        mode="json", by_alias=True, exclude_none=True
-    )
-    old = dict(body.get("status", {}))
+    try:
+        pool = BatchPool.model_validate(dict(body))
+    except pydantic.ValidationError as error:
+        raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
+    with transient("planning the pool", delay=max(1.0, 2 * INTERVAL)):  # soon: yields wait for it
+        cycle = await memo.pools.cycle(pool)
     # The signal's read time moves every cycle; it alone is not worth a write.
-    if {k: v for k, v in status.items() if k != "lastSignalTime"} != {
-        k: v for k, v in old.items() if k != "lastSignalTime"
-    }:
-        patch.status.update(status)
+    write_status(
+        patch, body, pool_status(pool, cycle, jobs.now_utc()), volatile=frozenset({"lastSignalTime"})
+    )
+    _report_cycle(body, cycle, logger)
+
+
+def _report_cycle(body: kopf.Body, cycle: Cycle, logger: kopf.Logger) -> None:
+    trough = f"trough {cycle.plan.trough_gpus} GPUs"
     if cycle.stopped:
-        modes = ", ".join(f"{worker} ({mode.value.lower()})" for worker, mode in cycle.stopped)
-        reason = "Yield" if any(m.value == "Yield" for _, m in cycle.stopped) else "ScaleDown"
-        kopf.event(
-            body,
-            type="Normal",
-            reason=reason,
-            message=f"stopping {modes}; trough {cycle.plan.trough_gpus} GPUs",
-        )
+        modes = ", ".join(f"{worker} ({mode.value})" for worker, mode in cycle.stopped)
+        yielding = any(mode is StopMode.YIELD for _, mode in cycle.stopped)
+        _post(body, Reason.YIELD if yielding else Reason.SCALE_DOWN, f"stopping {modes}; {trough}")
+        logger.info("stopping %s; %s, online %s GPUs", modes, trough, cycle.online.gpus_in_use)
     if cycle.failures:
-        kopf.event(
-            body, type="Warning", reason="WorkerCreateFailed", message="; ".join(cycle.failures)[:1000]
-        )
+        _post(body, Reason.WORKER_CREATE_FAILED, "; ".join(cycle.failures), warning=True)
+        logger.warning("workers refused: %s", "; ".join(cycle.failures))
     if cycle.created:
-        kopf.event(
-            body,
-            type="Normal",
-            reason="ScaleUp",
-            message=f"starting {', '.join(cycle.created)}; trough {cycle.plan.trough_gpus} GPUs",
+        _post(body, Reason.SCALE_UP, f"starting {', '.join(cycle.created)}; {trough}")
+        logger.info(
+            "starting %s; %s, online %s GPUs", ", ".join(cycle.created), trough, cycle.online.gpus_in_use
         )
 
 
 @kopf.on.delete(*POOLS)
-async def delete_pool(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def delete_pool(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """A pool going away takes its batch workers with it (they yield: the GPUs are not batch's any more)."""
     name = body["metadata"]["name"]
-    stopped = await asyncio.to_thread(memo.cluster.delete_pool_workers, name)
-    memo.pools.forget(name)
+    with transient("stopping the pool's workers"):
+        stopped = await asyncio.to_thread(memo.cluster.delete_pool_workers, name)
+    memo.pools.forget_pool(name)
     if stopped:
-        kopf.event(body, type="Normal", reason="Yield", message=f"pool deleted: stopping {stopped} workers")
+        _post(body, Reason.YIELD, f"pool deleted: stopping {stopped} workers")
+        logger.info("pool deleted: stopping %d workers", stopped)
+
+
+# --- ModelTemplate ------------------------------------------------------------------------------
 
 
 @kopf.on.create(*TEMPLATES)
 @kopf.on.update(*TEMPLATES)
 @kopf.on.resume(*TEMPLATES)
 @kopf.timer(*TEMPLATES, interval=TEMPLATE_RECHECK_SECONDS, initial_delay=TEMPLATE_RECHECK_SECONDS)
-async def check_template(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+async def check_template(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
     """The template's Ready condition: valid (parsed) and its pool exists."""
     try:
         template = ModelTemplate.model_validate(dict(body))
     except pydantic.ValidationError as error:
-        kopf.event(body, type="Warning", reason=Reason.INVALID_SPEC.value, message=str(error)[:1000])
-        return
-    pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref)
-    status = lifecycle.template_status(template, pool, lifecycle.now_utc())
-    new = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if new != dict(body.get("status", {})):
-        patch.status.update(new)
+        raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
+    with transient("checking the template's pool"):
+        pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref)
+    if write_status(patch, body, jobs.template_status(template, pool, jobs.now_utc())):
+        logger.info("pool %s %s", template.spec.pool_ref, "found" if pool else "not found")
 
 
 @kopf.on.delete(*TEMPLATES, optional=True)
-async def delete_template(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def delete_template(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Jobs still using a deleted template lose their workers (the pool no longer plans for
     them); each gets a warning Event saying so. Nothing to clean up: no finalizer."""
     name = body["metadata"]["name"]
-    for raw in await asyncio.to_thread(memo.cluster.jobs):
-        job = _parse(raw)
-        if isinstance(job, str) or job.spec.template_ref != name:
+    with transient("listing the template's jobs"):
+        listed = await asyncio.to_thread(memo.cluster.jobs)
+    for raw in listed:
+        try:
+            job = BatchInference.model_validate(raw)
+        except pydantic.ValidationError:
+            continue  # its own handlers report it
+        if job.spec.template_ref != name or job.status is None or job.status.phase in TERMINAL:
             continue
-        if job.status is None or job.status.phase in TERMINAL:
-            continue
-        kopf.event(
-            raw,
-            type="Warning",
-            reason=Reason.TEMPLATE_DELETED.value,
-            message=f"ModelTemplate {name} was deleted: this job gets no workers until it exists again",
-        )
+        message = f"ModelTemplate {name} was deleted: this job gets no workers until it exists again"
+        _post(raw, Reason.TEMPLATE_DELETED, message, warning=True)
+        logger.warning("%s: %s", job.metadata.key, message)

@@ -1,6 +1,7 @@
-"""The cluster adapter: the few reads and writes the operator makes besides Kopf's own."""
+"""The Kubernetes adapter: the reads and writes the operator makes besides Kopf's own."""
 
-from typing import Any, Protocol
+import time
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -8,6 +9,7 @@ from kubernetes.client.exceptions import ApiException
 from troughfill import constants
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.modeltemplate import ModelTemplate
+from troughfill.kube.podstate import WorkerPod, is_deleting, is_finished, is_ready
 
 
 def api_client() -> client.ApiClient:
@@ -20,17 +22,14 @@ def api_client() -> client.ApiClient:
         return config.new_client_from_config()
 
 
-class Cluster(Protocol):
-    def template(self, name: str) -> ModelTemplate | None: ...
-
-    def pool(self, name: str) -> BatchPool | None: ...
-
-
 class KubeCluster:
-    """Cluster-scoped troughfill objects through the Kubernetes API (blocking; call from a thread)."""
+    """The controller's Cluster (controller.ports) through the Kubernetes API: troughfill's
+    cluster-scoped objects, jobs, nodes, online pods and worker pods (blocking; call from a thread)."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.scheduling = client.SchedulingV1Api(api)
 
     def _get_cluster_object(self, plural: str, name: str) -> dict[str, Any] | None:
         try:
@@ -51,15 +50,6 @@ class KubeCluster:
         found = self._get_cluster_object(BatchPool.crd.plural, name)
         return BatchPool.model_validate(found) if found else None
 
-
-class KubeWorkers(KubeCluster):
-    """What the pool controller reads and does: jobs, nodes, online pods, worker pods."""
-
-    def __init__(self, api: client.ApiClient) -> None:
-        super().__init__(api)
-        self.core = client.CoreV1Api(api)
-        self.scheduling = client.SchedulingV1Api(api)
-
     def jobs(self) -> list[dict[str, Any]]:
         listed: dict[str, Any] = self.custom.list_cluster_custom_object(
             constants.API_GROUP, constants.API_VERSION, "batchinferences"
@@ -73,8 +63,7 @@ class KubeWorkers(KubeCluster):
         for node in self.core.list_node(label_selector=selector or None).items:
             if node.spec.unschedulable:
                 continue
-            ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
-            if ready:
+            if is_ready(node):
                 total += int((node.status.allocatable or {}).get(resource, "0"))
         return total
 
@@ -90,7 +79,7 @@ class KubeWorkers(KubeCluster):
             pods = self.core.list_pod_for_all_namespaces(label_selector=label_selector).items
         placed = pending = 0.0
         for pod in pods:
-            if pod.status.phase in {"Succeeded", "Failed"}:
+            if is_finished(pod):
                 continue
             gpus = sum(
                 float(((c.resources.requests or {}) if c.resources else {}).get(resource, "0"))
@@ -111,10 +100,13 @@ class KubeWorkers(KubeCluster):
             raise
         return int(found.value)
 
-    def worker_pods(self, pool: str) -> list[Any]:
+    def _worker_pods(self, pool: str) -> list[Any]:
         selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER},{constants.LABEL_POOL}={pool}"
         pods: list[Any] = self.core.list_pod_for_all_namespaces(label_selector=selector).items
         return pods
+
+    def worker_pods(self, pool: str) -> list[WorkerPod]:
+        return [_worker_pod(pod) for pod in self._worker_pods(pool)]
 
     def create_pod(self, manifest: dict[str, Any]) -> None:
         self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest)
@@ -148,7 +140,7 @@ class KubeWorkers(KubeCluster):
 
     def delete_pool_workers(self, pool: str) -> int:
         """Gracefully delete every worker pod of a pool; how many there were."""
-        pods = [p for p in self.worker_pods(pool) if not p.metadata.deletion_timestamp]
+        pods = [p for p in self._worker_pods(pool) if not is_deleting(p)]
         for pod in pods:
             self.delete_pod(pod.metadata.namespace, pod.metadata.name)
         return len(pods)
@@ -162,3 +154,18 @@ class KubeWorkers(KubeCluster):
         for pod in pods:
             self.delete_pod(namespace, pod.metadata.name)
         return len(pods)
+
+
+def _worker_pod(pod: Any) -> WorkerPod:
+    meta = pod.metadata
+    created = meta.creation_timestamp
+    return WorkerPod(
+        namespace=meta.namespace,
+        name=meta.name,
+        job_uid=(meta.labels or {}).get(constants.LABEL_JOB_UID, ""),
+        phase=(pod.status.phase if pod.status else None) or "Pending",
+        ready=is_ready(pod),
+        deleting=is_deleting(pod),
+        created_at=created.timestamp() if created else time.time(),
+        deletion_cost=(meta.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST),
+    )

@@ -1,5 +1,6 @@
 """The work ledger in Redis: job state, request leases, completions, usage, partial output."""
 
+from troughfill.ledger.contract import Heartbeat, StopMode
 from troughfill.ledger.keys import JobKeys
 from troughfill.ledger.ledger import (
     Claim,
@@ -18,6 +19,7 @@ __all__ = [
     "TERMINAL",
     "TRANSITIONS",
     "Claim",
+    "Heartbeat",
     "InvalidTransitionError",
     "JobConfig",
     "JobKeys",
@@ -27,5 +29,6 @@ __all__ = [
     "Outcome",
     "Partial",
     "Progress",
+    "StopMode",
     "connect",
 ]

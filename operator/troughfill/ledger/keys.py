@@ -8,6 +8,7 @@ The uid keeps a deleted-and-recreated job (same name) from seeing the old one's 
 from dataclasses import dataclass
 
 from troughfill import constants
+from troughfill.api.resource import ObjectMeta
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,12 @@ class JobKeys:
     namespace: str
     name: str
     uid: str
+
+    @classmethod
+    def of(cls, meta: ObjectMeta) -> "JobKeys":
+        """The keys of the job these metadata describe (namespace, name and uid: a job deleted
+        and created again under the same name has new keys)."""
+        return cls(meta.ns, meta.name, meta.uid_text)
 
     @property
     def prefix(self) -> str:

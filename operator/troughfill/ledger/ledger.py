@@ -15,6 +15,7 @@ from troughfill.api.batchinference import Endpoint, Phase
 from troughfill.config import Settings
 from troughfill.errors import TroughfillError
 from troughfill.ledger import lua
+from troughfill.ledger.contract import Heartbeat, StopMode
 from troughfill.ledger.keys import CUSTOM_IDS, OFFSETS, JobKeys
 from troughfill.ledger.states import InvalidTransitionError, sources_of
 
@@ -385,24 +386,28 @@ class JobLedger:
 
     # --- workers ---------------------------------------------------------------------------------
 
-    async def heartbeat(self, worker: str, status: dict[str, Any], ttl: float) -> None:
+    async def heartbeat(self, worker: str, beat: Heartbeat, ttl: float) -> None:
         """A worker's liveness key; it vanishes `ttl` seconds after the last beat."""
-        await self.client.set(self.keys.key(f"worker:{worker}"), json.dumps(status), px=int(ttl * 1000))
+        await self.client.set(self.keys.key(f"worker:{worker}"), beat.model_dump_json(), px=int(ttl * 1000))
 
     async def clear_heartbeat(self, worker: str) -> None:
         await self.client.unlink(self.keys.key(f"worker:{worker}"))
 
-    async def last_heartbeat(self, worker: str) -> dict[str, Any] | None:
+    async def last_heartbeat(self, worker: str) -> Heartbeat | None:
         value = await self.client.get(self.keys.key(f"worker:{worker}"))
-        return json.loads(value) if value else None
+        return Heartbeat.model_validate_json(value) if value else None
 
-    async def request_stop(self, worker: str, mode: str, ttl: float = 600.0) -> None:
+    async def request_stop(self, worker: str, mode: StopMode, ttl: float = 600.0) -> None:
         """How `worker` should stop on its next SIGTERM (the operator sets this before deleting it)."""
-        await self.client.set(self.keys.key(f"stop:{worker}"), mode, px=int(ttl * 1000))
+        await self.client.set(self.keys.key(f"stop:{worker}"), mode.value, px=int(ttl * 1000))
 
-    async def stop_mode(self, worker: str) -> str | None:
+    async def stop_mode(self, worker: str) -> StopMode | None:
+        """The mode the operator asked for, if any (an unknown value is ignored: the default applies)."""
         value = await self.client.get(self.keys.key(f"stop:{worker}"))
-        return _text(value) if value else None
+        try:
+            return StopMode(_text(value)) if value else None
+        except ValueError:
+            return None
 
     # --- reading back ------------------------------------------------------------------------
 

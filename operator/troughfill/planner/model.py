@@ -15,9 +15,9 @@ from troughfill.api.types import parse_duration
 
 
 class StopMode(StrEnum):
-    DRAIN = "Drain"
+    DRAIN = "drain"
     """Finish in-flight requests within the grace period, then exit: nothing is redone."""
-    YIELD = "Yield"
+    YIELD = "yield"
     """Checkpoint partial generations and exit at once: online serving needs the GPUs now."""
 
 

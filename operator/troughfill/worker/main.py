@@ -10,11 +10,11 @@ import time
 
 from troughfill import constants
 from troughfill.config import Settings
-from troughfill.ledger import JobKeys, JobLedger, connect
+from troughfill.ledger import JobKeys, JobLedger, StopMode, connect
 from troughfill.storage import store_for
 from troughfill.worker.concurrency import ConcurrencyPolicy
 from troughfill.worker.engine import EngineClient, EngineProcess
-from troughfill.worker.runner import ExitCode, StopMode, Worker, WorkerOptions, install_signal_handlers
+from troughfill.worker.runner import ExitCode, Worker, WorkerOptions, install_signal_handlers
 
 
 def job_keys(text: str) -> JobKeys:
@@ -42,6 +42,10 @@ def default_worker_id() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
+DEFAULTS = WorkerOptions(worker_id="")
+"""The flags' defaults are the options' own (one place says what a worker does by default)."""
+
+
 def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     worker = commands.add_parser("worker", help="the batch worker that runs beside an inference engine")
     actions = worker.add_subparsers(dest="worker_command", required=True)
@@ -66,18 +70,23 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
         f"{constants.ATTACHED_ENGINE_CLIENT_KEEP_ALIVE_SECONDS:g} for one it attaches to",
     )
     run.add_argument("--served-model", help="model name the engine serves (replaces body.model)")
-    run.add_argument("--on-sigterm", choices=[m.value for m in StopMode], default=StopMode.YIELD.value)
-    run.add_argument("--drain-timeout", type=float, default=25.0)
-    run.add_argument("--concurrency", type=int, default=16, help="initial in-flight limit")
-    run.add_argument("--max-concurrency", type=int, default=256)
+    run.add_argument("--on-sigterm", type=StopMode, choices=list(StopMode), default=DEFAULTS.stop_mode)
+    run.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout)
     run.add_argument(
-        "--checkpoint-seconds", type=float, default=1.0, help="how often partial output is saved"
+        "--concurrency", type=int, default=DEFAULTS.initial_concurrency, help="initial in-flight limit"
+    )
+    run.add_argument("--max-concurrency", type=int, default=DEFAULTS.policy.maximum)
+    run.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=DEFAULTS.checkpoint_seconds,
+        help="how often partial output is saved",
     )
     run.add_argument("--no-resume", action="store_true", help="do not save or resume partial output")
     run.add_argument(
         "--resume-min-tokens",
         type=int,
-        default=256,
+        default=DEFAULTS.resume_min_tokens,
         help="stream and checkpoint requests allowed this many tokens",
     )
     run.add_argument("--burst", action="store_true", help="exit 0 once the job has no pending work")
@@ -117,7 +126,7 @@ async def _run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         resume_min_tokens=args.resume_min_tokens,
         burst=args.burst,
-        stop_mode=StopMode(args.on_sigterm),
+        stop_mode=args.on_sigterm,
         drain_timeout=args.drain_timeout,
     )
     worker = Worker(JobLedger(client, args.job), store_for(settings), engine, options)
@@ -159,12 +168,10 @@ async def _check(args: argparse.Namespace) -> int:
     if beat is None:
         print(f"no heartbeat from {args.worker_id}", file=sys.stderr)
         return 1
-    if not beat.get("engine", False):
+    if not beat.engine_alive:
         print(f"{args.worker_id}: engine down", file=sys.stderr)
         return 1
-    print(
-        f"{args.worker_id}: alive {time.time() - float(beat['at']):.1f}s ago, {beat['in_flight']} in flight"
-    )
+    print(f"{args.worker_id}: alive {time.time() - beat.at:.1f}s ago, {beat.in_flight} in flight")
     return 0
 
 

@@ -26,7 +26,7 @@ import aiohttp
 
 from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.api.batchinference import Endpoint
-from troughfill.ledger import JobLedger, LedgerClosedError, Outcome, Partial
+from troughfill.ledger import Heartbeat, JobLedger, LedgerClosedError, Outcome, Partial, StopMode
 from troughfill.results import ResultWriter, load_requests
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
 from troughfill.worker import calls
@@ -34,11 +34,6 @@ from troughfill.worker.concurrency import ConcurrencyPolicy, next_limit
 from troughfill.worker.engine import EngineClient, EngineDeadError, EngineHttpError
 
 log = logging.getLogger("troughfill.worker")
-
-
-class StopMode(enum.StrEnum):
-    DRAIN = "drain"
-    YIELD = "yield"
 
 
 class ExitCode(enum.IntEnum):
@@ -185,8 +180,7 @@ class Worker:
         return True
 
     async def _stop_mode(self) -> StopMode:
-        override = await self.ledger.stop_mode(self.options.worker_id)
-        return StopMode(override) if override in {m.value for m in StopMode} else self.options.stop_mode
+        return await self.ledger.stop_mode(self.options.worker_id) or self.options.stop_mode
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -485,18 +479,18 @@ class Worker:
         while True:
             for lease_id in list(self.outstanding):
                 await self.ledger.renew(self.options.worker_id, lease_id)
-            status = {
-                "pid": os.getpid(),
-                "engine_pid": self.engine.process.process.pid if self.engine.process else None,
-                "at": time.time(),
-                "in_flight": len(self.in_flight),
-                "unsaved_tokens": self.unsaved_tokens(),
-                "limit": self.limit,
-                "engine_url": self.engine.base_url,
-                "results": self.stats.results,
-                "engine": not self.engine_dead,
-            }
-            await self.ledger.heartbeat(self.options.worker_id, status, ttl=interval * 3)
+            beat = Heartbeat(
+                pid=os.getpid(),
+                at=time.time(),
+                in_flight=len(self.in_flight),
+                unsaved_tokens=self.unsaved_tokens(),
+                limit=self.limit,
+                engine_pid=self.engine.process.process.pid if self.engine.process else None,
+                engine_url=self.engine.base_url,
+                engine_alive=not self.engine_dead,
+                results=self.stats.results,
+            )
+            await self.ledger.heartbeat(self.options.worker_id, beat, ttl=interval * 3)
             await asyncio.sleep(interval)
 
     async def _checkpoint(self) -> None:

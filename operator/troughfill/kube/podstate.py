@@ -1,0 +1,52 @@
+"""What a Pod's (or a Node's) status says, written once: ready, finished, being deleted; and a
+batch worker pod as the controller sees it."""
+
+from dataclasses import dataclass
+from typing import Any
+
+FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def is_ready(obj: Any) -> bool:
+    """The Ready condition is True (a kubernetes client V1Pod or V1Node)."""
+    conditions = (obj.status.conditions if obj.status else None) or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def is_finished(pod: Any) -> bool:
+    """The pod's containers have all ended for good: Succeeded or Failed."""
+    return bool(pod.status and pod.status.phase in FINISHED_PHASES)
+
+
+def is_deleting(obj: Any) -> bool:
+    """A graceful delete is under way."""
+    return obj.metadata.deletion_timestamp is not None
+
+
+@dataclass(frozen=True)
+class WorkerPod:
+    """A batch worker pod as the controller sees it (the adapter reads it from the API)."""
+
+    namespace: str
+    name: str
+    job_uid: str
+    phase: str
+    ready: bool
+    deleting: bool
+    created_at: float
+    """Seconds since the epoch."""
+    deletion_cost: str | None = None
+    """Its controller.kubernetes.io/pod-deletion-cost annotation."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED_PHASES
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not being stopped."""
+        return self.ready and not self.deleting

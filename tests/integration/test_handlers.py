@@ -1,0 +1,128 @@
+"""The Kopf handlers called as Kopf calls them (keyword arguments, a Body, a Patch, a Memo), with
+a real Redis ledger: errors the Kopf way, and cleanup that does not depend on a parseable spec."""
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import redis.exceptions
+from kubernetes.client.exceptions import ApiException
+from redis.asyncio import Redis
+
+from tests.builders import batch_inference, pool, template
+from tests.ledgertools import request_line, write_input
+from troughfill import handlers
+from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
+from troughfill.api.batchpool import BatchPoolStatus
+from troughfill.controller import jobs
+from troughfill.storage import ERROR_FILE, ObjectStore
+
+LOG = logging.getLogger("test")
+
+
+class Workers:
+    """The one cluster call delete_job makes."""
+
+    def __init__(self) -> None:
+        self.deleted: list[tuple[str, str]] = []
+
+    def delete_job_workers(self, namespace: str, job_uid: str) -> int:
+        self.deleted.append((namespace, job_uid))
+        return 1
+
+
+class Pools:
+    def __init__(self) -> None:
+        self.forgotten: list[str] = []
+
+    def forget_job(self, uid: str) -> None:
+        self.forgotten.append(uid)
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    posted: list[dict[str, Any]] = []
+    monkeypatch.setattr(kopf, "event", lambda body, **event: posted.append(event))
+    return posted
+
+
+async def started_job(aredis: Redis, tmp_path: Path) -> dict[str, Any]:
+    input_url = write_input(tmp_path / "in.jsonl", [request_line(f"r{i}") for i in range(5)])
+    wire = batch_inference(inputURL=input_url, outputURL=(tmp_path / "out").as_uri() + "/")
+    wire["metadata"].update(
+        uid=uuid.uuid4().hex, generation=1, creationTimestamp=datetime.now(UTC).isoformat()
+    )
+    job = BatchInference.model_validate(wire)
+    admission = admit(job, ModelTemplate.model_validate(template()), BatchPool.model_validate(pool()))
+    started = await jobs.start(job, admission, jobs.ledger_for(job, aredis), ObjectStore(), datetime.now(UTC))
+    wire["status"] = started.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return wire
+
+
+async def test_deleting_a_job_whose_spec_cannot_be_parsed_still_removes_its_ledger_keys(
+    aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
+) -> None:
+    wire = await started_job(aredis, tmp_path)
+    uid = wire["metadata"]["uid"]
+    assert await aredis.keys(f"*{uid}*")
+    del wire["spec"]["inputURL"]  # what a stored object the models no longer accept looks like
+    memo = kopf.Memo(redis=aredis, store=ObjectStore(), cluster=Workers(), pools=Pools())
+    await handlers.delete_job(body=kopf.Body(wire), memo=memo, logger=LOG)
+    assert await aredis.keys(f"*{uid}*") == []
+    assert memo.cluster.deleted == [("team-a", uid)]
+    assert memo.pools.forgotten == [uid]
+    assert [e["reason"] for e in events] == ["Deleted"]  # cancelled: what was done is in the output
+    assert (tmp_path / "out" / ERROR_FILE).exists()
+
+
+async def test_an_unparseable_job_fails_permanently_with_its_phase_written(
+    aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
+) -> None:
+    wire = batch_inference(inputURL="ftp://nowhere/in.jsonl")
+    wire["metadata"]["uid"] = uuid.uuid4().hex
+    patch = kopf.Patch()
+    memo = kopf.Memo(redis=aredis, store=ObjectStore())
+    with pytest.raises(kopf.PermanentError, match=r"InvalidSpec: spec\.inputURL"):
+        await handlers.start_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)
+    assert patch.status["phase"] == "failed"  # Kopf applies the patch although the handler failed
+    wire["status"] = {"phase": "failed"}
+    patch = kopf.Patch()
+    await handlers.reconcile_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)
+    assert not patch  # the job timer leaves an ended job alone, parseable or not
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ConnectionError("connection refused"),
+        redis.exceptions.TimeoutError("timed out"),
+        ApiException(status=503, reason="Service Unavailable"),
+        ApiException(status=429, reason="Too Many Requests"),
+    ],
+)
+def test_an_unavailable_redis_or_api_server_is_a_temporary_error(error: Exception) -> None:
+    with pytest.raises(kopf.TemporaryError) as caught, handlers.transient("reading"):
+        raise error
+    assert caught.value.delay == handlers.RETRY_SECONDS
+    assert str(caught.value).startswith("reading: ")
+
+
+def test_an_api_refusal_is_not_retried_as_if_transient() -> None:
+    with pytest.raises(ApiException), handlers.transient("creating"):
+        raise ApiException(status=403, reason="Forbidden")
+
+
+def test_a_status_is_written_only_when_more_than_its_volatile_fields_changed() -> None:
+    now = datetime.now(UTC)
+    status = BatchPoolStatus(capacity_gpus=8, last_signal_time=now)
+    body = kopf.Body({"status": status.model_dump(mode="json", by_alias=True, exclude_none=True)})
+    later = status.model_copy(update={"last_signal_time": datetime(2030, 1, 1, tzinfo=UTC)})
+    patch = kopf.Patch()
+    assert not handlers.write_status(patch, body, later, volatile=frozenset({"lastSignalTime"}))
+    assert not patch
+    assert handlers.write_status(patch, body, later.model_copy(update={"capacity_gpus": 4}))
+    assert patch.status["capacityGPUs"] == 4

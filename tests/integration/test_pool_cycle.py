@@ -1,0 +1,262 @@
+"""A pool's planning cycle, phase by phase, against an in-memory cluster (the controller's Cluster
+Protocol) and a real Redis ledger: what it starts, stops and deletes, what it tells workers, and
+what it records (each job's WorkerView, GPU-seconds, crash loops)."""
+
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from redis.asyncio import Redis
+
+from tests.builders import batch_inference, pool, template
+from tests.ledgertools import FakeClock, request_line, write_input
+from troughfill import constants
+from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
+from troughfill.api.batchpool import OnlineWorkload
+from troughfill.controller import jobs
+from troughfill.controller.pools import CRASH_LOOP_FAILURES, PoolController
+from troughfill.controller.ports import Cluster, WorkerPod
+from troughfill.kube.workerpod import WorkerEnvironment
+from troughfill.ledger import JobKeys, JobLedger, StopMode
+from troughfill.planner import Limit
+from troughfill.signals.prometheus import SignalReading
+from troughfill.storage import ObjectStore
+
+START = 1_800_000_000.0
+
+
+@dataclass
+class FakeCluster:
+    """The cluster as the controller sees it, in memory; pods change only when a test says so."""
+
+    templates: dict[str, ModelTemplate] = field(default_factory=dict)
+    pools: dict[str, BatchPool] = field(default_factory=dict)
+    raw_jobs: list[dict[str, Any]] = field(default_factory=list)
+    pods: dict[str, WorkerPod] = field(default_factory=dict)
+    created: list[dict[str, Any]] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    annotated: dict[str, dict[str, str]] = field(default_factory=dict)
+    refuse_creates: str | None = None
+    clock: FakeClock = field(default_factory=FakeClock)
+
+    def template(self, name: str) -> ModelTemplate | None:
+        return self.templates.get(name)
+
+    def pool(self, name: str) -> BatchPool | None:
+        return self.pools.get(name)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.raw_jobs
+
+    def node_gpus(self, node_selector: dict[str, str], resource: str) -> int:
+        raise AssertionError("the test pools have a fixed GPU count")
+
+    def online_gpus(self, label_selector: str, namespaces: list[str], resource: str) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def priority_value(self, name: str) -> int:
+        return 100
+
+    def missing_priority_classes(self, names: list[str]) -> list[str]:
+        return []
+
+    def worker_pods(self, pool: str) -> list[WorkerPod]:
+        return list(self.pods.values())
+
+    def create_pod(self, manifest: dict[str, Any]) -> None:
+        if self.refuse_creates:
+            raise ApiException(status=403, reason=self.refuse_creates)
+        meta = manifest["metadata"]
+        self.created.append(manifest)
+        self.pods[meta["name"]] = WorkerPod(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            job_uid=meta["labels"][constants.LABEL_JOB_UID],
+            phase="Pending",
+            ready=False,
+            deleting=False,
+            created_at=self.clock(),
+        )
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        self.deleted.append(name)
+        if name in self.pods:
+            self.pods[name] = replace(self.pods[name], deleting=True)
+
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self.annotated.setdefault(name, {}).update(annotations)
+
+    def delete_pool_workers(self, pool: str) -> int:
+        return 0
+
+    def delete_job_workers(self, namespace: str, job_uid: str) -> int:
+        return 0
+
+    # --- what the kubelet and the scheduler would do ---
+
+    def ready(self, name: str) -> None:
+        self.pods[name] = replace(self.pods[name], phase="Running", ready=True)
+
+    def fail(self, name: str) -> None:
+        self.pods[name] = replace(self.pods[name], phase="Failed", ready=False)
+
+    def gone(self, name: str) -> None:
+        del self.pods[name]
+
+
+@dataclass
+class FakeSignals:
+    """Online demand as Prometheus would report it (fresh at every read)."""
+
+    clock: FakeClock
+    gpus: float = 0.0
+
+    def read(self, pool_name: str, online: OnlineWorkload) -> SignalReading:
+        return SignalReading(gpus_in_use=self.gpus, read_at=self.clock())
+
+    def history(
+        self, query: str, start: float, end: float, step: float, url: str | None = None
+    ) -> list[tuple[float, float]]:
+        return []
+
+
+@dataclass
+class World:
+    cluster: FakeCluster
+    signals: FakeSignals
+    controller: PoolController
+    pool: BatchPool
+    job: BatchInference
+    ledger: JobLedger
+    clock: FakeClock
+
+
+@pytest.fixture
+async def world(aredis: Redis, tmp_path: Path) -> World:
+    clock = FakeClock(START)
+    pool_object = BatchPool.model_validate(pool(scaleUpDelay="0s", minUsefulTime="0s", gpus={"count": 8}))
+    template_object = ModelTemplate.model_validate(template(gpusPerWorker=2))
+    input_url = write_input(tmp_path / "in.jsonl", [request_line(f"r{i}") for i in range(40)])
+    wire = batch_inference(inputURL=input_url, outputURL=(tmp_path / "out").as_uri() + "/", maxWorkers=2)
+    created = datetime.fromtimestamp(START, UTC)
+    wire["metadata"].update(uid=uuid.uuid4().hex, generation=1, creationTimestamp=created.isoformat())
+    job = BatchInference.model_validate(wire)
+    ledger = jobs.ledger_for(job, aredis)
+    started = await jobs.start(job, admit(job, template_object, pool_object), ledger, ObjectStore(), created)
+    assert started.status.phase == "in_progress"
+    wire["status"] = started.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    cluster = FakeCluster(
+        templates={"tiny": template_object}, pools={"gpus": pool_object}, raw_jobs=[wire], clock=clock
+    )
+    signals = FakeSignals(clock)
+    environment = WorkerEnvironment(redis_url="redis://redis:6379/0")
+    checked: Cluster = cluster  # the fake is a Cluster as far as mypy can tell
+    controller = PoolController(checked, signals, aredis, environment, clock=clock)
+    return World(
+        cluster, signals, controller, pool_object, BatchInference.model_validate(wire), ledger, clock
+    )
+
+
+async def test_a_trough_starts_workers_once_and_the_job_sees_them(world: World) -> None:
+    cycle = await world.controller.cycle(world.pool)
+    assert len(cycle.created) == 2  # maxWorkers
+    assert {m["metadata"]["namespace"] for m in world.cluster.created} == {"team-a"}
+    view = world.controller.workers_of(world.job.metadata.uid_text)
+    assert view is not None
+    assert (view.desired, view.ready, view.limit) == (2, 0, Limit.NONE)
+    again = await world.controller.cycle(world.pool)
+    assert again.created == []  # the pending pods count: nothing is started twice
+    assert again.stopped == []
+
+
+async def test_online_demand_makes_serving_workers_yield_through_the_ledger(world: World) -> None:
+    await world.controller.cycle(world.pool)
+    for name in list(world.cluster.pods):
+        world.cluster.ready(name)
+    world.clock.advance(1)
+    world.signals.gpus = 8  # online takes the whole pool
+    cycle = await world.controller.cycle(world.pool)
+    stopped = dict(cycle.stopped)
+    assert set(stopped) == set(world.cluster.pods)
+    assert set(stopped.values()) == {StopMode.YIELD}
+    for name in stopped:
+        assert await world.ledger.stop_mode(name) is StopMode.YIELD  # told before its SIGTERM
+        assert world.cluster.pods[name].deleting
+    state = world.controller.pools["gpus"]
+    assert set(state.stopping) == {f"team-a/{name}" for name in stopped}
+    for name in stopped:
+        world.cluster.gone(name)
+    world.clock.advance(1)
+    await world.controller.cycle(world.pool)
+    assert state.stopping == {}  # gone: its yield latency is recorded once
+
+
+async def test_gpu_seconds_are_a_total_so_a_lost_status_write_loses_nothing(world: World) -> None:
+    await world.controller.cycle(world.pool)
+    for name in list(world.cluster.pods):
+        world.cluster.ready(name)
+    for _ in range(3):
+        world.clock.advance(10)
+        await world.controller.cycle(world.pool)
+    view = world.controller.workers_of(world.job.metadata.uid_text)
+    assert view is not None
+    assert view.ready == 2
+    assert view.gpu_seconds == pytest.approx(2 * 2 * 30)  # 2 workers of 2 GPUs, 30 s
+    assert world.controller.workers_of(world.job.metadata.uid_text) == view  # reading takes nothing
+    status = world.job.status
+    assert status is not None
+    now = datetime.fromtimestamp(world.clock(), UTC)
+    first = await jobs.refresh_status(
+        world.job, status.model_copy(deep=True), world.ledger, ObjectStore(), now, workers=view
+    )
+    retried = await jobs.refresh_status(
+        world.job, status.model_copy(deep=True), world.ledger, ObjectStore(), now, workers=view
+    )
+    assert first.status.gpu_seconds == retried.status.gpu_seconds == pytest.approx(120)
+
+
+async def test_a_job_whose_workers_keep_failing_gets_none_until_the_failures_age_out(world: World) -> None:
+    failures = 0
+    while failures < CRASH_LOOP_FAILURES:  # two workers a cycle: two rounds
+        cycle = await world.controller.cycle(world.pool)
+        assert cycle.created
+        for name in cycle.created:
+            world.cluster.fail(name)
+            failures += 1
+        world.clock.advance(1)
+    cycle = await world.controller.cycle(world.pool)
+    assert cycle.created == []
+    view = world.controller.workers_of(world.job.metadata.uid_text)
+    assert view is not None
+    assert view.crash_loop is not None
+    assert "failed in the last" in view.crash_loop
+    failed = [m["metadata"]["name"] for m in world.cluster.created]
+    assert set(failed) <= set(world.cluster.deleted)  # finished pods are removed
+    world.clock.advance(301)
+    for name in failed:
+        world.cluster.gone(name)
+    assert (await world.controller.cycle(world.pool)).created
+
+
+async def test_workers_of_no_active_job_are_deleted_and_refused_creates_are_reported(world: World) -> None:
+    world.cluster.pods["stray"] = WorkerPod("team-b", "stray", "no-such-uid", "Running", True, False, START)
+    world.cluster.refuse_creates = "forbidden: exceeded quota"
+    cycle = await world.controller.cycle(world.pool)
+    assert "stray" in world.cluster.deleted
+    assert cycle.created == []
+    assert len(cycle.failures) == 1  # the second start of the job is not tried
+    assert "exceeded quota" in cycle.failures[0]
+
+
+async def test_a_deleted_job_and_pool_are_forgotten(world: World, aredis: Redis) -> None:
+    await world.controller.cycle(world.pool)
+    uid = world.job.metadata.uid_text
+    world.controller.forget_job(uid)
+    assert world.controller.workers_of(uid) is None
+    world.controller.forget_pool("gpus")
+    assert world.controller.pools == {}
+    assert JobKeys.of(world.job.metadata) == world.ledger.keys
