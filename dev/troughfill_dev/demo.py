@@ -41,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from troughfill import constants
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
+from troughfill.kube.podstate import is_ready
 from troughfill.ledger.contract import Heartbeat
 from troughfill.ledger.keys import JobKeys
 from troughfill.sim.scenario import DEFAULT_TRACE, bundled
@@ -464,11 +465,7 @@ class Watcher:
         selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
         pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
         self.pods_seen |= {p.metadata.name for p in pods}
-        ready = [
-            p
-            for p in pods
-            if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-        ]
+        ready = [p for p in pods if is_ready(p)]
         status, pool_status = self.job.get("status", {}), pool.get("status", {})
         counts = status.get("requestCounts", {})
         self._time_yields(bool(pods))

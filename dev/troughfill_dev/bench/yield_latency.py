@@ -36,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from troughfill import constants
+from troughfill.kube.podstate import is_ready
 from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
 from troughfill_dev.localcluster.services import VLLM_ENV, wait_until
 from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
@@ -151,11 +152,7 @@ class Bench:
 
     def wait_worker_ready(self) -> None:
         def ready() -> bool:
-            return any(
-                not p.metadata.deletion_timestamp
-                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-                for p in self.workers()
-            )
+            return any(not p.metadata.deletion_timestamp and is_ready(p) for p in self.workers())
 
         wait_until(ready, 600, "a Ready worker", 0.2)
         time.sleep(2)  # working, not just up

@@ -49,7 +49,7 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
             f" (allowed: {', '.join(sorted(allowed_args)) or 'none'})",
         )
 
-    namespace = job.metadata.namespace or "default"
+    namespace = job.metadata.ns
     pool_spec = pool.spec
     quota = next((q for q in pool_spec.quotas if q.namespace == namespace), None)
     if quota is not None:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 import pydantic
@@ -46,6 +46,7 @@ POOLS = (constants.API_GROUP, constants.API_VERSION, BatchPool.crd.plural)
 TEMPLATES = (constants.API_GROUP, constants.API_VERSION, ModelTemplate.crd.plural)
 TEMPLATE_RECHECK_SECONDS = 30.0
 """How often a template's Ready condition is re-checked (its pool may come or go)."""
+Parsed = TypeVar("Parsed", bound=pydantic.BaseModel)
 RETRY_SECONDS = 5.0
 """How long Kopf waits before retrying a handler that met an unavailable Redis or API server."""
 
@@ -141,9 +142,11 @@ def _write(patch: kopf.Patch, body: kopf.Body, update: jobs.StatusUpdate, logger
         (logger.warning if event.warning else logger.info)("%s: %s", event.reason.value, event.message)
 
 
-def _parse_job(body: Mapping[str, Any]) -> BatchInference:
+def parse(kind: type[Parsed], body: Mapping[str, Any]) -> Parsed:
+    """The object as its model; one that the model refuses is a permanent error (Kopf logs it,
+    posts it as an Event and does not retry the handler)."""
     try:
-        return BatchInference.model_validate(dict(body))
+        return kind.model_validate(dict(body))
     except pydantic.ValidationError as error:
         raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
 
@@ -164,7 +167,7 @@ async def start_job(
     body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     try:
-        job = _parse_job(body)
+        job = parse(BatchInference, body)
     except kopf.PermanentError:
         if (body.get("status") or {}).get("phase") != "failed":
             patch.status["phase"] = "failed"  # the handler's patch is applied even though it fails
@@ -188,7 +191,7 @@ async def reconcile_job(
 ) -> None:
     if (body.get("status") or {}).get("phase") in {phase.value for phase in TERMINAL}:
         return  # ended (an unparseable job too: start_job marked it failed)
-    job = _parse_job(body)
+    job = parse(BatchInference, body)
     if job.status is None or job.status.phase is None:
         return  # start_job has not recorded it yet
     with transient("refreshing the job's status"):
@@ -209,12 +212,9 @@ async def update_job(
 ) -> None:
     """Suspend and resume take effect through the pool's next cycle (it reads the spec each
     time); fields fixed at admission are refused (see controller.jobs.spec_changed)."""
-    job = _parse_job(body)
-    try:
-        previous = job.model_copy(update={"spec": type(job.spec).model_validate(old)})
-        current = job.model_copy(update={"spec": type(job.spec).model_validate(new)})
-    except pydantic.ValidationError as error:
-        raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
+    job = parse(BatchInference, body)
+    previous = job.model_copy(update={"spec": parse(type(job.spec), old)})
+    current = job.model_copy(update={"spec": parse(type(job.spec), new)})
     with transient("applying the spec change"):
         update = await jobs.spec_changed(previous, current, jobs.ledger_for(job, memo.redis), jobs.now_utc())
     if update is not None:
@@ -247,10 +247,7 @@ async def reconcile_pool(
     body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Plan the pool's batch workers and carry the plan out; the pool's status reports it."""
-    try:
-        pool = BatchPool.model_validate(dict(body))
-    except pydantic.ValidationError as error:
-        raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
+    pool = parse(BatchPool, body)
     with transient("planning the pool", delay=max(1.0, 2 * INTERVAL)):  # soon: yields wait for it
         cycle = await memo.pools.cycle(pool)
     # The signal's read time moves every cycle; it alone is not worth a write.
@@ -300,10 +297,7 @@ async def check_template(
     body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """The template's Ready condition: valid (parsed) and its pool exists."""
-    try:
-        template = ModelTemplate.model_validate(dict(body))
-    except pydantic.ValidationError as error:
-        raise kopf.PermanentError(f"{Reason.INVALID_SPEC.value}: {_problems(error)}") from error
+    template = parse(ModelTemplate, body)
     with transient("checking the template's pool"):
         pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref)
     if write_status(patch, body, jobs.template_status(template, pool, jobs.now_utc())):

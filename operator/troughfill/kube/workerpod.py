@@ -67,7 +67,7 @@ class WorkerEnvironment:
 
 
 def job_ref(job: BatchInference) -> str:
-    return f"{job.metadata.namespace}/{job.metadata.name}/{job.metadata.uid}"
+    return f"{job.metadata.ns}/{job.metadata.name}/{job.metadata.uid_text}"
 
 
 def model_argument(uri: str) -> str:
@@ -84,7 +84,7 @@ def worker_labels(job: BatchInference, template: ModelTemplate) -> dict[str, str
         constants.LABEL_COMPONENT: constants.COMPONENT_WORKER,
         constants.LABEL_MANAGED_BY: constants.PART_OF_VALUE,
         constants.LABEL_JOB_NAME: job.metadata.name,
-        constants.LABEL_JOB_UID: job.metadata.uid or "",
+        constants.LABEL_JOB_UID: job.metadata.uid_text,
         constants.LABEL_POOL: template.spec.pool_ref,
         constants.LABEL_TEMPLATE: template.metadata.name,
     }
@@ -200,7 +200,7 @@ def worker_pod(
         "kind": "Pod",
         "metadata": {
             "name": name,
-            "namespace": job.metadata.namespace,
+            "namespace": job.metadata.ns,
             "labels": worker_labels(job, template),
             "annotations": {constants.ANNOTATION_POD_DELETION_COST: deletion_cost(False, 0)},
             "ownerReferences": [
