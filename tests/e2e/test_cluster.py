@@ -34,7 +34,10 @@ TERM_AWARE = textwrap.dedent(
         time.sleep(0.1)
     """
 )
-DEAF = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(0.1)\n"
+DEAF = (
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ignoring SIGTERM', flush=True)\nwhile True: time.sleep(0.1)\n"
+)
 
 
 def container(script: str, gpus: int = 0, stop_seconds: float = 0.3) -> dict[str, Any]:
@@ -250,6 +253,18 @@ def test_a_pod_that_ignores_sigterm_is_killed_after_its_grace_period(kube: Kube,
         },
     )
     (pod,) = until(lambda: running_pods(kube, namespace, "app=deaf"), 60, "the pod running")
+    # Running means its process started, not that Python has reached the signal handler yet.
+    if kube.local and kube.agent_workdir is not None:
+        workdir = kube.agent_workdir
+        until(
+            lambda: any(
+                "ignoring SIGTERM" in log.read_text() for log in workdir.glob(f"{namespace}_deaf_*/main.log")
+            ),
+            30,
+            "the container ignoring SIGTERM",
+        )
+    else:
+        time.sleep(3)
     started = time.monotonic()
     kube.core.delete_namespaced_pod("deaf", namespace)
 
