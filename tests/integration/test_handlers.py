@@ -1,10 +1,14 @@
 """The Kopf handlers called as Kopf calls them (keyword arguments, a Body, a Patch, a Memo), with
 a real Redis ledger: errors the Kopf way, and cleanup that does not depend on a parseable spec."""
 
+import importlib
 import logging
+import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import kopf
@@ -15,13 +19,28 @@ from redis.asyncio import Redis
 
 from tests.builders import batch_inference, pool, template
 from tests.ledgertools import request_line, write_input
-from troughfill import handlers
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import BatchPoolStatus
 from troughfill.controller import jobs
 from troughfill.storage import ERROR_FILE, ObjectStore
 
 LOG = logging.getLogger("test")
+
+
+@pytest.fixture(scope="module")
+def handlers() -> Iterator[ModuleType]:
+    """troughfill.handlers, imported into a registry of its own: importing it registers its
+    handlers in Kopf's default registry, and any operator a later test runs in this process
+    (an e2e probe operator) would then run them too, metrics server on port 9090 included."""
+    previous = kopf.get_default_registry()
+    fresh = "troughfill.handlers" not in sys.modules
+    kopf.set_default_registry(kopf.OperatorRegistry())
+    try:
+        yield importlib.import_module("troughfill.handlers")
+    finally:
+        kopf.set_default_registry(previous)
+        if fresh:  # a later `kopf run -m troughfill.handlers` imports (and registers) it anew
+            sys.modules.pop("troughfill.handlers", None)
 
 
 class Workers:
@@ -64,7 +83,7 @@ async def started_job(aredis: Redis, tmp_path: Path) -> dict[str, Any]:
 
 
 async def test_deleting_a_job_whose_spec_cannot_be_parsed_still_removes_its_ledger_keys(
-    aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
+    handlers: ModuleType, aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
 ) -> None:
     wire = await started_job(aredis, tmp_path)
     uid = wire["metadata"]["uid"]
@@ -80,7 +99,7 @@ async def test_deleting_a_job_whose_spec_cannot_be_parsed_still_removes_its_ledg
 
 
 async def test_an_unparseable_job_fails_permanently_with_its_phase_written(
-    aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
+    handlers: ModuleType, aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
 ) -> None:
     wire = batch_inference(inputURL="ftp://nowhere/in.jsonl")
     wire["metadata"]["uid"] = uuid.uuid4().hex
@@ -104,19 +123,21 @@ async def test_an_unparseable_job_fails_permanently_with_its_phase_written(
         ApiException(status=429, reason="Too Many Requests"),
     ],
 )
-def test_an_unavailable_redis_or_api_server_is_a_temporary_error(error: Exception) -> None:
+def test_an_unavailable_redis_or_api_server_is_a_temporary_error(
+    handlers: ModuleType, error: Exception
+) -> None:
     with pytest.raises(kopf.TemporaryError) as caught, handlers.transient("reading"):
         raise error
     assert caught.value.delay == handlers.RETRY_SECONDS
     assert str(caught.value).startswith("reading: ")
 
 
-def test_an_api_refusal_is_not_retried_as_if_transient() -> None:
+def test_an_api_refusal_is_not_retried_as_if_transient(handlers: ModuleType) -> None:
     with pytest.raises(ApiException), handlers.transient("creating"):
         raise ApiException(status=403, reason="Forbidden")
 
 
-def test_a_status_is_written_only_when_more_than_its_volatile_fields_changed() -> None:
+def test_a_status_is_written_only_when_more_than_its_volatile_fields_changed(handlers: ModuleType) -> None:
     now = datetime.now(UTC)
     status = BatchPoolStatus(capacity_gpus=8, last_signal_time=now)
     body = kopf.Body({"status": status.model_dump(mode="json", by_alias=True, exclude_none=True)})

@@ -260,7 +260,19 @@ class ServiceProxy:
             if listener is None or listener.port != service_port:
                 if listener is not None:
                     self._close(listener)
-                listener = self._listen(service_port)
+                    del self.listeners[address]
+                try:
+                    listener = self._listen(service_port)
+                except OSError as error:  # one Service's port taken on this host: the others still work
+                    log.warning(
+                        "service %s/%s %s:%d not proxied: %r",
+                        service_port.namespace,
+                        service_port.service,
+                        service_port.cluster_ip,
+                        service_port.port,
+                        error,
+                    )
+                    continue
                 self.listeners[address] = listener
             listener.endpoints = [
                 ("127.0.0.1" if address == self.node_address else address, port)
@@ -274,8 +286,12 @@ class ServiceProxy:
     def _listen(self, port: ServicePort) -> Listener:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((port.cluster_ip, port.port))
-        sock.listen(128)
+        try:
+            sock.bind((port.cluster_ip, port.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
         listener = Listener(port, sock)
         threading.Thread(
             target=self._accept, args=(listener,), name=f"svc {port.service}:{port.port}", daemon=True
