@@ -457,3 +457,35 @@ def test_a_higher_priority_pod_preempts_a_lower_priority_one(
     finally:
         for name in (low, high):
             scheduling.delete_priority_class(name)
+
+
+def test_a_pod_waits_for_the_configmap_its_volume_names_then_runs(kube: Kube, namespace: str) -> None:
+    """As the kubelet does: a volume source that does not exist yet keeps the pod Pending (a new
+    namespace's kube-root-ca.crt comes seconds after the namespace), it does not fail it."""
+    if not kube.local:
+        pytest.skip("the node agent's own behaviour (a kubelet does the same)")
+    spec = container("import time\nprint(open('/config/greeting').read(), flush=True)\ntime.sleep(600)")
+    spec["volumeMounts"] = [{"name": "config", "mountPath": "/config"}]
+    kube.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "patient", "labels": {"app": "patient"}},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [spec],
+                "volumes": [{"name": "config", "configMap": {"name": "later"}}],
+            },
+        },
+    )
+    time.sleep(3)
+    pod = kube.core.read_namespaced_pod("patient", namespace)
+    assert pod.status.phase == "Pending", pod.status
+    kube.core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "later"}, "data": {"greeting": "hello"}}
+    )
+    until(
+        lambda: running_pods(kube, namespace, "app=patient"), 30, "the pod running once its ConfigMap exists"
+    )
+    kube.core.delete_namespaced_pod("patient", namespace)

@@ -60,6 +60,7 @@ from troughfill_dev.localcluster.podfs import (
     PodVolumes,
     VolumeError,
     VolumeMaker,
+    VolumeNotReadyError,
     exec_in,
     load_images,
     mounts_for,
@@ -88,6 +89,8 @@ LOCAL_PROVISIONER = "troughfill.dev/node-agent-hostpath"
 HEARTBEAT_SECONDS = 5.0
 CONFIG_RETRY_SECONDS = 2.0
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
+MOUNT_RETRY_SECONDS, MOUNT_RETRY_INTERVAL = 120.0, 0.5
+"""How long a pod waits for what its volumes name, and how often it looks again."""
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
 """Host variables a container also gets (its command runs here, it needs a PATH)."""
 
@@ -143,6 +146,12 @@ class LocalPod:
     names: Path | None = None
     """With a pod network: the directory holding its hosts and resolv.conf."""
     hosts_generation: int = -1
+    pod: dict[str, Any] = field(default_factory=dict)
+    """The pod as first seen (its volumes are made from it)."""
+    mount_waiting: str | None = None
+    """Why its volumes could not be made yet (a ConfigMap, Secret or claim not there yet)."""
+    mount_deadline: float = 0.0
+    next_mount: float = 0.0
 
     @property
     def address(self) -> str:
@@ -376,15 +385,37 @@ class NodeAgent:
                     "nameserver 127.0.0.1\noptions ndots:5 timeout:1 attempts:1\n"
                 )
                 self._write_hosts(local)
-            local.volumes = self.volume_maker.materialise(pod, directory)
+        except (ApiException, RuntimeError, OSError) as error:
+            self._fail(local, "FailedCreatePodSandBox", str(error)[:500])
+            return local
+        local.pod = pod
+        local.mount_deadline = time.monotonic() + MOUNT_RETRY_SECONDS
+        self._mount_and_start(local)
+        return local
+
+    def _mount_and_start(self, local: LocalPod) -> None:
+        """Make the pod's volumes, then start its containers. What a volume names may not exist
+        yet (a new namespace's kube-root-ca.crt ConfigMap comes seconds after the namespace):
+        like the kubelet, retry (the pod stays Pending) until MOUNT_RETRY_SECONDS have passed."""
+        try:
+            local.volumes = self.volume_maker.materialise(local.pod, local.directory)
+        except VolumeNotReadyError as error:
+            if time.monotonic() < local.mount_deadline:
+                if local.mount_waiting is None:
+                    log.info("pod %s waits for its volumes: %s", local.key, str(error)[:200])
+                local.mount_waiting = str(error)[:500]
+                local.next_mount = time.monotonic() + MOUNT_RETRY_INTERVAL
+                return
+            self._fail(local, "FailedMount", str(error)[:500])
+            return
         except (VolumeError, ApiException, RuntimeError, OSError) as error:
             self._fail(local, "FailedMount", str(error)[:500])
-            return local
+            return
+        local.mount_waiting = None
         for container in local.containers:
             self._start_container(local, container)
         self._report(local)
         log.info("started pod %s on %s", local.key, local.node)
-        return local
 
     def _fail(self, local: LocalPod, reason: str, message: str) -> None:
         local.finished = True
@@ -547,6 +578,10 @@ class NodeAgent:
                 pods = [p for p in self.pods.values() if not p.finished and not p.terminating]
             for local in pods:
                 try:
+                    if local.mount_waiting is not None:
+                        if time.monotonic() >= local.next_mount:
+                            self._mount_and_start(local)
+                        continue
                     if self.proxy is not None and local.hosts_generation != self.proxy.generation:
                         self._write_hosts(local)
                     self.volume_maker.refresh(local.volumes)

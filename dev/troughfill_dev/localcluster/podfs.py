@@ -49,6 +49,11 @@ class VolumeError(RuntimeError):
     """A volume this agent cannot provide (the pod fails with the message)."""
 
 
+class VolumeNotReadyError(VolumeError):
+    """What a volume names is not there yet (a ConfigMap, a Secret, a claim not yet bound): the
+    kubelet keeps the pod Pending and tries again."""
+
+
 @dataclass(frozen=True)
 class LocalImage:
     path: tuple[str, ...] = ()
@@ -133,7 +138,7 @@ class VolumeMaker:
     def _claimed(self, namespace: str, claim: str) -> Path:
         pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
         if not pvc.spec.volume_name:
-            raise VolumeError(f"claim {namespace}/{claim} is not bound")
+            raise VolumeNotReadyError(f"claim {namespace}/{claim} is not bound")
         volume = self.core.read_persistent_volume(pvc.spec.volume_name)
         if volume.spec.host_path is None:
             raise VolumeError(f"volume {volume.metadata.name} is not a hostPath volume this node can mount")
@@ -150,7 +155,8 @@ class VolumeMaker:
         except client.exceptions.ApiException as error:
             if error.status == 404 and source.get("optional"):
                 return {}
-            raise VolumeError(f"{kind} {source['name']}: {error.status} {error.reason}") from error
+            failure = VolumeNotReadyError if error.status == 404 else VolumeError
+            raise failure(f"{kind} {source['name']}: {error.status} {error.reason}") from error
         items = source.get("items")
         if not items:
             return data
