@@ -14,6 +14,7 @@ VALID_CASES = [
     (BatchInference, batch_inference(minWorkers=2, maxWorkers=2, completionWindow="1m")),
     (BatchInference, batch_inference(completionWindow="168h", endpoint="/v1/embeddings")),
     (BatchInference, batch_inference(engineArgs=[{"name": "max-num-seqs", "value": "64"}])),
+    (BatchInference, batch_inference(engineArgs=[{"name": "seed", "value": "-1"}])),
     (BatchInference, batch_inference(metadata={"k" * 64: "v" * 512})),
     (BatchInference, batch_inference(inputURL="file:///data/in.jsonl", outputURL="file:///data/out/")),
     (BatchPool, pool()),
@@ -71,6 +72,18 @@ INVALID_CASES = [
         BatchInference,
         batch_inference(engineArgs=[{"name": "--max-num-seqs", "value": "1"}]),
         "spec.engineArgs.0.name",
+        "should match pattern",
+    ),
+    (
+        BatchInference,
+        batch_inference(engineArgs=[{"name": "max-num-seqs", "value": "--trust-remote-code"}]),
+        "spec.engineArgs.0.value",
+        "should match pattern",
+    ),
+    (
+        BatchInference,
+        batch_inference(engineArgs=[{"name": "max-num-seqs", "value": "-m=other/repo"}]),
+        "spec.engineArgs.0.value",
         "should match pattern",
     ),
     (

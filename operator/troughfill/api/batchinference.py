@@ -18,7 +18,14 @@ from troughfill.api.base import (
 )
 from troughfill.api.conditions import Condition
 from troughfill.api.resource import CrdInfo, PrinterColumn, Resource, Scope
-from troughfill.api.types import DnsSubdomain, Duration, EngineArgName, StorageURL, duration_rule
+from troughfill.api.types import (
+    ENGINE_ARG_VALUE_PATTERN,
+    DnsSubdomain,
+    Duration,
+    EngineArgName,
+    StorageURL,
+    duration_rule,
+)
 
 
 class Endpoint(StrEnum):
@@ -53,7 +60,8 @@ class EngineArg(ApiModel):
     """One engine flag, e.g. {name: max-num-seqs, value: "128"} for `--max-num-seqs 128`."""
 
     name: EngineArgName
-    value: Annotated[str, StringConstraints(max_length=256)]
+    value: Annotated[str, StringConstraints(max_length=256, pattern=ENGINE_ARG_VALUE_PATTERN)]
+    """Passed as the argument after `--name`; it may not start with "-" (a negative number may)."""
 
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=constants.MAX_METADATA_KEY_LENGTH)]

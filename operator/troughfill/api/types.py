@@ -25,6 +25,9 @@ QUANTITY_PATTERN = (
 )
 STORAGE_URL_PATTERN = r"^(file|s3)://\S+$"
 ENGINE_ARG_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
+ENGINE_ARG_VALUE_PATTERN = r"^(-[0-9]+(\.[0-9]+)?|[^-].*)?$"
+"""An engine flag's value never looks like a flag (`--trust-remote-code` as the value of an
+allowed flag would reach the engine as a flag of its own); a negative number is a value."""
 
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=63)]
 DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN_PATTERN, min_length=1, max_length=253)]
