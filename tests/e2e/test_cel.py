@@ -259,3 +259,16 @@ def test_a_rule_over_the_cost_budget_is_refused_when_the_crd_is_created(kube: Ku
         kube, "apply", "--server-side", "--dry-run=server", "-k", str(REPO_ROOT / "manifests" / "crds")
     )
     assert ours.returncode == 0, ours.stderr
+
+
+@pytest.mark.usefixtures("crds")
+@pytest.mark.parametrize("value", ["--trust-remote-code", "--model=other/repo", "-x"])
+def test_an_engine_arg_value_that_looks_like_a_flag_is_refused_by_the_schema(
+    kube: Kube, namespace: str, value: str
+) -> None:
+    obj = job(engineArgs=[{"name": "max-num-seqs", "value": value}])(f"flag-{uuid.uuid4().hex[:8]}")
+    obj["metadata"]["namespace"] = namespace
+    code, output = apply(kube, obj)
+    assert code != 0, f"the API server stored engineArgs value {value!r}"
+    assert "spec.engineArgs[0].value" in output, output
+    assert "should match" in output, output
