@@ -80,6 +80,7 @@ class FakeCluster:
             ready=False,
             deleting=False,
             created_at=self.clock(),
+            owner_uid=next(ref["uid"] for ref in meta["ownerReferences"] if ref.get("controller")),
         )
 
     def delete_pod(self, namespace: str, name: str) -> None:
@@ -243,10 +244,14 @@ async def test_a_job_whose_workers_keep_failing_gets_none_until_the_failures_age
 
 
 async def test_workers_of_no_active_job_are_deleted_and_refused_creates_are_reported(world: World) -> None:
-    world.cluster.pods["stray"] = WorkerPod("team-b", "stray", "no-such-uid", "Running", True, False, START)
+    world.cluster.pods["stray"] = WorkerPod(
+        "team-b", "stray", "no-such-uid", "Running", True, False, START, owner_uid="no-such-uid"
+    )
+    world.cluster.pods["not-ours"] = WorkerPod("team-b", "not-ours", "", "Running", True, False, START)
     world.cluster.refuse_creates = "forbidden: exceeded quota"
     cycle = await world.controller.cycle(world.pool)
-    assert "stray" in world.cluster.deleted
+    assert "stray" in world.cluster.deleted  # owned by a job that is not active here
+    assert "not-ours" not in world.cluster.deleted  # no BatchInference owns it: not the operator's to delete
     assert cycle.created == []
     assert len(cycle.failures) == 1  # the second start of the job is not tried
     assert "exceeded quota" in cycle.failures[0]
@@ -260,3 +265,22 @@ async def test_a_deleted_job_and_pool_are_forgotten(world: World, aredis: Redis)
     world.controller.forget_pool("gpus")
     assert world.controller.pools == {}
     assert JobKeys.of(world.job.metadata) == world.ledger.keys
+
+
+async def test_a_pod_in_another_namespace_claiming_a_jobs_uid_neither_counts_nor_crash_loops_it(
+    world: World,
+) -> None:
+    """Team B labels (and owner-references) its own failing pods with team A's job uid: they are
+    not A's workers (owner references never cross namespaces), so A is not put in a crash loop."""
+    uid = world.job.metadata.uid_text
+    for index in range(2 * CRASH_LOOP_FAILURES):
+        name = f"forged-{index}"
+        world.cluster.pods[name] = WorkerPod(
+            "team-b", name, uid, "Failed", False, False, START, owner_uid=uid
+        )
+    cycle = await world.controller.cycle(world.pool)
+    view = world.controller.workers_of(uid)
+    assert view is not None
+    assert view.crash_loop is None
+    assert len(cycle.created) == 2  # team A's job gets its workers
+    assert view.ready == 0  # and the forged pods are not counted as its workers

@@ -305,10 +305,10 @@ class PoolController:
     async def observe(self, pool: BatchPool, state: PoolState) -> Observation:
         capacity = await self._capacity(pool)
         pods = await asyncio.to_thread(self.cluster.worker_pods, pool.metadata.name)
-        by_job: dict[str, list[WorkerPod]] = {}
+        by_job: dict[tuple[str, str], list[WorkerPod]] = {}
         for pod in pods:
-            if not pod.finished:
-                by_job.setdefault(pod.job_uid, []).append(pod)
+            if not pod.finished and pod.owner_uid:  # a pod no BatchInference owns is not ours
+                by_job.setdefault((pod.namespace, pod.owner_uid), []).append(pod)
         templates: dict[str, ModelTemplate | None] = {}
         priorities: dict[str, int] = {}
         jobs: list[ObservedJob] = []
@@ -327,7 +327,7 @@ class PoolController:
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
             ledger = JobLedger(self.redis, JobKeys.of(job.metadata))
-            own = tuple(by_job.pop(job.metadata.uid_text, []))
+            own = tuple(by_job.pop((job.metadata.ns, job.metadata.uid_text), []))
             progress = await ledger.progress()
             beats = await asyncio.gather(*(ledger.last_heartbeat(pod.name) for pod in own))
             jobs.append(
@@ -339,17 +339,19 @@ class PoolController:
             capacity=capacity,
             online=online,
             jobs=tuple(jobs),
-            finished=tuple(pod for pod in pods if pod.finished),
+            finished=tuple(pod for pod in pods if pod.finished and pod.owner_uid),
             orphans=tuple(pod for rest in by_job.values() for pod in rest if not pod.deleting),
             present=frozenset(pod.key for pod in pods),
         )
 
     def _note_failures(self, state: PoolState, seen: Observation) -> None:
         """A failed worker pod counts once: it is deleted this cycle (a pod already being
-        deleted was stopped by us, not failed on its own)."""
+        deleted was stopped by us, not failed on its own). It counts against the job that owns
+        it, in its own namespace: a pod elsewhere claiming the job's uid counts for nothing."""
+        namespaces = {entry.uid: entry.job.metadata.ns for entry in seen.jobs}
         for pod in seen.finished:
-            if pod.phase == "Failed" and not pod.deleting:
-                state.failures.setdefault(pod.job_uid, []).append(seen.now)
+            if pod.phase == "Failed" and not pod.deleting and namespaces.get(pod.owner_uid) == pod.namespace:
+                state.failures.setdefault(pod.owner_uid, []).append(seen.now)
         for uid, times in list(state.failures.items()):
             state.failures[uid] = [t for t in times if seen.now - t < CRASH_LOOP_SECONDS]
 

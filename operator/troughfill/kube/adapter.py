@@ -168,4 +168,14 @@ def _worker_pod(pod: Any) -> WorkerPod:
         deleting=is_deleting(pod),
         created_at=created.timestamp() if created else time.time(),
         deletion_cost=(meta.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST),
+        owner_uid=next(
+            (
+                ref.uid
+                for ref in meta.owner_references or []
+                if ref.controller
+                and ref.kind == constants.KIND_BATCH_INFERENCE
+                and ref.api_version.split("/")[0] == constants.API_GROUP
+            ),
+            "",
+        ),
     )

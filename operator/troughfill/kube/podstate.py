@@ -37,6 +37,10 @@ class WorkerPod:
     """Seconds since the epoch."""
     deletion_cost: str | None = None
     """Its controller.kubernetes.io/pod-deletion-cost annotation."""
+    owner_uid: str = ""
+    """The uid of the BatchInference that controls it (its ownerReference; "" when none). Owner
+    references never cross namespaces, so (namespace, owner_uid) names the job a pod works for:
+    a label alone can be set by anyone who may create pods."""
 
     @property
     def key(self) -> str:
