@@ -321,9 +321,10 @@ LONG_TOKENS = 400
 LONG_REQUESTS = 600
 """The yield test's job: the tiny model's engine once did 120 x 400 tokens before the online pod
 came, leaving nothing to yield, and on an idle machine 240 x 400 were done 73 s after the pod
-started, before the test had seen it Ready and its deletion cost raised. (Longer requests are no way out: a resumed request's prompt is
-the original plus its partial output re-tokenized, and the random model's output re-tokenizes
-into more tokens than it was generated as: 800-token requests overflowed the 1024 context.)"""
+started, before the test had seen it Ready and its deletion cost raised. (Longer requests are no
+way out: a resumed request's prompt is the original plus its partial output re-tokenized, and the
+random model's output re-tokenizes into more tokens than it was generated as: 800-token requests
+overflowed the 1024 context.)"""
 
 
 def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
