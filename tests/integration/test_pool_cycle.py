@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 
 from tests.builders import batch_inference, pool, template
 from tests.ledgertools import FakeClock, request_line, write_input
-from troughfill import constants
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import OnlineWorkload
 from troughfill.controller import jobs
@@ -75,7 +74,6 @@ class FakeCluster:
         self.pods[meta["name"]] = WorkerPod(
             namespace=meta["namespace"],
             name=meta["name"],
-            job_uid=meta["labels"][constants.LABEL_JOB_UID],
             phase="Pending",
             ready=False,
             deleting=False,
@@ -245,9 +243,9 @@ async def test_a_job_whose_workers_keep_failing_gets_none_until_the_failures_age
 
 async def test_workers_of_no_active_job_are_deleted_and_refused_creates_are_reported(world: World) -> None:
     world.cluster.pods["stray"] = WorkerPod(
-        "team-b", "stray", "no-such-uid", "Running", True, False, START, owner_uid="no-such-uid"
+        "team-b", "stray", "Running", True, False, START, owner_uid="no-such-uid"
     )
-    world.cluster.pods["not-ours"] = WorkerPod("team-b", "not-ours", "", "Running", True, False, START)
+    world.cluster.pods["not-ours"] = WorkerPod("team-b", "not-ours", "Running", True, False, START)
     world.cluster.refuse_creates = "forbidden: exceeded quota"
     cycle = await world.controller.cycle(world.pool)
     assert "stray" in world.cluster.deleted  # owned by a job that is not active here
@@ -275,9 +273,7 @@ async def test_a_pod_in_another_namespace_claiming_a_jobs_uid_neither_counts_nor
     uid = world.job.metadata.uid_text
     for index in range(2 * CRASH_LOOP_FAILURES):
         name = f"forged-{index}"
-        world.cluster.pods[name] = WorkerPod(
-            "team-b", name, uid, "Failed", False, False, START, owner_uid=uid
-        )
+        world.cluster.pods[name] = WorkerPod("team-b", name, "Failed", False, False, START, owner_uid=uid)
     cycle = await world.controller.cycle(world.pool)
     view = world.controller.workers_of(uid)
     assert view is not None

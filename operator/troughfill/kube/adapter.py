@@ -162,7 +162,6 @@ def _worker_pod(pod: Any) -> WorkerPod:
     return WorkerPod(
         namespace=meta.namespace,
         name=meta.name,
-        job_uid=(meta.labels or {}).get(constants.LABEL_JOB_UID, ""),
         phase=(pod.status.phase if pod.status else None) or "Pending",
         ready=is_ready(pod),
         deleting=is_deleting(pod),

@@ -29,7 +29,6 @@ class WorkerPod:
 
     namespace: str
     name: str
-    job_uid: str
     phase: str
     ready: bool
     deleting: bool
