@@ -126,7 +126,25 @@ CASES = [
         "ModelTemplate",
         ".spec",
         "allowedEngineArgs must not include flags that choose the model, port or devices",
-        mtemplate(allowedEngineArgs=["model"]),
+        mtemplate(allowedEngineArgs=[{"name": "model", "type": "String", "pattern": ".*"}]),
+    ),
+    Case(
+        "ModelTemplate",
+        ".spec.allowedEngineArgs[0]",
+        "values must be given for type Enum, and only for it",
+        mtemplate(allowedEngineArgs=[{"name": "kv-cache-dtype", "type": "Enum"}]),
+    ),
+    Case(
+        "ModelTemplate",
+        ".spec.allowedEngineArgs[0]",
+        "pattern must be given for type String, and only for it",
+        mtemplate(allowedEngineArgs=[{"name": "quantization", "type": "String"}]),
+    ),
+    Case(
+        "ModelTemplate",
+        ".spec.allowedEngineArgs[0]",
+        "minimum and maximum apply to types Integer and Number only",
+        mtemplate(allowedEngineArgs=[{"name": "enable-prefix-caching", "type": "Boolean", "maximum": 1}]),
     ),
     Case(
         "ModelTemplate",

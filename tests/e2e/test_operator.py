@@ -87,7 +87,7 @@ def pool_and_template(suffix: str) -> tuple[dict[str, Any], dict[str, Any]]:
             "poolRef": f"pool-{suffix}",
             "image": "vllm/vllm-openai:v0.11.0",
             "model": {"uri": "/models/tiny", "servedModelName": "tiny"},
-            "allowedEngineArgs": ["max-num-seqs"],
+            "allowedEngineArgs": [{"name": "max-num-seqs", "type": "Integer", "minimum": 1, "maximum": 1024}],
         },
     }
     return pool, template

@@ -280,3 +280,32 @@ async def test_a_pod_in_another_namespace_claiming_a_jobs_uid_neither_counts_nor
     assert view.crash_loop is None
     assert len(cycle.created) == 2  # team A's job gets its workers
     assert view.ready == 0  # and the forged pods are not counted as its workers
+
+
+async def test_a_job_the_template_no_longer_admits_gets_no_workers_until_it_does(world: World) -> None:
+    """Each cycle admits the job again, against the template and pool of now: an admin who
+    narrows the quota stops its workers (its progress stays); restoring it starts them again,
+    and the status's Admitted condition follows."""
+    narrowed = BatchPool.model_validate(
+        pool(scaleUpDelay="0s", minUsefulTime="0s", gpus={"count": 8}, quotas=[])
+    )
+    world.cluster.pools["gpus"] = narrowed
+    cycle = await world.controller.cycle(narrowed)
+    assert cycle.created == []
+    view = world.controller.workers_of(world.job.metadata.uid_text)
+    assert view is not None
+    assert view.admission is not None
+    assert not view.admission.allowed
+    status = world.job.status
+    assert status is not None
+    now = datetime.fromtimestamp(world.clock(), UTC)
+    update = await jobs.refresh_status(
+        world.job, status.model_copy(deep=True), world.ledger, ObjectStore(), now, workers=view
+    )
+    admitted = next(c for c in update.status.conditions if c.type == "Admitted")
+    running = next(c for c in update.status.conditions if c.type == "Running")
+    assert (admitted.status, admitted.reason) == ("False", "NamespaceNotInQuota")
+    assert (running.status, running.reason) == ("False", "NamespaceNotInQuota")
+    assert update.status.phase == "in_progress"  # nothing lost: it waits
+    world.clock.advance(1)
+    assert len((await world.controller.cycle(world.pool)).created) == 2

@@ -6,6 +6,7 @@ import pytest
 
 from tests.builders import batch_inference, pool, template
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, Reason, admit
+from troughfill.api.modeltemplate import AllowedEngineArg, EngineArgType
 
 
 def decide(
@@ -18,7 +19,8 @@ def decide(
     )
 
 
-ALLOWED_ARGS = template(allowedEngineArgs=["max-num-seqs"])
+SEQS = {"name": "max-num-seqs", "type": "Integer", "minimum": 1, "maximum": 1024}
+ALLOWED_ARGS = template(allowedEngineArgs=[SEQS])
 TWO_CLASSES = pool(quotas=[{"namespace": "team-a", "maxGPUs": 4, "allowedPriorityClasses": ["batch-urgent"]}])
 
 
@@ -85,10 +87,69 @@ def test_refusals_name_the_reason(
     assert fragment in decision.message
 
 
+TYPED = template(
+    allowedEngineArgs=[
+        SEQS,
+        {"name": "gpu-memory-utilization", "type": "Number", "minimum": 0.1, "maximum": 0.95},
+        {"name": "enable-prefix-caching", "type": "Boolean"},
+        {"name": "enforce-eager", "type": "Boolean"},
+        {"name": "kv-cache-dtype", "type": "Enum", "values": ["auto", "fp8"]},
+        {"name": "seed", "type": "Integer"},
+        {"name": "quantization", "type": "String", "pattern": "[a-z0-9_]{1,32}"},
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("max-num-seqs", "0", "Integer flag of template 'tiny' must be at least 1"),
+        ("max-num-seqs", "4096", "must be at most 1024"),
+        ("max-num-seqs", "12.5", "must be an integer"),
+        ("max-num-seqs", "128 --trust-remote-code", "must be an integer"),
+        ("gpu-memory-utilization", "0.99", "must be at most 0.95"),
+        ("gpu-memory-utilization", "1e-1", "must be a number"),
+        ("enable-prefix-caching", "yes", "must be true or false"),
+        ("kv-cache-dtype", "fp4", "must be one of auto, fp8"),
+        ("quantization", "awq --model=x", "must match [a-z0-9_]{1,32}"),
+    ],
+)
+def test_flag_values_are_checked_against_their_type(name: str, value: str, problem: str) -> None:
+    decision = decide(batch_inference(engineArgs=[{"name": name, "value": value}]), TYPED, pool())
+    assert decision.reason == Reason.ENGINE_ARG_NOT_ALLOWED
+    assert f"engineArgs {name}={value!r}: " in decision.message
+    assert problem in decision.message
+
+
+def test_admitted_flags_are_one_word_each() -> None:
+    job = batch_inference(
+        engineArgs=[
+            {"name": "max-num-seqs", "value": "64"},
+            {"name": "gpu-memory-utilization", "value": "0.8"},
+            {"name": "enable-prefix-caching", "value": "true"},
+            {"name": "enforce-eager", "value": "false"},
+            {"name": "kv-cache-dtype", "value": "fp8"},
+            {"name": "seed", "value": "-1"},
+            {"name": "quantization", "value": "awq"},
+        ]
+    )
+    decision = decide(job, TYPED, pool())
+    assert decision.allowed, decision.message
+    assert decision.engine_args == (
+        "--max-num-seqs=64",
+        "--gpu-memory-utilization=0.8",
+        "--enable-prefix-caching",  # a true Boolean is the bare flag (vLLM's booleans take no value)
+        "--kv-cache-dtype=fp8",  # a false one is left out: the engine's default
+        "--seed=-1",
+        "--quantization=awq",
+    )
+
+
 def test_reserved_flags_stay_refused_even_if_a_template_was_stored_without_validation() -> None:
     # A template written while CEL was not enforced (old cluster) cannot hand out --model.
     tmpl = ModelTemplate.model_validate(template())
-    tmpl.spec.allowed_engine_args.append("model")
+    smuggled = AllowedEngineArg(name="model", type=EngineArgType.STRING, pattern=".*")
+    tmpl.spec.allowed_engine_args.append(smuggled)
     job = BatchInference.model_validate(batch_inference(engineArgs=[{"name": "model", "value": "/other"}]))
     decision = admit(job, tmpl, BatchPool.model_validate(pool()))
     assert decision.reason == Reason.ENGINE_ARG_NOT_ALLOWED
@@ -111,7 +172,7 @@ def test_reserved_flags_stay_refused_even_if_a_template_was_stored_without_valid
 def test_admitted_jobs_get_their_class_and_quota(
     job: dict[str, Any], pool_wire: dict[str, Any], priority_class: str, max_gpus: int, weight: int
 ) -> None:
-    decision = decide(job, template(allowedEngineArgs=["max-num-seqs"]), pool_wire)
+    decision = decide(job, template(allowedEngineArgs=[SEQS]), pool_wire)
     assert decision.allowed, decision.message
     assert decision.reason == Reason.ADMITTED
     assert (decision.priority_class_name, decision.max_gpus, decision.weight) == (

@@ -9,6 +9,8 @@ from tests.builders import batch_inference, pool, template, with_path
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, immutable_changes
 from troughfill.api.resource import Resource
 
+SEQS = {"name": "max-num-seqs", "type": "Integer", "minimum": 1, "maximum": 1024}
+
 VALID_CASES = [
     (BatchInference, batch_inference()),
     (BatchInference, batch_inference(minWorkers=2, maxWorkers=2, completionWindow="1m")),
@@ -23,7 +25,7 @@ VALID_CASES = [
     (BatchPool, pool(gpuHourlyCostUSD="2.49")),
     (BatchPool, pool(online={"selector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}})),
     (ModelTemplate, template()),
-    (ModelTemplate, template(allowedEngineArgs=["max-num-seqs"], resources={"requests": {"cpu": 4}})),
+    (ModelTemplate, template(allowedEngineArgs=[SEQS], resources={"requests": {"cpu": 4}})),
     (ModelTemplate, template(resources={"limits": {"memory": "16Gi", "cpu": "500m"}})),
 ]
 
@@ -180,9 +182,39 @@ INVALID_CASES = [
     (ModelTemplate, template(image="has space"), "spec.image", "should match pattern"),
     (
         ModelTemplate,
-        template(allowedEngineArgs=["max-num-seqs", "model"]),
+        template(allowedEngineArgs=[SEQS, {"name": "model", "type": "String", "pattern": ".*"}]),
         "spec",
         "allowedEngineArgs must not include flags that choose the model",
+    ),
+    (
+        ModelTemplate,
+        template(allowedEngineArgs=[{"name": "kv-cache-dtype", "type": "Enum"}]),
+        "spec.allowedEngineArgs.0",
+        "values must be given for type Enum, and only for it",
+    ),
+    (
+        ModelTemplate,
+        template(allowedEngineArgs=[{"name": "seed", "type": "Integer", "values": ["1"]}]),
+        "spec.allowedEngineArgs.0",
+        "values must be given for type Enum, and only for it",
+    ),
+    (
+        ModelTemplate,
+        template(allowedEngineArgs=[{"name": "quantization", "type": "String"}]),
+        "spec.allowedEngineArgs.0",
+        "pattern must be given for type String, and only for it",
+    ),
+    (
+        ModelTemplate,
+        template(allowedEngineArgs=[{"name": "enable-prefix-caching", "type": "Boolean", "maximum": 1}]),
+        "spec.allowedEngineArgs.0",
+        "minimum and maximum apply to types Integer and Number only",
+    ),
+    (
+        ModelTemplate,
+        template(allowedEngineArgs=[{"name": "kv-cache-dtype", "type": "Enum", "values": ["--x"]}]),
+        "spec.allowedEngineArgs.0.values.0",
+        "pattern",
     ),
     (
         ModelTemplate,

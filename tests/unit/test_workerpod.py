@@ -43,7 +43,7 @@ def test_the_template_and_pool_decide_image_model_gpus_and_priority(pod: dict[st
     engine = command[command.index("--") + 1 :]
     assert engine[engine.index("--model") + 1] == "/models/SmolLM2-135M-Instruct"
     assert engine[engine.index("--port") + 1] == constants.ENGINE_PORT_PLACEHOLDER
-    assert engine[-2:] == ["--max-num-seqs", "128"]  # the job's allowlisted flag, last
+    assert engine[-1] == "--max-num-seqs=128"  # the job's allowlisted flag, one word, last
     assert command[command.index("--job") + 1] == "team-a/ticket-triage/1234-abcd"
     assert command[command.index("--on-sigterm") + 1] == "yield"  # unannounced SIGTERM: preemption
     assert pod["spec"]["priorityClassName"] == constants.DEFAULT_BATCH_PRIORITY_CLASS

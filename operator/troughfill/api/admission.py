@@ -23,6 +23,8 @@ class Admission:
     max_gpus: int | None = None
     """The namespace's GPU quota in the pool, once admitted."""
     weight: int | None = None
+    engine_args: tuple[str, ...] = ()
+    """The job's engine flags as admitted: one `--name=value` word each (worker pods get these)."""
 
 
 def _refuse(reason: Reason, message: str) -> Admission:
@@ -40,14 +42,9 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
             f"BatchPool {template.spec.pool_ref!r} of template {spec.template_ref!r} does not exist",
         )
 
-    allowed_args = set(template.spec.allowed_engine_args) - set(RESERVED_ENGINE_ARGS)
-    refused_args = sorted({arg.name for arg in spec.engine_args} - allowed_args)
-    if refused_args:
-        return _refuse(
-            Reason.ENGINE_ARG_NOT_ALLOWED,
-            f"engineArgs {', '.join(refused_args)} not allowed by template {spec.template_ref!r}"
-            f" (allowed: {', '.join(sorted(allowed_args)) or 'none'})",
-        )
+    engine_args = _engine_args(job, template)
+    if isinstance(engine_args, Admission):
+        return engine_args
 
     namespace = job.metadata.ns
     pool_spec = pool.spec
@@ -90,4 +87,34 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
         priority_class_name=priority_class,
         max_gpus=max_gpus,
         weight=weight,
+        engine_args=engine_args,
     )
+
+
+def _engine_args(job: BatchInference, template: ModelTemplate) -> tuple[str, ...] | Admission:
+    """The job's engine flags as command-line words, or the refusal naming the first bad one.
+
+    Each flag becomes one word, `--name=value`: a value can never be read as a flag of its own.
+    """
+    allowed = {a.name: a for a in template.spec.allowed_engine_args if a.name not in RESERVED_ENGINE_ARGS}
+    name = job.spec.template_ref
+    refused = sorted({arg.name for arg in job.spec.engine_args} - set(allowed))
+    if refused:
+        return _refuse(
+            Reason.ENGINE_ARG_NOT_ALLOWED,
+            f"engineArgs {', '.join(refused)} not allowed by template {name!r}"
+            f" (allowed: {', '.join(sorted(allowed)) or 'none'})",
+        )
+    words = []
+    for arg in job.spec.engine_args:
+        rule = allowed[arg.name]
+        problem = rule.problem(arg.value)
+        if problem is not None:
+            return _refuse(
+                Reason.ENGINE_ARG_NOT_ALLOWED,
+                f"engineArgs {arg.name}={arg.value!r}: {rule.type.value} flag of template {name!r} {problem}",
+            )
+        word = rule.token(arg.value)
+        if word is not None:
+            words.append(word)
+    return tuple(words)

@@ -175,6 +175,8 @@ class WorkerView:
     """Why no worker is started right now, when its workers keep failing."""
     gpu_seconds: float = 0.0
     """GPU-seconds its serving workers held in all (what the status reports)."""
+    admission: Admission | None = None
+    """The job admitted again against its template and pool as the cycle found them."""
 
 
 def deadline(job: BatchInference) -> datetime | None:
@@ -183,6 +185,8 @@ def deadline(job: BatchInference) -> datetime | None:
 
 
 def _running_condition(job: BatchInference, workers: WorkerView) -> tuple[ConditionStatus, Reason, str]:
+    if workers.admission is not None and not workers.admission.allowed:
+        return ConditionStatus.FALSE, workers.admission.reason, workers.admission.message
     if workers.crash_loop:
         return ConditionStatus.FALSE, Reason.CRASH_LOOP, workers.crash_loop
     if job.spec.suspend:
@@ -229,6 +233,8 @@ async def refresh_status(
     if progress.state == Phase.COMPLETED:
         await _completed(job, status, ledger, progress, now)
     if workers is not None and progress.state not in TERMINAL:
+        if workers.admission is not None and not progress.refused:
+            _admitted(status, job, workers.admission, now)
         _workers_conditions(job, status, workers, now)
     elif progress.state in TERMINAL:
         _workers_ended(job, status, progress.state, now)
@@ -309,6 +315,16 @@ async def _completed(
         config = await ledger.config()
         status.output_url = join(config.output_url, OUTPUT_FILE)
         status.error_url = join(config.output_url, ERROR_FILE)
+
+
+def _admitted(status: BatchInferenceStatus, job: BatchInference, admission: Admission, now: datetime) -> None:
+    """Admitted follows the pool's latest admission: an admin who narrows a template's flags or
+    a namespace's quota or grants stops the job's workers (its progress stays) until it fits again."""
+    _set(
+        status, job, JobConditionType.ADMITTED,
+        value=ConditionStatus.TRUE if admission.allowed else ConditionStatus.FALSE,
+        reason=admission.reason, message=admission.message, now=now,
+    )  # fmt: skip
 
 
 def _workers_conditions(

@@ -32,7 +32,7 @@ from troughfill import constants, metrics
 from troughfill.api.admission import Admission, admit
 from troughfill.api.batchinference import BatchInference, Phase
 from troughfill.api.batchpool import BatchPool, BatchPoolStatus
-from troughfill.api.conditions import ConditionStatus, PoolConditionType, Reason, is_true, set_condition
+from troughfill.api.conditions import ConditionStatus, PoolConditionType, Reason, set_condition
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.api.types import LabelSelector, parse_duration
 from troughfill.controller.jobs import WorkerView
@@ -196,13 +196,14 @@ def _epoch(value: datetime | None, default: float) -> float:
 
 
 def _active_job(raw: dict[str, Any]) -> BatchInference | None:
-    """The job, if it is admitted and running (validating or in progress)."""
+    """The job, if it is running (validating or in progress: its start admitted it once; each
+    cycle admits it again, against the template and pool of now)."""
     try:
         job = BatchInference.model_validate(raw)
     except pydantic.ValidationError:
         return None  # its own handler reports it
     status = job.status
-    if status is None or status.phase not in ACTIVE_PHASES or not is_true(status.conditions, "Admitted"):
+    if status is None or status.phase not in ACTIVE_PHASES:
         return None
     return job
 
@@ -223,7 +224,13 @@ def snapshot(pool: BatchPool, seen: Observation, crash_looping: frozenset[str]) 
 
 def _job_state(entry: ObservedJob, crash_looping: bool, now: float) -> JobState:
     job, template, progress = entry.job, entry.template, entry.progress
-    stopped = job.spec.suspend or bool(progress.refused) or not progress.indexed or crash_looping
+    stopped = (
+        job.spec.suspend
+        or bool(progress.refused)
+        or not progress.indexed
+        or crash_looping
+        or not entry.admission.allowed  # the template or pool changed since: no worker runs it now
+    )
     remaining = 0 if stopped else max(0, progress.total - progress.finished)
     average = progress.completion_tokens / progress.finished if progress.finished else 0.0
     window = parse_duration(job.spec.completion_window).total_seconds()
@@ -480,6 +487,7 @@ class PoolController:
                 at_risk=job_plan.at_risk,
                 crash_loop=state.crash_loop(entry.uid, seen.now),
                 gpu_seconds=account.total,
+                admission=entry.admission,
             )
         for table in (state.views, state.gpu_seconds):
             for uid in [uid for uid in table if uid not in active]:

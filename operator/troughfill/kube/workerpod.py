@@ -1,9 +1,10 @@
 """The batch worker pod of a job: pure, from the job, its template, its pool and its admission.
 
 Everything a user could use to pick an image, a GPU type or a model comes from the
-admin's ModelTemplate and BatchPool; from the job only the allowlisted engine flags pass
-(admission has checked them). The pod runs `troughfill worker run`, which starts the engine
-from the template's command and reports through the ledger.
+admin's ModelTemplate and BatchPool; from the job only the allowlisted engine flags pass, as
+admission checked and produced them (`--name=value`, one word each). The pod runs
+`troughfill worker run`, which starts the engine from the template's command and reports
+through the ledger.
 
 Workers are bare pods owned by the BatchInference (not a Deployment or Jobs): the planner
 chooses *which* worker stops (least unsaved progress first) and *how* (drain or yield), which
@@ -100,7 +101,7 @@ def worker_pod(
     environment: WorkerEnvironment,
 ) -> dict[str, Any]:
     """The pod manifest for one worker of `job` (a plain dict, as the API takes it)."""
-    spec, tspec = job.spec, template.spec
+    tspec = template.spec
     served = tspec.model.served_model_name
     drain_seconds = int(parse_duration(pool.spec.drain_grace_period).total_seconds())
     ref = job_ref(job)
@@ -111,9 +112,8 @@ def worker_pod(
         "--served-model-name", served,
         "--host", "127.0.0.1",
         "--port", constants.ENGINE_PORT_PLACEHOLDER,
+        *admission.engine_args,  # one `--name=value` word per flag, as admission checked it
     ]  # fmt: skip
-    for arg in spec.engine_args:
-        engine += [f"--{arg.name}", arg.value]
     command = [
         *environment.worker_command, "worker", "run",
         "--job", ref,
