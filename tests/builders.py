@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 Wire = dict[str, Any]
+STORAGE = [{"prefix": "s3://bucket/"}, {"prefix": "file:///"}]
 
 
 def batch_inference(name: str = "job", namespace: str = "team-a", **spec: Any) -> Wire:
@@ -31,7 +32,8 @@ def pool(name: str = "gpus", **spec: Any) -> Wire:
         "spec": {
             "gpus": {"count": 8},
             "online": {"gpusInUseQuery": "sum(online_gpus)"},
-            "quotas": [{"namespace": "team-a", "maxGPUs": 4}],
+            # Storage: the bucket of batch_inference's URLs, and files (tests' temporary directories).
+            "quotas": [{"namespace": "team-a", "maxGPUs": 4, "storage": STORAGE}],
             **spec,
         },
     }

@@ -259,6 +259,12 @@ def local_objects(options: DemoOptions, online_query: str) -> list[dict[str, Any
     shutil.copyfile(options.examples / "requests.jsonl", requests)
     job["spec"]["inputURL"] = requests.as_uri()
     job["spec"]["outputURL"] = (options.workdir / "results").as_uri() + "/"
+    # Here input and output are files of this machine: the admin grants the job's namespace
+    # this directory (and nothing else) instead of the example's bucket.
+    namespace = job["metadata"]["namespace"]
+    for quota in pool["spec"]["quotas"]:
+        if quota["namespace"] == namespace:
+            quota["storage"] = [{"prefix": options.workdir.resolve().as_uri() + "/"}]
     job["spec"]["maxWorkers"] = 1
     job["spec"]["engineArgs"] = [
         arg if arg["name"] != "max-num-seqs" else {**arg, "value": DEMO_MAX_NUM_SEQS}

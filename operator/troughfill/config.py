@@ -23,9 +23,6 @@ class Settings(BaseSettings):
     from the usual AWS_* variables or the pod's identity."""
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
     """`path` for stores that serve buckets as paths, not as host names (most in-cluster ones)."""
-    storage_secret: str | None = None
-    """Secret in each job's namespace whose keys become its worker pods' environment: the
-    object-store credentials (AWS_ACCESS_KEY_ID, ...) where pods have no identity of their own."""
     prometheus_url: str = "http://127.0.0.1:9090"
     """Default Prometheus for pools that name none."""
     prometheus_timeout_seconds: float = Field(default=5.0, gt=0)

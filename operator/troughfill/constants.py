@@ -44,6 +44,10 @@ OPERATOR_NAMESPACE: Final = "troughfill-system"
 
 REDIS_KEY_PREFIX: Final = "troughfill"
 
+# Under a job's output prefix, its workers' segments live in SEGMENTS_DIR/<job uid>/; only that
+# directory is ever deleted, and no outputURL may lie inside a SEGMENTS_DIR.
+SEGMENTS_DIR: Final = "_segments"
+
 # Bounds shared by the API models, the generated CRDs and the admission checks.
 MAX_COMPLETION_WINDOW: Final = "168h"
 MIN_COMPLETION_WINDOW: Final = "1m"

@@ -1,7 +1,13 @@
 """A job's data path, ledger and object storage together: index the input, hand requests to
 workers, store their results exactly once, merge the output.
 
-Storage calls are blocking (fsspec) and run in threads; the ledger is asyncio.
+Storage calls are blocking (fsspec) and run in threads; the ledger is asyncio. Where a job's
+input and output are, the operator passes as its custom resource says (`config`): it never
+takes a URL from Redis that it can read from the resource. Without one (workers, tools) the
+ledger's copy is read.
+
+A job's segments live under `<output>/_segments/<job uid>/`, and only that directory is ever
+deleted: another job writing to the same output prefix (or the same job created again) keeps its own.
 """
 
 import asyncio
@@ -12,7 +18,7 @@ from typing import IO, Any
 
 from troughfill.api.batchfile import ErrorCode, RequestLine, classify_line, error_record
 from troughfill.api.batchinference import Phase
-from troughfill.ledger import JobLedger, LedgerClosedError, Outcome
+from troughfill.ledger import JobConfig, JobLedger, LedgerClosedError, Outcome
 from troughfill.storage import (
     ERROR_FILE,
     OUTPUT_FILE,
@@ -24,6 +30,7 @@ from troughfill.storage import (
     join,
     new_segment_id,
     read_segment,
+    segments_prefix,
     write_segment,
 )
 
@@ -46,13 +53,17 @@ class IndexReport:
     invalid: int = 0
 
 
-async def index_input(ledger: JobLedger, store: ObjectStore) -> IndexReport:
+async def _config(ledger: JobLedger, config: JobConfig | None) -> JobConfig:
+    return config if config is not None else await ledger.config()
+
+
+async def index_input(ledger: JobLedger, store: ObjectStore, config: JobConfig | None = None) -> IndexReport:
     """Read the input once: remember where every request's line is, and send invalid lines
     (bad JSON, wrong method or url, duplicate custom_id) to the error file. Then start the job.
 
     Safe to re-run after a crash: a job still validating is re-indexed from scratch.
     """
-    config = await ledger.config()
+    config = await _config(ledger, config)
     await ledger.reset_index()
     report = IndexReport()
     errors: list[SegmentRecord] = []
@@ -94,11 +105,13 @@ async def _store_errors(
     return len(errors)
 
 
-async def load_requests(ledger: JobLedger, store: ObjectStore, indices: list[int]) -> list[RequestLine]:
+async def load_requests(
+    ledger: JobLedger, store: ObjectStore, indices: list[int], input_url: str | None = None
+) -> list[RequestLine]:
     """The parsed input lines of these requests, in the same order (one ranged read per run)."""
-    config = await ledger.config()
+    url = input_url if input_url is not None else (await ledger.config()).input_url
     spans = await ledger.spans(indices)
-    raw = await asyncio.to_thread(store.read_ranges, config.input_url, spans)
+    raw = await asyncio.to_thread(store.read_ranges, url, spans)
     return [RequestLine.model_validate_json(data) for data in raw]
 
 
@@ -131,7 +144,8 @@ class ResultWriter:
         segment_id = new_segment_id(self.writer)
         records, outcomes = self.records, self.outcomes
         self.records, self.outcomes = [], []
-        await asyncio.to_thread(write_segment, self.store, self.output_url, segment_id, records)
+        segments = segments_prefix(self.output_url, self.ledger.keys.uid)
+        await asyncio.to_thread(write_segment, self.store, segments, segment_id, records)
         return await self.ledger.commit(segment_id, outcomes, lease_id)
 
 
@@ -144,14 +158,20 @@ class FinalReport:
     errors: int
 
 
-async def finalize(ledger: JobLedger, store: ObjectStore, outcome: Phase = Phase.COMPLETED) -> FinalReport:
+async def finalize(
+    ledger: JobLedger,
+    store: ObjectStore,
+    outcome: Phase = Phase.COMPLETED,
+    config: JobConfig | None = None,
+) -> FinalReport:
     """Merge committed segments into output.jsonl and errors.jsonl, then end the job.
 
     `outcome` is completed (every request done), expired (the window ended: the rest is
     reported as batch_expired) or cancelled (as batch_cancelled). Each request appears in
     exactly one of the two files, once. Re-running after a crash rewrites both files whole.
     """
-    config = await ledger.config()
+    config = await _config(ledger, config)
+    segments = segments_prefix(config.output_url, ledger.keys.uid)
     if outcome == Phase.CANCELLED:
         await ledger.close()
     else:
@@ -161,15 +181,15 @@ async def finalize(ledger: JobLedger, store: ObjectStore, outcome: Phase = Phase
         raise RuntimeError(f"{progress.total - progress.finished} requests are not done; finalize as expired")
     output_url, error_url = join(config.output_url, OUTPUT_FILE), join(config.output_url, ERROR_FILE)
     with store.writer(output_url) as outputs, store.writer(error_url) as errors:
-        counts = await _merge(ledger, store, config.output_url, outputs, errors)
+        counts = await _merge(ledger, store, segments, outputs, errors)
         unfinished_code = ErrorCode.CANCELLED if outcome == Phase.CANCELLED else ErrorCode.EXPIRED
         counts[RecordKind.ERROR] += await _write_final_errors(
-            ledger, store, errors, progress.total, unfinished_code
+            ledger, store, config.input_url, errors, total=progress.total, unfinished_code=unfinished_code
         )
     if counts[RecordKind.OUTPUT] + counts[RecordKind.ERROR] != progress.total:
         raise RuntimeError(f"merged {sum(counts.values())} records for {progress.total} requests")
     await ledger.transition(outcome)
-    await asyncio.to_thread(store.delete_prefix, join(config.output_url, "_segments"))
+    await asyncio.to_thread(store.delete_prefix, segments)
     return FinalReport(outcome, output_url, error_url, counts[RecordKind.OUTPUT], counts[RecordKind.ERROR])
 
 
@@ -177,17 +197,17 @@ def _write_line(stream: IO[bytes], record: dict[str, Any]) -> None:
     stream.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
 
-def _read_all(store: ObjectStore, output_prefix: str, segment_id: str) -> list[StoredRecord]:
-    return list(read_segment(store, output_prefix, segment_id))
+def _read_all(store: ObjectStore, segments: str, segment_id: str) -> list[StoredRecord]:
+    return list(read_segment(store, segments, segment_id))
 
 
 async def _merge(
-    ledger: JobLedger, store: ObjectStore, output_prefix: str, outputs: IO[bytes], errors: IO[bytes]
+    ledger: JobLedger, store: ObjectStore, segments: str, outputs: IO[bytes], errors: IO[bytes]
 ) -> dict[RecordKind, int]:
     counts = {RecordKind.OUTPUT: 0, RecordKind.ERROR: 0}
     async for segment_id in ledger.segments():
         won = await ledger.segment_won(segment_id)
-        records = await asyncio.to_thread(_read_all, store, output_prefix, segment_id)
+        records = await asyncio.to_thread(_read_all, store, segments, segment_id)
         for item in records:
             if item.index in won:
                 won.discard(item.index)
@@ -199,7 +219,13 @@ async def _merge(
 
 
 async def _write_final_errors(
-    ledger: JobLedger, store: ObjectStore, errors: IO[bytes], total: int, unfinished_code: str
+    ledger: JobLedger,
+    store: ObjectStore,
+    input_url: str,
+    errors: IO[bytes],
+    *,
+    total: int,
+    unfinished_code: str,
 ) -> int:
     """Error lines for requests that never got a result: dead letters, then unfinished ones."""
     written = 0
@@ -207,20 +233,22 @@ async def _write_final_errors(
     async for item in ledger.dead_letters():
         batch.append(item)
         if len(batch) >= INDEX_BATCH_LINES:
-            written += await _error_lines(ledger, store, errors, batch)
+            written += await _error_lines(ledger, store, input_url, errors, batch)
             batch = []
-    written += await _error_lines(ledger, store, errors, batch)
+    written += await _error_lines(ledger, store, input_url, errors, batch)
     async for indices in ledger.unfinished(total, batch=INDEX_BATCH_LINES):
-        written += await _error_lines(ledger, store, errors, [(i, unfinished_code) for i in indices])
+        written += await _error_lines(
+            ledger, store, input_url, errors, [(i, unfinished_code) for i in indices]
+        )
     return written
 
 
 async def _error_lines(
-    ledger: JobLedger, store: ObjectStore, errors: IO[bytes], items: list[tuple[int, str]]
+    ledger: JobLedger, store: ObjectStore, input_url: str, errors: IO[bytes], items: list[tuple[int, str]]
 ) -> int:
     if not items:
         return 0
-    requests = await load_requests(ledger, store, [index for index, _ in items])
+    requests = await load_requests(ledger, store, [index for index, _ in items], input_url)
     for (index, code), request in zip(items, requests, strict=True):
         _write_line(errors, error_record(ledger.job_token, index, request.custom_id, code))
     return len(items)

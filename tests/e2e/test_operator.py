@@ -71,13 +71,17 @@ def apply(kube: Kube, *objects: dict[str, Any]) -> None:
     assert done.returncode == 0, done.stderr
 
 
+FILES = [{"prefix": "file:///"}]
+"""These pools' namespaces may use any file of this machine (the tests' temporary directories)."""
+
+
 def pool_and_template(suffix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     pool = {
         "apiVersion": constants.GROUP_VERSION,
         "kind": "BatchPool",
         "metadata": {"name": f"pool-{suffix}"},
         # No GPUs: this pool's jobs get no worker pods (the first test runs its worker itself).
-        "spec": {"gpus": {"count": 0}, "online": {}, "defaultQuota": {"maxGPUs": 8}},
+        "spec": {"gpus": {"count": 0}, "online": {}, "defaultQuota": {"maxGPUs": 8, "storage": FILES}},
     }
     template = {
         "apiVersion": constants.GROUP_VERSION,
@@ -300,7 +304,7 @@ def engine_pool_and_template(
         scaleUpDelay="0s",
         minUsefulTime="0s",
         drainGracePeriod="5s",
-        defaultQuota={"maxGPUs": 2},
+        defaultQuota={"maxGPUs": 2, "storage": FILES},
     )
     template["spec"].pop("allowedEngineArgs")
     template["spec"].update(

@@ -73,23 +73,12 @@ def test_site_settings_before_the_operator(site: Site) -> None:
         site, "-n", SYSTEM, "create", "configmap", "troughfill-settings",
         f"--from-literal=TROUGHFILL_S3_ENDPOINT_URL={S3_URL}",
         "--from-literal=TROUGHFILL_S3_ADDRESSING_STYLE=path",
-        "--from-literal=TROUGHFILL_STORAGE_SECRET=troughfill-storage",
     )  # fmt: skip
-    kubectl(
-        site, "-n", SYSTEM, "create", "secret", "generic", "troughfill-settings", *secret_literals(ACCESS)
-    )
-    # The team's namespace, its workers' object-store credentials, and its input in the bucket.
+    # The credentials of team A's storage grant (the example pool's quotas[].storage names this
+    # Secret): kept with the operator; the job's workers get a copy, nobody else does.
+    kubectl(site, "-n", SYSTEM, "create", "secret", "generic", "team-a-storage", *secret_literals(ACCESS))
+    # The team's namespace, and its input in the bucket.
     kubectl(site, "create", "namespace", JOB_NAMESPACE)
-    kubectl(
-        site,
-        "-n",
-        JOB_NAMESPACE,
-        "create",
-        "secret",
-        "generic",
-        "troughfill-storage",
-        *secret_literals(ACCESS),
-    )
     fs = site.s3_fs()
     fs.mkdir(BUCKET)
     fs.pipe(f"{BUCKET}/ticket-triage/requests.jsonl", read_example("requests.jsonl").encode())
@@ -122,7 +111,8 @@ def test_base_brings_up_redis_and_the_operator_under_its_service_account(site: S
     for verb, resource, allowed in [
         ("patch", "batchinferences.troughfill.io/status", "yes"),
         ("create", "pods", "yes"),
-        ("get", "secrets", "no"),
+        ("get", "secrets", "no"),  # in no namespace but its own (below)
+        ("create", "secrets", "yes"),  # each job's workers' Secret
         ("create", "batchinferences.troughfill.io", "no"),
         ("delete", "nodes", "no"),
     ]:
@@ -130,6 +120,8 @@ def test_base_brings_up_redis_and_the_operator_under_its_service_account(site: S
             site, "auth", "can-i", verb, resource, "--all-namespaces", f"--as={account}", check=False
         )
         assert answer.strip().splitlines()[0] == allowed, (verb, resource, answer)
+    answer = kubectl(site, "auth", "can-i", "get", "secrets", "-n", SYSTEM, f"--as={account}", check=False)
+    assert answer.strip().splitlines()[0] == "yes", answer
 
 
 @pytest.mark.timeout(1500)

@@ -322,7 +322,7 @@ async def test_finalize_writes_openai_batch_lines_and_survives_a_crash_before_th
     assert line["error"] is None
     assert line["response"]["status_code"] == 200
     assert len(read_jsonl(tmp_path / "out/output.jsonl")) == 4
-    assert not (tmp_path / "out" / "_segments").exists()
+    assert not (tmp_path / "out" / "_segments" / ledger.keys.uid).exists()
     assert (tmp_path / "out" / "errors.jsonl").read_text() == ""
 
 

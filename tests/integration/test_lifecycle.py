@@ -109,13 +109,13 @@ async def test_deleting_cancels_keeps_what_was_done_and_removes_the_ledger(
     worker = FakeWorker(ledger, store, job.spec.output_url, "w")
     assert await worker.take(3)
     await worker.finish()
-    report = await lifecycle.cancel(ledger, store)
+    report = await lifecycle.cancel(ledger, store, lifecycle.job_config(job))
     assert report is not None
     assert (report.outputs, report.errors) == (3, 5)
     errors = read_jsonl(tmp_path / "out" / "errors.jsonl")
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     assert await aredis.keys(f"*{job.metadata.uid}*") == []
-    assert await lifecycle.cancel(ledger, store) is None  # again: nothing left to do
+    assert await lifecycle.cancel(ledger, store, lifecycle.job_config(job)) is None  # nothing left
 
 
 async def test_a_changed_immutable_field_is_refused_and_a_restart_does_not_readmit_it(
@@ -171,3 +171,57 @@ def test_a_template_is_ready_when_its_pool_exists() -> None:
     waiting = lifecycle.template_status(tpl, None, NOW)
     assert [(c.type, c.status, c.reason) for c in ready.conditions] == [("Ready", "True", "PoolFound")]
     assert [(c.type, c.status, c.reason) for c in waiting.conditions] == [("Ready", "False", "PoolNotFound")]
+
+
+async def test_two_live_jobs_never_share_an_output_prefix(aredis: Redis, tmp_path: Path) -> None:
+    first = make_job(tmp_path, 3)
+    ledger, store = lifecycle.ledger_for(first, aredis), ObjectStore()
+    assert (await lifecycle.start(first, admitted(first), ledger, store, NOW)).status.phase == "in_progress"
+    # Same output, written without the trailing "/": the same prefix.
+    wire = first.to_wire()
+    wire["metadata"].update(name="second", uid=uuid.uuid4().hex)
+    wire["spec"]["outputURL"] = first.spec.output_url.rstrip("/")
+    wire.pop("status", None)
+    second = BatchInference.model_validate(wire)
+    refused = await lifecycle.start(
+        second, admitted(second), lifecycle.ledger_for(second, aredis), store, NOW
+    )
+    failed = find_condition(refused.status.conditions, "Failed")
+    assert failed is not None
+    assert failed.reason == "OutputInUse"
+    assert "is the output of BatchInference job, which has not ended" in failed.message
+    assert await lifecycle.ledger_for(second, aredis).state() is None  # nothing recorded for it
+    # Deleting the first frees the prefix (its output stays); a job created then may use it.
+    await lifecycle.cancel(ledger, store, lifecycle.job_config(first))
+    wire["metadata"].update(name="third", uid=uuid.uuid4().hex)
+    third = BatchInference.model_validate(wire)
+    taken = await lifecycle.start(third, admitted(third), lifecycle.ledger_for(third, aredis), store, NOW)
+    assert taken.status.phase == "in_progress"
+
+
+async def test_an_ended_jobs_prefix_is_taken_over_and_its_segments_are_left_alone(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    """The same output prefix, one job after another (a job re-created under its name): the
+    second's segments live under its own uid, and its finalize deletes those alone."""
+    first = make_job(tmp_path, 4)
+    first_ledger, store = lifecycle.ledger_for(first, aredis), ObjectStore()
+    started = await lifecycle.start(first, admitted(first), first_ledger, store, NOW)
+    await drain(first_ledger, store, first.spec.output_url)
+    ended = await lifecycle.refresh_status(first, started.status, first_ledger, store, NOW)
+    assert ended.status.phase == "completed"
+    planted = tmp_path / "out" / "_segments" / first.metadata.uid_text / "kept.jsonl"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_text("what another job of this prefix still needs\n")
+    wire = first.to_wire()
+    wire["metadata"]["uid"] = uuid.uuid4().hex
+    wire.pop("status", None)
+    again = BatchInference.model_validate(wire)
+    ledger = lifecycle.ledger_for(again, aredis)
+    resumed = await lifecycle.start(again, admitted(again), ledger, store, NOW)
+    assert resumed.status.phase == "in_progress"  # the first has ended: its claim is taken over
+    await drain(ledger, store, again.spec.output_url)
+    done = await lifecycle.refresh_status(again, resumed.status, ledger, store, NOW)
+    assert done.status.phase == "completed"
+    assert planted.exists()
+    assert not (tmp_path / "out" / "_segments" / again.metadata.uid_text).exists()

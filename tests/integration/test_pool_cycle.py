@@ -16,9 +16,11 @@ from tests.builders import batch_inference, pool, template
 from tests.ledgertools import FakeClock, request_line, write_input
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import OnlineWorkload
+from troughfill.config import Settings
 from troughfill.controller import jobs
 from troughfill.controller.pools import CRASH_LOOP_FAILURES, PoolController
 from troughfill.controller.ports import Cluster, WorkerPod
+from troughfill.controller.stores import JobStores
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import JobKeys, JobLedger, StopMode
 from troughfill.planner import Limit
@@ -40,6 +42,7 @@ class FakeCluster:
     deleted: list[str] = field(default_factory=list)
     annotated: dict[str, dict[str, str]] = field(default_factory=dict)
     refuse_creates: str | None = None
+    secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     clock: FakeClock = field(default_factory=FakeClock)
 
     def template(self, name: str) -> ModelTemplate | None:
@@ -94,6 +97,13 @@ class FakeCluster:
 
     def delete_job_workers(self, namespace: str, job_uid: str) -> int:
         return 0
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        return self.secrets.get((namespace, name))
+
+    def create_secret(self, manifest: dict[str, Any]) -> None:
+        meta = manifest["metadata"]
+        self.secrets.setdefault((meta["namespace"], meta["name"]), dict(manifest["stringData"]))
 
     # --- what the kubelet and the scheduler would do ---
 
@@ -154,7 +164,8 @@ async def world(aredis: Redis, tmp_path: Path) -> World:
     signals = FakeSignals(clock)
     environment = WorkerEnvironment(redis_url="redis://redis:6379/0")
     checked: Cluster = cluster  # the fake is a Cluster as far as mypy can tell
-    controller = PoolController(checked, signals, aredis, environment, clock=clock)
+    stores = JobStores(checked, Settings())
+    controller = PoolController(checked, signals, aredis, environment, stores, clock=clock)
     return World(
         cluster, signals, controller, pool_object, BatchInference.model_validate(wire), ledger, clock
     )
@@ -309,3 +320,28 @@ async def test_a_job_the_template_no_longer_admits_gets_no_workers_until_it_does
     assert update.status.phase == "in_progress"  # nothing lost: it waits
     world.clock.advance(1)
     assert len((await world.controller.cycle(world.pool)).created) == 2
+
+
+async def test_workers_get_their_jobs_own_secret_with_the_grants_credentials(world: World) -> None:
+    """The grant's Secret lives with the operator; the job's workers get a copy of its keys in
+    a Secret of the job's own (and envFrom it), nothing else of the operator's."""
+    granted = pool(scaleUpDelay="0s", minUsefulTime="0s", gpus={"count": 8})
+    granted["spec"]["quotas"][0]["storage"] = [{"prefix": "file:///", "secretName": "team-a-store"}]
+    world.cluster.pools["gpus"] = pool_object = BatchPool.model_validate(granted)
+    cycle = await world.controller.cycle(pool_object)
+    assert cycle.created == []  # the grant's Secret is missing: no worker could read its storage
+    assert (
+        "storage grant Secret 'team-a-store' not found in namespace 'troughfill-system'" in cycle.failures[0]
+    )
+    world.cluster.secrets["troughfill-system", "team-a-store"] = {
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "unrelated": "not copied",
+    }
+    world.clock.advance(1)
+    cycle = await world.controller.cycle(pool_object)
+    assert len(cycle.created) == 2
+    (secret,) = [key for key in world.cluster.secrets if key[0] == "team-a"]
+    assert world.cluster.secrets[secret] == {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    for manifest in world.cluster.created:
+        assert manifest["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": secret[1]}}]

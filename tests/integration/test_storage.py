@@ -50,7 +50,7 @@ async def test_a_job_runs_end_to_end(
     errors = list(store.read_jsonl(final.error_url))
     assert sorted(o["custom_id"] for o in outputs) == sorted(f"r{i}" for i in range(250))
     assert {e["error"]["code"] for e in errors} == {"invalid_json_line", "duplicate_custom_id"}
-    assert not store.exists(f"{prefix}/results/_segments")
+    assert not store.exists(f"{prefix}/results/_segments/{ledger.keys.uid}")  # this job's, and only them
 
 
 def test_reading_ranges_merges_neighbours_and_keeps_order(location: tuple[ObjectStore, str]) -> None:
@@ -78,3 +78,11 @@ def test_a_failed_write_leaves_the_old_object_and_no_debris(location: tuple[Obje
         crash_mid_write()
     assert list(store.read_jsonl(f"{prefix}/out/result.jsonl")) == [{"v": "old"}]
     assert store.names(f"{prefix}/out") == ["result.jsonl"]
+
+
+def test_writing_never_creates_a_bucket(s3_server: S3Server) -> None:
+    store = ObjectStore(options={"s3": s3_server.s3_options})
+    bucket = f"absent-{uuid.uuid4().hex[:8]}"
+    with pytest.raises((FileNotFoundError, OSError)):
+        store.write_bytes(f"s3://{bucket}/out/output.jsonl", b"{}\n")
+    assert not s3fs.S3FileSystem(**s3_server.s3_options).exists(bucket)

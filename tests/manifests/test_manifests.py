@@ -134,7 +134,12 @@ def test_operator_rbac_is_least_privilege() -> None:
         for verb in rule["verbs"]
     }
     assert all("*" not in entry for entry in granted)
-    assert not any(resource in {"secrets", "configmaps"} for _, resource, _ in granted)
+    # Secrets: it creates each job's workers' Secret, and reads none outside its own namespace.
+    assert {v for _, r, v in granted if r == "secrets"} == {"create"}
+    assert not any(resource == "configmaps" for _, resource, _ in granted)
+    own = find(build("base"), "Role", "troughfill-operator")
+    assert own["metadata"]["namespace"] == constants.OPERATOR_NAMESPACE
+    assert own["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
     # Custom resources: the operator patches, never creates or deletes users' objects.
     assert not {(g, r, v) for g, r, v in granted if g == constants.API_GROUP and v in {"create", "delete"}}
     # It may stop batch pods, and nothing it reads about online serving can be changed.

@@ -21,7 +21,12 @@ def decide(
 
 SEQS = {"name": "max-num-seqs", "type": "Integer", "minimum": 1, "maximum": 1024}
 ALLOWED_ARGS = template(allowedEngineArgs=[SEQS])
-TWO_CLASSES = pool(quotas=[{"namespace": "team-a", "maxGPUs": 4, "allowedPriorityClasses": ["batch-urgent"]}])
+BUCKET = [{"prefix": "s3://bucket/"}]
+TWO_CLASSES = pool(
+    quotas=[
+        {"namespace": "team-a", "maxGPUs": 4, "allowedPriorityClasses": ["batch-urgent"], "storage": BUCKET}
+    ]
+)
 
 
 @pytest.mark.parametrize(
@@ -162,7 +167,7 @@ def test_reserved_flags_stay_refused_even_if_a_template_was_stored_without_valid
         (batch_inference(priorityClassName="batch-urgent"), TWO_CLASSES, "batch-urgent", 4, 1),
         (
             batch_inference(namespace="team-z", minWorkers=2),
-            pool(defaultQuota={"maxGPUs": 2, "weight": 3}),
+            pool(defaultQuota={"maxGPUs": 2, "weight": 3, "storage": BUCKET}),
             "troughfill-batch",
             2,
             3,
@@ -180,3 +185,93 @@ def test_admitted_jobs_get_their_class_and_quota(
         max_gpus,
         weight,
     )
+
+
+GRANTS = pool(
+    quotas=[
+        {
+            "namespace": "team-a",
+            "maxGPUs": 4,
+            "storage": [
+                {"prefix": "s3://batch/team-a/", "secretName": "team-a-s3"},
+                {"prefix": "s3://shared/datasets/", "access": "ReadOnly", "secretName": "team-a-s3"},
+                {"prefix": "s3://archive/team-a/", "secretName": "archive-s3"},
+                {"prefix": "file:///data/team-a/"},
+            ],
+        },
+        {"namespace": "team-b", "maxGPUs": 4, "storage": [{"prefix": "s3://batch/team-b/"}]},
+    ],
+    defaultQuota={"maxGPUs": 1, "storage": [{"prefix": "s3://batch/{namespace}/"}]},
+)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "input_url", "output_url", "fragment"),
+    [
+        # Another team's prefixes, and look-alikes of one's own.
+        (
+            "team-b",
+            "s3://batch/team-a/in.jsonl",
+            "s3://batch/team-b/out/",
+            "inputURL s3://batch/team-a/in.jsonl is not",
+        ),
+        (
+            "team-b",
+            "s3://batch/team-b/in.jsonl",
+            "s3://batch/team-a/out/",
+            "outputURL s3://batch/team-a/out/ is not",
+        ),
+        (
+            "team-b",
+            "s3://batch/team-b/in.jsonl",
+            "s3://batch/team-b-x/out/",
+            "outputURL s3://batch/team-b-x/out/",
+        ),
+        ("team-a", "s3://batch/team-a/../team-b/in.jsonl", "s3://batch/team-a/o/", "has a . or .. segment"),
+        ("team-a", "s3://batch/team-a//in.jsonl", "s3://batch/team-a/o/", "has an empty segment"),
+        # file:// only where granted, literally.
+        ("team-b", "file:///etc/passwd", "s3://batch/team-b/o/", "inputURL file:///etc/passwd is not under"),
+        ("team-a", "file:///data/team-a/%2e%2e/x", "file:///data/team-a/o/", "has a percent-escape"),
+        ("team-a", "file://data/team-a/in", "file:///data/team-a/o/", "is not an absolute file URL"),
+        # Read-only grants are read-only; segments are troughfill's.
+        ("team-a", "s3://shared/datasets/in.jsonl", "s3://shared/datasets/out/", "may write to"),
+        ("team-a", "s3://batch/team-a/in.jsonl", "s3://batch/team-a/o/_segments/x/", "inside a _segments"),
+        # One job, one set of credentials.
+        ("team-a", "s3://batch/team-a/in.jsonl", "s3://archive/team-a/out/", "different credentials"),
+        # The default quota's grant is per namespace.
+        (
+            "team-z",
+            "s3://batch/team-y/in.jsonl",
+            "s3://batch/team-z/out/",
+            "inputURL s3://batch/team-y/in.jsonl",
+        ),
+    ],
+)
+def test_storage_outside_the_namespaces_grants_is_refused(
+    namespace: str, input_url: str, output_url: str, fragment: str
+) -> None:
+    job = batch_inference(namespace=namespace, inputURL=input_url, outputURL=output_url)
+    decision = decide(job, template(), GRANTS)
+    assert decision.reason == Reason.STORAGE_NOT_GRANTED
+    assert fragment in decision.message
+    assert "BatchPool 'gpus'" in decision.message
+    if namespace == "team-b":
+        assert "team-a-s3" not in decision.message  # another namespace's grants are never named
+
+
+@pytest.mark.parametrize(
+    ("namespace", "input_url", "output_url", "secret"),
+    [
+        ("team-a", "s3://shared/datasets/in.jsonl", "s3://batch/team-a/out", "team-a-s3"),
+        ("team-a", "file:///data/team-a/in.jsonl", "file:///data/team-a/out/", None),
+        ("team-z", "s3://batch/team-z/in.jsonl", "s3://batch/team-z/out/", None),
+    ],
+)
+def test_storage_within_the_grants_is_admitted_with_the_grants_credentials(
+    namespace: str, input_url: str, output_url: str, secret: str | None
+) -> None:
+    job = batch_inference(namespace=namespace, inputURL=input_url, outputURL=output_url)
+    decision = decide(job, template(), GRANTS)
+    assert decision.allowed, decision.message
+    assert decision.storage is not None
+    assert decision.storage.secret_name == secret

@@ -9,7 +9,14 @@ import yaml
 
 from troughfill import constants
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
-from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, model_argument, worker_pod
+from troughfill.kube.workerpod import (
+    WorkerEnvironment,
+    deletion_cost,
+    job_secret,
+    job_secret_name,
+    model_argument,
+    worker_pod,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 
@@ -105,15 +112,28 @@ def test_object_store_endpoint_style_and_credentials_reach_the_worker() -> None:
         redis_url="redis://redis:6379/0",
         s3_endpoint_url="http://s3.object-store.svc",
         s3_addressing_style="path",
-        storage_secret="troughfill-storage",
     )
     made = worker_pod("w", job, template, pool, admit(job, template, pool), environment=environment)
     (container,) = made["spec"]["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["TROUGHFILL_S3_ENDPOINT_URL"] == "http://s3.object-store.svc"
     assert env["TROUGHFILL_S3_ADDRESSING_STYLE"] == "path"
-    assert container["envFrom"] == [{"secretRef": {"name": "troughfill-storage"}}]
+    # The job's own Secret (its grant's credentials), named after the job and its uid.
+    assert container["envFrom"] == [{"secretRef": {"name": job_secret_name(job)}}]
+    assert job_secret_name(job) == "ticket-triage-troughfill-1234-abc"
     kubernetes_validate.validate(made, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_jobs_secret_is_owned_by_the_job_and_holds_only_what_it_is_given() -> None:
+    job_wire = load("batchinference.yaml")
+    job_wire["metadata"]["uid"] = "1234-abcd"
+    job = BatchInference.model_validate(job_wire)
+    secret = job_secret(job, {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    assert secret["metadata"]["namespace"] == "team-a"
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("BatchInference", "1234-abcd", True)
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    kubernetes_validate.validate(secret, kubernetes_validate.latest_version(), strict=True)
 
 
 def test_a_slow_first_start_is_allowed_several_cold_starts_before_a_restart(pod: dict[str, Any]) -> None:

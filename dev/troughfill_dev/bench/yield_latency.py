@@ -111,7 +111,8 @@ class Bench:
                     "selector": {"matchLabels": {"app": "online"}},
                 },
                 "headroomGPUs": 0, "scaleUpDelay": "0s", "minUsefulTime": "0s", "drainGracePeriod": "5s",
-                "signal": {"maxStaleness": "10s"}, "defaultQuota": {"maxGPUs": 2},
+                "signal": {"maxStaleness": "10s"},
+                "defaultQuota": {"maxGPUs": 2, "storage": [{"prefix": f"{self.workdir.resolve().as_uri()}/"}]},
             },
         }  # fmt: skip
         template = {

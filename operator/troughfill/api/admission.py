@@ -11,6 +11,7 @@ from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
 from troughfill.api.modeltemplate import RESERVED_ENGINE_ARGS, ModelTemplate
+from troughfill.api.storage import Granted, effective, find_grants
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Admission:
     weight: int | None = None
     engine_args: tuple[str, ...] = ()
     """The job's engine flags as admitted: one `--name=value` word each (worker pods get these)."""
+    storage: Granted | None = None
+    """The storage grants its input and output fall under (their credentials are the job's)."""
 
 
 def _refuse(reason: Reason, message: str) -> Admission:
@@ -51,12 +54,14 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
     quota = next((q for q in pool_spec.quotas if q.namespace == namespace), None)
     if quota is not None:
         max_gpus, weight, extra_classes = quota.max_gpus, quota.weight, set(quota.allowed_priority_classes)
+        grants = quota.storage
     elif pool_spec.default_quota is not None:
         max_gpus, weight, extra_classes = (
             pool_spec.default_quota.max_gpus,
             pool_spec.default_quota.weight,
             set(),
         )
+        grants = effective(pool_spec.default_quota.storage, namespace)
     else:
         return _refuse(
             Reason.NAMESPACE_NOT_IN_QUOTA,
@@ -70,6 +75,13 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
             Reason.PRIORITY_CLASS_NOT_ALLOWED,
             f"priorityClassName {priority_class!r} not allowed for namespace {namespace!r}"
             f" (allowed: {', '.join(sorted(allowed_classes))})",
+        )
+
+    storage = find_grants(grants, spec.input_url, spec.output_url)
+    if isinstance(storage, str):
+        return _refuse(
+            Reason.STORAGE_NOT_GRANTED,
+            f"{storage}; storage grants are set per namespace in BatchPool {pool.metadata.name!r}",
         )
 
     min_gpus = spec.min_workers * template.spec.gpus_per_worker
@@ -88,6 +100,7 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
         max_gpus=max_gpus,
         weight=weight,
         engine_args=engine_args,
+        storage=storage,
     )
 
 

@@ -19,6 +19,7 @@ from troughfill.api.types import (
     LabelSelector,
     PromQL,
     QualifiedName,
+    StoragePrefix,
     duration_rule,
 )
 
@@ -85,6 +86,30 @@ class SignalPolicy(ApiModel):
     rules = (duration_rule("maxStaleness", "1s", "1h"),)
 
 
+class StorageAccess(StrEnum):
+    READ_ONLY = "ReadOnly"
+    """Inputs may be read from under the prefix."""
+    READ_WRITE = "ReadWrite"
+    """Inputs may be read and outputs written (and a job's own segments deleted) under the prefix."""
+
+
+class StorageGrant(ApiModel):
+    """A URL prefix a namespace's jobs may use, and the credentials they use it with."""
+
+    prefix: StoragePrefix
+    """file:///path/ or s3://bucket/path/, ending in "/"; in defaultQuota, {namespace} stands
+    for the job's namespace (e.g. s3://batch/{namespace}/)."""
+    access: StorageAccess = StorageAccess.READ_WRITE
+    secret_name: DnsSubdomain | None = None
+    """Secret in the operator's namespace with the object-store credentials for this prefix
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally AWS_SESSION_TOKEN): the operator uses
+    them for the job and hands a copy to the job's workers only. Unset: the operator's and the
+    worker pods' own identity."""
+
+
+StorageGrants = Annotated[list[StorageGrant], Field(default_factory=list, max_length=32)]
+
+
 class NamespaceQuota(ApiModel):
     namespace: DnsLabel
     max_gpus: int = Field(ge=0, alias="maxGPUs")
@@ -93,6 +118,8 @@ class NamespaceQuota(ApiModel):
     """Share of the trough relative to other namespaces at the same priority."""
     allowed_priority_classes: list[DnsSubdomain] = list_set(max_length=16)
     """PriorityClasses this namespace's jobs may name, besides the pool's default."""
+    storage: StorageGrants
+    """Where this namespace's jobs may read input and write output; nothing else is allowed."""
 
 
 class DefaultQuota(ApiModel):
@@ -100,6 +127,8 @@ class DefaultQuota(ApiModel):
 
     max_gpus: int = Field(ge=0, alias="maxGPUs")
     weight: int = Field(default=1, ge=1, le=1000)
+    storage: StorageGrants
+    """Storage grants for those namespaces; {namespace} in a prefix is the job's namespace."""
 
 
 GPU_HOUR_COST_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?$"

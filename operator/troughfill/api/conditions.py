@@ -68,6 +68,8 @@ class Reason(StrEnum):
     PRIORITY_CLASS_NOT_ALLOWED = "PriorityClassNotAllowed"
     NAMESPACE_NOT_IN_QUOTA = "NamespaceNotInQuota"
     QUOTA_EXCEEDED = "QuotaExceeded"
+    STORAGE_NOT_GRANTED = "StorageNotGranted"
+    OUTPUT_IN_USE = "OutputInUse"
     INVALID_SPEC = "InvalidSpec"
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
     INPUT_UNREADABLE = "InputUnreadable"

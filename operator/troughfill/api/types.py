@@ -24,6 +24,7 @@ QUANTITY_PATTERN = (
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 STORAGE_URL_PATTERN = r"^(file|s3)://\S+$"
+STORAGE_PREFIX_PATTERN = r"^(file:///|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9]/)(\S*/)?$"
 ENGINE_ARG_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 ENGINE_ARG_VALUE_PATTERN = r"^(-[0-9]+(\.[0-9]+)?|[^-].*)?$"
 """An engine flag's value never looks like a flag (`--trust-remote-code` as the value of an
@@ -40,6 +41,8 @@ QuantityString = Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN, max_
 Quantity = Annotated[int | QuantityString, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 StorageURL = Annotated[str, StringConstraints(pattern=STORAGE_URL_PATTERN, max_length=2048)]
 """Where input and output live: file:// (a path the workers mount) or s3:// (any S3-protocol store)."""
+StoragePrefix = Annotated[str, StringConstraints(pattern=STORAGE_PREFIX_PATTERN, max_length=2048)]
+"""A storage grant's prefix: a directory (file:///...) or a bucket and key prefix, ending in "/"."""
 EngineArgName = Annotated[str, StringConstraints(pattern=ENGINE_ARG_PATTERN, max_length=64)]
 """A vLLM command-line flag without its leading dashes, e.g. `max-num-seqs`."""
 PromQL = Annotated[str, StringConstraints(min_length=1, max_length=4096)]

@@ -31,8 +31,9 @@ from troughfill.api.conditions import (
     set_condition,
 )
 from troughfill.api.modeltemplate import ModelTemplate, ModelTemplateStatus
+from troughfill.api.storage import as_prefix
 from troughfill.api.types import parse_duration
-from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, Progress
+from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, OutputClaims, Progress
 from troughfill.planner import Limit
 from troughfill.results import FinalReport, finalize, index_input
 from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, join
@@ -55,6 +56,13 @@ class StatusUpdate:
 
 def ledger_for(job: BatchInference, client: Redis) -> JobLedger:
     return JobLedger(client, JobKeys.of(job.metadata))
+
+
+def job_config(job: BatchInference) -> JobConfig:
+    """What the ledger and the data path need of the job, from the custom resource (the operator
+    never takes a URL from Redis that it can read from the resource)."""
+    spec = job.spec
+    return JobConfig(spec.input_url, spec.output_url, spec.endpoint, spec.retry.max_attempts)
 
 
 def _status(job: BatchInference) -> BatchInferenceStatus:
@@ -117,17 +125,28 @@ def refuse(job: BatchInference, reason: Reason, message: str, now: datetime) -> 
 
 
 async def start(
-    job: BatchInference, admission: Admission, ledger: JobLedger, store: ObjectStore, now: datetime
+    job: BatchInference, admission: Admission, ledger: JobLedger, store: ObjectStore | None, now: datetime
 ) -> StatusUpdate:
-    """Admit the job (or refuse it), record it in the ledger and index its input."""
+    """Admit the job (or refuse it), record it in the ledger and index its input (`store`: the
+    job's object store, with its grant's credentials; None when nothing admits it)."""
     if job.status is not None and job.status.phase is not None and (await ledger.progress()).refused:
         return await refresh_status(job, _status(job), ledger, store, now)  # refused: never re-admitted
-    if not admission.allowed:
+    if not admission.allowed or store is None:
         return refuse(job, admission.reason, admission.message, now)
-    spec = job.spec
-    created = await ledger.create(
-        JobConfig(spec.input_url, spec.output_url, spec.endpoint, spec.retry.max_attempts)
-    )
+    spec, config = job.spec, job_config(job)
+    holder = await OutputClaims(ledger.client).claim(as_prefix(spec.output_url), ledger.keys)
+    if holder is not None:
+        where = (
+            f"BatchInference {holder.name}"
+            if holder.namespace == job.metadata.ns
+            else "a BatchInference in another namespace"
+        )
+        message = (
+            f"outputURL {spec.output_url} is the output of {where}, which has not ended: two live jobs "
+            "never share an output prefix (pick another, or wait until it ends)"
+        )
+        return refuse(job, Reason.OUTPUT_IN_USE, message, now)
+    created = await ledger.create(config)
     status = _status(job)
     events = [Event(Reason.ADMITTED, admission.message)] if created else []
     _set(
@@ -141,7 +160,7 @@ async def start(
     )
     if await ledger.state() == Phase.VALIDATING:
         try:
-            report = await index_input(ledger, store)
+            report = await index_input(ledger, store, config)
         except (OSError, ValueError) as error:
             # Admitted stays true: the spec was fine, its input is not.
             return _fail(
@@ -215,23 +234,25 @@ async def refresh_status(
     job: BatchInference,
     status: BatchInferenceStatus,
     ledger: JobLedger,
-    store: ObjectStore,
+    store: ObjectStore | None,
     now: datetime,
     *,
     workers: WorkerView | None = None,
 ) -> StatusUpdate:
     """Counts and phase from the ledger; workers from the pool's plan; once every request is
-    done, merge the output and complete; once the completion window has passed, expire the rest."""
+    done, merge the output and complete; once the completion window has passed, expire the rest
+    (both only with the job's `store`: None while nothing admits the job, so nothing is merged)."""
     events: list[Event] = []
+    config = job_config(job)
     progress = await _expire_if_window_ended(job, status, ledger, store, now=now, events=events)
-    progress = await _finalize_if_done(status, ledger, store, progress, events)
+    progress = await _finalize_if_done(status, ledger, store, config, progress, events=events)
     _counts(job, status, progress)
     if progress.refused:
         _refused(status, job, progress.refused, now)  # whatever status this writer started from
     if progress.state is not None:
         status.phase = progress.state
     if progress.state == Phase.COMPLETED:
-        await _completed(job, status, ledger, progress, now)
+        _completed(job, status, progress, now)
     if workers is not None and progress.state not in TERMINAL:
         if workers.admission is not None and not progress.refused:
             _admitted(status, job, workers.admission, now)
@@ -245,7 +266,7 @@ async def _expire_if_window_ended(
     job: BatchInference,
     status: BatchInferenceStatus,
     ledger: JobLedger,
-    store: ObjectStore,
+    store: ObjectStore | None,
     *,
     now: datetime,
     events: list[Event],
@@ -254,13 +275,14 @@ async def _expire_if_window_ended(
     progress = await ledger.progress()
     ends = deadline(job)
     if (
-        ends is None
+        store is None
+        or ends is None
         or now < ends
         or progress.all_done
         or progress.state not in {Phase.VALIDATING, Phase.IN_PROGRESS, Phase.FINALIZING}
     ):
         return progress
-    report = await finalize(ledger, store, Phase.EXPIRED)
+    report = await finalize(ledger, store, Phase.EXPIRED, job_config(job))
     message = f"completion window {job.spec.completion_window} ended: {_summary(report)}"
     events.append(Event(Reason.WINDOW_ENDED, message, warning=True))
     status.output_url, status.error_url = report.output_url, report.error_url
@@ -275,14 +297,16 @@ async def _expire_if_window_ended(
 async def _finalize_if_done(
     status: BatchInferenceStatus,
     ledger: JobLedger,
-    store: ObjectStore,
+    store: ObjectStore | None,
+    config: JobConfig,
     progress: Progress,
+    *,
     events: list[Event],
 ) -> Progress:
     """Every request done: merge the output (idempotent; a retry after a crash converges)."""
-    if not progress.all_done or progress.state in TERMINAL:
+    if store is None or not progress.all_done or progress.state in TERMINAL:
         return progress
-    report = await finalize(ledger, store)
+    report = await finalize(ledger, store, config=config)
     events.append(Event(Reason.ALL_REQUESTS_DONE, _summary(report)))
     status.output_url, status.error_url = report.output_url, report.error_url
     return await ledger.progress()
@@ -302,9 +326,7 @@ def _counts(job: BatchInference, status: BatchInferenceStatus, progress: Progres
     status.observed_generation = job.metadata.generation
 
 
-async def _completed(
-    job: BatchInference, status: BatchInferenceStatus, ledger: JobLedger, progress: Progress, now: datetime
-) -> None:
+def _completed(job: BatchInference, status: BatchInferenceStatus, progress: Progress, now: datetime) -> None:
     _set(
         status, job, JobConditionType.COMPLETE,
         value=ConditionStatus.TRUE, reason=Reason.ALL_REQUESTS_DONE,
@@ -312,9 +334,8 @@ async def _completed(
     )  # fmt: skip
     status.finished_at = status.finished_at or now
     if status.output_url is None:
-        config = await ledger.config()
-        status.output_url = join(config.output_url, OUTPUT_FILE)
-        status.error_url = join(config.output_url, ERROR_FILE)
+        status.output_url = join(job.spec.output_url, OUTPUT_FILE)
+        status.error_url = join(job.spec.output_url, ERROR_FILE)
 
 
 def _admitted(status: BatchInferenceStatus, job: BatchInference, admission: Admission, now: datetime) -> None:
@@ -359,22 +380,30 @@ def _summary(report: FinalReport) -> str:
     return f"{report.outputs} results, {report.errors} errors in {report.output_url}"
 
 
-async def cancel(ledger: JobLedger, store: ObjectStore) -> FinalReport | None:
-    """The job is deleted: what is done is merged (the rest as batch_cancelled), then the ledger goes.
+async def cancel(
+    ledger: JobLedger, store: ObjectStore | None, config: JobConfig | None
+) -> FinalReport | None:
+    """The job is deleted: what is done is merged (the rest as batch_cancelled), then the ledger
+    goes and its output prefix is free for another job.
 
-    Nothing to merge for a job that already ended or was never recorded.
+    Nothing to merge for a job that already ended or was never recorded, for one whose spec
+    cannot be read (`config` None: its output location is not taken from Redis), nor for one no
+    storage grant admits any more (`store` None).
     """
     state = await ledger.state()
     report = None
-    if state is not None and state not in TERMINAL:
+    if config is not None and store is not None and state is not None and state not in TERMINAL:
         if state == Phase.FINALIZING:
             progress = await ledger.progress()
-            report = await finalize(ledger, store, Phase.COMPLETED if progress.all_done else Phase.EXPIRED)
+            outcome = Phase.COMPLETED if progress.all_done else Phase.EXPIRED
+            report = await finalize(ledger, store, outcome, config)
         else:
             if state != Phase.CANCELLING:
                 await ledger.transition(Phase.CANCELLING)
-            report = await finalize(ledger, store, Phase.CANCELLED)
+            report = await finalize(ledger, store, Phase.CANCELLED, config)
     await ledger.delete()
+    if config is not None:
+        await OutputClaims(ledger.client).release(as_prefix(config.output_url), ledger.keys)
     return report
 
 

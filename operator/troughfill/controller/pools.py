@@ -37,7 +37,8 @@ from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.api.types import LabelSelector, parse_duration
 from troughfill.controller.jobs import WorkerView
 from troughfill.controller.ports import Cluster, WorkerPod
-from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, worker_pod
+from troughfill.controller.stores import GrantSecretMissingError, JobStores
+from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, job_secret, worker_pod
 from troughfill.ledger import Heartbeat, JobKeys, JobLedger, Progress, StopMode
 from troughfill.planner import (
     JobState,
@@ -269,14 +270,19 @@ class PoolController:
         signals: SignalSource,
         redis: Redis,
         environment: WorkerEnvironment,
+        stores: JobStores,
+        *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
         self.signals = signals
         self.redis = redis
         self.environment = environment
+        self.stores = stores
         self.clock = clock
         self.pools: dict[str, PoolState] = {}
+        self.secrets: set[str] = set()
+        """Jobs (uid) whose workers' Secret this operator has made."""
 
     async def cycle(self, pool: BatchPool) -> Cycle:
         state = self.pools.setdefault(pool.metadata.name, PoolState())
@@ -303,6 +309,7 @@ class PoolController:
         self.pools.pop(name, None)
 
     def forget_job(self, uid: str) -> None:
+        self.secrets.discard(uid)
         for state in self.pools.values():
             for table in (state.views, state.gpu_seconds, state.failures):
                 table.pop(uid, None)
@@ -414,6 +421,8 @@ class PoolController:
         await self._mark_deletion_costs(seen, state, {worker for worker, _ in done.stopped})
         for key, job_plan in decided.jobs.items():
             entry = by_key[key]
+            if job_plan.starts and not await self._job_secret(entry, done):
+                continue
             for _ in range(job_plan.starts):
                 name = f"{entry.job.metadata.name[:40]}-w-{secrets.token_hex(3)}"
                 manifest = worker_pod(
@@ -426,6 +435,24 @@ class PoolController:
                     break  # the next start of this job would be refused the same way
                 done.created.append(name)
         return done
+
+    async def _job_secret(self, entry: ObservedJob, done: Cycle) -> bool:
+        """Make the job's workers' Secret (its storage grant's credentials) before its first
+        worker; False, with the reason among the cycle's failures, when it cannot be made."""
+        if entry.uid in self.secrets:
+            return True
+        granted = entry.admission.storage
+        try:
+            data = await asyncio.to_thread(self.stores.credentials, granted.secret_name if granted else None)
+            await asyncio.to_thread(self.cluster.create_secret, job_secret(entry.job, data))
+        except GrantSecretMissingError as error:
+            done.failures.append(f"{entry.key}: {error}")
+            return False
+        except ApiException as error:
+            done.failures.append(f"{entry.key}: the workers' Secret: {_api_message(error)}")
+            return False
+        self.secrets.add(entry.uid)
+        return True
 
     async def _mark_deletion_costs(self, seen: Observation, state: PoolState, stopped: set[str]) -> None:
         """Keep each serving worker's pod-deletion-cost in step with its unsaved progress."""

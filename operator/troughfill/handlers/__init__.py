@@ -24,7 +24,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from troughfill import constants, metrics
-from troughfill.api.admission import admit
+from troughfill.api.admission import Admission, admit
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import Reason
@@ -33,11 +33,12 @@ from troughfill.api.resource import ObjectMeta
 from troughfill.config import Settings
 from troughfill.controller import jobs
 from troughfill.controller.pools import Cycle, PoolController, pool_status
+from troughfill.controller.stores import GrantSecretMissingError, JobStores
 from troughfill.kube.adapter import KubeCluster, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, JobKeys, JobLedger, StopMode, connect
 from troughfill.signals import PrometheusSignals
-from troughfill.storage import store_for
+from troughfill.storage import ObjectStore
 
 INTERVAL = Settings().reconcile_interval_seconds
 """Read at import (Kopf's decorators need it then); everything else is read at startup."""
@@ -69,7 +70,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         metrics.serve(own.metrics_port)
     memo.cluster = KubeCluster(api)
     memo.redis = connect(own)
-    memo.store = store_for(own)
+    memo.stores = JobStores(memo.cluster, own)
     memo.pools = PoolController(
         memo.cluster,
         PrometheusSignals(own.prometheus_url, own.prometheus_timeout_seconds),
@@ -79,9 +80,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
             redis_password_secret=own.redis_password_secret,
             s3_endpoint_url=own.s3_endpoint_url,
             s3_addressing_style=own.s3_addressing_style,
-            storage_secret=own.storage_secret,
             worker_command=own.worker_command,
         ),
+        memo.stores,
     )
 
 
@@ -175,14 +176,34 @@ async def start_job(
     if job.status and job.status.phase in TERMINAL:
         return
     with transient("starting the job"):
-        template = await asyncio.to_thread(memo.cluster.template, job.spec.template_ref)
-        pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref) if template else None
-        admission = admit(job, template, pool)
+        admission = await _admit(memo, job)
         logger.info("admission: %s (%s)", admission.reason.value, admission.message)
-        update = await jobs.start(
-            job, admission, jobs.ledger_for(job, memo.redis), memo.store, jobs.now_utc()
-        )
+        try:
+            store = await asyncio.to_thread(memo.stores.for_admission, admission)
+        except GrantSecretMissingError as error:
+            admission = Admission(False, Reason.STORAGE_NOT_GRANTED, str(error))
+            store = None
+        update = await jobs.start(job, admission, jobs.ledger_for(job, memo.redis), store, jobs.now_utc())
     _write(patch, body, update, logger)
+
+
+async def _admit(memo: kopf.Memo, job: BatchInference) -> Admission:
+    """The job admitted against its template and pool as they are now."""
+    template = await asyncio.to_thread(memo.cluster.template, job.spec.template_ref)
+    pool = await asyncio.to_thread(memo.cluster.pool, template.spec.pool_ref) if template else None
+    return admit(job, template, pool)
+
+
+async def _store(memo: kopf.Memo, job: BatchInference, admission: Admission | None) -> ObjectStore | None:
+    """The job's object store, with the credentials of the grant that admits it now (None: none
+    does, or its Secret is missing: nothing of the job's storage is touched)."""
+    if admission is None:
+        admission = await _admit(memo, job)
+    try:
+        store: ObjectStore | None = await asyncio.to_thread(memo.stores.for_admission, admission)
+    except GrantSecretMissingError:
+        return None
+    return store
 
 
 @kopf.timer(*JOBS, interval=INTERVAL, initial_delay=INTERVAL, backoff=max(1.0, 2 * INTERVAL))
@@ -194,14 +215,15 @@ async def reconcile_job(
     job = parse(BatchInference, body)
     if job.status is None or job.status.phase is None:
         return  # start_job has not recorded it yet
+    workers = memo.pools.workers_of(job.metadata.uid_text)
     with transient("refreshing the job's status"):
         update = await jobs.refresh_status(
             job,
             job.status.model_copy(deep=True),
             jobs.ledger_for(job, memo.redis),
-            memo.store,
+            await _store(memo, job, workers.admission if workers else None),
             jobs.now_utc(),
-            workers=memo.pools.workers_of(job.metadata.uid_text),
+            workers=workers,
         )
     _write(patch, body, update, logger)
 
@@ -227,9 +249,15 @@ async def delete_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
     batch_cancelled), the ledger's keys go; the output stays. Needs only the object's metadata,
     so a job whose spec cannot be parsed is cleaned up too."""
     meta = ObjectMeta.model_validate(dict(body.get("metadata", {})))
+    try:
+        job: BatchInference | None = BatchInference.model_validate(dict(body))
+    except pydantic.ValidationError:
+        job = None  # its keys go all the same; nothing is merged (no URL is taken from Redis)
     with transient("cancelling the job"):
         stopped = await asyncio.to_thread(memo.cluster.delete_job_workers, meta.ns, meta.uid_text)
-        report = await jobs.cancel(JobLedger(memo.redis, JobKeys.of(meta)), memo.store)
+        store = await _store(memo, job, None) if job else None
+        config = jobs.job_config(job) if job else None
+        report = await jobs.cancel(JobLedger(memo.redis, JobKeys.of(meta)), store, config)
     memo.pools.forget_job(meta.uid_text)
     logger.info("deleted: %d worker pods stopped, ledger keys removed", stopped)
     if report is not None:

@@ -1,5 +1,6 @@
 """The Kubernetes adapter: the reads and writes the operator makes besides Kopf's own."""
 
+import base64
 import time
 from typing import Any
 
@@ -154,6 +155,22 @@ class KubeCluster:
         for pod in pods:
             self.delete_pod(namespace, pod.metadata.name)
         return len(pods)
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            found = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return {key: base64.b64decode(value).decode() for key, value in (found.data or {}).items()}
+
+    def create_secret(self, manifest: dict[str, Any]) -> None:
+        try:
+            self.core.create_namespaced_secret(manifest["metadata"]["namespace"], manifest)
+        except ApiException as error:
+            if error.status != 409:
+                raise
 
 
 def _worker_pod(pod: Any) -> WorkerPod:

@@ -60,11 +60,46 @@ class WorkerEnvironment:
     """(Secret name, key) holding the Redis password, in the job's namespace."""
     s3_endpoint_url: str | None = None
     s3_addressing_style: str = "auto"
-    storage_secret: str | None = None
-    """Secret in the job's namespace whose keys become the worker's environment (credentials)."""
     worker_command: tuple[str, ...] = ("troughfill",)
     """How the worker program is invoked in the template's image."""
     extra_env: tuple[tuple[str, str], ...] = ()
+
+
+def job_secret_name(job: BatchInference) -> str:
+    """The Secret in the job's namespace that holds what its workers alone may know."""
+    return f"{job.metadata.name[:40]}-troughfill-{job.metadata.uid_text[:8]}"
+
+
+def owner_reference(job: BatchInference) -> dict[str, Any]:
+    return {
+        "apiVersion": constants.GROUP_VERSION,
+        "kind": constants.KIND_BATCH_INFERENCE,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def job_secret(job: BatchInference, data: dict[str, str]) -> dict[str, Any]:
+    """The job's workers' Secret: its storage grant's credentials (copied from the admin's Secret
+    in the operator's namespace). Owned by the job: deleting the job deletes it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": job_secret_name(job),
+            "namespace": job.metadata.ns,
+            "labels": {
+                constants.LABEL_PART_OF: constants.PART_OF_VALUE,
+                constants.LABEL_MANAGED_BY: constants.PART_OF_VALUE,
+                constants.LABEL_JOB_UID: job.metadata.uid_text,
+            },
+            "ownerReferences": [owner_reference(job)],
+        },
+        "stringData": dict(data),
+    }
 
 
 def job_ref(job: BatchInference) -> str:
@@ -150,12 +185,8 @@ def worker_pod(
         "image": tspec.image,
         "command": command,
         "env": env,
-        # A missing Secret keeps the worker from starting (CreateContainerConfigError), visibly.
-        **(
-            {"envFrom": [{"secretRef": {"name": environment.storage_secret}}]}
-            if environment.storage_secret
-            else {}
-        ),
+        # The job's own Secret (its storage credentials): nobody else's reach this pod.
+        "envFrom": [{"secretRef": {"name": job_secret_name(job)}}],
         "resources": resources,
         # Ready once the engine answers and the worker heartbeats. The engine's cold start is
         # the template's estimate, but a first start can take several times it (compiling,
@@ -203,16 +234,7 @@ def worker_pod(
             "namespace": job.metadata.ns,
             "labels": worker_labels(job, template),
             "annotations": {constants.ANNOTATION_POD_DELETION_COST: deletion_cost(False, 0)},
-            "ownerReferences": [
-                {
-                    "apiVersion": constants.GROUP_VERSION,
-                    "kind": constants.KIND_BATCH_INFERENCE,
-                    "name": job.metadata.name,
-                    "uid": job.metadata.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [owner_reference(job)],
         },
         "spec": pod_spec,
     }

@@ -13,6 +13,7 @@ from troughfill.ledger.ledger import (
     Progress,
     connect,
 )
+from troughfill.ledger.outputs import OutputClaims
 from troughfill.ledger.states import TERMINAL, TRANSITIONS, InvalidTransitionError
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "JobNotRecordedError",
     "LedgerClosedError",
     "Outcome",
+    "OutputClaims",
     "Partial",
     "Progress",
     "StopMode",

@@ -10,6 +10,7 @@ from troughfill.storage.segments import (
     new_segment_id,
     read_segment,
     segment_url,
+    segments_prefix,
     write_segment,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "new_segment_id",
     "read_segment",
     "segment_url",
+    "segments_prefix",
     "store_for",
     "write_segment",
 ]

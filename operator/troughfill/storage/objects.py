@@ -111,7 +111,7 @@ class ObjectStore:
         fs, path = self._fs(url)
         temporary = f"{path}.tmp-{uuid.uuid4().hex}"
         parent = fs._parent(path)
-        if parent:
+        if parent and _local(fs):  # object stores need no directories; s3fs would create a bucket
             fs.makedirs(parent, exist_ok=True)
         try:
             with fs.open(temporary, "wb") as stream:
@@ -154,9 +154,32 @@ class ObjectStore:
             fs.rm(path, recursive=True)
 
 
-def store_for(settings: Settings) -> ObjectStore:
-    """The object store the settings describe."""
+def _local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
+
+
+CREDENTIAL_KEYS = {
+    "AWS_ACCESS_KEY_ID": "key",
+    "AWS_SECRET_ACCESS_KEY": "secret",
+    "AWS_SESSION_TOKEN": "token",
+}
+"""Keys of a storage grant's Secret, and the s3fs options they become."""
+REGION_KEYS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+STORAGE_SECRET_KEYS = frozenset({*CREDENTIAL_KEYS, *REGION_KEYS})
+"""What of a storage grant's Secret is used (and copied to the job's workers); nothing else."""
+
+
+def store_for(settings: Settings, credentials: Mapping[str, str] | None = None) -> ObjectStore:
+    """The object store the settings describe; with `credentials` (a grant's Secret), those are
+    used for s3:// instead of the process's own identity."""
     s3: dict[str, Any] = {}
+    for key, option in CREDENTIAL_KEYS.items():
+        if credentials and key in credentials:
+            s3[option] = credentials[key]
+    region = next((credentials[key] for key in REGION_KEYS if credentials and key in credentials), None)
+    if region:
+        s3["client_kwargs"] = {"region_name": region}
     if settings.s3_endpoint_url:
         s3["endpoint_url"] = settings.s3_endpoint_url
     if settings.s3_addressing_style != "auto":

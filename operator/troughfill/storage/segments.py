@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from troughfill.constants import SEGMENTS_DIR
 from troughfill.storage.objects import ObjectStore, join
 
-SEGMENTS_DIR = "_segments"
 OUTPUT_FILE = "output.jsonl"
 ERROR_FILE = "errors.jsonl"
 
@@ -37,8 +37,13 @@ class SegmentRecord:
     """The OpenAI Batch output or error line, as it will appear in the merged file."""
 
 
-def segment_url(output_prefix: str, segment_id: str) -> str:
-    return join(join(output_prefix, SEGMENTS_DIR), f"{segment_id}.jsonl")
+def segments_prefix(output_prefix: str, job_uid: str) -> str:
+    """One job's segments: deleting them touches no other job's, even one with the same output."""
+    return join(join(output_prefix, SEGMENTS_DIR), job_uid)
+
+
+def segment_url(segments: str, segment_id: str) -> str:
+    return join(segments, f"{segment_id}.jsonl")
 
 
 def new_segment_id(writer: str) -> str:
@@ -54,18 +59,16 @@ class StoredRecord:
     line: bytes
 
 
-def write_segment(
-    store: ObjectStore, output_prefix: str, segment_id: str, records: list[SegmentRecord]
-) -> str:
-    """Upload one segment (all or nothing) and return its URL."""
-    url = segment_url(output_prefix, segment_id)
+def write_segment(store: ObjectStore, segments: str, segment_id: str, records: list[SegmentRecord]) -> str:
+    """Upload one segment (all or nothing) under the job's `segments` prefix and return its URL."""
+    url = segment_url(segments, segment_id)
     dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
     body = "".join(f"{r.index}\t{r.kind.value}\t{dumps(r.record)}\n" for r in records).encode()
     store.write_bytes(url, body)
     return url
 
 
-def read_segment(store: ObjectStore, output_prefix: str, segment_id: str) -> Iterator[StoredRecord]:
-    for raw in store.read_lines(segment_url(output_prefix, segment_id)):
+def read_segment(store: ObjectStore, segments: str, segment_id: str) -> Iterator[StoredRecord]:
+    for raw in store.read_lines(segment_url(segments, segment_id)):
         index, kind, line = raw.split(b"\t", 2)
         yield StoredRecord(int(index), RecordKind(kind.decode()), line)
