@@ -102,6 +102,7 @@ class Bench:
                 for i in range(20_000)
             )
         )
+        workdir_uri = self.workdir.resolve().as_uri()
         pool = {
             "apiVersion": constants.GROUP_VERSION, "kind": "BatchPool", "metadata": {"name": "bench"},
             "spec": {
@@ -112,7 +113,7 @@ class Bench:
                 },
                 "headroomGPUs": 0, "scaleUpDelay": "0s", "minUsefulTime": "0s", "drainGracePeriod": "5s",
                 "signal": {"maxStaleness": "10s"},
-                "defaultQuota": {"maxGPUs": 2, "storage": [{"prefix": f"{self.workdir.resolve().as_uri()}/"}]},
+                "defaultQuota": {"maxGPUs": 2, "storage": [{"prefix": f"{workdir_uri}/"}]},
             },
         }  # fmt: skip
         template = {
