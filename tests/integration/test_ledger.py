@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,26 @@ async def test_expired_leases_return_within_seconds_of_real_time(
     assert sorted(claim.indices) == [0, 1, 2]
     assert 0.9 <= waited <= 2.0
     assert json.dumps(claim.failed_attempts) == "[1, 1, 1]"
+
+
+async def test_leases_run_on_the_servers_clock_not_the_clients(
+    aredis: Redis, tmp_path: Path, store: ObjectStore
+) -> None:
+    """Without a clock of its own the ledger times leases by Redis's TIME: a host whose clock
+    is 15 s ahead reaps nothing that is alive, and a lease's expiry is Redis's now + the lease."""
+    ledger = JobLedger(aredis, new_ledger(aredis).keys)  # production: no clock given
+    input_url = write_input(tmp_path / "in.jsonl", [request_line(f"r{i}") for i in range(3)])
+    await create_job(ledger, input_url, (tmp_path / "out").as_uri(), lease_seconds=10.0)
+    await index_input(ledger, store)
+    claim = await ledger.claim("alive", 3)
+    assert claim is not None
+    seconds, micros = await aredis.time()
+    score = await aredis.zscore(ledger.keys.key("leases"), str(claim.lease_id))
+    assert score is not None
+    assert abs(score - (seconds + micros / 1e6 + 10.0)) < 1.0
+    ahead = FakeClock(time.time() + 15)
+    skewed = JobLedger(aredis, ledger.keys)  # the same job seen from another host, without a clock
+    assert await skewed.reap() == 0
+    assert await ledger.renew("alive", claim.lease_id)
+    # A clock 15 s ahead, used as "now", would have reaped the live lease: what Redis's TIME prevents.
+    assert await JobLedger(aredis, ledger.keys, clock=ahead).reap() == 1

@@ -121,7 +121,9 @@ class JobNotRecordedError(TroughfillError, LookupError):
 class JobLedger:
     """Claims, leases, completions and usage of one job. All moves are single Lua scripts."""
 
-    def __init__(self, client: Redis, keys: JobKeys, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: Redis, keys: JobKeys, clock: Callable[[], float] | None = None) -> None:
+        """`clock`: None (production) times leases by Redis's own clock, whatever this host's
+        clock says; a test passes its own to move time by hand."""
         self.client = client
         self.keys = keys
         self.clock = clock
@@ -137,6 +139,13 @@ class JobLedger:
             self._scripts[name] = script
         return script
 
+    def _now(self) -> float | str:
+        """ "now" for a script: the given clock's, or '' for the server's."""
+        return self.clock() if self.clock is not None else ""
+
+    def _local_now(self) -> float:
+        return self.clock() if self.clock is not None else time.time()
+
     async def _run(self, name: str, *args: Any) -> Any:
         return await self._script(name)(keys=self.keys.script_keys, args=[self.keys.prefix, *args])
 
@@ -145,7 +154,7 @@ class JobLedger:
     async def create(self, config: JobConfig) -> bool:
         """Record a new job in state validating; False (and nothing changed) if it exists."""
         meta = self.keys.key("meta")
-        now = self.clock()
+        now = self._local_now()
         if not await self.client.hsetnx(meta, "state", Phase.VALIDATING.value):
             return False
         await self.client.hset(
@@ -189,7 +198,7 @@ class JobLedger:
         InvalidTransitionError for any other move the table does not allow.
         """
         sources = sorted(s.value for s in sources_of(target))
-        moved, current = await self._run("TRANSITION", target.value, self.clock(), *sources)
+        moved, current = await self._run("TRANSITION", target.value, self._now(), *sources)
         if moved:
             return True
         state = Phase(_text(current)) if current else None
@@ -280,22 +289,22 @@ class JobLedger:
     async def claim(self, worker: str, max_count: int) -> Claim | None:
         """Lease up to `max_count` pending requests (retries first), or None if there are none now."""
         lease_seconds = await self._lease_time()
-        now = self.clock()
-        lease_id, _, indices, attempts = await self._run("CLAIM", worker, max_count, now, now + lease_seconds)
+        lease_id, _, indices, attempts = await self._run(
+            "CLAIM", worker, max_count, self._now(), lease_seconds
+        )
         if not lease_id:
             return None
         return Claim(
             lease_id=int(lease_id),
             indices=[i for (i,) in U32.iter_unpack(indices)],
             failed_attempts=[a for (a,) in U32.iter_unpack(attempts)],
-            expires_at=now + lease_seconds,
+            expires_at=self._local_now() + lease_seconds,  # by this host's clock, for scheduling
         )
 
     async def renew(self, worker: str, lease_id: int) -> bool:
         """Extend a lease by the job's lease time; False if it already expired or is not ours."""
         lease_seconds = await self._lease_time()
-        now = self.clock()
-        return bool(await self._run("RENEW", worker, lease_id, now, now + lease_seconds))
+        return bool(await self._run("RENEW", worker, lease_id, self._now(), lease_seconds))
 
     async def release(self, worker: str, lease_id: int) -> int:
         """Give a lease back: its unfinished requests are pending again, no attempt counted."""
@@ -310,7 +319,7 @@ class JobLedger:
 
     async def reap(self) -> int:
         """Return the requests of expired leases to pending (or dead); the number of leases reaped."""
-        return int(await self._run("REAP", self.clock()))
+        return int(await self._run("REAP", self._now()))
 
     async def commit(self, segment_id: str, outcomes: Sequence[Outcome], lease_id: int | None = None) -> int:
         """Mark requests done once their segment is stored; returns how many this segment won.

@@ -3,6 +3,9 @@
 Every script gets the same KEYS (see keys.SCRIPT_KEY_NAMES) and ARGV[1] = the job's key
 prefix, for the per-lease and per-segment keys (same hash tag, so Cluster-safe).
 
+Times (lease expiry, state changes) are Redis's own clock (TIME), so a client whose clock is
+off cannot reap live leases or keep dead ones; a test may pass its own "now" instead.
+
 A request is always in exactly one place: never claimed (index >= cursor), the retry list,
 one lease's set, or done (its bit set). The done bit is set once, by whoever commits first;
 that commit "wins" the request, and only the winner's record reaches the merged output.
@@ -12,6 +15,13 @@ PRELUDE = """
 local K_META, K_DONE, K_RETRY, K_LEASES, K_OWNERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_ATTEMPTS, K_COUNTERS, K_DEAD, K_SEGMENTS, K_PARTIAL = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local PREFIX = ARGV[1]
+
+-- Seconds since the epoch: the caller's `given` time (tests), or the server's clock ('').
+local function clock(given)
+  if given ~= nil and given ~= '' then return tonumber(given) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 
 local function max_attempts()
   return tonumber(redis.call('HGET', K_META, 'max_attempts') or '1')
@@ -69,7 +79,7 @@ local function owned(id, worker)
 end
 """
 
-# ARGV: prefix, worker, max_count, now, expires_at
+# ARGV: prefix, worker, max_count, now ('' = server clock), lease seconds
 # -> {lease_id (0: none), state, indices, failed attempts so far} (both packed big-endian uint32)
 CLAIM = (
     PRELUDE
@@ -78,7 +88,8 @@ local state = redis.call('HGET', K_META, 'state') or ''
 if state ~= 'in_progress' or redis.call('HGET', K_META, 'closed') == '1' then
   return {0, state, '', ''}
 end
-reap(ARGV[4])
+local now = clock(ARGV[4])
+reap(now)
 local want = tonumber(ARGV[3])
 local picked = {}
 while #picked < want do
@@ -106,20 +117,21 @@ for s = 1, #picked, 1000 do
     packed_attempts[#packed_attempts + 1] = struct.pack('>I4', tonumber(a or '0'))
   end
 end
-redis.call('ZADD', K_LEASES, ARGV[5], id)
+redis.call('ZADD', K_LEASES, now + tonumber(ARGV[5]), id)
 redis.call('HSET', K_OWNERS, id, ARGV[2])
 return {id, state, table.concat(packed_indices), table.concat(packed_attempts)}
 """
 )
 
-# ARGV: prefix, worker, lease_id, now, expires_at -> 1 renewed, 0 lost (expired or not ours)
+# ARGV: prefix, worker, lease_id, now ('' = server clock), lease seconds -> 1 renewed, 0 lost
 RENEW = (
     PRELUDE
     + """
 if not owned(ARGV[3], ARGV[2]) then return 0 end
+local now = clock(ARGV[4])
 local score = redis.call('ZSCORE', K_LEASES, ARGV[3])
-if not score or tonumber(score) < tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', K_LEASES, 'XX', ARGV[5], ARGV[3])
+if not score or tonumber(score) < now then return 0 end
+redis.call('ZADD', K_LEASES, 'XX', now + tonumber(ARGV[5]), ARGV[3])
 return 1
 """
 )
@@ -193,22 +205,22 @@ return {#won, state}
 """
 )
 
-# ARGV: prefix, now -> leases reaped
+# ARGV: prefix, now ('' = server clock) -> leases reaped
 REAP = (
     PRELUDE
     + """
-return reap(ARGV[2])
+return reap(clock(ARGV[2]))
 """
 )
 
-# ARGV: prefix, target, now, source... -> {1, target} moved, {0, current} refused
+# ARGV: prefix, target, now ('' = server clock), source... -> {1, target} moved, {0, current} refused
 TRANSITION = (
     PRELUDE
     + """
 local state = redis.call('HGET', K_META, 'state') or ''
 for k = 4, #ARGV do
   if state == ARGV[k] then
-    redis.call('HSET', K_META, 'state', ARGV[2], 'at:' .. ARGV[2], ARGV[3])
+    redis.call('HSET', K_META, 'state', ARGV[2], 'at:' .. ARGV[2], clock(ARGV[3]))
     if ARGV[2] == 'finalizing' then redis.call('HSET', K_META, 'closed', '1') end
     return {1, ARGV[2]}
   end
