@@ -15,6 +15,8 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Ledger Redis; rediss:// enables TLS."""
+    redis_username: str | None = None
+    """The Redis user (a worker's: its job's own, from the job's Secret); the default user when unset."""
     redis_password: SecretStr | None = None
     """Overrides any password in redis_url, so the URL can live in a ConfigMap and this in a Secret."""
     redis_tls_ca_file: str | None = None
@@ -33,8 +35,6 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=2.0, gt=0)
     worker_command: tuple[str, ...] = ("troughfill",)
     """How worker pods invoke troughfill in the template's image (JSON list in the environment)."""
-    redis_password_secret: tuple[str, str] | None = None
-    """(Secret, key) in each job's namespace that worker pods read the Redis password from."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """0: no metrics endpoint."""
     health_port: int = Field(default=8080, ge=0, le=65535)

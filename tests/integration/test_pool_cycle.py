@@ -342,6 +342,14 @@ async def test_workers_get_their_jobs_own_secret_with_the_grants_credentials(wor
     cycle = await world.controller.cycle(pool_object)
     assert len(cycle.created) == 2
     (secret,) = [key for key in world.cluster.secrets if key[0] == "team-a"]
-    assert world.cluster.secrets[secret] == {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    data = world.cluster.secrets[secret]
+    assert set(data) == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "TROUGHFILL_REDIS_USERNAME",  # the job's own Redis user (see test_ledger_access)
+        "TROUGHFILL_REDIS_PASSWORD",
+    }
+    assert (data["AWS_ACCESS_KEY_ID"], data["AWS_SECRET_ACCESS_KEY"]) == ("a", "b")
+    assert data["TROUGHFILL_REDIS_USERNAME"] == f"troughfill-job-{world.job.metadata.uid_text}"
     for manifest in world.cluster.created:
         assert manifest["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": secret[1]}}]

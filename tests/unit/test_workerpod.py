@@ -35,9 +35,7 @@ def pod() -> dict[str, Any]:
     pool = BatchPool.model_validate(load("pool.yaml"))
     admission = admit(job, template, pool)
     assert admission.allowed, admission.message
-    environment = WorkerEnvironment(
-        redis_url="redis://redis.troughfill-system:6379/0", redis_password_secret=("redis", "password")
-    )
+    environment = WorkerEnvironment(redis_url="redis://redis.troughfill-system:6379/0")
     return worker_pod("ticket-triage-w-1", job, template, pool, admission, environment=environment)
 
 
@@ -66,10 +64,8 @@ def test_the_pod_is_owned_by_its_job_and_labelled_for_selection(pod: dict[str, A
     assert meta["labels"][constants.LABEL_JOB_UID] == "1234-abcd"
     assert meta["labels"][constants.LABEL_COMPONENT] == constants.COMPONENT_WORKER
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    assert env["TROUGHFILL_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-        "name": "redis",
-        "key": "password",
-    }
+    # No Redis password of the operator's: the job's own Redis user comes from the job's Secret.
+    assert not any(name.startswith("TROUGHFILL_REDIS_") and name != "TROUGHFILL_REDIS_URL" for name in env)
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 

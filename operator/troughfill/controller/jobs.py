@@ -34,6 +34,7 @@ from troughfill.api.modeltemplate import ModelTemplate, ModelTemplateStatus
 from troughfill.api.storage import as_prefix
 from troughfill.api.types import parse_duration
 from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, OutputClaims, Progress
+from troughfill.ledger.access import LedgerAccess
 from troughfill.planner import Limit
 from troughfill.results import FinalReport, finalize, index_input
 from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, join
@@ -402,6 +403,7 @@ async def cancel(
                 await ledger.transition(Phase.CANCELLING)
             report = await finalize(ledger, store, Phase.CANCELLED, config)
     await ledger.delete()
+    await LedgerAccess(ledger.client).revoke(ledger.keys)  # its workers' Redis user goes with it
     if config is not None:
         await OutputClaims(ledger.client).release(as_prefix(config.output_url), ledger.keys)
     return report

@@ -40,6 +40,7 @@ from troughfill.controller.ports import Cluster, WorkerPod
 from troughfill.controller.stores import GrantSecretMissingError, JobStores
 from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, job_secret, worker_pod
 from troughfill.ledger import Heartbeat, JobKeys, JobLedger, Progress, StopMode
+from troughfill.ledger.access import LedgerAccess
 from troughfill.planner import (
     JobState,
     OnlineSignal,
@@ -279,6 +280,7 @@ class PoolController:
         self.redis = redis
         self.environment = environment
         self.stores = stores
+        self.access = LedgerAccess(redis)
         self.clock = clock
         self.pools: dict[str, PoolState] = {}
         self.secrets: set[str] = set()
@@ -287,6 +289,8 @@ class PoolController:
     async def cycle(self, pool: BatchPool) -> Cycle:
         state = self.pools.setdefault(pool.metadata.name, PoolState())
         seen = await self.observe(pool, state)
+        # Redis restarted (or this operator did): the workers' users and scripts again.
+        await self.access.ensure([entry.ledger.keys for entry in seen.jobs])
         self._note_failures(state, seen)
         crash_looping = frozenset(e.uid for e in seen.jobs if state.crash_loop(e.uid, seen.now))
         decided = plan(snapshot(pool, seen, crash_looping), state.memory)
@@ -437,13 +441,16 @@ class PoolController:
         return done
 
     async def _job_secret(self, entry: ObservedJob, done: Cycle) -> bool:
-        """Make the job's workers' Secret (its storage grant's credentials) before its first
-        worker; False, with the reason among the cycle's failures, when it cannot be made."""
+        """Make the job's workers' Secret before its first worker: its storage grant's
+        credentials and its own Redis user (which this makes too). False, with the reason among
+        the cycle's failures, when it cannot be made."""
         if entry.uid in self.secrets:
             return True
         granted = entry.admission.storage
         try:
             data = await asyncio.to_thread(self.stores.credentials, granted.secret_name if granted else None)
+            user, password = await self.access.grant(entry.ledger.keys)
+            data = {**data, "TROUGHFILL_REDIS_USERNAME": user, "TROUGHFILL_REDIS_PASSWORD": password}
             await asyncio.to_thread(self.cluster.create_secret, job_secret(entry.job, data))
         except GrantSecretMissingError as error:
             done.failures.append(f"{entry.key}: {error}")

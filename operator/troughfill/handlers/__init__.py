@@ -77,7 +77,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.redis,
         WorkerEnvironment(
             redis_url=own.redis_url,
-            redis_password_secret=own.redis_password_secret,
             s3_endpoint_url=own.s3_endpoint_url,
             s3_addressing_style=own.s3_addressing_style,
             worker_command=own.worker_command,

@@ -56,8 +56,6 @@ class WorkerEnvironment:
     """Operator-wide settings every worker needs (where the ledger and object storage are)."""
 
     redis_url: str
-    redis_password_secret: tuple[str, str] | None = None
-    """(Secret name, key) holding the Redis password, in the job's namespace."""
     s3_endpoint_url: str | None = None
     s3_addressing_style: str = "auto"
     worker_command: tuple[str, ...] = ("troughfill",)
@@ -83,7 +81,8 @@ def owner_reference(job: BatchInference) -> dict[str, Any]:
 
 def job_secret(job: BatchInference, data: dict[str, str]) -> dict[str, Any]:
     """The job's workers' Secret: its storage grant's credentials (copied from the admin's Secret
-    in the operator's namespace). Owned by the job: deleting the job deletes it."""
+    in the operator's namespace) and its own Redis user. Owned by the job: deleting the job
+    deletes it."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -164,11 +163,6 @@ def worker_pod(
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "TROUGHFILL_REDIS_URL", "value": environment.redis_url},
     ]
-    if environment.redis_password_secret:
-        secret, key = environment.redis_password_secret
-        env.append(
-            {"name": "TROUGHFILL_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-        )
     if environment.s3_endpoint_url:
         env.append({"name": "TROUGHFILL_S3_ENDPOINT_URL", "value": environment.s3_endpoint_url})
     if environment.s3_addressing_style != "auto":
@@ -185,7 +179,7 @@ def worker_pod(
         "image": tspec.image,
         "command": command,
         "env": env,
-        # The job's own Secret (its storage credentials): nobody else's reach this pod.
+        # The job's own Secret: its storage credentials and its Redis user, nobody else's.
         "envFrom": [{"secretRef": {"name": job_secret_name(job)}}],
         "resources": resources,
         # Ready once the engine answers and the worker heartbeats. The engine's cold start is

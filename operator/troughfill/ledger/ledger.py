@@ -33,6 +33,8 @@ Redis = aioredis.Redis
 def connect(settings: Settings) -> Redis:
     """A client for the ledger Redis: URL, password and TLS from settings."""
     options: dict[str, Any] = {"health_check_interval": 30}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
     if settings.redis_password is not None:
         options["password"] = settings.redis_password.get_secret_value()
     if settings.redis_tls_ca_file:
