@@ -50,7 +50,7 @@ apt_install() {
 python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
   || { log "Python >= 3.11 is required"; exit 1; }
 python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
-apt_install redis-server prometheus
+apt_install redis-server prometheus openssl
 
 # The venv is reused across checkouts; the stamp makes it reinstall when the project's
 # dependencies or the checkout it points at change.

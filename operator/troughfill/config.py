@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     """Overrides any password in redis_url, so the URL can live in a ConfigMap and this in a Secret."""
     redis_tls_ca_file: str | None = None
+    """CA certificate (PEM file) that signed the ledger Redis's TLS certificate (rediss://)."""
+    redis_tls_ca_pem: str | None = None
+    """The same CA as PEM text (worker pods get it so; the operator reads its file and passes it on)."""
     s3_endpoint_url: str | None = None
     """S3-protocol endpoint for s3:// URLs (MinIO, Ceph, ...); AWS when unset. Credentials come
     from the usual AWS_* variables or the pod's identity."""

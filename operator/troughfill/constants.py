@@ -26,6 +26,9 @@ LABEL_JOB_NAME: Final = "troughfill.io/batchinference"
 LABEL_JOB_UID: Final = "troughfill.io/batchinference-uid"
 LABEL_POOL: Final = "troughfill.io/pool"
 LABEL_TEMPLATE: Final = "troughfill.io/template"
+# On worker pods: admits them to the ledger Redis (NetworkPolicy); only the operator may set it
+# (manifests/base/admissionpolicy.yaml).
+LABEL_LEDGER_CLIENT: Final = "troughfill.io/ledger-client"
 PART_OF_VALUE: Final = "troughfill"
 COMPONENT_WORKER: Final = "batch-worker"
 COMPONENT_OPERATOR: Final = "operator"

@@ -9,6 +9,7 @@ import datetime as dt
 import itertools
 import json
 import re
+import secrets
 import subprocess
 import time
 import uuid
@@ -74,6 +75,11 @@ def test_site_settings_before_the_operator(site: Site) -> None:
         f"--from-literal=TROUGHFILL_S3_ENDPOINT_URL={S3_URL}",
         "--from-literal=TROUGHFILL_S3_ADDRESSING_STYLE=path",
     )  # fmt: skip
+    # The ledger Redis's password (the operator's alone; workers get per-job Redis users).
+    kubectl(
+        site, "-n", SYSTEM, "create", "secret", "generic", "troughfill-redis",
+        f"--from-literal=password={secrets.token_hex(24)}",
+    )  # fmt: skip
     # The credentials of team A's storage grant (the example pool's quotas[].storage names this
     # Secret): kept with the operator; the job's workers get a copy, nobody else does.
     kubectl(site, "-n", SYSTEM, "create", "secret", "generic", "team-a-storage", *secret_literals(ACCESS))
@@ -92,6 +98,7 @@ def test_crds_install_server_side_and_are_established(site: Site) -> None:
 
 def test_base_brings_up_redis_and_the_operator_under_its_service_account(site: Site) -> None:
     kubectl(site, "apply", "-k", str(REPO_ROOT / "manifests" / "base"))
+    kubectl(site, "apply", "-k", str(REPO_ROOT / "manifests" / "policy"))  # Kubernetes >= 1.30
     kubectl(
         site, "-n", SYSTEM, "rollout", "status", "statefulset/troughfill-redis", "--timeout=120s", timeout=150
     )
@@ -156,6 +163,25 @@ def test_the_example_job_completes(site: Site) -> None:
         if fs.exists(path):
             seen += [json.loads(line)["custom_id"] for line in fs.cat(path).decode().splitlines() if line]
     assert sorted(seen) == wanted  # every request answered exactly once
+
+
+def test_only_the_operator_may_label_a_pod_a_ledger_client(site: Site) -> None:
+    """The label the ledger's NetworkPolicy admits: a pod carrying it is refused by the API server
+    for anyone but the operator's ServiceAccount (here the cluster admin, who may create any pod);
+    the operator's workers carried it (the example job completed)."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "sneaky",
+            "namespace": JOB_NAMESPACE,
+            "labels": {constants.LABEL_LEDGER_CLIENT: "true"},
+        },
+        "spec": {"containers": [{"name": "c", "image": "troughfill/operator:0.1.0", "command": ["true"]}]},
+    }
+    refused = kubectl(site, "apply", "-f", "-", stdin=json.dumps(pod), check=False)
+    assert "only the troughfill operator may label pods troughfill.io/ledger-client" in refused, refused
+    assert "ValidatingAdmissionPolicy 'troughfill-ledger-client'" in refused, refused
 
 
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] ")

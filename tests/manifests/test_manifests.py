@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 from troughfill import api, constants
 from troughfill.cli import parse_resource
 
-KUSTOMIZATIONS = ("crds", "base", "examples")
+KUSTOMIZATIONS = ("crds", "base", "policy", "examples")
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Group/versions every supported Kubernetes (1.29 and newer) serves.
 SERVED_BY_1_29 = {
@@ -61,9 +61,16 @@ def test_every_object_is_valid_kubernetes(name: str, version: str) -> None:
         kubernetes_validate.validate(obj, version, strict=True)
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", [k for k in KUSTOMIZATIONS if k != "policy"])
 def test_only_apis_that_kubernetes_1_29_serves(name: str) -> None:
     assert {o["apiVersion"] for o in build(name)} <= SERVED_BY_1_29
+
+
+def test_the_admission_policy_is_valid_where_it_is_ga() -> None:
+    """manifests/policy needs ValidatingAdmissionPolicy v1 (GA in 1.30), so it is a step of its own."""
+    for obj in build("policy"):
+        assert obj["apiVersion"] == "admissionregistration.k8s.io/v1"
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
 
 
 def test_crd_component_holds_exactly_the_generated_crds_and_kopf_peering() -> None:
@@ -162,12 +169,39 @@ def test_users_cannot_edit_pools_or_templates() -> None:
     assert writable == {"batchinferences"}
 
 
-def test_redis_is_reachable_only_from_troughfill_pods() -> None:
+def test_redis_is_reachable_only_from_the_operator_and_pods_only_it_may_label() -> None:
     policy = find(build("base"), "NetworkPolicy", "troughfill-redis")
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "troughfill-redis"}
     (rule,) = policy["spec"]["ingress"]
-    (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"] == {constants.LABEL_PART_OF: constants.PART_OF_VALUE}
+    operator, workers = rule["from"]
+    assert operator["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": constants.OPERATOR_NAMESPACE  # set by the API server
+    }
+    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "troughfill-operator"}
+    assert workers["podSelector"]["matchLabels"] == {constants.LABEL_LEDGER_CLIENT: "true"}
+    # Nothing keyed on a label users may set on their own pods.
+    assert all(constants.LABEL_PART_OF not in peer["podSelector"]["matchLabels"] for peer in rule["from"])
+    # The worker label is one only the operator's ServiceAccount may set.
+    admission = find(build("policy"), "ValidatingAdmissionPolicy", "troughfill-ledger-client")
+    (check,) = admission["spec"]["validations"]
+    account = f"system:serviceaccount:{constants.OPERATOR_NAMESPACE}:troughfill-operator"
+    assert account in check["expression"]
+    assert admission["spec"]["variables"][0]["expression"] == f"'{constants.LABEL_LEDGER_CLIENT}'"
+    binding = find(build("policy"), "ValidatingAdmissionPolicyBinding", "troughfill-ledger-client")
+    assert binding["spec"]["validationActions"] == ["Deny"]
+
+
+def test_redis_needs_a_password_and_never_evicts_below_its_memory_limit() -> None:
+    redis = find(build("base"), "StatefulSet", "troughfill-redis")
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    command = " ".join(container["command"])
+    assert '--requirepass "$REDIS_PASSWORD"' in command
+    assert "--maxmemory-policy noeviction" in command
+    maxmemory = int(command.split("--maxmemory ")[1].split("mb")[0]) * 2**20
+    assert container["resources"]["limits"]["memory"] == "2Gi"
+    assert maxmemory < 2 * 2**30 * 0.8  # room for the AOF rewrite buffer and fragmentation
+    (password,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert "optional" not in password["valueFrom"]["secretKeyRef"]  # no password: no start
 
 
 def test_argocd_applications_point_at_kustomizations_in_order() -> None:

@@ -138,3 +138,19 @@ def test_a_slow_first_start_is_allowed_several_cold_starts_before_a_restart(pod:
     allowed = startup["periodSeconds"] * startup["failureThreshold"]
     assert allowed >= 3 * 90  # the example template's coldStartSeconds
     assert "initialDelaySeconds" not in container["livenessProbe"]  # liveness only judges after startup
+
+
+def test_workers_get_the_ledgers_tls_ca_not_any_password() -> None:
+    job_wire = load("batchinference.yaml")
+    job_wire["metadata"]["uid"] = "1234-abcd"
+    job = BatchInference.model_validate(job_wire)
+    template = ModelTemplate.model_validate(load("template.yaml"))
+    pool = BatchPool.model_validate(load("pool.yaml"))
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    environment = WorkerEnvironment(redis_url="rediss://redis:6379/0", redis_tls_ca_pem=pem)
+    made = worker_pod("w", job, template, pool, admit(job, template, pool), environment=environment)
+    env = {item["name"]: item for item in made["spec"]["containers"][0]["env"]}
+    assert env["TROUGHFILL_REDIS_URL"]["value"] == "rediss://redis:6379/0"
+    assert env["TROUGHFILL_REDIS_TLS_CA_PEM"]["value"] == pem
+    assert "TROUGHFILL_REDIS_PASSWORD" not in env  # its job's Redis user is in the job's Secret
+    assert made["metadata"]["labels"][constants.LABEL_LEDGER_CLIENT] == "true"

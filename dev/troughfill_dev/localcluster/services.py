@@ -141,28 +141,65 @@ class RedisServer:
     appendonly: bool
     password: str | None
     managed: ManagedProcess
+    tls: "TlsFiles | None" = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{LOOPBACK}:{self.port}/0"
 
     def restart(self) -> None:
         """Start again on the same port and data directory (after `stop` or `kill`)."""
         self.managed.stop()
-        self.managed = _launch_redis(self.port, self.workdir, self.appendonly, self.password)
+        self.managed = _launch_redis(self.port, self.workdir, self.appendonly, self.password, self.tls)
 
     def stop(self) -> None:
         self.managed.stop()
 
 
-def _launch_redis(port: int, workdir: Path, appendonly: bool, password: str | None) -> ManagedProcess:
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a server certificate it signed, for 127.0.0.1 and localhost (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(workdir: Path) -> TlsFiles:
+    """A throwaway CA and server certificate, made with openssl."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(workdir / "ca.crt", workdir / "server.crt", workdir / "server.key")
+    ca_key, request, extensions = workdir / "ca.key", workdir / "server.csr", workdir / "san.ext"
+    extensions.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl = find_binary("openssl")
+    for command in (
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", files.ca,
+         "-days", "2", "-subj", "/CN=troughfill-test-ca"],
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", files.key, "-out", request,
+         "-subj", "/CN=localhost"],
+        [openssl, "x509", "-req", "-in", request, "-CA", files.ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", files.cert, "-days", "2", "-extfile", extensions],
+    ):  # fmt: skip
+        subprocess.run([str(part) for part in command], check=True, capture_output=True, timeout=60)
+    return files
+
+
+def _launch_redis(
+    port: int, workdir: Path, appendonly: bool, password: str | None, tls: TlsFiles | None = None
+) -> ManagedProcess:
+    listen = (
+        ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
+         "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no"]
+        if tls
+        else ["--port", str(port)]
+    )  # fmt: skip
     args = [
         find_binary("redis-server"),
         "--bind",
         LOOPBACK,
-        "--port",
-        str(port),
+        *listen,
         "--dir",
         str(workdir),
         "--save",
@@ -186,11 +223,14 @@ def _launch_redis(port: int, workdir: Path, appendonly: bool, password: str | No
     return managed
 
 
-def start_redis(workdir: Path, *, appendonly: bool = True, password: str | None = None) -> RedisServer:
-    """A redis-server on a free loopback port, AOF with fsync every second unless told otherwise."""
+def start_redis(
+    workdir: Path, *, appendonly: bool = True, password: str | None = None, tls: TlsFiles | None = None
+) -> RedisServer:
+    """A redis-server on a free loopback port, AOF with fsync every second unless told otherwise;
+    with `tls`, it speaks TLS only (rediss://)."""
     port = free_port()
     return RedisServer(
-        port, workdir, appendonly, password, _launch_redis(port, workdir, appendonly, password)
+        port, workdir, appendonly, password, _launch_redis(port, workdir, appendonly, password, tls), tls
     )
 
 

@@ -77,12 +77,21 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.redis,
         WorkerEnvironment(
             redis_url=own.redis_url,
+            redis_tls_ca_pem=_tls_ca(own),
             s3_endpoint_url=own.s3_endpoint_url,
             s3_addressing_style=own.s3_addressing_style,
             worker_command=own.worker_command,
         ),
         memo.stores,
     )
+
+
+def _tls_ca(settings: Settings) -> str | None:
+    """The ledger's CA as PEM text for worker pods (from the file the operator's pod mounts)."""
+    if settings.redis_tls_ca_file:
+        with open(settings.redis_tls_ca_file, encoding="ascii") as pem:
+            return pem.read()
+    return settings.redis_tls_ca_pem
 
 
 @kopf.on.cleanup()

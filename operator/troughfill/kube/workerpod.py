@@ -56,6 +56,8 @@ class WorkerEnvironment:
     """Operator-wide settings every worker needs (where the ledger and object storage are)."""
 
     redis_url: str
+    redis_tls_ca_pem: str | None = None
+    """The CA of the ledger Redis's TLS certificate (public: it goes in the pod spec)."""
     s3_endpoint_url: str | None = None
     s3_addressing_style: str = "auto"
     worker_command: tuple[str, ...] = ("troughfill",)
@@ -122,6 +124,7 @@ def worker_labels(job: BatchInference, template: ModelTemplate) -> dict[str, str
         constants.LABEL_JOB_UID: job.metadata.uid_text,
         constants.LABEL_POOL: template.spec.pool_ref,
         constants.LABEL_TEMPLATE: template.metadata.name,
+        constants.LABEL_LEDGER_CLIENT: "true",
     }
 
 
@@ -163,6 +166,8 @@ def worker_pod(
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "TROUGHFILL_REDIS_URL", "value": environment.redis_url},
     ]
+    if environment.redis_tls_ca_pem:
+        env.append({"name": "TROUGHFILL_REDIS_TLS_CA_PEM", "value": environment.redis_tls_ca_pem})
     if environment.s3_endpoint_url:
         env.append({"name": "TROUGHFILL_S3_ENDPOINT_URL", "value": environment.s3_endpoint_url})
     if environment.s3_addressing_style != "auto":

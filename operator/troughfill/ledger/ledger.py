@@ -39,6 +39,8 @@ def connect(settings: Settings) -> Redis:
         options["password"] = settings.redis_password.get_secret_value()
     if settings.redis_tls_ca_file:
         options["ssl_ca_certs"] = settings.redis_tls_ca_file
+    if settings.redis_tls_ca_pem:
+        options["ssl_ca_data"] = settings.redis_tls_ca_pem
     client: Redis = aioredis.Redis.from_url(settings.redis_url, **options)
     return client
 
