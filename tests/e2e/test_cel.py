@@ -130,21 +130,37 @@ CASES = [
     ),
     Case(
         "ModelTemplate",
-        ".spec.allowedEngineArgs[0]",
+        ".spec.allowedEngineArgs[]",
         "values must be given for type Enum, and only for it",
         mtemplate(allowedEngineArgs=[{"name": "kv-cache-dtype", "type": "Enum"}]),
     ),
     Case(
         "ModelTemplate",
-        ".spec.allowedEngineArgs[0]",
+        ".spec.allowedEngineArgs[]",
         "pattern must be given for type String, and only for it",
         mtemplate(allowedEngineArgs=[{"name": "quantization", "type": "String"}]),
     ),
     Case(
         "ModelTemplate",
-        ".spec.allowedEngineArgs[0]",
+        ".spec.allowedEngineArgs[]",
         "minimum and maximum apply to types Integer and Number only",
         mtemplate(allowedEngineArgs=[{"name": "enable-prefix-caching", "type": "Boolean", "maximum": 1}]),
+    ),
+    Case(
+        "ModelTemplate",
+        ".spec.engine.env[]",
+        "an env entry has a value or a valueFrom, not both",
+        mtemplate(
+            engine={
+                "env": [{"name": "T", "value": "x", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]
+            }
+        ),
+    ),
+    Case(
+        "ModelTemplate",
+        ".spec.engine.env[].valueFrom",
+        "valueFrom takes exactly one of secretKeyRef and configMapKeyRef",
+        mtemplate(engine={"env": [{"name": "T", "valueFrom": {}}]}),
     ),
     Case(
         "ModelTemplate",

@@ -243,6 +243,22 @@ INVALID_CASES = [
     (ModelTemplate, template(engine={"command": []}), "spec.engine.command", "at least 1 item"),
     (
         ModelTemplate,
+        template(
+            engine={
+                "env": [{"name": "T", "value": "x", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]
+            }
+        ),
+        "spec.engine.env.0",
+        "an env entry has a value or a valueFrom, not both",
+    ),
+    (
+        ModelTemplate,
+        template(engine={"env": [{"name": "T", "valueFrom": {}}]}),
+        "spec.engine.env.0.valueFrom",
+        "valueFrom takes exactly one of secretKeyRef and configMapKeyRef",
+    ),
+    (
+        ModelTemplate,
         template(model={"uri": "relative/path", "servedModelName": "x"}),
         "spec.model.uri",
         "pattern",

@@ -154,3 +154,40 @@ def test_workers_get_the_ledgers_tls_ca_not_any_password() -> None:
     assert env["TROUGHFILL_REDIS_TLS_CA_PEM"]["value"] == pem
     assert "TROUGHFILL_REDIS_PASSWORD" not in env  # its job's Redis user is in the job's Secret
     assert made["metadata"]["labels"][constants.LABEL_LEDGER_CLIENT] == "true"
+
+
+def test_workers_meet_the_restricted_pod_security_standard(pod: dict[str, Any]) -> None:
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 1000  # the template's runAsUser, never 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert not any("hostPath" in volume for volume in spec.get("volumes", []))
+    assert "hostNetwork" not in spec
+    assert "hostPID" not in spec
+
+
+def test_template_env_takes_secret_and_configmap_keys_of_the_jobs_namespace() -> None:
+    job_wire = load("batchinference.yaml")
+    job_wire["metadata"]["uid"] = "1234-abcd"
+    job = BatchInference.model_validate(job_wire)
+    template_wire = load("template.yaml")
+    template_wire["spec"]["engine"]["env"] = [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        {"name": "VLLM_LOGGING_LEVEL", "valueFrom": {"configMapKeyRef": {"name": "engine", "key": "log"}}},
+        {"name": "PLAIN", "value": "1"},
+    ]
+    template = ModelTemplate.model_validate(template_wire)
+    pool = BatchPool.model_validate(load("pool.yaml"))
+    made = worker_pod(
+        "w", job, template, pool, admit(job, template, pool), environment=WorkerEnvironment("r")
+    )
+    env = {item["name"]: item for item in made["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token", "optional": False}}
+    assert env["VLLM_LOGGING_LEVEL"]["valueFrom"]["configMapKeyRef"]["name"] == "engine"
+    assert env["PLAIN"] == {"name": "PLAIN", "value": "1"}
+    kubernetes_validate.validate(made, kubernetes_validate.latest_version(), strict=True)

@@ -184,6 +184,8 @@ class ModelTemplateSpec(ApiModel):
     """Narrows the pool's nodes (e.g. a GPU product label)."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     service_account_name: DnsSubdomain | None = None
+    run_as_user: int = Field(default=1000, ge=1, le=2**31 - 1)
+    """The user (and group) workers run as: never root (the restricted Pod Security Standard)."""
 
     rules = (
         Rule(

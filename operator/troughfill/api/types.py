@@ -142,6 +142,48 @@ class ResourceRequirements(ApiModel):
     )
 
 
+class KeyRef(ApiModel):
+    """A key of a Secret or ConfigMap in the job's namespace (pods read only their own namespace's)."""
+
+    name: DnsSubdomain
+    key: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
+    optional: bool = False
+
+
+class EnvVarSource(ApiModel):
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+
+    rules = (
+        Rule(
+            cel="has(self.secretKeyRef) != has(self.configMapKeyRef)",
+            message="valueFrom takes exactly one of secretKeyRef and configMapKeyRef",
+            holds=lambda s: (s.secret_key_ref is None) != (s.config_map_key_ref is None),
+        ),
+    )
+
+
 class EnvVar(ApiModel):
+    """An engine environment variable: a literal value, or a key of a Secret or ConfigMap that
+    every namespace using the template holds (tokens never sit in the cluster-scoped template)."""
+
     name: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)]
-    value: Annotated[str, StringConstraints(max_length=32768)] = ""
+    value: Annotated[str, StringConstraints(max_length=32768)] | None = None
+    value_from: EnvVarSource | None = None
+
+    rules = (
+        Rule(
+            cel="!(has(self.value) && has(self.valueFrom))",
+            message="an env entry has a value or a valueFrom, not both",
+            holds=lambda e: e.value is None or e.value_from is None,
+        ),
+    )
+
+    def manifest(self) -> dict[str, Any]:
+        """The entry as a container's env takes it."""
+        if self.value_from is not None:
+            return {
+                "name": self.name,
+                "valueFrom": self.value_from.model_dump(by_alias=True, exclude_none=True),
+            }
+        return {"name": self.name, "value": self.value or ""}

@@ -37,6 +37,7 @@ from troughfill.controller.stores import GrantSecretMissingError, JobStores
 from troughfill.kube.adapter import KubeCluster, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, JobKeys, JobLedger, StopMode, connect
+from troughfill.ledger.ledger import without_credentials
 from troughfill.signals import PrometheusSignals
 from troughfill.storage import ObjectStore
 
@@ -76,7 +77,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         PrometheusSignals(own.prometheus_url, own.prometheus_timeout_seconds),
         memo.redis,
         WorkerEnvironment(
-            redis_url=own.redis_url,
+            redis_url=without_credentials(own.redis_url),  # workers use their job's own user
             redis_tls_ca_pem=_tls_ca(own),
             s3_endpoint_url=own.s3_endpoint_url,
             s3_addressing_style=own.s3_addressing_style,

@@ -173,7 +173,7 @@ def worker_pod(
     if environment.s3_addressing_style != "auto":
         env.append({"name": "TROUGHFILL_S3_ADDRESSING_STYLE", "value": environment.s3_addressing_style})
     env += [{"name": k, "value": v} for k, v in environment.extra_env]
-    env += [{"name": e.name, "value": e.value} for e in tspec.engine.env]
+    env += [e.manifest() for e in tspec.engine.env]
     gpu = pool.spec.gpus.resource_name
     resources = tspec.resources.model_dump()
     resources.setdefault("requests", {})[gpu] = str(tspec.gpus_per_worker)
@@ -184,6 +184,7 @@ def worker_pod(
         "image": tspec.image,
         "command": command,
         "env": env,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         # The job's own Secret: its storage credentials and its Redis user, nobody else's.
         "envFrom": [{"secretRef": {"name": job_secret_name(job)}}],
         "resources": resources,
@@ -213,6 +214,16 @@ def worker_pod(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator replaces failed workers and notices crash loops
+        # What the restricted Pod Security Standard asks: never root, the runtime's seccomp profile,
+        # no privilege escalation, no capabilities (vLLM needs none). Images whose user is root
+        # run as the template's runAsUser.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": tspec.run_as_user,
+            "runAsGroup": tspec.run_as_user,
+            "fsGroup": tspec.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "priorityClassName": admission.priority_class_name or pool.spec.default_priority_class_name,
         "terminationGracePeriodSeconds": max(drain_seconds + 5, YIELD_GRACE_SECONDS),
         "containers": [container],

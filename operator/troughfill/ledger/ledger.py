@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -43,6 +44,14 @@ def connect(settings: Settings) -> Redis:
         options["ssl_ca_data"] = settings.redis_tls_ca_pem
     client: Redis = aioredis.Redis.from_url(settings.redis_url, **options)
     return client
+
+
+def without_credentials(url: str) -> str:
+    """The Redis URL with any user and password taken out (what worker pods are given: their
+    credentials are their job's own Redis user)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=host))
 
 
 @dataclass(frozen=True)
