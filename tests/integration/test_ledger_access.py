@@ -93,16 +93,18 @@ async def test_a_deleted_jobs_user_is_gone_and_a_redis_restart_brings_users_back
 ) -> None:
     access = LedgerAccess(aredis)
     job = await started(aredis, tmp_path, "team-a")
-    assert await access.ensure([job.keys])  # first time: scripts loaded, user made
-    assert not await access.ensure([job.keys])  # the same Redis: nothing to do
+    assert await access.ensure([job.keys]) == 1  # first time: scripts loaded, user made
+    assert await access.ensure([job.keys]) == 0  # the same Redis: nothing to do
+    other = await started(aredis, tmp_path, "team-b")
+    assert await access.ensure([other.keys]) == 1  # another pool's job, the same Redis: its user too
     user, password = await access.credentials(job.keys)
     client = await login(redis_server, as_user, user, password)
     assert await client.ping()
     # What a restart loses (users, scripts) is made again on the next cycle, same password.
     await aredis.acl_deluser(user)
     await aredis.script_flush()
-    access._granted_on = "another run"  # what a new run_id looks like to it
-    assert await access.ensure([job.keys])
+    access._run_id = "another run"  # what a new run_id looks like to it
+    assert await access.ensure([job.keys, other.keys]) == 2
     again = await login(redis_server, as_user, user, password)
     assert await JobLedger(again, job.keys).claim("w", 1) is not None  # EVALSHA of a loaded script
     await access.revoke(job.keys)

@@ -58,8 +58,9 @@ class LedgerAccess:
     def __init__(self, client: Redis) -> None:
         self.client = client
         self._key: bytes | None = None
-        self._granted_on: str | None = None
-        """The Redis run_id the users were last made for."""
+        self._run_id: str | None = None
+        """The Redis run_id the scripts were loaded into and `_granted` made on."""
+        self._granted: set[JobKeys] = set()
 
     async def _access_key(self) -> bytes:
         if self._key is None:
@@ -76,6 +77,7 @@ class LedgerAccess:
     async def grant(self, keys: JobKeys) -> tuple[str, str]:
         """Make (or remake) the job's worker user; its credentials."""
         name, password = await self.credentials(keys)
+        self._granted.add(keys)
         await self.client.acl_setuser(
             name,
             enabled=True,
@@ -92,6 +94,7 @@ class LedgerAccess:
 
     async def revoke(self, keys: JobKeys) -> None:
         """Remove the job's worker user (its connections are closed by Redis)."""
+        self._granted.discard(keys)
         await self.client.acl_deluser(username(keys))
 
     async def load_scripts(self) -> None:
@@ -99,15 +102,17 @@ class LedgerAccess:
         for name in SCRIPTS:
             await self.client.script_load(getattr(lua, name))
 
-    async def ensure(self, jobs: Iterable[JobKeys]) -> bool:
-        """After a Redis restart (its run_id changed): load the scripts and make every running
-        job's user again. True when it did."""
+    async def ensure(self, jobs: Iterable[JobKeys]) -> int:
+        """Every running job's user exists on the Redis of now: after a Redis restart (a new
+        run_id) the scripts are loaded and the users made again, and a job this operator has
+        not granted yet (its first cycle, another pool's job) gets its user. How many it made."""
         run_id = str((await self.client.info("server")).get("run_id", ""))
-        if run_id == self._granted_on:
-            return False
-        self._key = None  # a Redis that lost its data lost the key too
-        await self.load_scripts()
-        for keys in jobs:
+        if run_id != self._run_id:
+            self._key = None  # a Redis that lost its data lost the key too
+            self._granted = set()
+            await self.load_scripts()
+            self._run_id = run_id
+        missing = [keys for keys in jobs if keys not in self._granted]
+        for keys in missing:
             await self.grant(keys)
-        self._granted_on = run_id
-        return True
+        return len(missing)
