@@ -225,3 +225,20 @@ async def test_an_ended_jobs_prefix_is_taken_over_and_its_segments_are_left_alon
     assert done.status.phase == "completed"
     assert planted.exists()
     assert not (tmp_path / "out" / "_segments" / again.metadata.uid_text).exists()
+
+
+async def test_a_forged_output_url_in_redis_does_not_redirect_the_merge(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    """Whatever Redis says, the operator merges where the custom resource says (it never takes a
+    URL from Redis that it can read from the resource)."""
+    job = make_job(tmp_path, 3)
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    started = await lifecycle.start(job, admitted(job), ledger, store, NOW)
+    await drain(ledger, store, job.spec.output_url)
+    elsewhere = (tmp_path / "attacker").as_uri() + "/"
+    await aredis.hset(ledger.keys.key("meta"), mapping={"output_url": elsewhere, "input_url": elsewhere})
+    done = await lifecycle.refresh_status(job, started.status, ledger, store, NOW)
+    assert done.status.phase == "completed"
+    assert len(read_jsonl(tmp_path / "out" / "output.jsonl")) == 3
+    assert not (tmp_path / "attacker").exists()

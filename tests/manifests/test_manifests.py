@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 from troughfill import api, constants
 from troughfill.cli import parse_resource
 
-KUSTOMIZATIONS = ("crds", "base", "policy", "examples")
+KUSTOMIZATIONS = ("crds", "base", "policy", "overlays/redis-tls", "examples")
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Group/versions every supported Kubernetes (1.29 and newer) serves.
 SERVED_BY_1_29 = {
@@ -55,7 +55,7 @@ def test_kustomize_builds(name: str) -> None:
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("name", ["crds", "base"])
+@pytest.mark.parametrize("name", ["crds", "base", "overlays/redis-tls"])
 def test_every_object_is_valid_kubernetes(name: str, version: str) -> None:
     for obj in build(name):
         kubernetes_validate.validate(obj, version, strict=True)
@@ -220,3 +220,22 @@ def test_argocd_applications_point_at_kustomizations_in_order() -> None:
     assert wave(apps["crds"]) < wave(apps["base"])
     assert "ServerSideApply=true" in apps["crds"]["spec"]["syncPolicy"]["syncOptions"]
     assert apps["crds"]["spec"]["syncPolicy"]["automated"]["prune"] is False  # never delete users' jobs
+
+
+def test_the_tls_overlay_serves_only_tls_and_the_operator_verifies_it() -> None:
+    objects = build("overlays/redis-tls")
+    redis = find(objects, "StatefulSet", "troughfill-redis")["spec"]["template"]["spec"]
+    (server,) = redis["containers"]
+    command = " ".join(server["command"])
+    assert "--port 0 --tls-port 6379" in command  # no plain-text port at all
+    assert '--requirepass "$REDIS_PASSWORD"' in command
+    assert {m["mountPath"] for m in server["volumeMounts"]} == {"/tls", "/data"}
+    assert "--tls" in " ".join(server["readinessProbe"]["exec"]["command"])
+    operator = find(objects, "Deployment", "troughfill-operator")["spec"]["template"]["spec"]
+    (container,) = operator["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TROUGHFILL_REDIS_URL"].startswith("rediss://troughfill-redis.troughfill-system.svc")
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tls")
+    volume = next(v for v in operator["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # the CA, not the key
+    assert env["TROUGHFILL_REDIS_TLS_CA_FILE"] == "/tls/ca.crt"
