@@ -11,16 +11,19 @@ deleted: another job writing to the same output prefix (or the same job created 
 """
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from troughfill.api.batchfile import ErrorCode, RequestLine, classify_line, error_record
-from troughfill.api.batchinference import Phase
+from troughfill.api.batchinference import Endpoint, Phase
+from troughfill.errors import TroughfillError
 from troughfill.ledger import JobConfig, JobLedger, LedgerClosedError, Outcome
 from troughfill.storage import (
     ERROR_FILE,
+    MAX_LINE_BYTES,
     OUTPUT_FILE,
     Line,
     ObjectStore,
@@ -35,16 +38,31 @@ from troughfill.storage import (
 )
 
 INDEX_BATCH_LINES = 10_000
+INDEX_BATCH_BYTES = 8 << 20
+"""A batch of input lines being indexed ends at whichever comes first: memory is bounded by bytes
+(lines and their parsed bodies), not by a count of lines of any size."""
 INDEX_ERRORS_PER_SEGMENT = 10_000
 
 
-def _next_batch(lines: Iterator[Line], size: int) -> list[Line]:
+def _next_batch(lines: Iterator[Line], size: int, max_bytes: int = INDEX_BATCH_BYTES) -> list[Line]:
     batch = []
+    held = 0
     for line in lines:
         batch.append(line)
-        if len(batch) >= size:
+        held += len(line.data)
+        if len(batch) >= size or held >= max_bytes:
             break
     return batch
+
+
+def _classify(line: Line, endpoint: Endpoint) -> tuple[RequestLine | None, str | None, str]:
+    if line.oversized:
+        return (
+            None,
+            ErrorCode.LINE_TOO_LONG,
+            f"line is {line.length} bytes, over the {MAX_LINE_BYTES} allowed",
+        )
+    return classify_line(line.data, endpoint)
 
 
 @dataclass
@@ -69,7 +87,7 @@ async def index_input(ledger: JobLedger, store: ObjectStore, config: JobConfig |
     errors: list[SegmentRecord] = []
     lines = store.iter_lines(config.input_url)
     while batch := await asyncio.to_thread(_next_batch, lines, INDEX_BATCH_LINES):
-        parsed = [classify_line(line.data, config.endpoint) for line in batch]
+        parsed = [_classify(line, config.endpoint) for line in batch]
         valid_ids = [request.custom_id for request, code, _ in parsed if code is None and request is not None]
         fresh = iter(await ledger.add_custom_ids(valid_ids))
         for line, (request, problem, detail) in zip(batch, parsed, strict=True):
@@ -178,23 +196,42 @@ async def finalize(
         await ledger.transition(Phase.FINALIZING)
     progress = await ledger.progress()
     if outcome == Phase.COMPLETED and progress.finished < progress.total:
-        raise RuntimeError(f"{progress.total - progress.finished} requests are not done; finalize as expired")
+        raise MergeError(f"{progress.total - progress.finished} requests are not done; finalize as expired")
     output_url, error_url = join(config.output_url, OUTPUT_FILE), join(config.output_url, ERROR_FILE)
-    with store.writer(output_url) as outputs, store.writer(error_url) as errors:
+    async with _published(store, output_url) as outputs, _published(store, error_url) as errors:
         counts = await _merge(ledger, store, segments, outputs, errors)
         unfinished_code = ErrorCode.CANCELLED if outcome == Phase.CANCELLED else ErrorCode.EXPIRED
         counts[RecordKind.ERROR] += await _write_final_errors(
             ledger, store, config.input_url, errors, total=progress.total, unfinished_code=unfinished_code
         )
-    if counts[RecordKind.OUTPUT] + counts[RecordKind.ERROR] != progress.total:
-        raise RuntimeError(f"merged {sum(counts.values())} records for {progress.total} requests")
+        if counts[RecordKind.OUTPUT] + counts[RecordKind.ERROR] != progress.total:  # before publishing
+            raise MergeError(f"merged {sum(counts.values())} records for {progress.total} requests")
     await ledger.transition(outcome)
     await asyncio.to_thread(store.delete_prefix, segments)
     return FinalReport(outcome, output_url, error_url, counts[RecordKind.OUTPUT], counts[RecordKind.ERROR])
 
 
-def _write_line(stream: IO[bytes], record: dict[str, Any]) -> None:
-    stream.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+class MergeError(TroughfillError):
+    """The committed results do not add up (a segment lacks what it committed, counts differ):
+    merging again will not help."""
+
+
+@contextlib.asynccontextmanager
+async def _published(store: ObjectStore, url: str) -> AsyncIterator[IO[bytes]]:
+    """ObjectStore.writer with its blocking open and publish run in a thread: a large merge must
+    not stall the event loop (the pool timers, and so yields to online traffic, run on it)."""
+    manager = store.writer(url)
+    stream = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield stream
+    except BaseException as error:
+        await asyncio.to_thread(manager.__exit__, type(error), error, error.__traceback__)
+        raise
+    await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
+def _line_bytes(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
 def _read_all(store: ObjectStore, segments: str, segment_id: str) -> list[StoredRecord]:
@@ -208,13 +245,19 @@ async def _merge(
     async for segment_id in ledger.segments():
         won = await ledger.segment_won(segment_id)
         records = await asyncio.to_thread(_read_all, store, segments, segment_id)
+        chosen: dict[RecordKind, list[bytes]] = {RecordKind.OUTPUT: [], RecordKind.ERROR: []}
         for item in records:
             if item.index in won:
                 won.discard(item.index)
-                (outputs if item.kind == RecordKind.OUTPUT else errors).write(item.line + b"\n")
-                counts[item.kind] += 1
+                chosen[item.kind].append(item.line + b"\n")
         if won:
-            raise RuntimeError(f"segment {segment_id} lacks {len(won)} requests it committed")
+            raise MergeError(
+                f"segment {join(segments, segment_id)}.jsonl lacks {len(won)} requests it committed"
+            )
+        for kind, stream in ((RecordKind.OUTPUT, outputs), (RecordKind.ERROR, errors)):
+            if chosen[kind]:
+                await asyncio.to_thread(stream.write, b"".join(chosen[kind]))
+                counts[kind] += len(chosen[kind])
     return counts
 
 
@@ -249,8 +292,11 @@ async def _error_lines(
     if not items:
         return 0
     requests = await load_requests(ledger, store, [index for index, _ in items], input_url)
-    for (index, code), request in zip(items, requests, strict=True):
-        _write_line(errors, error_record(ledger.job_token, index, request.custom_id, code))
+    lines = [
+        _line_bytes(error_record(ledger.job_token, index, request.custom_id, code))
+        for (index, code), request in zip(items, requests, strict=True)
+    ]
+    await asyncio.to_thread(errors.write, b"".join(lines))
     return len(items)
 
 
@@ -258,6 +304,7 @@ __all__ = [
     "FinalReport",
     "IndexReport",
     "LedgerClosedError",
+    "MergeError",
     "ResultWriter",
     "finalize",
     "index_input",

@@ -22,7 +22,7 @@ from tests.ledgertools import request_line, write_input
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import BatchPoolStatus
 from troughfill.controller import jobs
-from troughfill.storage import ERROR_FILE, ObjectStore
+from troughfill.storage import ERROR_FILE, ObjectStore, WriteError
 
 LOG = logging.getLogger("test")
 
@@ -148,3 +148,75 @@ def test_a_status_is_written_only_when_more_than_its_volatile_fields_changed(han
     assert not patch
     assert handlers.write_status(patch, body, later.model_copy(update={"capacity_gpus": 4}))
     assert patch.status["capacityGPUs"] == 4
+
+
+class Unwritable(ObjectStore):
+    """An output prefix nobody may write to (the merge at deletion cannot succeed)."""
+
+    def writer(self, url: str) -> Any:
+        raise WriteError("writing", url, PermissionError(13, "Permission denied"))
+
+
+class Stores:
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def for_admission(self, admission: Any) -> ObjectStore:
+        return self.store
+
+
+class Cluster(Workers):
+    def template(self, name: str) -> ModelTemplate:
+        return ModelTemplate.model_validate(template())
+
+    def pool(self, name: str) -> BatchPool:
+        return BatchPool.model_validate(pool())
+
+
+async def test_a_deletion_whose_merge_cannot_succeed_still_finishes(
+    handlers: ModuleType, aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
+) -> None:
+    wire = await started_job(aredis, tmp_path)
+    uid = wire["metadata"]["uid"]
+    memo = kopf.Memo(redis=aredis, cluster=Cluster(), pools=Pools(), stores=Stores(Unwritable()))
+    await handlers.delete_job(body=kopf.Body(wire), memo=memo, logger=LOG, retry=0)  # no retry loop
+    assert await aredis.keys(f"*{uid}*") == []  # the keys go all the same
+    (event,) = events
+    assert event["type"] == "Warning"
+    assert "the partial output was not merged: writing" in event["message"]
+    assert "Permission denied" in event["message"]
+
+
+async def test_a_deletion_gives_up_on_redis_after_its_attempts(
+    handlers: ModuleType, tmp_path: Path, events: list[dict[str, Any]]
+) -> None:
+    wire = batch_inference(inputURL=(tmp_path / "in.jsonl").as_uri(), outputURL=(tmp_path / "o").as_uri())
+    wire["metadata"]["uid"] = uuid.uuid4().hex
+    gone = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    memo = kopf.Memo(redis=gone, cluster=Cluster(), pools=Pools(), stores=Stores(ObjectStore()))
+    with pytest.raises(kopf.TemporaryError):  # not the last attempt: Kopf tries again later
+        await handlers.delete_job(body=kopf.Body(wire), memo=memo, logger=LOG, retry=0)
+    last = handlers.MAX_DELETE_ATTEMPTS - 1
+    await handlers.delete_job(body=kopf.Body(wire), memo=memo, logger=LOG, retry=last)  # finishes
+    assert "gave up cleaning up after" in events[-1]["message"]
+    assert memo.pools.forgotten == [wire["metadata"]["uid"]]
+    await gone.aclose()
+
+
+async def test_redis_away_shows_on_the_job_as_degraded_while_kopf_retries(
+    handlers: ModuleType, aredis: Redis, tmp_path: Path
+) -> None:
+    wire = await started_job(aredis, tmp_path)
+    gone = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+
+    class NoViews:
+        def workers_of(self, uid: str) -> None:
+            return None
+
+    memo = kopf.Memo(redis=gone, cluster=Cluster(), pools=NoViews(), stores=Stores(ObjectStore()))
+    patch = kopf.Patch()
+    with pytest.raises(kopf.TemporaryError, match="Redis unavailable"):
+        await handlers.reconcile_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)
+    degraded = next(c for c in patch.status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "LedgerUnavailable")
+    await gone.aclose()

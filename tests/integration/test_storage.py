@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from tests.ledgertools import FakeClock, FakeWorker, create_job, drain, new_ledger, request_line
 from troughfill.results import finalize, index_input, load_requests
-from troughfill.storage import ObjectStore
+from troughfill.storage import ObjectStore, WriteError
 from troughfill_dev.localcluster import S3Server
 
 
@@ -83,6 +83,7 @@ def test_a_failed_write_leaves_the_old_object_and_no_debris(location: tuple[Obje
 def test_writing_never_creates_a_bucket(s3_server: S3Server) -> None:
     store = ObjectStore(options={"s3": s3_server.s3_options})
     bucket = f"absent-{uuid.uuid4().hex[:8]}"
-    with pytest.raises((FileNotFoundError, OSError)):
+    with pytest.raises(WriteError, match=f"writing s3://{bucket}/out/output.jsonl failed") as caught:
         store.write_bytes(f"s3://{bucket}/out/output.jsonl", b"{}\n")
+    assert not caught.value.transient  # no bucket: trying again will not help
     assert not s3fs.S3FileSystem(**s3_server.s3_options).exists(bucket)

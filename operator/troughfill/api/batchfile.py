@@ -82,6 +82,7 @@ class ErrorCode:
     INVALID_REQUEST = "invalid_request"
     WRONG_URL = "invalid_url"
     DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+    LINE_TOO_LONG = "line_too_long"
     MAX_ATTEMPTS = "max_attempts_exceeded"
     EXPIRED = "batch_expired"
     CANCELLED = "batch_cancelled"

@@ -40,6 +40,8 @@ class JobConditionType(StrEnum):
     """The job was deleted or cancelled; partial results are kept."""
     AT_RISK = "AtRisk"
     """At the current harvest rate the job will not finish inside its completion window."""
+    DEGRADED = "Degraded"
+    """Something the job needs (its storage, the ledger) is failing; it is retried with back-off."""
 
 
 class PoolConditionType(StrEnum):
@@ -73,6 +75,10 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
     INPUT_UNREADABLE = "InputUnreadable"
+    OUTPUT_UNWRITABLE = "OutputUnwritable"
+    MERGE_FAILED = "MergeFailed"
+    LEDGER_UNAVAILABLE = "LedgerUnavailable"
+    HEALTHY = "Healthy"
     WORKERS_READY = "WorkersReady"
     WAITING_FOR_TROUGH = "WaitingForTrough"
     SUSPENDED = "Suspended"

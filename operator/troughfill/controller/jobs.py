@@ -28,6 +28,7 @@ from troughfill.api.conditions import (
     Reason,
     TemplateConditionType,
     find_condition,
+    is_true,
     set_condition,
 )
 from troughfill.api.modeltemplate import ModelTemplate, ModelTemplateStatus
@@ -36,8 +37,8 @@ from troughfill.api.types import parse_duration
 from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, OutputClaims, Progress
 from troughfill.ledger.access import LedgerAccess
 from troughfill.planner import Limit
-from troughfill.results import FinalReport, finalize, index_input
-from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, join
+from troughfill.results import FinalReport, MergeError, finalize, index_input
+from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, ReadError, StorageError, join
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,14 @@ class Event:
 class StatusUpdate:
     status: BatchInferenceStatus
     events: list[Event] = field(default_factory=list)
+    retry_in: float | None = None
+    """Something failed that may pass: write this status, then try again in so many seconds."""
+
+
+MAX_STORAGE_ATTEMPTS = 5
+"""Tries of the operator's data path (indexing, merging) against a failure that may pass, with
+back-off (RETRY_BASE_SECONDS doubling: 5 s to 80 s, about 2.5 minutes in all) before the job fails."""
+RETRY_BASE_SECONDS = 5.0
 
 
 def ledger_for(job: BatchInference, client: Redis) -> JobLedger:
@@ -91,6 +100,42 @@ def _set(
     )
 
 
+async def _storage_failed(
+    job: BatchInference,
+    status: BatchInferenceStatus,
+    ledger: JobLedger,
+    what: str,
+    error: StorageError | MergeError,
+    *,
+    reason: Reason,
+    now: datetime,
+) -> StatusUpdate:
+    """A failure of the operator's data path: Degraded and a retry with back-off while it may
+    pass (at most MAX_STORAGE_ATTEMPTS in a row), else the job fails saying what and where."""
+    failures = await ledger.count_failure(what)
+    transient = isinstance(error, StorageError) and error.transient
+    if transient and failures < MAX_STORAGE_ATTEMPTS:
+        delay = RETRY_BASE_SECONDS * 2 ** (failures - 1)
+        message = f"{error} (attempt {failures} of {MAX_STORAGE_ATTEMPTS}; again in {delay:.0f}s)"
+        _set(status, job, JobConditionType.DEGRADED, value=ConditionStatus.TRUE, reason=reason,
+             message=message, now=now)  # fmt: skip
+        return StatusUpdate(status, [Event(reason, message, warning=True)], retry_in=delay)
+    message = f"{error}" + (f" ({failures} attempts)" if transient else "")
+    if await ledger.state() not in TERMINAL:
+        await ledger.transition(Phase.FAILED)
+    return _fail(status, job, reason, message, now)
+
+
+async def _healthy(
+    job: BatchInference, status: BatchInferenceStatus, ledger: JobLedger, what: str, now: datetime
+) -> None:
+    """`what` worked: its failures are forgotten and a Degraded condition, if any, clears."""
+    await ledger.clear_failures(what)
+    if find_condition(status.conditions, JobConditionType.DEGRADED) is not None:
+        _set(status, job, JobConditionType.DEGRADED, value=ConditionStatus.FALSE, reason=Reason.HEALTHY,
+             message="the ledger and the job's storage answer again", now=now)  # fmt: skip
+
+
 def _fail(
     status: BatchInferenceStatus, job: BatchInference, reason: Reason, message: str, now: datetime
 ) -> StatusUpdate:
@@ -108,6 +153,14 @@ def _fail(
     status.observed_generation = job.metadata.generation
     status.finished_at = status.finished_at or now
     return StatusUpdate(status, [Event(reason, message, warning=True)])
+
+
+def ledger_unavailable(job: BatchInference, message: str, now: datetime) -> BatchInferenceStatus:
+    """The status while the ledger cannot be reached: Degraded, with what was being done."""
+    status = _status(job)
+    _set(status, job, JobConditionType.DEGRADED, value=ConditionStatus.TRUE,
+         reason=Reason.LEDGER_UNAVAILABLE, message=message, now=now)  # fmt: skip
+    return status
 
 
 def refuse(job: BatchInference, reason: Reason, message: str, now: datetime) -> StatusUpdate:
@@ -162,11 +215,10 @@ async def start(
     if await ledger.state() == Phase.VALIDATING:
         try:
             report = await index_input(ledger, store, config)
-        except (OSError, ValueError) as error:
-            # Admitted stays true: the spec was fine, its input is not.
-            return _fail(
-                status, job, Reason.INPUT_UNREADABLE, f"input {spec.input_url} cannot be read: {error}", now
-            )
+        except StorageError as error:  # Admitted stays true: the spec was fine, its storage is not
+            reason = Reason.INPUT_UNREADABLE if isinstance(error, ReadError) else Reason.OUTPUT_UNWRITABLE
+            return await _storage_failed(job, status, ledger, "index", error, reason=reason, now=now)
+        await _healthy(job, status, ledger, "index", now)
         if report.invalid:
             events.append(
                 Event(
@@ -245,8 +297,20 @@ async def refresh_status(
     (both only with the job's `store`: None while nothing admits the job, so nothing is merged)."""
     events: list[Event] = []
     config = job_config(job)
-    progress = await _expire_if_window_ended(job, status, ledger, store, now=now, events=events)
-    progress = await _finalize_if_done(status, ledger, store, config, progress, events=events)
+    retry_in = None
+    try:
+        progress = await _expire_if_window_ended(job, status, ledger, store, now=now, events=events)
+        progress = await _finalize_if_done(status, ledger, store, config, progress, events=events)
+    except (StorageError, MergeError) as error:
+        writing = isinstance(error, StorageError) and not isinstance(error, ReadError)
+        reason = Reason.OUTPUT_UNWRITABLE if writing else Reason.MERGE_FAILED
+        failed = await _storage_failed(job, status, ledger, "finalize", error, reason=reason, now=now)
+        events += failed.events
+        retry_in = failed.retry_in
+        progress = await ledger.progress()
+    else:
+        if is_true(status.conditions, JobConditionType.DEGRADED):  # the ledger and the merge work
+            await _healthy(job, status, ledger, "finalize", now)
     _counts(job, status, progress)
     if progress.refused:
         _refused(status, job, progress.refused, now)  # whatever status this writer started from
@@ -260,7 +324,7 @@ async def refresh_status(
         _workers_conditions(job, status, workers, now)
     elif progress.state in TERMINAL:
         _workers_ended(job, status, progress.state, now)
-    return StatusUpdate(status, events)
+    return StatusUpdate(status, events, retry_in)
 
 
 async def _expire_if_window_ended(

@@ -38,8 +38,9 @@ from troughfill.kube.adapter import KubeCluster, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, JobKeys, JobLedger, StopMode, connect
 from troughfill.ledger.ledger import without_credentials
+from troughfill.results import MergeError
 from troughfill.signals import PrometheusSignals
-from troughfill.storage import ObjectStore
+from troughfill.storage import ObjectStore, StorageError
 
 INTERVAL = Settings().reconcile_interval_seconds
 """Read at import (Kopf's decorators need it then); everything else is read at startup."""
@@ -51,6 +52,8 @@ TEMPLATE_RECHECK_SECONDS = 30.0
 Parsed = TypeVar("Parsed", bound=pydantic.BaseModel)
 RETRY_SECONDS = 5.0
 """How long Kopf waits before retrying a handler that met an unavailable Redis or API server."""
+MAX_DELETE_ATTEMPTS = 8
+"""Tries of a job's deletion before its cleanup is given up (about 5 minutes with back-off)."""
 
 
 @kopf.on.startup()
@@ -143,6 +146,8 @@ def _post(body: Any, reason: Reason, message: str, *, warning: bool = False) -> 
 
 
 def _write(patch: kopf.Patch, body: kopf.Body, update: jobs.StatusUpdate, logger: kopf.Logger) -> None:
+    """Write the status and post the Events; a retry it asks for is a kopf.TemporaryError (Kopf
+    applies the patch all the same, so the Degraded condition is seen while it waits)."""
     if write_status(patch, body, update.status) and update.status.phase != body.get("status", {}).get(
         "phase"
     ):
@@ -150,6 +155,14 @@ def _write(patch: kopf.Patch, body: kopf.Body, update: jobs.StatusUpdate, logger
     for event in update.events:  # posted whatever settings.posting.level filters from the logs
         _post(body, event.reason, event.message, warning=event.warning)
         (logger.warning if event.warning else logger.info)("%s: %s", event.reason.value, event.message)
+    if update.retry_in is not None:
+        raise kopf.TemporaryError("retrying after a failure that may pass", delay=update.retry_in)
+
+
+def _degraded(patch: kopf.Patch, body: kopf.Body, job: BatchInference, error: kopf.TemporaryError) -> None:
+    """Redis (or the API server) is away: say so on the job while Kopf retries."""
+    if isinstance(error.__cause__, redis.exceptions.RedisError):
+        write_status(patch, body, jobs.ledger_unavailable(job, str(error), jobs.now_utc()))
 
 
 def parse(kind: type[Parsed], body: Mapping[str, Any]) -> Parsed:
@@ -225,15 +238,19 @@ async def reconcile_job(
     if job.status is None or job.status.phase is None:
         return  # start_job has not recorded it yet
     workers = memo.pools.workers_of(job.metadata.uid_text)
-    with transient("refreshing the job's status"):
-        update = await jobs.refresh_status(
-            job,
-            job.status.model_copy(deep=True),
-            jobs.ledger_for(job, memo.redis),
-            await _store(memo, job, workers.admission if workers else None),
-            jobs.now_utc(),
-            workers=workers,
-        )
+    try:
+        with transient("refreshing the job's status"):
+            update = await jobs.refresh_status(
+                job,
+                job.status.model_copy(deep=True),
+                jobs.ledger_for(job, memo.redis),
+                await _store(memo, job, workers.admission if workers else None),
+                jobs.now_utc(),
+                workers=workers,
+            )
+    except kopf.TemporaryError as error:
+        _degraded(patch, body, job, error)
+        raise
     _write(patch, body, update, logger)
 
 
@@ -253,20 +270,40 @@ async def update_job(
 
 
 @kopf.on.delete(*JOBS)
-async def delete_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def delete_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, retry: int = 0, **_: Any) -> None:
     """Deleting cancels: workers stop, what is done is merged into the output (the rest as
     batch_cancelled), the ledger's keys go; the output stays. Needs only the object's metadata,
-    so a job whose spec cannot be parsed is cleaned up too."""
+    so a job whose spec cannot be parsed is cleaned up too.
+
+    Deletion always finishes: a merge that cannot succeed (the output unwritable, a segment
+    gone) or that keeps failing (MAX_DELETE_ATTEMPTS tries) is given up, with a warning Event
+    saying so, and the keys go without it; Redis away that long leaves its keys behind."""
     meta = ObjectMeta.model_validate(dict(body.get("metadata", {})))
     try:
         job: BatchInference | None = BatchInference.model_validate(dict(body))
     except pydantic.ValidationError:
         job = None  # its keys go all the same; nothing is merged (no URL is taken from Redis)
-    with transient("cancelling the job"):
-        stopped = await asyncio.to_thread(memo.cluster.delete_job_workers, meta.ns, meta.uid_text)
-        store = await _store(memo, job, None) if job else None
-        config = jobs.job_config(job) if job else None
-        report = await jobs.cancel(JobLedger(memo.redis, JobKeys.of(meta)), store, config)
+    last = retry + 1 >= MAX_DELETE_ATTEMPTS
+    ledger = JobLedger(memo.redis, JobKeys.of(meta))
+    config = jobs.job_config(job) if job else None
+    stopped, report = 0, None
+    try:
+        with transient("cancelling the job", delay=RETRY_SECONDS * 2 ** min(retry, 4)):
+            stopped = await asyncio.to_thread(memo.cluster.delete_job_workers, meta.ns, meta.uid_text)
+            try:
+                store = await _store(memo, job, None) if job else None
+                report = await jobs.cancel(ledger, store, config)
+            except (StorageError, MergeError) as error:
+                if isinstance(error, StorageError) and error.transient and not last:
+                    raise kopf.TemporaryError(f"cancelling the job: {error}", delay=RETRY_SECONDS) from error
+                _post(body, Reason.DELETED, f"the partial output was not merged: {error}", warning=True)
+                await jobs.cancel(ledger, None, config)  # the keys, user and claim go all the same
+    except kopf.TemporaryError as error:
+        if not last:
+            raise
+        message = f"gave up cleaning up after {retry + 1} attempts: {error}"
+        _post(body, Reason.DELETED, message, warning=True)
+        logger.warning(message)
     memo.pools.forget_job(meta.uid_text)
     logger.info("deleted: %d worker pods stopped, ledger keys removed", stopped)
     if report is not None:

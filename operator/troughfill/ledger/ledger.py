@@ -165,24 +165,27 @@ class JobLedger:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def create(self, config: JobConfig) -> bool:
-        """Record a new job in state validating; False (and nothing changed) if it exists."""
-        meta = self.keys.key("meta")
-        now = self._local_now()
-        if not await self.client.hsetnx(meta, "state", Phase.VALIDATING.value):
-            return False
-        await self.client.hset(
-            meta,
-            mapping={
-                "at:validating": now,
-                "input_url": config.input_url,
-                "output_url": config.output_url,
-                "endpoint": config.endpoint.value,
-                "max_attempts": config.max_attempts,
-                "lease_seconds": config.lease_seconds,
-                "indexed": 0,
-            },
-        )
-        return True
+        """Record a new job in state validating, all of it at once; False (and nothing changed)
+        if it exists."""
+        fields: dict[str, str | float | int] = {
+            "state": Phase.VALIDATING.value,
+            "at:validating": self._local_now(),
+            "input_url": config.input_url,
+            "output_url": config.output_url,
+            "endpoint": config.endpoint.value,
+            "max_attempts": config.max_attempts,
+            "lease_seconds": config.lease_seconds,
+            "indexed": 0,
+        }
+        pairs = [str(part) for item in fields.items() for part in item]
+        return bool(await self._script("CREATE")(keys=[self.keys.key("meta")], args=pairs))
+
+    async def count_failure(self, what: str) -> int:
+        """One more failure in a row of `what` (the operator's data path: index, finalize)."""
+        return int(await self.client.hincrby(self.keys.key("meta"), f"failures:{what}", 1))
+
+    async def clear_failures(self, what: str) -> None:
+        await self.client.hdel(self.keys.key("meta"), f"failures:{what}")
 
     async def config(self) -> JobConfig:
         meta = await self._meta()

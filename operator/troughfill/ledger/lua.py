@@ -257,6 +257,13 @@ return 1
 )
 
 # KEYS: the custom-id set; ARGV: custom_id... -> one byte per id: 1 new, 0 seen before
+# KEYS: meta; ARGV: field, value, ... -> 1 created, 0 it exists (nothing written)
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 NEW_CUSTOM_IDS = """
 local flags = {}
 for k = 1, #ARGV do

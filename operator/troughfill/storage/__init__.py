@@ -1,6 +1,7 @@
 """Object storage adapter: input lines by byte range, output segments, merged results (fsspec)."""
 
-from troughfill.storage.objects import Line, ObjectStore, join, store_for
+from troughfill.storage.errors import ReadError, StorageError, WriteError
+from troughfill.storage.objects import MAX_LINE_BYTES, Line, ObjectStore, join, store_for
 from troughfill.storage.segments import (
     ERROR_FILE,
     OUTPUT_FILE,
@@ -16,12 +17,16 @@ from troughfill.storage.segments import (
 
 __all__ = [
     "ERROR_FILE",
+    "MAX_LINE_BYTES",
     "OUTPUT_FILE",
     "Line",
     "ObjectStore",
+    "ReadError",
     "RecordKind",
     "SegmentRecord",
+    "StorageError",
     "StoredRecord",
+    "WriteError",
     "join",
     "new_segment_id",
     "read_segment",

@@ -14,8 +14,12 @@ from typing import IO, Any
 from fsspec.core import url_to_fs
 
 from troughfill.config import Settings
+from troughfill.storage.errors import ReadError, StorageError, WriteError
 
 READ_CHUNK_BYTES = 1 << 20
+MAX_LINE_BYTES = 4 << 20
+"""A longer input line is not kept (it becomes an error line): reading holds at most this much
+of one line, whatever the input looks like (a file without newlines included)."""
 # Ranges closer than this are fetched in one read: one round trip beats two small ones.
 RANGE_MERGE_GAP_BYTES = 64 << 10
 
@@ -31,6 +35,8 @@ class Line:
     length: int
     """Bytes up to, not including, the newline (and a preceding carriage return)."""
     data: bytes
+    """Empty for a line over MAX_LINE_BYTES (its length is still its true length)."""
+    oversized: bool = False
 
 
 def join(prefix: str, name: str) -> str:
@@ -49,34 +55,28 @@ class ObjectStore:
         return fs, str(path)
 
     def iter_lines(self, url: str) -> Iterator[Line]:
-        """Every non-blank line with its byte span, reading the object in 1 MiB chunks."""
-        fs, path = self._fs(url)
-        index = 0
-        number = 0
-        position = 0
-        pending = b""
-        with fs.open(path, "rb") as stream:
-            while True:
-                chunk = stream.read(READ_CHUNK_BYTES)
-                if not chunk:
-                    break
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for raw in complete:
-                    number += 1
-                    line = raw.removesuffix(b"\r")
-                    if line.strip():
-                        yield Line(index, number, position, len(line), line)
-                        index += 1
-                    position += len(raw) + 1
-        line = pending.removesuffix(b"\r")
-        if line.strip():
-            yield Line(index, number + 1, position, len(line), line)
+        """Every non-blank line with its byte span, reading the object in 1 MiB chunks.
+
+        Memory is bounded by bytes, not lines: at most one chunk and MAX_LINE_BYTES of the
+        current line are held; a longer line is skipped to its end and yielded as `oversized`.
+        Each byte is looked at once (no re-scanning of a long line's start)."""
+        try:
+            yield from _lines(*self._fs(url))
+        except StorageError:
+            raise
+        except Exception as error:
+            raise ReadError("reading", url, error) from error
 
     def read_ranges(self, url: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each (start, length) span, in order, with nearby spans fetched together."""
         if not spans:
             return []
+        try:
+            return self._read_ranges(url, spans)
+        except Exception as error:
+            raise ReadError("reading", url, error) from error
+
+    def _read_ranges(self, url: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         fs, path = self._fs(url)
         order = sorted(range(len(spans)), key=lambda i: spans[i][0])
         results: list[bytes] = [b""] * len(spans)
@@ -108,19 +108,28 @@ class ObjectStore:
         local disks, a server-side copy on S3), so readers never see a partial file, and a
         failure leaves the previous object, if any, untouched.
         """
-        fs, path = self._fs(url)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-        parent = fs._parent(path)
-        if parent and _local(fs):  # object stores need no directories; s3fs would create a bucket
-            fs.makedirs(parent, exist_ok=True)
         try:
-            with fs.open(temporary, "wb") as stream:
+            fs, path = self._fs(url)
+            temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+            parent = fs._parent(path)
+            if parent and _local(fs):  # object stores need no directories; s3fs would create a bucket
+                fs.makedirs(parent, exist_ok=True)
+            opened = fs.open(temporary, "wb")
+        except Exception as error:
+            raise WriteError("writing", url, error) from error
+        try:
+            with opened as stream:
                 yield stream
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError, OSError):
+        except BaseException as error:
+            with contextlib.suppress(Exception):
                 fs.rm(temporary)
+            if isinstance(error, OSError):  # the stream's own writes and its upload on close
+                raise WriteError("writing", url, error) from error
             raise
-        fs.mv(temporary, path)
+        try:
+            fs.mv(temporary, path)
+        except Exception as error:
+            raise WriteError("writing", url, error) from error
 
     def write_bytes(self, url: str, data: bytes) -> None:
         with self.writer(url) as stream:
@@ -128,30 +137,84 @@ class ObjectStore:
 
     def read_lines(self, url: str) -> Iterator[bytes]:
         """Non-blank lines, without their line endings."""
-        fs, path = self._fs(url)
-        with fs.open(path, "rb") as stream:
-            for raw in stream:
-                line = raw.rstrip(b"\r\n")
-                if line.strip():
-                    yield line
+        try:
+            fs, path = self._fs(url)
+            with fs.open(path, "rb") as stream:
+                for raw in stream:
+                    line = raw.rstrip(b"\r\n")
+                    if line.strip():
+                        yield line
+        except Exception as error:
+            raise ReadError("reading", url, error) from error
 
     def read_jsonl(self, url: str) -> Iterator[dict[str, Any]]:
         for line in self.read_lines(url):
             yield json.loads(line)
 
     def exists(self, url: str) -> bool:
-        fs, path = self._fs(url)
-        return bool(fs.exists(path))
+        try:
+            fs, path = self._fs(url)
+            return bool(fs.exists(path))
+        except Exception as error:
+            raise ReadError("looking up", url, error) from error
 
     def names(self, url: str) -> list[str]:
         """Names of the objects directly under a prefix, sorted."""
-        fs, path = self._fs(url)
-        return sorted(str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+        try:
+            fs, path = self._fs(url)
+            listed = fs.ls(path, detail=False)
+        except Exception as error:
+            raise ReadError("listing", url, error) from error
+        return sorted(str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in listed)
 
     def delete_prefix(self, url: str) -> None:
-        fs, path = self._fs(url)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        try:
+            fs, path = self._fs(url)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        except Exception as error:
+            raise WriteError("deleting", url, error) from error
+
+
+def _lines(fs: Any, path: str) -> Iterator[Line]:
+    index = number = position = 0
+    pending = bytearray()  # the current line so far (at most MAX_LINE_BYTES)
+    length = 0  # its true length, past what is kept
+    with fs.open(path, "rb") as stream:
+        while chunk := stream.read(READ_CHUNK_BYTES):
+            start = 0
+            while True:
+                end = chunk.find(b"\n", start)
+                piece = chunk[start:] if end < 0 else chunk[start:end]
+                length += len(piece)
+                if length <= MAX_LINE_BYTES:
+                    pending += piece
+                elif pending:
+                    pending.clear()
+                if end < 0:
+                    break
+                number += 1
+                line = _line(index, number, position, length, pending)
+                if line is not None:
+                    yield line
+                    index += 1
+                position += length + 1
+                pending.clear()
+                length = 0
+                start = end + 1
+    line = _line(index, number + 1, position, length, pending)
+    if line is not None:
+        yield line
+
+
+def _line(index: int, number: int, position: int, length: int, pending: bytearray) -> Line | None:
+    """The line just read, or None when it is blank."""
+    if length > MAX_LINE_BYTES:
+        return Line(index, number, position, length, b"", oversized=True)
+    data = bytes(pending).removesuffix(b"\r")
+    if not data.strip():
+        return None
+    return Line(index, number, position, len(data), data)
 
 
 def _local(fs: Any) -> bool:

@@ -1,0 +1,249 @@
+"""Every failure of a job's data path ends in a condition (real Redis ledger, real files): what
+cannot pass fails the job saying what and where; what may pass is retried with back-off under a
+visible Degraded condition, a bounded number of times; nothing is published half-merged, and a
+large merge does not stall the event loop."""
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.builders import batch_inference, pool, template
+from tests.ledgertools import drain, read_jsonl, request_line, write_input
+from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
+from troughfill.api.conditions import find_condition
+from troughfill.controller import jobs
+from troughfill.controller.jobs import MAX_STORAGE_ATTEMPTS
+from troughfill.storage import ObjectStore, WriteError, objects
+from troughfill.storage.errors import is_transient
+
+NOW = jobs.now_utc()
+
+
+def make_job(tmp_path: Path, lines: list[str]) -> BatchInference:
+    input_url = write_input(tmp_path / "in.jsonl", lines)
+    wire = batch_inference(inputURL=input_url, outputURL=(tmp_path / "out").as_uri() + "/")
+    wire["metadata"].update(uid=uuid.uuid4().hex, generation=1, creationTimestamp=NOW.isoformat())
+    return BatchInference.model_validate(wire)
+
+
+async def started(aredis: Redis, job: BatchInference, store: ObjectStore) -> jobs.StatusUpdate:
+    admission = admit(job, ModelTemplate.model_validate(template()), BatchPool.model_validate(pool()))
+    return await jobs.start(job, admission, jobs.ledger_for(job, aredis), store, NOW)
+
+
+class FlakyWrites(ObjectStore):
+    """Writes fail as a store that is away does (connection refused), `failures` times."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    @contextlib.contextmanager
+    def writer(self, url: str) -> Iterator[IO[bytes]]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise WriteError("writing", url, ConnectionRefusedError(111, "Connection refused"))
+        with super().writer(url) as stream:
+            yield stream
+
+
+class SlowWrites(ObjectStore):
+    """Each write blocks its thread as a slow upload does."""
+
+    @contextlib.contextmanager
+    def writer(self, url: str) -> Iterator[IO[bytes]]:
+        with super().writer(url) as stream:
+            real = stream.write
+
+            def slow(data: bytes) -> int:
+                time.sleep(0.05)
+                return real(data)
+
+            stream.write = slow  # type: ignore[method-assign]
+            yield stream
+
+
+def condition(update: jobs.StatusUpdate, kind: str) -> tuple[str, str, str]:
+    found = find_condition(update.status.conditions, kind)
+    assert found is not None, kind
+    return found.status, found.reason, found.message
+
+
+async def test_a_committed_segment_gone_fails_the_job_and_publishes_nothing(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(6)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url, chunk=3)
+    segments = tmp_path / "out" / "_segments" / job.metadata.uid_text
+    next(segments.iterdir()).unlink()
+    done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
+    assert done.status.phase == "failed"
+    status, reason, message = condition(done, "Failed")
+    assert (status, reason) == ("True", "MergeFailed")
+    assert str(segments) in message  # where
+    assert done.retry_in is None  # no retry loop: merging again would not help
+    assert not (tmp_path / "out" / "output.jsonl").exists()  # nothing published half-merged
+    assert await ledger.state() == "failed"
+
+
+async def test_an_input_gone_before_the_merge_fails_the_job_saying_so(aredis: Redis, tmp_path: Path) -> None:
+    job = make_job(tmp_path, [request_line("r0"), "not json", request_line("r1")])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    (tmp_path / "in.jsonl").unlink()  # expiry must re-read lines for the batch_expired errors
+    late = NOW.replace(year=NOW.year + 1)
+    done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), late)
+    status, reason, message = condition(done, "Failed")
+    assert (status, reason) == ("True", "MergeFailed")
+    assert f"reading {job.spec.input_url} failed: FileNotFoundError" in message
+
+
+async def test_a_store_that_is_away_is_retried_with_back_off_then_fails_the_job(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url)
+    store = FlakyWrites(failures=100)
+    delays = []
+    status = first.status
+    for _ in range(MAX_STORAGE_ATTEMPTS - 1):
+        update = await jobs.refresh_status(job, status, ledger, store, NOW)
+        assert update.status.phase == "finalizing"
+        assert condition(update, "Degraded")[:2] == ("True", "OutputUnwritable")
+        assert "Connection refused" in condition(update, "Degraded")[2]
+        assert update.retry_in is not None
+        delays.append(update.retry_in)
+        status = update.status
+    assert delays == sorted(delays)
+    assert delays[-1] > delays[0]  # back-off
+    final = await jobs.refresh_status(job, status, ledger, store, NOW)
+    assert final.retry_in is None
+    assert final.status.phase == "failed"
+    assert condition(final, "Failed")[1] == "OutputUnwritable"
+    assert f"({MAX_STORAGE_ATTEMPTS} attempts)" in condition(final, "Failed")[2]
+
+
+async def test_a_store_back_in_time_clears_degraded_and_the_job_completes(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url)
+    store = FlakyWrites(failures=2)
+    status = first.status
+    for _ in range(2):
+        status = (await jobs.refresh_status(job, status, ledger, store, NOW)).status
+    done = await jobs.refresh_status(job, status, ledger, store, NOW)
+    assert done.status.phase == "completed"
+    assert condition(done, "Degraded")[:2] == ("False", "Healthy")
+    assert len(read_jsonl(tmp_path / "out" / "output.jsonl")) == 4
+    assert "failures:finalize" not in await aredis.hgetall(ledger.keys.key("meta"))  # type: ignore[misc]
+
+
+async def test_an_unwritable_output_at_indexing_says_output_not_input(aredis: Redis, tmp_path: Path) -> None:
+    job = make_job(tmp_path, [request_line("r0"), "not json"])  # the bad line needs an error segment
+    (tmp_path / "out").write_text("a file where the output directory should be")
+    update = await started(aredis, job, ObjectStore())
+    status, reason, message = condition(update, "Failed")
+    assert (status, reason) == ("True", "OutputUnwritable")
+    assert f"writing {job.spec.output_url}_segments" in message
+
+
+async def test_a_line_over_the_limit_becomes_an_error_line_and_the_rest_runs(
+    aredis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(objects, "MAX_LINE_BYTES", 2048)
+    huge = request_line("huge").replace('"content": "', '"content": "' + "x" * 5000)
+    job = make_job(tmp_path, [request_line("r0"), huge, request_line("r1")])
+    first = await started(aredis, job, ObjectStore())
+    assert first.status.request_counts.total == 3
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url)
+    done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
+    assert done.status.phase == "completed"
+    (error,) = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert error["error"]["code"] == "line_too_long"
+    assert sorted(o["custom_id"] for o in read_jsonl(tmp_path / "out" / "output.jsonl")) == ["r0", "r1"]
+
+
+def test_reading_a_file_without_newlines_holds_one_bounded_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded by bytes and linear: 64 MiB without a newline, read in 1 MiB chunks, is one
+    oversized line (the old reader re-split its whole pending buffer on every chunk)."""
+    monkeypatch.setattr(objects, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "flat.jsonl"
+    with path.open("wb") as out:
+        for _ in range(64):
+            out.write(b"y" * (1 << 20))
+        out.write(b"\n" + b'{"a": 1}' + b"\n")
+    started_at = time.monotonic()
+    lines = list(ObjectStore().iter_lines(path.as_uri()))
+    took = time.monotonic() - started_at
+    assert [(line.oversized, line.length, line.data[:2]) for line in lines] == [
+        (True, 64 << 20, b""),
+        (False, 8, b'{"'),
+    ]
+    assert lines[1].start == (64 << 20) + 1
+    assert took < 10, took
+
+
+async def test_a_slow_merge_leaves_the_event_loop_free(aredis: Redis, tmp_path: Path) -> None:
+    """The pool timers (and so yields) run on the operator's event loop: a merge whose uploads
+    block must not hold it."""
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(40)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url, chunk=2)  # 20 segments: 20 slow writes
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    done = await jobs.refresh_status(job, first.status, ledger, SlowWrites(), NOW)
+    stop.set()
+    await ticking
+    assert done.status.phase == "completed"
+    assert len(gaps) > 20
+    assert max(gaps) < 0.04, max(gaps)  # a blocked loop shows the 50 ms writes
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (TimeoutError("timed out"), True),
+        (FileNotFoundError("gone"), False),
+        (PermissionError("denied"), False),
+        (type("NoCredentialsError", (Exception,), {})("no creds"), False),
+        (type("ClientError", (Exception,), {"response": {"Error": {"Code": "SlowDown"}}})("x"), True),
+        (
+            type("ClientError", (Exception,), {"response": {"ResponseMetadata": {"HTTPStatusCode": 403}}})(
+                "x"
+            ),
+            False,
+        ),
+        (type("EndpointConnectionError", (Exception,), {})("down"), True),
+    ],
+)
+def test_failures_are_told_apart_by_whether_they_pass(error: Exception, transient: bool) -> None:
+    assert is_transient(error) is transient
