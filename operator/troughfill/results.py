@@ -29,6 +29,7 @@ from troughfill.storage import (
     ObjectStore,
     RecordKind,
     SegmentRecord,
+    StorageError,
     StoredRecord,
     join,
     new_segment_id,
@@ -207,8 +208,19 @@ async def finalize(
         if counts[RecordKind.OUTPUT] + counts[RecordKind.ERROR] != progress.total:  # before publishing
             raise MergeError(f"merged {sum(counts.values())} records for {progress.total} requests")
     await ledger.transition(outcome)
-    await asyncio.to_thread(store.delete_prefix, segments)
+    await clean_segments(ledger, store, config)
     return FinalReport(outcome, output_url, error_url, counts[RecordKind.OUTPUT], counts[RecordKind.ERROR])
+
+
+async def clean_segments(ledger: JobLedger, store: ObjectStore, config: JobConfig) -> bool:
+    """Delete a merged job's segments (its own uid's, nothing else); True when they are gone. A
+    failure is not the job's: the output is published, and the next status refresh tries again."""
+    try:
+        await asyncio.to_thread(store.delete_prefix, segments_prefix(config.output_url, ledger.keys.uid))
+    except StorageError:
+        return False
+    await ledger.mark_cleaned()
+    return True
 
 
 class MergeError(TroughfillError):
@@ -306,6 +318,7 @@ __all__ = [
     "LedgerClosedError",
     "MergeError",
     "ResultWriter",
+    "clean_segments",
     "finalize",
     "index_input",
     "load_requests",

@@ -247,3 +247,28 @@ async def test_a_slow_merge_leaves_the_event_loop_free(aredis: Redis, tmp_path: 
 )
 def test_failures_are_told_apart_by_whether_they_pass(error: Exception, transient: bool) -> None:
     assert is_transient(error) is transient
+
+
+async def test_segments_left_by_an_operator_stopped_after_the_merge_are_cleaned_up(
+    aredis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge published and the ledger says completed, then the operator died before deleting
+    the segments: the next refresh deletes them; a failed delete never fails a completed job."""
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url)
+    segments = tmp_path / "out" / "_segments" / job.metadata.uid_text
+
+    def dies(self: ObjectStore, url: str) -> None:
+        raise WriteError("deleting", url, ConnectionResetError(104, "Connection reset"))
+
+    monkeypatch.setattr(ObjectStore, "delete_prefix", dies)
+    done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
+    assert done.status.phase == "completed"  # the output is published: the job is done
+    assert segments.exists()
+    monkeypatch.undo()
+    again = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
+    assert again.status.phase == "completed"
+    assert not segments.exists()
+    assert (await ledger.progress()).cleaned

@@ -7,9 +7,12 @@ are one script, so they are lost or kept together.
 """
 
 import asyncio
+import time
+import uuid
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio import Redis
 
 from tests.ledgertools import (
     FakeClock,
@@ -21,12 +24,15 @@ from tests.ledgertools import (
     request_line,
     write_input,
 )
-from troughfill.ledger import JobLedger
+from troughfill.config import Settings
+from troughfill.ledger import JobKeys, JobLedger, connect
 from troughfill.results import finalize, index_input
 from troughfill.storage import ObjectStore
 from troughfill_dev.localcluster import start_redis
 
 REQUESTS = 2_000
+OUTAGE_SECONDS = 10
+OUTAGE_REQUESTS = 3_000
 
 
 async def half_done_job(redis_url: str, workdir: Path, clock: FakeClock) -> tuple[JobLedger, str, int]:
@@ -88,4 +94,43 @@ def test_results_lost_with_the_last_second_are_redone_not_duplicated(tmp_path: P
         print(f"\n{completed - survived} of {completed} acknowledged results were in the lost second")
         check_output(tmp_path)
     finally:
+        server.stop()
+
+
+async def test_a_workers_client_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    """Redis (AOF) stops for ten seconds while a worker drains its job: the worker's patient
+    client waits and carries on; every request is done once and no attempt is charged (redis-py's
+    default of three retries gives up within the outage)."""
+    server = start_redis(tmp_path / "redis")
+    operator = Redis.from_url(server.url)
+    worker = connect(Settings(redis_url=server.url), patient=True)
+    try:
+        keys = JobKeys("team-a", "job", uuid.uuid4().hex)
+        ledger = JobLedger(operator, keys)
+        input_url = write_input(
+            tmp_path / "in.jsonl", [request_line(f"r{i}") for i in range(OUTAGE_REQUESTS)]
+        )
+        await create_job(ledger, input_url, (tmp_path / "out").as_uri())
+        await index_input(ledger, ObjectStore())
+        await operator.aclose()
+        draining = asyncio.create_task(
+            drain(JobLedger(worker, keys), ObjectStore(), (tmp_path / "out").as_uri(), chunk=1)
+        )
+        await asyncio.sleep(0.3)
+        assert not draining.done()
+
+        def restart() -> None:
+            server.stop()
+            time.sleep(OUTAGE_SECONDS)
+            server.restart()
+
+        await asyncio.to_thread(restart)
+        assert not draining.done()  # it was mid-job through the whole outage
+        await asyncio.wait_for(draining, 120)
+        operator = Redis.from_url(server.url)
+        progress = await JobLedger(operator, keys).progress()
+        assert (progress.completed, progress.failed, progress.failed_attempts) == (OUTAGE_REQUESTS, 0, 0)
+    finally:
+        await worker.aclose()
+        await operator.aclose()
         server.stop()

@@ -1,14 +1,42 @@
 """One line of an OpenAI Batch input file: {"custom_id", "method", "url", "body"}."""
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 
 from troughfill.api.batchinference import Endpoint
 
 CustomId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+MAX_INT32 = 2**31 - 1
+# Body fields that, if malformed, the engine would refuse on every attempt (or worse, accept in
+# a form the worker cannot read): checked once, at indexing, so the line gets an error line of
+# its own instead of being retried until it is dead-lettered.
+COUNT_FIELDS = {"max_tokens": 1, "max_completion_tokens": 1, "n": 1}
+"""name -> smallest value; at most MAX_INT32."""
+NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
+
+
+def _body_problem(body: dict[str, Any]) -> str | None:
+    if body.get("stream") not in (None, False):
+        return "body.stream: a batch returns whole responses; streaming is not supported"
+    for name, low in COUNT_FIELDS.items():
+        value = body.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_INT32
+        ):
+            return f"body.{name}: must be an integer from {low} to {MAX_INT32}, not {value!r}"[:300]
+    for name in NUMBER_FIELDS:
+        value = body.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            return f"body.{name}: must be a finite number, not {value!r}"[:300]
+    return None
 
 
 class RequestLine(BaseModel):
@@ -18,6 +46,13 @@ class RequestLine(BaseModel):
     method: Literal["POST"]
     url: Endpoint
     body: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _body_is_one_an_engine_can_answer(self) -> "RequestLine":
+        problem = _body_problem(self.body)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 @dataclass

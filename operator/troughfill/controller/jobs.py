@@ -37,7 +37,7 @@ from troughfill.api.types import parse_duration
 from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, OutputClaims, Progress
 from troughfill.ledger.access import LedgerAccess
 from troughfill.planner import Limit
-from troughfill.results import FinalReport, MergeError, finalize, index_input
+from troughfill.results import FinalReport, MergeError, clean_segments, finalize, index_input
 from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, ReadError, StorageError, join
 
 
@@ -58,6 +58,9 @@ class StatusUpdate:
     """Something failed that may pass: write this status, then try again in so many seconds."""
 
 
+MERGED = frozenset({Phase.COMPLETED, Phase.EXPIRED, Phase.CANCELLED})
+"""Ended with the output merged: the segments are no longer needed (a failed job keeps its own:
+they are all of its results)."""
 MAX_STORAGE_ATTEMPTS = 5
 """Tries of the operator's data path (indexing, merging) against a failure that may pass, with
 back-off (RETRY_BASE_SECONDS doubling: 5 s to 80 s, about 2.5 minutes in all) before the job fails."""
@@ -369,6 +372,9 @@ async def _finalize_if_done(
     events: list[Event],
 ) -> Progress:
     """Every request done: merge the output (idempotent; a retry after a crash converges)."""
+    if store is not None and progress.state in MERGED and not progress.cleaned:
+        await clean_segments(ledger, store, config)  # the operator stopped between merge and cleanup
+        return progress
     if store is None or not progress.all_done or progress.state in TERMINAL:
         return progress
     report = await finalize(ledger, store, config=config)

@@ -10,6 +10,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
 from troughfill.api.batchinference import Endpoint, Phase
@@ -31,9 +34,19 @@ BITMAP_READ_BYTES = 64 << 10
 Redis = aioredis.Redis
 
 
-def connect(settings: Settings) -> Redis:
-    """A client for the ledger Redis: URL, password and TLS from settings."""
+PATIENT_RETRIES = 20
+"""A worker's client rides out a Redis restart: 20 reconnects backing off from 0.25 s to 4 s,
+about a minute, before a ledger call fails (and with it the worker)."""
+
+
+def connect(settings: Settings, *, patient: bool = False) -> Redis:
+    """A client for the ledger Redis: URL, password and TLS from settings. `patient` (workers):
+    connection failures are retried for about a minute, so a Redis restart costs a pause, not the
+    worker and its leases; the operator fails fast instead and says so (Degraded) while Kopf retries."""
     options: dict[str, Any] = {"health_check_interval": 30}
+    if patient:
+        options["retry"] = Retry(ExponentialBackoff(cap=4.0, base=0.25), PATIENT_RETRIES)
+        options["retry_on_error"] = [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
     if settings.redis_username:
         options["username"] = settings.redis_username
     if settings.redis_password is not None:
@@ -106,6 +119,8 @@ class Progress:
     """Requests continued from a saved partial generation (after their worker yielded)."""
     refused: str | None = None
     """Why the operator stopped acting on the job (a spec change it refused), if it did."""
+    cleaned: bool = False
+    """The job's segments were deleted after its merge."""
 
     @property
     def finished(self) -> int:
@@ -179,6 +194,9 @@ class JobLedger:
         }
         pairs = [str(part) for item in fields.items() for part in item]
         return bool(await self._script("CREATE")(keys=[self.keys.key("meta")], args=pairs))
+
+    async def mark_cleaned(self) -> None:
+        await self.client.hset(self.keys.key("meta"), "cleaned", "1")
 
     async def count_failure(self, what: str) -> int:
         """One more failure in a row of `what` (the operator's data path: index, finalize)."""
@@ -457,6 +475,7 @@ class JobLedger:
             wasted_tokens=counters.get("wasted_tokens", 0),
             resumed=counters.get("resumed", 0),
             refused=meta.get("refused"),
+            cleaned=meta.get("cleaned") == "1",
             leases=int(leases),
             indexed=meta.get("indexed") == "1",
             state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},

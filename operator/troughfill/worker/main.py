@@ -101,7 +101,7 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
 
 async def _run(args: argparse.Namespace) -> int:
     settings = Settings()
-    client = connect(settings)
+    client = connect(settings, patient=True)  # a Redis restart is a pause, not the end of the worker
     command = [
         part.replace(constants.ENGINE_PORT_PLACEHOLDER, str(args.engine_port))
         for part in (args.engine_command or [])
