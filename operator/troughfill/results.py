@@ -84,6 +84,8 @@ async def index_input(ledger: JobLedger, store: ObjectStore, config: JobConfig |
     """
     config = await _config(ledger, config)
     await ledger.reset_index()
+    identity = await asyncio.to_thread(store.identity, config.input_url)
+    await ledger.record_input(identity)
     report = IndexReport()
     errors: list[SegmentRecord] = []
     lines = store.iter_lines(config.input_url)
@@ -107,6 +109,7 @@ async def index_input(ledger: JobLedger, store: ObjectStore, config: JobConfig |
             report.invalid += await _store_errors(ledger, store, config.output_url, errors)
             errors = []
     report.invalid += await _store_errors(ledger, store, config.output_url, errors)
+    await check_input(store, config.input_url, identity)  # changed while it was read: not indexed
     await ledger.finish_index(report.total)
     await ledger.transition(Phase.IN_PROGRESS)
     return report
@@ -191,6 +194,7 @@ async def finalize(
     """
     config = await _config(ledger, config)
     segments = segments_prefix(config.output_url, ledger.keys.uid)
+    await check_input(store, config.input_url, await ledger.input_identity())
     if outcome == Phase.CANCELLED:
         await ledger.close()
     else:
@@ -223,9 +227,25 @@ async def clean_segments(ledger: JobLedger, store: ObjectStore, config: JobConfi
     return True
 
 
+async def check_input(store: ObjectStore, url: str, indexed: str) -> None:
+    """Raise InputChangedError when the input's identity differs from `indexed` ("" checks nothing)."""
+    if not indexed:
+        return
+    now = await asyncio.to_thread(store.identity, url)
+    if now != indexed:
+        raise InputChangedError(
+            f"input {url} changed since it was indexed ({indexed} then, {now} now): its requests can no "
+            "longer be read; create a new job for the new input"
+        )
+
+
 class MergeError(TroughfillError):
     """The committed results do not add up (a segment lacks what it committed, counts differ):
     merging again will not help."""
+
+
+class InputChangedError(MergeError):
+    """The input is not the object that was indexed: its requests' byte ranges mean nothing now."""
 
 
 @contextlib.asynccontextmanager
@@ -315,9 +335,11 @@ async def _error_lines(
 __all__ = [
     "FinalReport",
     "IndexReport",
+    "InputChangedError",
     "LedgerClosedError",
     "MergeError",
     "ResultWriter",
+    "check_input",
     "clean_segments",
     "finalize",
     "index_input",

@@ -22,6 +22,8 @@ from troughfill.controller import jobs
 from troughfill.controller.jobs import MAX_STORAGE_ATTEMPTS
 from troughfill.storage import ObjectStore, WriteError, objects
 from troughfill.storage.errors import is_transient
+from troughfill.worker.engine import EngineClient
+from troughfill.worker.runner import ExitCode, Worker, WorkerOptions
 
 NOW = jobs.now_utc()
 
@@ -104,7 +106,7 @@ async def test_an_input_gone_before_the_merge_fails_the_job_saying_so(aredis: Re
     done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), late)
     status, reason, message = condition(done, "Failed")
     assert (status, reason) == ("True", "MergeFailed")
-    assert f"reading {job.spec.input_url} failed: FileNotFoundError" in message
+    assert f"{job.spec.input_url} failed: FileNotFoundError" in message
 
 
 async def test_a_store_that_is_away_is_retried_with_back_off_then_fails_the_job(
@@ -272,3 +274,37 @@ async def test_segments_left_by_an_operator_stopped_after_the_merge_are_cleaned_
     assert again.status.phase == "completed"
     assert not segments.exists()
     assert (await ledger.progress()).cleaned
+
+
+async def test_an_input_changed_after_indexing_fails_the_job_at_the_merge(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url)
+    write_input(tmp_path / "in.jsonl", [request_line(f"other-{i}") for i in range(5)])  # replaced
+    done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
+    assert done.status.phase == "failed"
+    status, reason, message = condition(done, "Failed")
+    assert (status, reason) == ("True", "InputChanged")
+    assert f"input {job.spec.input_url} changed since it was indexed" in message
+    assert done.retry_in is None
+    assert not (tmp_path / "out" / "output.jsonl").exists()
+
+
+async def test_a_worker_finding_the_input_changed_ends_the_job_not_itself(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    """A worker starting on a changed input reports it and exits cleanly (no crash loop); the
+    operator's next refresh fails the job, saying what changed."""
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    write_input(tmp_path / "in.jsonl", [request_line(f"other-{i}") for i in range(4)] + ["{}"])
+    worker = Worker(ledger, ObjectStore(), EngineClient("http://127.0.0.1:9"), WorkerOptions(worker_id="w"))
+    assert await worker.run() == ExitCode.OK
+    done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
+    assert done.status.phase == "failed"
+    assert condition(done, "Failed")[1] == "InputChanged"
+    assert (await ledger.progress()).failed_attempts == 0  # nothing charged to the requests

@@ -76,6 +76,7 @@ class Reason(StrEnum):
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
     INPUT_UNREADABLE = "InputUnreadable"
     OUTPUT_UNWRITABLE = "OutputUnwritable"
+    INPUT_CHANGED = "InputChanged"
     MERGE_FAILED = "MergeFailed"
     LEDGER_UNAVAILABLE = "LedgerUnavailable"
     HEALTHY = "Healthy"

@@ -37,7 +37,14 @@ from troughfill.api.types import parse_duration
 from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, OutputClaims, Progress
 from troughfill.ledger.access import LedgerAccess
 from troughfill.planner import Limit
-from troughfill.results import FinalReport, MergeError, clean_segments, finalize, index_input
+from troughfill.results import (
+    FinalReport,
+    InputChangedError,
+    MergeError,
+    clean_segments,
+    finalize,
+    index_input,
+)
 from troughfill.storage import ERROR_FILE, OUTPUT_FILE, ObjectStore, ReadError, StorageError, join
 
 
@@ -221,6 +228,10 @@ async def start(
         except StorageError as error:  # Admitted stays true: the spec was fine, its storage is not
             reason = Reason.INPUT_UNREADABLE if isinstance(error, ReadError) else Reason.OUTPUT_UNWRITABLE
             return await _storage_failed(job, status, ledger, "index", error, reason=reason, now=now)
+        except InputChangedError as error:
+            return await _storage_failed(
+                job, status, ledger, "index", error, reason=Reason.INPUT_CHANGED, now=now
+            )
         await _healthy(job, status, ledger, "index", now)
         if report.invalid:
             events.append(
@@ -301,12 +312,18 @@ async def refresh_status(
     events: list[Event] = []
     config = job_config(job)
     retry_in = None
+    changed = await ledger.input_changed()  # a worker found the input is not what was indexed
+    if changed and await ledger.state() not in TERMINAL:
+        await ledger.transition(Phase.FAILED)
+        events += _fail(status, job, Reason.INPUT_CHANGED, changed, now).events
     try:
         progress = await _expire_if_window_ended(job, status, ledger, store, now=now, events=events)
         progress = await _finalize_if_done(status, ledger, store, config, progress, events=events)
     except (StorageError, MergeError) as error:
         writing = isinstance(error, StorageError) and not isinstance(error, ReadError)
         reason = Reason.OUTPUT_UNWRITABLE if writing else Reason.MERGE_FAILED
+        if isinstance(error, InputChangedError):
+            reason = Reason.INPUT_CHANGED
         failed = await _storage_failed(job, status, ledger, "finalize", error, reason=reason, now=now)
         events += failed.events
         retry_in = failed.retry_in

@@ -76,6 +76,8 @@ class JobConfig:
     endpoint: Endpoint
     max_attempts: int
     lease_seconds: float = DEFAULT_LEASE_SECONDS
+    input_identity: str = ""
+    """The input's identity when it was indexed (ObjectStore.identity); "" before."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class Progress:
     """Why the operator stopped acting on the job (a spec change it refused), if it did."""
     cleaned: bool = False
     """The job's segments were deleted after its merge."""
+    input_changed: str | None = None
+    """A worker found the input changed since it was indexed (what it saw)."""
 
     @property
     def finished(self) -> int:
@@ -195,6 +199,21 @@ class JobLedger:
         pairs = [str(part) for item in fields.items() for part in item]
         return bool(await self._script("CREATE")(keys=[self.keys.key("meta")], args=pairs))
 
+    async def record_input(self, identity: str) -> None:
+        """The input as it was indexed: what workers and the merge compare against."""
+        await self.client.hset(self.keys.key("meta"), "input_identity", identity)
+
+    async def input_identity(self) -> str:
+        return _text(await self.client.hget(self.keys.key("meta"), "input_identity") or b"")
+
+    async def input_changed(self) -> str | None:
+        value = await self.client.hget(self.keys.key("meta"), "input_changed")
+        return _text(value) if value else None
+
+    async def report_input_changed(self, message: str) -> None:
+        """A worker found the input is not what was indexed: the operator ends the job."""
+        await self.client.hset(self.keys.key("meta"), "input_changed", message)
+
     async def mark_cleaned(self) -> None:
         await self.client.hset(self.keys.key("meta"), "cleaned", "1")
 
@@ -215,6 +234,7 @@ class JobLedger:
             endpoint=Endpoint(meta["endpoint"]),
             max_attempts=int(meta["max_attempts"]),
             lease_seconds=float(meta["lease_seconds"]),
+            input_identity=meta.get("input_identity", ""),
         )
 
     async def _meta(self) -> dict[str, str]:
@@ -476,6 +496,7 @@ class JobLedger:
             resumed=counters.get("resumed", 0),
             refused=meta.get("refused"),
             cleaned=meta.get("cleaned") == "1",
+            input_changed=meta.get("input_changed"),
             leases=int(leases),
             indexed=meta.get("indexed") == "1",
             state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},

@@ -151,6 +151,22 @@ class ObjectStore:
         for line in self.read_lines(url):
             yield json.loads(line)
 
+    def identity(self, url: str) -> str:
+        """What tells this version of the object from any other: its size and its ETag (and
+        VersionId where the bucket keeps versions) on S3, its size and modification time on disk."""
+        try:
+            fs, path = self._fs(url)
+            info = fs.info(path)
+        except Exception as error:
+            raise ReadError("looking up", url, error) from error
+        marks = [f"size={info.get('size')}"]
+        for key in ("ETag", "VersionId"):
+            if info.get(key):
+                marks.append(f"{key.lower()}={info[key]}")
+        if len(marks) == 1:
+            marks.append(f"mtime={info.get('mtime', info.get('LastModified'))}")
+        return " ".join(marks)
+
     def exists(self, url: str) -> bool:
         try:
             fs, path = self._fs(url)

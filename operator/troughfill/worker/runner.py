@@ -26,8 +26,8 @@ import aiohttp
 
 from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.api.batchinference import Endpoint
-from troughfill.ledger import Heartbeat, JobLedger, LedgerClosedError, Outcome, Partial, StopMode
-from troughfill.results import ResultWriter, load_requests
+from troughfill.ledger import Heartbeat, JobConfig, JobLedger, LedgerClosedError, Outcome, Partial, StopMode
+from troughfill.results import InputChangedError, ResultWriter, check_input, load_requests
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
 from troughfill.worker import calls
 from troughfill.worker.concurrency import ConcurrencyPolicy, next_limit
@@ -114,6 +114,7 @@ class Worker:
         self.engine_dead = False
         self.job_closed = False
         self.writer: ResultWriter | None = None
+        self.input: JobConfig | None = None
         self.endpoint = Endpoint.CHAT_COMPLETIONS
         self._last_flush = time.monotonic()
 
@@ -125,6 +126,13 @@ class Worker:
 
     async def run(self) -> ExitCode:
         config = await self.ledger.config()
+        try:
+            await check_input(self.store, config.input_url, config.input_identity)
+        except InputChangedError as error:
+            log.error("%s", error)
+            await self.ledger.report_input_changed(str(error))  # the operator ends the job
+            return ExitCode.OK  # nothing of this worker's failed: the job did
+        self.input = config
         self.endpoint = config.endpoint
         self.writer = ResultWriter(self.ledger, self.store, config.output_url, writer=self.options.worker_id)
         if not await self._engine_ready():
@@ -150,6 +158,11 @@ class Worker:
             await self._give_back_everything()
         except LedgerClosedError:
             log.info("job no longer accepts results; stopping")
+            self.job_closed = True
+            await self._abandon_in_flight(count_attempt=False)
+        except InputChangedError as error:
+            log.error("%s", error)
+            await self.ledger.report_input_changed(str(error))
             self.job_closed = True
             await self._abandon_in_flight(count_attempt=False)
         finally:
@@ -229,7 +242,12 @@ class Worker:
         if claim is None:
             return
         self.outstanding[claim.lease_id] = set(claim.indices)
-        requests = await load_requests(self.ledger, self.store, claim.indices)
+        try:
+            requests = await load_requests(self.ledger, self.store, claim.indices)
+        except ValueError:  # pydantic's ValidationError too: indexed lines no longer parse
+            assert self.input is not None
+            await check_input(self.store, self.input.input_url, self.input.input_identity)
+            raise
         partials = await self.ledger.load_partials(claim.indices) if self.options.resume else {}
         for index, request in zip(claim.indices, requests, strict=True):
             partial = partials.get(index)
