@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     watch_namespaces: tuple[str, ...] = ()
     """Namespaces whose BatchInferences are served; empty means the whole cluster."""
     reconcile_interval_seconds: float = Field(default=2.0, gt=0)
+    finished_job_retention_seconds: float = Field(default=86_400.0, gt=0)
+    """How long an ended job's ledger keys stay in Redis (its status keeps the counts; deleting
+    the custom resource removes them at once)."""
     worker_command: tuple[str, ...] = ("troughfill",)
     """How worker pods invoke troughfill in the template's image (JSON list in the environment)."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)

@@ -21,6 +21,7 @@ from tests.builders import batch_inference, pool, template
 from tests.ledgertools import request_line, write_input
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import BatchPoolStatus
+from troughfill.config import Settings
 from troughfill.controller import jobs
 from troughfill.storage import ERROR_FILE, ObjectStore, WriteError
 
@@ -213,7 +214,9 @@ async def test_redis_away_shows_on_the_job_as_degraded_while_kopf_retries(
         def workers_of(self, uid: str) -> None:
             return None
 
-    memo = kopf.Memo(redis=gone, cluster=Cluster(), pools=NoViews(), stores=Stores(ObjectStore()))
+    memo = kopf.Memo(
+        redis=gone, cluster=Cluster(), pools=NoViews(), stores=Stores(ObjectStore()), settings=Settings()
+    )
     patch = kopf.Patch()
     with pytest.raises(kopf.TemporaryError, match="Redis unavailable"):
         await handlers.reconcile_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)

@@ -242,3 +242,31 @@ async def test_a_forged_output_url_in_redis_does_not_redirect_the_merge(
     assert done.status.phase == "completed"
     assert len(read_jsonl(tmp_path / "out" / "output.jsonl")) == 3
     assert not (tmp_path / "attacker").exists()
+
+
+async def test_an_ended_jobs_keys_go_after_the_retention(aredis: Redis, tmp_path: Path) -> None:
+    job = make_job(tmp_path, 3)
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    started = await lifecycle.start(job, admitted(job), ledger, store, NOW)
+    await drain(ledger, store, job.spec.output_url)
+    done = await lifecycle.refresh_status(job, started.status, ledger, store, NOW, retention_seconds=3600)
+    assert done.status.phase == "completed"
+    keys = await aredis.keys(f"*{job.metadata.uid}*")
+    assert keys
+    ttls = [await aredis.ttl(key) for key in keys]
+    assert all(3500 < ttl <= 3600 for ttl in ttls), ttls
+
+
+async def test_a_job_no_pool_plans_any_more_shows_no_workers(aredis: Redis, tmp_path: Path) -> None:
+    """Its pool was deleted (its workers with it): the status does not keep the last counts."""
+    job = make_job(tmp_path, 3)
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    started = await lifecycle.start(job, admitted(job), ledger, store, NOW)
+    planned = lifecycle.WorkerView(desired=2, ready=2, limit=Limit.NONE, at_risk=False)
+    running = await lifecycle.refresh_status(job, started.status, ledger, store, NOW, workers=planned)
+    assert (running.status.workers.desired, running.status.workers.ready) == (2, 2)
+    orphaned = await lifecycle.refresh_status(job, running.status, ledger, store, NOW, workers=None)
+    assert (orphaned.status.workers.desired, orphaned.status.workers.ready) == (0, 0)
+    condition = find_condition(orphaned.status.conditions, "Running")
+    assert condition is not None
+    assert (condition.status, condition.reason) == ("False", "PoolNotFound")

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from tests.ledgertools import FakeClock, FakeWorker, create_job, drain, new_ledger, request_line
 from troughfill.results import finalize, index_input, load_requests
-from troughfill.storage import ObjectStore, WriteError
+from troughfill.storage import ObjectStore, ReadError, WriteError
 from troughfill_dev.localcluster import S3Server
 
 
@@ -87,3 +87,19 @@ def test_writing_never_creates_a_bucket(s3_server: S3Server) -> None:
         store.write_bytes(f"s3://{bucket}/out/output.jsonl", b"{}\n")
     assert not caught.value.transient  # no bucket: trying again will not help
     assert not s3fs.S3FileSystem(**s3_server.s3_options).exists(bucket)
+
+
+def test_an_object_store_without_credentials_is_a_permanent_read_error(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a new user meets with the example job on a cluster without S3 credentials: a clear
+    error that does not pass by waiting (the job fails saying so), not a retry loop."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = ObjectStore(options={"s3": {"endpoint_url": s3_server.url, "skip_instance_cache": True}})
+    with pytest.raises(ReadError, match="NoCredentialsError") as caught:
+        list(store.iter_lines("s3://team-a-batches/ticket-triage/requests.jsonl"))
+    assert not caught.value.transient

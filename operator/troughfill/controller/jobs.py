@@ -305,10 +305,12 @@ async def refresh_status(
     now: datetime,
     *,
     workers: WorkerView | None = None,
+    retention_seconds: float | None = None,
 ) -> StatusUpdate:
     """Counts and phase from the ledger; workers from the pool's plan; once every request is
     done, merge the output and complete; once the completion window has passed, expire the rest
-    (both only with the job's `store`: None while nothing admits the job, so nothing is merged)."""
+    (both only with the job's `store`: None while nothing admits the job, so nothing is merged).
+    An ended job's ledger keys are set to go after `retention_seconds`."""
     events: list[Event] = []
     config = job_config(job)
     retry_in = None
@@ -344,6 +346,12 @@ async def refresh_status(
         _workers_conditions(job, status, workers, now)
     elif progress.state in TERMINAL:
         _workers_ended(job, status, progress.state, now)
+        if retention_seconds is not None and not progress.expiring:
+            await ledger.expire_after(retention_seconds)
+    elif status.workers.desired or status.workers.ready:  # no pool plans it any more (deleted)
+        status.workers = WorkerCounts(desired=0, ready=0)
+        _set(status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE, reason=Reason.POOL_NOT_FOUND,
+             message="no pool plans this job now: its template's pool is gone", now=now)  # fmt: skip
     return StatusUpdate(status, events, retry_in)
 
 

@@ -247,6 +247,7 @@ async def reconcile_job(
                 await _store(memo, job, workers.admission if workers else None),
                 jobs.now_utc(),
                 workers=workers,
+                retention_seconds=memo.settings.finished_job_retention_seconds,
             )
     except kopf.TemporaryError as error:
         _degraded(patch, body, job, error)

@@ -123,6 +123,8 @@ class Progress:
     """Why the operator stopped acting on the job (a spec change it refused), if it did."""
     cleaned: bool = False
     """The job's segments were deleted after its merge."""
+    expiring: bool = False
+    """The ended job's keys are set to expire."""
     input_changed: str | None = None
     """A worker found the input changed since it was indexed (what it saw)."""
 
@@ -263,6 +265,20 @@ class JobLedger:
     async def close(self) -> None:
         """Accept no more results; what is committed now is what finalize merges."""
         await self._run("CLOSE")
+
+    async def expire_after(self, seconds: float) -> int:
+        """Every key of an ended job goes `seconds` from now (its status already says all there
+        is to say; the custom resource may stay much longer). How many keys were set to go."""
+        await self.client.hset(self.keys.key("meta"), "expiring", "1")
+        count = 0
+        pipe = self.client.pipeline(transaction=False)
+        async for key in self.client.scan_iter(match=_glob_escape(self.keys.prefix) + "*", count=1000):
+            pipe.pexpire(key, int(seconds * 1000))
+            count += 1
+            if len(pipe) >= 500:
+                await pipe.execute()
+        await pipe.execute()
+        return count
 
     async def delete(self) -> int:
         """Remove every key of the job (outputs in object storage are kept)."""
@@ -496,6 +512,7 @@ class JobLedger:
             resumed=counters.get("resumed", 0),
             refused=meta.get("refused"),
             cleaned=meta.get("cleaned") == "1",
+            expiring=meta.get("expiring") == "1",
             input_changed=meta.get("input_changed"),
             leases=int(leases),
             indexed=meta.get("indexed") == "1",
