@@ -1,5 +1,6 @@
 """The worker's pure parts: concurrency control, engine request building, stream assembly."""
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from troughfill.api import Endpoint
 from troughfill.worker import calls
 from troughfill.worker.concurrency import ConcurrencyPolicy, EngineLoad, next_limit
 from troughfill.worker.engine import parse_load
+from troughfill.worker.runner import supervised
 
 POLICY = ConcurrencyPolicy(minimum=2, maximum=64, step=4, backoff=0.5)
 
@@ -164,3 +166,15 @@ def test_usage_of_a_resumed_stream_counts_what_was_generated_against_the_origina
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == "billing"
     assert calls.usage_of(body) == (5, 2, 0)
+
+
+async def test_a_background_task_that_fails_is_run_again_not_lost() -> None:
+    runs: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise ConnectionError("ledger away")
+
+    await asyncio.wait_for(supervised("heartbeat", flaky), 10)
+    assert runs == [0, 1, 2]  # failed twice, ran a third time, then finished

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,13 +138,14 @@ class Worker:
         self.writer = ResultWriter(self.ledger, self.store, config.output_url, writer=self.options.worker_id)
         if not await self._engine_ready():
             return ExitCode.OK if self.stopping.is_set() else ExitCode.ENGINE_DIED
+        lease_seconds = config.lease_seconds
         background = [
-            asyncio.create_task(self._heartbeat(config.lease_seconds)),
-            asyncio.create_task(self._tune()),
-            asyncio.create_task(self._watch_engine()),
+            asyncio.create_task(supervised("heartbeat", lambda: self._heartbeat(lease_seconds))),
+            asyncio.create_task(supervised("tuning", self._tune)),
+            asyncio.create_task(supervised("engine watch", self._watch_engine)),
         ]
         if self.options.resume:
-            background.append(asyncio.create_task(self._checkpoint()))
+            background.append(asyncio.create_task(supervised("checkpoints", self._checkpoint)))
         try:
             await self._loop()
             mode = await self._stop_mode()
@@ -558,6 +560,27 @@ class Worker:
                 self.engine_dead = True
                 self.stopping.set()
                 return
+
+
+SUPERVISOR_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+
+
+async def supervised(name: str, task: Callable[[], Awaitable[None]]) -> None:
+    """Run a worker's background task; if it fails (the ledger away longer than the client's
+    reconnects, say), log it and run it again after a back-off, so a heartbeat or checkpoint loop
+    never dies quietly while the worker carries on without it."""
+    failures = 0
+    while True:
+        try:
+            await task()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            delay = SUPERVISOR_BACKOFF_SECONDS[min(failures, len(SUPERVISOR_BACKOFF_SECONDS) - 1)]
+            failures += 1
+            log.warning("%s failed (%r); again in %.1fs", name, error, delay)
+            await asyncio.sleep(delay)
 
 
 def install_signal_handlers(worker: Worker) -> None:
