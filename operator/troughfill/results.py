@@ -167,7 +167,11 @@ class ResultWriter:
         records, outcomes = self.records, self.outcomes
         self.records, self.outcomes = [], []
         segments = segments_prefix(self.output_url, self.ledger.keys.uid)
-        await asyncio.to_thread(write_segment, self.store, segments, segment_id, records)
+        try:
+            await asyncio.to_thread(write_segment, self.store, segments, segment_id, records)
+        except StorageError:  # the store is away: keep them for the next flush (a new segment)
+            self.records[:0], self.outcomes[:0] = records, outcomes
+            raise
         return await self.ledger.commit(segment_id, outcomes, lease_id)
 
 

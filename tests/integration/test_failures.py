@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -15,12 +15,12 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.builders import batch_inference, pool, template
-from tests.ledgertools import drain, read_jsonl, request_line, write_input
+from tests.ledgertools import FakeWorker, drain, read_jsonl, request_line, write_input
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.conditions import find_condition
 from troughfill.controller import jobs
 from troughfill.controller.jobs import MAX_STORAGE_ATTEMPTS
-from troughfill.storage import ObjectStore, WriteError, objects
+from troughfill.storage import ObjectStore, ReadError, WriteError, objects
 from troughfill.storage.errors import is_transient
 from troughfill.worker.engine import EngineClient
 from troughfill.worker.runner import ExitCode, Worker, WorkerOptions
@@ -308,3 +308,48 @@ async def test_a_worker_finding_the_input_changed_ends_the_job_not_itself(
     assert done.status.phase == "failed"
     assert condition(done, "Failed")[1] == "InputChanged"
     assert (await ledger.progress()).failed_attempts == 0  # nothing charged to the requests
+
+
+class FlakyReads(ObjectStore):
+    """The input cannot be read while `away` (a store that is down)."""
+
+    away = True
+
+    def read_ranges(self, url: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+        if self.away:
+            raise ReadError("reading", url, ConnectionRefusedError(111, "Connection refused"))
+        return super().read_ranges(url, spans)
+
+
+async def test_a_store_away_costs_workers_time_not_results_or_attempts(aredis: Redis, tmp_path: Path) -> None:
+    """Results wait in the worker while segments cannot be written (their leases kept), and a
+    claim whose input cannot be read goes back at once; nothing is lost, nothing charged."""
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(6)])
+    await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    worker = FakeWorker(ledger, FlakyWrites(failures=1), job.spec.output_url, "w")
+    assert await worker.take(6)
+    await worker.work(6)
+    with pytest.raises(WriteError):
+        await worker.flush()
+    assert len(worker.writer) == 6  # kept for the next flush
+    assert await worker.flush() == 6  # the store is back: committed once
+    assert (await ledger.progress()).completed == 6
+
+    other = make_job(tmp_path / "b", [request_line(f"q{i}") for i in range(4)])
+    await started(aredis, other, ObjectStore())
+    other_ledger = jobs.ledger_for(other, aredis)
+    store = FlakyReads()
+    runner = Worker(other_ledger, store, EngineClient("http://127.0.0.1:9"), WorkerOptions(worker_id="w2"))
+    runner.input = await other_ledger.config()
+    await runner._claim(4)
+    assert runner.queue == []
+    assert runner.outstanding == {}  # the lease went back
+    progress = await other_ledger.progress()
+    assert (progress.leases, progress.failed_attempts) == (0, 0)
+    await runner._claim(4)  # paused: no claim while the store was just seen away
+    assert (await other_ledger.progress()).leases == 0
+    store.away = False
+    runner._claim_after = 0.0
+    await runner._claim(4)
+    assert len(runner.queue) == 4

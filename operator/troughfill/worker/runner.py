@@ -29,7 +29,7 @@ from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.api.batchinference import Endpoint
 from troughfill.ledger import Heartbeat, JobConfig, JobLedger, LedgerClosedError, Outcome, Partial, StopMode
 from troughfill.results import InputChangedError, ResultWriter, check_input, load_requests
-from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
+from troughfill.storage import ObjectStore, RecordKind, SegmentRecord, StorageError
 from troughfill.worker import calls
 from troughfill.worker.concurrency import ConcurrencyPolicy, next_limit
 from troughfill.worker.engine import EngineClient, EngineDeadError, EngineHttpError
@@ -116,6 +116,8 @@ class Worker:
         self.job_closed = False
         self.writer: ResultWriter | None = None
         self.input: JobConfig | None = None
+        self._claim_after = 0.0
+        """No claims before this (monotonic): the store could not be read just now."""
         self.endpoint = Endpoint.CHAT_COMPLETIONS
         self._last_flush = time.monotonic()
 
@@ -240,12 +242,24 @@ class Worker:
             self.in_flight[asyncio.create_task(self._process(item))] = item
 
     async def _claim(self, count: int) -> None:
+        if time.monotonic() < self._claim_after:
+            return
         claim = await self.ledger.claim(self.options.worker_id, count)
         if claim is None:
             return
         self.outstanding[claim.lease_id] = set(claim.indices)
         try:
             requests = await load_requests(self.ledger, self.store, claim.indices)
+        except StorageError as error:
+            if not error.transient:
+                raise
+            # The input cannot be read just now: the lease goes back (no attempt) and claiming
+            # pauses, so an object store that is away costs time, not attempts.
+            log.warning("input unreadable for now (%s); claiming again in %.0fs", error, STORE_PAUSE_SECONDS)
+            del self.outstanding[claim.lease_id]
+            await self.ledger.release(self.options.worker_id, claim.lease_id)
+            self._claim_after = time.monotonic() + STORE_PAUSE_SECONDS
+            return
         except ValueError:  # pydantic's ValidationError too: indexed lines no longer parse
             assert self.input is not None
             await check_input(self.store, self.input.input_url, self.input.input_identity)
@@ -403,7 +417,19 @@ class Worker:
         if not (force or due):
             return
         committed = [record.index for record in writer.records]
-        await writer.flush()
+        try:
+            await writer.flush()
+        except StorageError as error:
+            self._last_flush = time.monotonic()  # the next try comes a flush interval later
+            if force or not error.transient:
+                # Stopping (or a store that refuses for good): these results are not stored and
+                # their leases go back without an attempt, so they are redone, never duplicated.
+                log.error("%d results not stored (%s); their requests will be redone", len(writer), error)
+                writer.records.clear()
+                writer.outcomes.clear()
+                return
+            log.warning("%d results wait for the store (%s); their leases are kept", len(writer), error)
+            return
         self._last_flush = time.monotonic()
         await self._forget(committed)
 
@@ -563,6 +589,8 @@ class Worker:
 
 
 SUPERVISOR_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+STORE_PAUSE_SECONDS = 5.0
+"""How long a worker waits before claiming again when the input could not be read."""
 
 
 async def supervised(name: str, task: Callable[[], Awaitable[None]]) -> None:
