@@ -60,6 +60,10 @@ MAX_METADATA_KEYS: Final = 16
 MAX_METADATA_KEY_LENGTH: Final = 64
 MAX_METADATA_VALUE_LENGTH: Final = 512
 MAX_CONDITIONS: Final = 16
+# Requests one job may hold: the ledger keeps 12 bytes of offsets per request in one Redis
+# string, and Redis refuses a value over 512 MB (about 44.7M requests). Past this the job fails
+# at indexing, saying so, instead of meeting Redis's error.
+MAX_REQUESTS_PER_JOB: Final = 40_000_000
 
 # vLLM's HTTP server closes idle keep-alive connections after 5 s by default; on a busy host its
 # event loop can stall past that and close a connection a request was just sent on ("Server

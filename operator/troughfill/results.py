@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from troughfill import constants
 from troughfill.api.batchfile import ErrorCode, RequestLine, classify_line, error_record
 from troughfill.api.batchinference import Endpoint, Phase
 from troughfill.errors import TroughfillError
@@ -76,7 +77,13 @@ async def _config(ledger: JobLedger, config: JobConfig | None) -> JobConfig:
     return config if config is not None else await ledger.config()
 
 
-async def index_input(ledger: JobLedger, store: ObjectStore, config: JobConfig | None = None) -> IndexReport:
+async def index_input(
+    ledger: JobLedger,
+    store: ObjectStore,
+    config: JobConfig | None = None,
+    *,
+    max_requests: int | None = None,
+) -> IndexReport:
     """Read the input once: remember where every request's line is, and send invalid lines
     (bad JSON, wrong method or url, duplicate custom_id) to the error file. Then start the job.
 
@@ -103,6 +110,12 @@ async def index_input(ledger: JobLedger, store: ObjectStore, config: JobConfig |
                     ledger.job_token, line.index, custom_id, code, message=message, line=line.number
                 )
                 errors.append(SegmentRecord(line.index, RecordKind.ERROR, record))
+        limit = max_requests or constants.MAX_REQUESTS_PER_JOB
+        if report.total + len(batch) > limit:
+            raise InputTooLargeError(
+                f"input {config.input_url} holds more than {limit} requests, the most one job "
+                "may hold: split it into several jobs"
+            )
         await ledger.append_spans([(line.start, line.length) for line in batch])
         report.total += len(batch)
         if len(errors) >= INDEX_ERRORS_PER_SEGMENT:
@@ -243,6 +256,10 @@ async def check_input(store: ObjectStore, url: str, indexed: str) -> None:
         )
 
 
+class InputTooLargeError(TroughfillError):
+    """The input holds more requests than one job may."""
+
+
 class MergeError(TroughfillError):
     """The committed results do not add up (a segment lacks what it committed, counts differ):
     merging again will not help."""
@@ -340,6 +357,7 @@ __all__ = [
     "FinalReport",
     "IndexReport",
     "InputChangedError",
+    "InputTooLargeError",
     "LedgerClosedError",
     "MergeError",
     "ResultWriter",

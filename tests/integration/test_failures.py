@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from tests.builders import batch_inference, pool, template
 from tests.ledgertools import FakeWorker, drain, read_jsonl, request_line, write_input
+from troughfill import constants
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.conditions import find_condition
 from troughfill.controller import jobs
@@ -353,3 +354,18 @@ async def test_a_store_away_costs_workers_time_not_results_or_attempts(aredis: R
     runner._claim_after = 0.0
     await runner._claim(4)
     assert len(runner.queue) == 4
+
+
+async def test_an_input_over_the_jobs_request_limit_fails_saying_so(
+    aredis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the ledger's limit (Redis refuses a value over 512 MB: about 44M requests' offsets)
+    the job fails at indexing with a message, instead of meeting Redis's error again and again."""
+    monkeypatch.setattr(constants, "MAX_REQUESTS_PER_JOB", 5)
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(8)])
+    update = await started(aredis, job, ObjectStore())
+    assert update.status.phase == "failed"
+    status, reason, message = condition(update, "Failed")
+    assert (status, reason) == ("True", "InputTooLarge")
+    assert "holds more than 5 requests" in message
+    assert await jobs.ledger_for(job, aredis).state() == "failed"

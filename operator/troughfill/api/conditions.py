@@ -77,6 +77,7 @@ class Reason(StrEnum):
     INPUT_UNREADABLE = "InputUnreadable"
     OUTPUT_UNWRITABLE = "OutputUnwritable"
     INPUT_CHANGED = "InputChanged"
+    INPUT_TOO_LARGE = "InputTooLarge"
     MERGE_FAILED = "MergeFailed"
     LEDGER_UNAVAILABLE = "LedgerUnavailable"
     HEALTHY = "Healthy"

@@ -40,6 +40,7 @@ from troughfill.planner import Limit
 from troughfill.results import (
     FinalReport,
     InputChangedError,
+    InputTooLargeError,
     MergeError,
     clean_segments,
     finalize,
@@ -232,6 +233,9 @@ async def start(
             return await _storage_failed(
                 job, status, ledger, "index", error, reason=Reason.INPUT_CHANGED, now=now
             )
+        except InputTooLargeError as error:
+            await ledger.transition(Phase.FAILED)
+            return _fail(status, job, Reason.INPUT_TOO_LARGE, str(error), now)
         await _healthy(job, status, ledger, "index", now)
         if report.invalid:
             events.append(
