@@ -1,5 +1,7 @@
 """Typed settings come from TROUGHFILL_* environment variables and refuse nonsense."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -43,3 +45,9 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_workers_get_the_redis_url_without_the_operators_credentials(url: str, public: str) -> None:
     assert without_credentials(url) == public
+
+
+def test_every_setting_is_documented(repo_root: Path) -> None:
+    documented = (repo_root / "docs" / "operator.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`TROUGHFILL_{name.upper()}`" not in documented]
+    assert not missing, f"docs/operator.md's settings table lacks {missing}"
