@@ -112,10 +112,7 @@ async def index_input(
                 errors.append(SegmentRecord(line.index, RecordKind.ERROR, record))
         limit = max_requests or constants.MAX_REQUESTS_PER_JOB
         if report.total + len(batch) > limit:
-            raise InputTooLargeError(
-                f"input {config.input_url} holds more than {limit} requests, the most one job "
-                "may hold: split it into several jobs"
-            )
+            raise InputTooLargeError(config.input_url, limit)
         await ledger.append_spans([(line.start, line.length) for line in batch])
         report.total += len(batch)
         if len(errors) >= INDEX_ERRORS_PER_SEGMENT:
@@ -257,7 +254,11 @@ async def check_input(store: ObjectStore, url: str, indexed: str) -> None:
 
 
 class InputTooLargeError(TroughfillError):
-    """The input holds more requests than one job may."""
+    """The input holds more requests than the job may (`limit`)."""
+
+    def __init__(self, url: str, limit: int) -> None:
+        super().__init__(f"input {url} holds more than {limit} requests")
+        self.limit = limit
 
 
 class MergeError(TroughfillError):

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 from redis.asyncio import Redis
@@ -369,3 +369,43 @@ async def test_an_input_over_the_jobs_request_limit_fails_saying_so(
     assert (status, reason) == ("True", "InputTooLarge")
     assert "holds more than 5 requests" in message
     assert await jobs.ledger_for(job, aredis).state() == "failed"
+
+
+async def test_a_namespace_holds_no_more_unfinished_requests_than_its_quota(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    capped = pool(
+        quotas=[{"namespace": "team-a", "maxGPUs": 4, "maxRequests": 5, "storage": [{"prefix": "file:///"}]}]
+    )
+
+    def admitted(job: BatchInference) -> Any:
+        return admit(job, ModelTemplate.model_validate(template()), BatchPool.model_validate(capped))
+
+    first = make_job(tmp_path / "a", [request_line(f"r{i}") for i in range(4)])
+    running = await jobs.start(first, admitted(first), jobs.ledger_for(first, aredis), ObjectStore(), NOW)
+    assert running.status.phase == "in_progress"
+    listed = [first.to_wire() | {"status": running.status.to_wire()}]
+
+    second = make_job(tmp_path / "b", [request_line(f"q{i}") for i in range(3)])
+    unfinished = await jobs.namespace_unfinished(aredis, listed, second)
+    assert unfinished == 4
+    over = await jobs.start(
+        second,
+        admitted(second),
+        jobs.ledger_for(second, aredis),
+        ObjectStore(),
+        NOW,
+        namespace_unfinished=unfinished,
+    )
+    status, reason, message = condition(over, "Failed")
+    assert (status, reason) == ("True", "RequestQuotaExceeded")
+    assert "may hold 5 unfinished requests in the ledger and its other jobs hold 4" in message
+
+    await drain(jobs.ledger_for(first, aredis), ObjectStore(), first.spec.output_url)  # the first finishes
+    third = make_job(tmp_path / "c", [request_line(f"s{i}") for i in range(3)])
+    room = await jobs.namespace_unfinished(aredis, listed, third)
+    assert room == 0
+    fits = await jobs.start(
+        third, admitted(third), jobs.ledger_for(third, aredis), ObjectStore(), NOW, namespace_unfinished=room
+    )
+    assert fits.status.phase == "in_progress"

@@ -24,6 +24,8 @@ class Admission:
     max_gpus: int | None = None
     """The namespace's GPU quota in the pool, once admitted."""
     weight: int | None = None
+    max_requests: int | None = None
+    """Unfinished requests the namespace's jobs may hold together (None: no cap)."""
     engine_args: tuple[str, ...] = ()
     """The job's engine flags as admitted: one `--name=value` word each (worker pods get these)."""
     storage: Granted | None = None
@@ -54,7 +56,7 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
     quota = next((q for q in pool_spec.quotas if q.namespace == namespace), None)
     if quota is not None:
         max_gpus, weight, extra_classes = quota.max_gpus, quota.weight, set(quota.allowed_priority_classes)
-        grants = quota.storage
+        grants, max_requests = quota.storage, quota.max_requests
     elif pool_spec.default_quota is not None:
         max_gpus, weight, extra_classes = (
             pool_spec.default_quota.max_gpus,
@@ -62,6 +64,7 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
             set(),
         )
         grants = effective(pool_spec.default_quota.storage, namespace)
+        max_requests = pool_spec.default_quota.max_requests
     else:
         return _refuse(
             Reason.NAMESPACE_NOT_IN_QUOTA,
@@ -101,6 +104,7 @@ def admit(job: BatchInference, template: ModelTemplate | None, pool: BatchPool |
         weight=weight,
         engine_args=engine_args,
         storage=storage,
+        max_requests=max_requests,
     )
 
 

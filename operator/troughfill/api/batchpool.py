@@ -120,6 +120,9 @@ class NamespaceQuota(ApiModel):
     """PriorityClasses this namespace's jobs may name, besides the pool's default."""
     storage: StorageGrants
     """Where this namespace's jobs may read input and write output; nothing else is allowed."""
+    max_requests: int | None = Field(default=None, ge=1, le=constants.MAX_REQUESTS_PER_JOB * 100)
+    """Unfinished requests this namespace's jobs may hold in the ledger together (its share of
+    Redis's memory); unlimited when unset."""
 
 
 class DefaultQuota(ApiModel):
@@ -129,6 +132,8 @@ class DefaultQuota(ApiModel):
     weight: int = Field(default=1, ge=1, le=1000)
     storage: StorageGrants
     """Storage grants for those namespaces; {namespace} in a prefix is the job's namespace."""
+    max_requests: int | None = Field(default=None, ge=1, le=constants.MAX_REQUESTS_PER_JOB * 100)
+    """Unfinished requests each such namespace's jobs may hold in the ledger together."""
 
 
 GPU_HOUR_COST_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?$"

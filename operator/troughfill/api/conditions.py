@@ -78,6 +78,7 @@ class Reason(StrEnum):
     OUTPUT_UNWRITABLE = "OutputUnwritable"
     INPUT_CHANGED = "InputChanged"
     INPUT_TOO_LARGE = "InputTooLarge"
+    REQUEST_QUOTA_EXCEEDED = "RequestQuotaExceeded"
     MERGE_FAILED = "MergeFailed"
     LEDGER_UNAVAILABLE = "LedgerUnavailable"
     HEALTHY = "Healthy"

@@ -7,9 +7,11 @@ crash or an operator restart converges to the same status.
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.asyncio import Redis
 
+from troughfill import constants
 from troughfill.api.admission import Admission
 from troughfill.api.base import immutable_changes
 from troughfill.api.batchinference import (
@@ -111,6 +113,29 @@ def _set(
     )
 
 
+def _quota_message(job: BatchInference, admission: Admission, unfinished: int) -> str:
+    return (
+        f"namespace {job.metadata.ns!r} may hold {admission.max_requests} unfinished requests in the "
+        f"ledger and its other jobs hold {unfinished}: wait for them to finish, or ask for a larger quota"
+    )
+
+
+async def namespace_unfinished(client: Redis, raw_jobs: list[dict[str, Any]], job: BatchInference) -> int:
+    """Requests the namespace's other running jobs have not finished (what its cap counts)."""
+    total = 0
+    for raw in raw_jobs:
+        meta = raw.get("metadata", {})
+        phase = (raw.get("status") or {}).get("phase")
+        if meta.get("namespace") != job.metadata.ns or meta.get("uid") == job.metadata.uid_text:
+            continue
+        if phase not in {Phase.VALIDATING.value, Phase.IN_PROGRESS.value, Phase.FINALIZING.value}:
+            continue
+        keys = JobKeys(meta["namespace"], meta["name"], meta["uid"])
+        progress = await JobLedger(client, keys).progress()
+        total += max(0, progress.total - progress.finished)
+    return total
+
+
 async def _storage_failed(
     job: BatchInference,
     status: BatchInferenceStatus,
@@ -190,7 +215,13 @@ def refuse(job: BatchInference, reason: Reason, message: str, now: datetime) -> 
 
 
 async def start(
-    job: BatchInference, admission: Admission, ledger: JobLedger, store: ObjectStore | None, now: datetime
+    job: BatchInference,
+    admission: Admission,
+    ledger: JobLedger,
+    store: ObjectStore | None,
+    now: datetime,
+    *,
+    namespace_unfinished: int = 0,
 ) -> StatusUpdate:
     """Admit the job (or refuse it), record it in the ledger and index its input (`store`: the
     job's object store, with its grant's credentials; None when nothing admits it)."""
@@ -198,6 +229,14 @@ async def start(
         return await refresh_status(job, _status(job), ledger, store, now)  # refused: never re-admitted
     if not admission.allowed or store is None:
         return refuse(job, admission.reason, admission.message, now)
+    limit = constants.MAX_REQUESTS_PER_JOB
+    if admission.max_requests is not None:
+        room = admission.max_requests - namespace_unfinished
+        if room <= 0 and job.status is None:
+            return refuse(
+                job, Reason.REQUEST_QUOTA_EXCEEDED, _quota_message(job, admission, namespace_unfinished), now
+            )
+        limit = min(limit, max(room, 1))
     spec, config = job.spec, job_config(job)
     holder = await OutputClaims(ledger.client).claim(as_prefix(spec.output_url), ledger.keys)
     if holder is not None:
@@ -225,7 +264,7 @@ async def start(
     )
     if await ledger.state() == Phase.VALIDATING:
         try:
-            report = await index_input(ledger, store, config)
+            report = await index_input(ledger, store, config, max_requests=limit)
         except StorageError as error:  # Admitted stays true: the spec was fine, its storage is not
             reason = Reason.INPUT_UNREADABLE if isinstance(error, ReadError) else Reason.OUTPUT_UNWRITABLE
             return await _storage_failed(job, status, ledger, "index", error, reason=reason, now=now)
@@ -235,7 +274,11 @@ async def start(
             )
         except InputTooLargeError as error:
             await ledger.transition(Phase.FAILED)
-            return _fail(status, job, Reason.INPUT_TOO_LARGE, str(error), now)
+            if error.limit < constants.MAX_REQUESTS_PER_JOB:  # the namespace's cap, not the ledger's
+                message = f"{error}: {_quota_message(job, admission, namespace_unfinished)}"
+                return _fail(status, job, Reason.REQUEST_QUOTA_EXCEEDED, message, now)
+            message = f"{error}, the most one job may hold: split it into several jobs"
+            return _fail(status, job, Reason.INPUT_TOO_LARGE, message, now)
         await _healthy(job, status, ledger, "index", now)
         if report.invalid:
             events.append(

@@ -205,7 +205,18 @@ async def start_job(
         except GrantSecretMissingError as error:
             admission = Admission(False, Reason.STORAGE_NOT_GRANTED, str(error))
             store = None
-        update = await jobs.start(job, admission, jobs.ledger_for(job, memo.redis), store, jobs.now_utc())
+        unfinished = 0
+        if admission.allowed and admission.max_requests is not None:  # the namespace's cap counts them
+            listed = await asyncio.to_thread(memo.cluster.jobs)
+            unfinished = await jobs.namespace_unfinished(memo.redis, listed, job)
+        update = await jobs.start(
+            job,
+            admission,
+            jobs.ledger_for(job, memo.redis),
+            store,
+            jobs.now_utc(),
+            namespace_unfinished=unfinished,
+        )
     _write(patch, body, update, logger)
 
 
