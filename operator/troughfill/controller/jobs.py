@@ -361,12 +361,15 @@ async def refresh_status(
     events: list[Event] = []
     config = job_config(job)
     retry_in = None
-    changed = await ledger.input_changed()  # a worker found the input is not what was indexed
-    if changed and await ledger.state() not in TERMINAL:
+    progress = await ledger.progress()
+    if progress.input_changed and progress.state not in TERMINAL:  # a worker found it changed
         await ledger.transition(Phase.FAILED)
-        events += _fail(status, job, Reason.INPUT_CHANGED, changed, now).events
+        events += _fail(status, job, Reason.INPUT_CHANGED, progress.input_changed, now).events
+        progress = await ledger.progress()
     try:
-        progress = await _expire_if_window_ended(job, status, ledger, store, now=now, events=events)
+        progress = await _expire_if_window_ended(
+            job, status, ledger, store, config=config, progress=progress, now=now, events=events
+        )
         progress = await _finalize_if_done(status, ledger, store, config, progress, events=events)
     except (StorageError, MergeError) as error:
         writing = isinstance(error, StorageError) and not isinstance(error, ReadError)
@@ -408,11 +411,12 @@ async def _expire_if_window_ended(
     ledger: JobLedger,
     store: ObjectStore | None,
     *,
+    config: JobConfig,
+    progress: Progress,
     now: datetime,
     events: list[Event],
 ) -> Progress:
     """Past the completion window with work left: merge what is done, the rest as expired."""
-    progress = await ledger.progress()
     ends = deadline(job)
     if (
         store is None
@@ -422,7 +426,7 @@ async def _expire_if_window_ended(
         or progress.state not in {Phase.VALIDATING, Phase.IN_PROGRESS, Phase.FINALIZING}
     ):
         return progress
-    report = await finalize(ledger, store, Phase.EXPIRED, job_config(job))
+    report = await finalize(ledger, store, Phase.EXPIRED, config)
     message = f"completion window {job.spec.completion_window} ended: {_summary(report)}"
     events.append(Event(Reason.WINDOW_ENDED, message, warning=True))
     status.output_url, status.error_url = report.output_url, report.error_url

@@ -208,10 +208,6 @@ class JobLedger:
     async def input_identity(self) -> str:
         return _text(await self.client.hget(self.keys.key("meta"), "input_identity") or b"")
 
-    async def input_changed(self) -> str | None:
-        value = await self.client.hget(self.keys.key("meta"), "input_changed")
-        return _text(value) if value else None
-
     async def report_input_changed(self, message: str) -> None:
         """A worker found the input is not what was indexed: the operator ends the job."""
         await self.client.hset(self.keys.key("meta"), "input_changed", message)
