@@ -21,6 +21,7 @@ from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.conditions import find_condition
 from troughfill.controller import jobs
 from troughfill.controller.jobs import MAX_STORAGE_ATTEMPTS
+from troughfill.ledger import JobLedger
 from troughfill.storage import ObjectStore, ReadError, WriteError, objects
 from troughfill.storage.errors import is_transient
 from troughfill.worker.engine import EngineClient
@@ -39,6 +40,17 @@ def make_job(tmp_path: Path, lines: list[str]) -> BatchInference:
 async def started(aredis: Redis, job: BatchInference, store: ObjectStore) -> jobs.StatusUpdate:
     admission = admit(job, ModelTemplate.model_validate(template()), BatchPool.model_validate(pool()))
     return await jobs.start(job, admission, jobs.ledger_for(job, aredis), store, NOW)
+
+
+async def worked(
+    aredis: Redis, tmp_path: Path, count: int, chunk: int = 50
+) -> tuple[BatchInference, jobs.StatusUpdate, JobLedger]:
+    """A job of `count` requests, started and every request done (not merged yet)."""
+    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(count)])
+    first = await started(aredis, job, ObjectStore())
+    ledger = jobs.ledger_for(job, aredis)
+    await drain(ledger, ObjectStore(), job.spec.output_url, chunk=chunk)
+    return job, first, ledger
 
 
 class FlakyWrites(ObjectStore):
@@ -82,10 +94,7 @@ def condition(update: jobs.StatusUpdate, kind: str) -> tuple[str, str, str]:
 async def test_a_committed_segment_gone_fails_the_job_and_publishes_nothing(
     aredis: Redis, tmp_path: Path
 ) -> None:
-    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(6)])
-    first = await started(aredis, job, ObjectStore())
-    ledger = jobs.ledger_for(job, aredis)
-    await drain(ledger, ObjectStore(), job.spec.output_url, chunk=3)
+    job, first, ledger = await worked(aredis, tmp_path, 6, chunk=3)
     segments = tmp_path / "out" / "_segments" / job.metadata.uid_text
     next(segments.iterdir()).unlink()
     done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
@@ -113,10 +122,7 @@ async def test_an_input_gone_before_the_merge_fails_the_job_saying_so(aredis: Re
 async def test_a_store_that_is_away_is_retried_with_back_off_then_fails_the_job(
     aredis: Redis, tmp_path: Path
 ) -> None:
-    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
-    first = await started(aredis, job, ObjectStore())
-    ledger = jobs.ledger_for(job, aredis)
-    await drain(ledger, ObjectStore(), job.spec.output_url)
+    job, first, ledger = await worked(aredis, tmp_path, 4)
     store = FlakyWrites(failures=100)
     delays = []
     status = first.status
@@ -140,10 +146,7 @@ async def test_a_store_that_is_away_is_retried_with_back_off_then_fails_the_job(
 async def test_a_store_back_in_time_clears_degraded_and_the_job_completes(
     aredis: Redis, tmp_path: Path
 ) -> None:
-    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
-    first = await started(aredis, job, ObjectStore())
-    ledger = jobs.ledger_for(job, aredis)
-    await drain(ledger, ObjectStore(), job.spec.output_url)
+    job, first, ledger = await worked(aredis, tmp_path, 4)
     store = FlakyWrites(failures=2)
     status = first.status
     for _ in range(2):
@@ -206,10 +209,7 @@ def test_reading_a_file_without_newlines_holds_one_bounded_line(
 async def test_a_slow_merge_leaves_the_event_loop_free(aredis: Redis, tmp_path: Path) -> None:
     """The pool timers (and so yields) run on the operator's event loop: a merge whose uploads
     block must not hold it."""
-    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(40)])
-    first = await started(aredis, job, ObjectStore())
-    ledger = jobs.ledger_for(job, aredis)
-    await drain(ledger, ObjectStore(), job.spec.output_url, chunk=2)  # 20 segments: 20 slow writes
+    job, first, ledger = await worked(aredis, tmp_path, 40, chunk=2)  # 20 segments: 20 slow writes
     gaps: list[float] = []
     stop = asyncio.Event()
 
@@ -257,10 +257,7 @@ async def test_segments_left_by_an_operator_stopped_after_the_merge_are_cleaned_
 ) -> None:
     """The merge published and the ledger says completed, then the operator died before deleting
     the segments: the next refresh deletes them; a failed delete never fails a completed job."""
-    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
-    first = await started(aredis, job, ObjectStore())
-    ledger = jobs.ledger_for(job, aredis)
-    await drain(ledger, ObjectStore(), job.spec.output_url)
+    job, first, ledger = await worked(aredis, tmp_path, 4)
     segments = tmp_path / "out" / "_segments" / job.metadata.uid_text
 
     def dies(self: ObjectStore, url: str) -> None:
@@ -280,10 +277,7 @@ async def test_segments_left_by_an_operator_stopped_after_the_merge_are_cleaned_
 async def test_an_input_changed_after_indexing_fails_the_job_at_the_merge(
     aredis: Redis, tmp_path: Path
 ) -> None:
-    job = make_job(tmp_path, [request_line(f"r{i}") for i in range(4)])
-    first = await started(aredis, job, ObjectStore())
-    ledger = jobs.ledger_for(job, aredis)
-    await drain(ledger, ObjectStore(), job.spec.output_url)
+    job, first, ledger = await worked(aredis, tmp_path, 4)
     write_input(tmp_path / "in.jsonl", [request_line(f"other-{i}") for i in range(5)])  # replaced
     done = await jobs.refresh_status(job, first.status, ledger, ObjectStore(), NOW)
     assert done.status.phase == "failed"

@@ -26,13 +26,20 @@ def load(name: str) -> dict[str, Any]:
     return loaded
 
 
-@pytest.fixture
-def pod() -> dict[str, Any]:
+def examples() -> tuple[BatchInference, ModelTemplate, BatchPool]:
+    """The example job (with a uid, as the API server gives it), template and pool."""
     job_wire = load("batchinference.yaml")
     job_wire["metadata"]["uid"] = "1234-abcd"
-    job = BatchInference.model_validate(job_wire)
-    template = ModelTemplate.model_validate(load("template.yaml"))
-    pool = BatchPool.model_validate(load("pool.yaml"))
+    return (
+        BatchInference.model_validate(job_wire),
+        ModelTemplate.model_validate(load("template.yaml")),
+        BatchPool.model_validate(load("pool.yaml")),
+    )
+
+
+@pytest.fixture
+def pod() -> dict[str, Any]:
+    job, template, pool = examples()
     admission = admit(job, template, pool)
     assert admission.allowed, admission.message
     environment = WorkerEnvironment(redis_url="redis://redis.troughfill-system:6379/0")
@@ -99,11 +106,7 @@ def test_deletion_cost_follows_the_planners_victim_order() -> None:
 
 
 def test_object_store_endpoint_style_and_credentials_reach_the_worker() -> None:
-    job_wire = load("batchinference.yaml")
-    job_wire["metadata"]["uid"] = "1234-abcd"
-    job = BatchInference.model_validate(job_wire)
-    template = ModelTemplate.model_validate(load("template.yaml"))
-    pool = BatchPool.model_validate(load("pool.yaml"))
+    job, template, pool = examples()
     environment = WorkerEnvironment(
         redis_url="redis://redis:6379/0",
         s3_endpoint_url="http://s3.object-store.svc",
@@ -121,9 +124,7 @@ def test_object_store_endpoint_style_and_credentials_reach_the_worker() -> None:
 
 
 def test_the_jobs_secret_is_owned_by_the_job_and_holds_only_what_it_is_given() -> None:
-    job_wire = load("batchinference.yaml")
-    job_wire["metadata"]["uid"] = "1234-abcd"
-    job = BatchInference.model_validate(job_wire)
+    job, _, _ = examples()
     secret = job_secret(job, {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
     assert secret["metadata"]["namespace"] == "team-a"
     (owner,) = secret["metadata"]["ownerReferences"]
@@ -141,11 +142,7 @@ def test_a_slow_first_start_is_allowed_several_cold_starts_before_a_restart(pod:
 
 
 def test_workers_get_the_ledgers_tls_ca_not_any_password() -> None:
-    job_wire = load("batchinference.yaml")
-    job_wire["metadata"]["uid"] = "1234-abcd"
-    job = BatchInference.model_validate(job_wire)
-    template = ModelTemplate.model_validate(load("template.yaml"))
-    pool = BatchPool.model_validate(load("pool.yaml"))
+    job, template, pool = examples()
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     environment = WorkerEnvironment(redis_url="rediss://redis:6379/0", redis_tls_ca_pem=pem)
     made = worker_pod("w", job, template, pool, admit(job, template, pool), environment=environment)
@@ -172,9 +169,7 @@ def test_workers_meet_the_restricted_pod_security_standard(pod: dict[str, Any]) 
 
 
 def test_template_env_takes_secret_and_configmap_keys_of_the_jobs_namespace() -> None:
-    job_wire = load("batchinference.yaml")
-    job_wire["metadata"]["uid"] = "1234-abcd"
-    job = BatchInference.model_validate(job_wire)
+    job, _, pool = examples()
     template_wire = load("template.yaml")
     template_wire["spec"]["engine"]["env"] = [
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
@@ -182,7 +177,6 @@ def test_template_env_takes_secret_and_configmap_keys_of_the_jobs_namespace() ->
         {"name": "PLAIN", "value": "1"},
     ]
     template = ModelTemplate.model_validate(template_wire)
-    pool = BatchPool.model_validate(load("pool.yaml"))
     made = worker_pod(
         "w", job, template, pool, admit(job, template, pool), environment=WorkerEnvironment("r")
     )
