@@ -21,7 +21,7 @@ from troughfill import constants
 from troughfill.api.batchfile import ErrorCode, RequestLine, classify_line, error_record
 from troughfill.api.batchinference import Endpoint, Phase
 from troughfill.errors import TroughfillError
-from troughfill.ledger import JobConfig, JobLedger, LedgerClosedError, Outcome
+from troughfill.ledger import JobConfig, JobLedger, LedgerClosedError, Outcome, id_buckets
 from troughfill.storage import (
     ERROR_FILE,
     MAX_LINE_BYTES,
@@ -93,13 +93,16 @@ async def index_input(
     await ledger.reset_index()
     identity = await asyncio.to_thread(store.identity, config.input_url)
     await ledger.record_input(identity)
+    size = ObjectStore.size_of(identity)
+    buckets = 0
     report = IndexReport()
     errors: list[SegmentRecord] = []
     lines = store.iter_lines(config.input_url)
     while batch := await asyncio.to_thread(_next_batch, lines, INDEX_BATCH_LINES):
+        buckets = buckets or id_buckets(_expected_lines(size, batch))
         parsed = [_classify(line, config.endpoint) for line in batch]
         valid_ids = [request.custom_id for request, code, _ in parsed if code is None and request is not None]
-        fresh = iter(await ledger.add_custom_ids(valid_ids))
+        fresh = iter(await ledger.add_custom_ids(valid_ids, buckets))
         for line, (request, problem, detail) in zip(batch, parsed, strict=True):
             code, message = problem, detail
             if code is None and not next(fresh):
@@ -120,9 +123,15 @@ async def index_input(
             errors = []
     report.invalid += await _store_errors(ledger, store, config.output_url, errors)
     await check_input(store, config.input_url, identity)  # changed while it was read: not indexed
-    await ledger.finish_index(report.total)
+    await ledger.finish_index(report.total, buckets or 1)
     await ledger.transition(Phase.IN_PROGRESS)
     return report
+
+
+def _expected_lines(size: int, first: list[Line]) -> int:
+    """How many lines an input of `size` bytes holds if the rest is like its first batch."""
+    read = first[-1].start + first[-1].length + 1 - first[0].start
+    return max(len(first), -(-size * len(first) // max(1, read)))
 
 
 async def _store_errors(

@@ -28,6 +28,7 @@ from troughfill.ledger import (
     LedgerClosedError,
     Outcome,
     Partial,
+    id_buckets,
 )
 from troughfill.ledger.ledger import DEFAULT_LEASE_SECONDS
 from troughfill.results import finalize, index_input, load_requests
@@ -108,6 +109,35 @@ async def test_indexing_validates_lines_and_maps_each_request_to_its_bytes(
         (None, "invalid_request", 5),
         ("a", "duplicate_custom_id", 6),
     }
+
+
+async def test_duplicate_ids_are_found_in_bounded_redis_memory_whatever_their_length(
+    aredis: Redis, tmp_path: Path, store: ObjectStore, clock: FakeClock
+) -> None:
+    """20,000 ids of 500 bytes: the digests Redis holds while indexing cost about 20 bytes an id
+    (a set of the ids themselves took over 550), and nothing of them is left once indexed."""
+    count = 20_000
+    ids = [f"{i:06d}-" + "x" * 493 for i in range(count)]
+    ledger = new_ledger(aredis, clock)
+    buckets = id_buckets(count)
+    before = int((await aredis.info("memory"))["used_memory"])
+    fresh = await ledger.add_custom_ids(ids, buckets)
+    held = int((await aredis.info("memory"))["used_memory"]) - before
+    assert all(fresh)
+    assert held / count < 40, f"{held / count:.1f} bytes of Redis an id"
+    again = await ledger.add_custom_ids([ids[7], "new", ids[-1], "new"], buckets)
+    assert again == [False, True, False, False]
+    await aredis.append(ledger.keys.key("offsets"), b"\0" * 12 * (count + 1))
+    await ledger.finish_index(count + 1, buckets)
+    assert [key async for key in aredis.scan_iter(match=ledger.keys.key("ids") + "*")] == []
+
+
+def test_id_buckets_keep_each_hash_small_enough_for_a_listpack() -> None:
+    assert id_buckets(0) == 1
+    for ids in (100, 10_000, 10**6, 40_000_000):
+        buckets = id_buckets(ids)
+        assert buckets & (buckets - 1) == 0
+        assert 32 < ids / buckets <= 64
 
 
 async def test_reindexing_after_a_crash_starts_over(

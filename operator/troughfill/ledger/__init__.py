@@ -12,6 +12,7 @@ from troughfill.ledger.ledger import (
     Partial,
     Progress,
     connect,
+    id_buckets,
 )
 from troughfill.ledger.outputs import OutputClaims
 from troughfill.ledger.states import TERMINAL, TRANSITIONS, InvalidTransitionError
@@ -33,4 +34,5 @@ __all__ = [
     "Progress",
     "StopMode",
     "connect",
+    "id_buckets",
 ]

@@ -62,4 +62,5 @@ SCRIPT_KEY_NAMES = (
 OFFSETS = "offsets"
 """Packed (start: uint64, length: uint32) per request: where its line is in the input."""
 CUSTOM_IDS = "ids"
-"""Set of custom_ids, only while indexing (duplicate detection)."""
+"""Prefix of the hashes `ids:<bucket>` of custom_id digests, only while indexing (duplicate
+detection): 128-bit digests spread over enough buckets that each stays a compact listpack."""

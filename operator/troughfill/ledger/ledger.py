@@ -34,6 +34,24 @@ BITMAP_READ_BYTES = 64 << 10
 Redis = aioredis.Redis
 
 
+ID_DIGEST_BYTES = 16
+"""custom_ids are compared by their 128-bit BLAKE2b digests: two different ids of one job
+collide with probability below 1e-21 even at MAX_REQUESTS_PER_JOB."""
+IDS_PER_BUCKET = 64
+"""Mean digests per bucket: Redis keeps a hash of up to 128 entries as a listpack (about 20
+bytes an entry), and a Poisson(64) bucket passes 128 with probability about 1e-12."""
+
+
+def id_buckets(expected_ids: int) -> int:
+    """How many digest hashes a job expecting this many ids gets: a power of two, enough for
+    IDS_PER_BUCKET in each on average. More ids than expected cost memory (buckets past 128
+    become hash tables), never correctness."""
+    buckets = 1
+    while buckets * IDS_PER_BUCKET < expected_ids:
+        buckets *= 2
+    return buckets
+
+
 PATIENT_RETRIES = 20
 """A worker's client rides out a Redis restart: 20 reconnects backing off from 0.25 s to 4 s,
 about a minute, before a ledger call fails (and with it the worker)."""
@@ -313,11 +331,17 @@ class JobLedger:
             await self.client.hdel(meta, *fields)
         await self.client.hset(meta, "indexed", 0)
 
-    async def add_custom_ids(self, custom_ids: Sequence[str]) -> list[bool]:
-        """For each id, whether it is new to this job (False: a duplicate)."""
+    async def add_custom_ids(self, custom_ids: Sequence[str], buckets: int) -> list[bool]:
+        """For each id, whether it is new to this job (False: a duplicate). Ids are kept as their
+        128-bit digests in `buckets` hashes (see `id_buckets`), so Redis holds about 20 bytes an
+        id whatever the ids' length."""
         if not custom_ids:
             return []
-        flags = await self._script("NEW_CUSTOM_IDS")(keys=[self.keys.key(CUSTOM_IDS)], args=list(custom_ids))
+        args: list[bytes | int] = []
+        for custom_id in custom_ids:
+            digest = hashlib.blake2b(custom_id.encode(), digest_size=ID_DIGEST_BYTES).digest()
+            args += [int.from_bytes(digest[:8], "big") % buckets, digest]
+        flags = await self._script("NEW_CUSTOM_IDS")(keys=[self.keys.key(CUSTOM_IDS + ":")], args=args)
         return [flag == ord("1") for flag in _bytes(flags)]
 
     async def append_spans(self, spans: Sequence[tuple[int, int]]) -> None:
@@ -325,12 +349,14 @@ class JobLedger:
         packed = b"".join(SPAN.pack(start, length) for start, length in spans)
         await self.client.append(self.keys.key(OFFSETS), packed)
 
-    async def finish_index(self, total: int) -> None:
+    async def finish_index(self, total: int, buckets: int) -> None:
         stored = await self.client.strlen(self.keys.key(OFFSETS))
         if stored != total * SPAN.size:
             raise ValueError(f"index holds {stored // SPAN.size} spans, expected {total}")
         await self.client.hset(self.keys.key("meta"), mapping={"total": total, "indexed": 1})
-        await self.client.unlink(self.keys.key(CUSTOM_IDS))
+        for first in range(0, buckets, 1000):
+            names = [self.keys.key(f"{CUSTOM_IDS}:{b}") for b in range(first, min(buckets, first + 1000))]
+            await self.client.unlink(*names)
 
     async def spans(self, indices: Sequence[int]) -> list[tuple[int, int]]:
         """(byte offset, length) of each request's line, reading runs of indices in one call."""

@@ -256,7 +256,6 @@ return 1
 """
 )
 
-# KEYS: the custom-id set; ARGV: custom_id... -> one byte per id: 1 new, 0 seen before
 # KEYS: meta; ARGV: field, value, ... -> 1 created, 0 it exists (nothing written)
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -264,10 +263,12 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
+# KEYS: the digest buckets' key prefix; ARGV: bucket, digest, bucket, digest, ... -> one byte
+# per digest: 1 new, 0 seen before (the buckets are keys under the job's hash tag).
 NEW_CUSTOM_IDS = """
 local flags = {}
-for k = 1, #ARGV do
-  flags[k] = redis.call('SADD', KEYS[1], ARGV[k]) == 1 and '1' or '0'
+for k = 1, #ARGV, 2 do
+  flags[#flags + 1] = redis.call('HSETNX', KEYS[1] .. ARGV[k], ARGV[k + 1], '') == 1 and '1' or '0'
 end
 return table.concat(flags)
 """

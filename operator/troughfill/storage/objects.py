@@ -167,6 +167,14 @@ class ObjectStore:
             marks.append(f"mtime={info.get('mtime', info.get('LastModified'))}")
         return " ".join(marks)
 
+    @staticmethod
+    def size_of(identity: str) -> int:
+        """The size in bytes an `identity` records."""
+        for mark in identity.split():
+            if mark.startswith("size="):
+                return int(mark.removeprefix("size="))
+        raise ValueError(f"no size in identity {identity!r}")
+
     def exists(self, url: str) -> bool:
         try:
             fs, path = self._fs(url)
