@@ -100,7 +100,8 @@ class FakeWorker:
         self.writer = ResultWriter(self.ledger, self.store, self.output_url, writer=self.name)
 
     async def take(self, count: int) -> bool:
-        self.claim = await self.ledger.claim(self.name, count)
+        idle = self.claim is None and not self.writer.records
+        self.claim = await self.ledger.claim(self.name, count, idle=idle)
         return self.claim is not None
 
     async def work(self, count: int) -> list[int]:

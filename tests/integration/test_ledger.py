@@ -22,6 +22,7 @@ from tests.ledgertools import (
 )
 from troughfill.api import Phase
 from troughfill.ledger import (
+    Claim,
     TRANSITIONS,
     InvalidTransitionError,
     JobLedger,
@@ -153,7 +154,7 @@ async def test_reindexing_after_a_crash_starts_over(
     assert (report.total, report.invalid, progress.total, progress.failed) == (3, 1, 3, 1)
 
 
-async def test_claims_are_chunks_and_an_expired_lease_returns_its_requests(
+async def test_claims_are_chunks_and_an_expired_leases_requests_come_back_one_at_a_time(
     aredis: Redis, tmp_path: Path, store: ObjectStore, clock: FakeClock
 ) -> None:
     ledger, _ = await ready_job(aredis, tmp_path, store, clock, count=10, lease_seconds=10)
@@ -168,15 +169,13 @@ async def test_claims_are_chunks_and_an_expired_lease_returns_its_requests(
     clock.advance(6)
     third = await ledger.claim("w3", 10)
     assert third is not None
-    assert sorted(third.indices) == [4, 5, 6, 7, 8, 9]  # w2's requests first, then the rest
-    assert dict(zip(third.indices, third.failed_attempts, strict=True)) == {
-        4: 1,
-        5: 1,
-        6: 1,
-        7: 1,
-        8: 0,
-        9: 0,
-    }
+    assert third.indices == [8, 9]  # w2's requests are suspects now: a busy worker takes fresh ones
+    assert third.failed_attempts == [0, 0]
+    for expected in [4, 5, 6, 7]:  # one at a time, each to a worker holding nothing, no attempt charged
+        alone = await ledger.claim(f"idle{expected}", 10, idle=True)
+        assert alone is not None
+        assert (alone.indices, alone.failed_attempts, alone.solo) == ([expected], [0], True)
+    assert await ledger.claim("idle", 10, idle=True) is None
     assert not await ledger.renew("w2", second.lease_id)
     assert not await ledger.renew("w3", first.lease_id)  # not its lease
 
@@ -202,10 +201,11 @@ async def test_requests_that_keep_failing_become_dead_letters(
     claim = await ledger.claim("w1", 2)
     assert claim is not None
     assert await ledger.nack("w1", claim.lease_id, [0]) == 1  # attempt 1 of request 0 failed
-    clock.advance(6)  # the worker died: attempt 1 of request 1 failed too
+    assert await ledger.nack("w1", claim.lease_id, [1]) == 1  # and of request 1
     claim = await ledger.claim("w2", 2)
     assert claim is not None
     assert sorted(claim.indices) == [0, 1]
+    assert claim.failed_attempts == [1, 1]
     assert await ledger.nack("w2", claim.lease_id, [0, 1]) == 0  # second failures: both give up
     progress = await ledger.progress()
     assert (progress.dead, progress.failed, progress.failed_attempts) == (2, 2, 4)
@@ -217,6 +217,43 @@ async def test_requests_that_keep_failing_become_dead_letters(
         ("r0", "max_attempts_exceeded"),
         ("r1", "max_attempts_exceeded"),
     }
+
+
+async def test_a_crash_makes_suspects_that_are_retried_alone_and_only_solo_crashes_count(
+    aredis: Redis, tmp_path: Path, store: ObjectStore, clock: FakeClock
+) -> None:
+    ledger, _ = await ready_job(aredis, tmp_path, store, clock, count=4, max_attempts=1, lease_seconds=5)
+    crowd = await ledger.claim("w1", 4)
+    assert crowd is not None
+    assert not crowd.solo
+    assert await ledger.nack("w1", crowd.lease_id, [0, 1, 2, 3], crashed=True) == 4  # nothing charged
+    assert await ledger.release("w1", crowd.lease_id) == 0
+    assert await ledger.claim("w2", 4) is None  # a busy worker is given no suspect
+    for _ in range(4):  # alone, each once; request 2 kills its engine every time
+        alone = await ledger.claim("w3", 4, idle=True)
+        assert alone is not None
+        assert alone.solo
+        if alone.indices == [2]:
+            assert await ledger.nack("w3", alone.lease_id, [2], crashed=True) == 1  # its first crash
+            assert await ledger.release("w3", alone.lease_id) == 0
+        else:
+            await drain_lease(ledger, store, "w3", alone)
+    alone = await ledger.claim("w4", 4, idle=True)
+    assert alone is not None
+    assert alone.indices == [2]
+    clock.advance(6)  # this time the worker died with it (its lease expired): the second crash
+    assert await ledger.reap() == 1
+    progress = await ledger.progress()
+    assert (progress.completed, progress.dead, progress.failed_attempts) == (3, 1, 0)
+    assert progress.all_done
+    assert [(i, code) async for i, code in ledger.dead_letters()] == [(2, "request_crashed_engine")]
+
+
+async def drain_lease(ledger: JobLedger, store: ObjectStore, owner: str, claim: Claim) -> None:
+    """Commit fake results for a lease's requests, as its owner, and give the lease back."""
+    worker = FakeWorker(ledger, store, (await ledger.config()).output_url, owner)
+    worker.claim = claim
+    await worker.finish()
 
 
 async def test_a_request_done_twice_counts_once(
@@ -369,15 +406,16 @@ async def test_expired_leases_return_within_seconds_of_real_time(
     started = asyncio.get_running_loop().time()
     claim = None
     for _ in range(100):  # a rescuer polling every 50 ms, for at most 5 s
-        claim = await ledger.claim("rescuer", 3)
+        claim = await ledger.claim("rescuer", 3, idle=True)
         if claim:
             break
         await asyncio.sleep(0.05)
     waited = asyncio.get_running_loop().time() - started
     assert claim is not None
-    assert sorted(claim.indices) == [0, 1, 2]
+    assert claim.indices == [0]  # a suspect: alone
     assert 0.9 <= waited <= 2.0
-    assert json.dumps(claim.failed_attempts) == "[1, 1, 1]"
+    assert json.dumps(claim.failed_attempts) == "[0]"  # a dead worker is no request's failed attempt
+    assert await ledger.pending() == 2
 
 
 async def test_leases_run_on_the_servers_clock_not_the_clients(

@@ -119,12 +119,14 @@ class ErrorCode:
     DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
     LINE_TOO_LONG = "line_too_long"
     MAX_ATTEMPTS = "max_attempts_exceeded"
+    CRASHED_ENGINE = "request_crashed_engine"
     EXPIRED = "batch_expired"
     CANCELLED = "batch_cancelled"
 
 
 ERROR_MESSAGES = {
     ErrorCode.MAX_ATTEMPTS: "The request failed on every attempt its job allows.",
+    ErrorCode.CRASHED_ENGINE: "The inference engine died twice while it served this request alone.",
     ErrorCode.EXPIRED: "This request could not be executed before the completion window expired.",
     ErrorCode.CANCELLED: "This request was not executed because the batch was cancelled.",
 }

@@ -46,7 +46,9 @@ class JobKeys:
 # once when its result (or final error) is committed; retry: requests back from a lease;
 # leases: zset lease id -> expiry; owners: lease id -> worker; attempts: request -> failed
 # attempts; counters: aggregate counts and tokens; dead: request -> final error code;
-# segments: committed segment ids in commit order; partial: request -> saved partial output.
+# segments: committed segment ids in commit order; partial: request -> saved partial output;
+# suspects: requests whose attempt a crash ended, each retried alone; crashes: request ->
+# crashes that ended it while it ran alone; solo: lease ids that hold one suspect alone.
 SCRIPT_KEY_NAMES = (
     "meta",
     "done",
@@ -58,6 +60,9 @@ SCRIPT_KEY_NAMES = (
     "dead",
     "segments",
     "partial",
+    "suspects",
+    "crashes",
+    "solo",
 )
 OFFSETS = "offsets"
 """Packed (start: uint64, length: uint32) per request: where its line is in the input."""

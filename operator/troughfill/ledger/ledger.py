@@ -105,6 +105,8 @@ class Claim:
     failed_attempts: list[int]
     """Failed attempts each request had before this claim."""
     expires_at: float
+    solo: bool = False
+    """One request a crash made a suspect: run it with nothing else in the engine."""
 
 
 @dataclass(slots=True)
@@ -378,11 +380,12 @@ class JobLedger:
             self._lease_seconds = float(stored) if stored else DEFAULT_LEASE_SECONDS
         return self._lease_seconds
 
-    async def claim(self, worker: str, max_count: int) -> Claim | None:
-        """Lease up to `max_count` pending requests (retries first), or None if there are none now."""
+    async def claim(self, worker: str, max_count: int, *, idle: bool = False) -> Claim | None:
+        """Lease up to `max_count` pending requests (retries first), or None if there are none now.
+        An `idle` worker (holding nothing) gets a suspect alone first, if there is one."""
         lease_seconds = await self._lease_time()
-        lease_id, _, indices, attempts = await self._run(
-            "CLAIM", worker, max_count, self._now(), lease_seconds
+        lease_id, _, indices, attempts, solo = await self._run(
+            "CLAIM", worker, max_count, self._now(), lease_seconds, "1" if idle else "0"
         )
         if not lease_id:
             return None
@@ -391,6 +394,7 @@ class JobLedger:
             indices=[i for (i,) in U32.iter_unpack(indices)],
             failed_attempts=[a for (a,) in U32.iter_unpack(attempts)],
             expires_at=self._local_now() + lease_seconds,  # by this host's clock, for scheduling
+            solo=bool(solo),
         )
 
     async def renew(self, worker: str, lease_id: int) -> bool:
@@ -403,14 +407,24 @@ class JobLedger:
         return int(await self._run("RELEASE", worker, lease_id))
 
     async def nack(
-        self, worker: str, lease_id: int, indices: Iterable[int], *, count_attempt: bool = True
+        self,
+        worker: str,
+        lease_id: int,
+        indices: Iterable[int],
+        *,
+        count_attempt: bool = True,
+        crashed: bool = False,
     ) -> int:
         """Give some requests of a lease back. Counted (a failed attempt): pending again, or dead
-        past max attempts. Not counted (aborted by a shutdown, not the request's fault): pending."""
-        return int(await self._run("NACK", worker, lease_id, "1" if count_attempt else "0", *indices))
+        past max attempts. Not counted (aborted by a shutdown, not the request's fault): pending.
+        `crashed` (the engine died with them in it): suspects, each retried alone, nothing counted;
+        a request that was alone in a crash for the second time is dead-lettered."""
+        how = "crash" if crashed else "1" if count_attempt else "0"
+        return int(await self._run("NACK", worker, lease_id, how, *indices))
 
     async def reap(self) -> int:
-        """Return the requests of expired leases to pending (or dead); the number of leases reaped."""
+        """Return the requests of expired leases to pending, as suspects (their worker died or
+        lost touch: nothing is charged); the number of leases reaped."""
         return int(await self._run("REAP", self._now()))
 
     async def commit(self, segment_id: str, outcomes: Sequence[Outcome], lease_id: int | None = None) -> int:
@@ -478,12 +492,13 @@ class JobLedger:
         return found
 
     async def pending(self) -> int:
-        """Requests nobody holds: retries plus never-claimed ones (some may already be done)."""
+        """Requests nobody holds: retries, suspects and never-claimed ones (some may be done)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.llen(self.keys.key("retry"))
+        pipe.llen(self.keys.key("suspects"))
         pipe.hmget(self.keys.key("meta"), ["total", "cursor"])
-        retries, (total, cursor) = await pipe.execute()
-        return int(retries) + max(0, int(total or 0) - int(cursor or 0))
+        retries, suspects, (total, cursor) = await pipe.execute()
+        return int(retries) + int(suspects) + max(0, int(total or 0) - int(cursor or 0))
 
     # --- workers ---------------------------------------------------------------------------------
 

@@ -7,13 +7,14 @@ Times (lease expiry, state changes) are Redis's own clock (TIME), so a client wh
 off cannot reap live leases or keep dead ones; a test may pass its own "now" instead.
 
 A request is always in exactly one place: never claimed (index >= cursor), the retry list,
-one lease's set, or done (its bit set). The done bit is set once, by whoever commits first;
+the suspects list, one lease's set, or done (its bit set). The done bit is set once, by whoever commits first;
 that commit "wins" the request, and only the winner's record reaches the merged output.
 """
 
 PRELUDE = """
 local K_META, K_DONE, K_RETRY, K_LEASES, K_OWNERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_ATTEMPTS, K_COUNTERS, K_DEAD, K_SEGMENTS, K_PARTIAL = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_SUSPECTS, K_CRASHES, K_SOLO = KEYS[11], KEYS[12], KEYS[13]
 local PREFIX = ARGV[1]
 
 -- Seconds since the epoch: the caller's `given` time (tests), or the server's clock ('').
@@ -59,16 +60,36 @@ local function requeue(indices, failed_attempt)
   return back
 end
 
+-- A crash (the engine died, or the worker: its lease expired) ended these requests' attempt.
+-- Which of them caused it is unknown, so none is charged an attempt: they become suspects,
+-- each retried alone in a lease of its own. A crash that ends such a solo lease is its
+-- request's doing; the second one dead-letters it.
+local function suspect(indices, solo)
+  local back = 0
+  for _, i in ipairs(indices) do
+    if redis.call('GETBIT', K_DONE, i) == 0 then
+      if solo and redis.call('HINCRBY', K_CRASHES, i, 1) >= 2 then
+        give_up(i, 'request_crashed_engine')
+      else
+        redis.call('RPUSH', K_SUSPECTS, i)
+        back = back + 1
+      end
+    end
+  end
+  return back
+end
+
 local function drop_lease(id)
   redis.call('DEL', PREFIX .. 'lease:' .. id)
   redis.call('ZREM', K_LEASES, id)
   redis.call('HDEL', K_OWNERS, id)
+  redis.call('SREM', K_SOLO, id)
 end
 
 local function reap(now)
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 256)
   for _, id in ipairs(expired) do
-    requeue(redis.call('SMEMBERS', PREFIX .. 'lease:' .. id), true)
+    suspect(redis.call('SMEMBERS', PREFIX .. 'lease:' .. id), redis.call('SISMEMBER', K_SOLO, id) == 1)
     drop_lease(id)
   end
   return #expired
@@ -79,19 +100,32 @@ local function owned(id, worker)
 end
 """
 
-# ARGV: prefix, worker, max_count, now ('' = server clock), lease seconds
-# -> {lease_id (0: none), state, indices, failed attempts so far} (both packed big-endian uint32)
+# ARGV: prefix, worker, max_count, now ('' = server clock), lease seconds, idle ('1': the worker
+# holds nothing, so it may take a suspect alone)
+# -> {lease_id (0: none), state, indices, failed attempts so far (both packed big-endian
+# uint32), solo (1: a suspect, to be run with nothing else beside it)}
 CLAIM = (
     PRELUDE
     + """
 local state = redis.call('HGET', K_META, 'state') or ''
 if state ~= 'in_progress' or redis.call('HGET', K_META, 'closed') == '1' then
-  return {0, state, '', ''}
+  return {0, state, '', '', 0}
 end
 local now = clock(ARGV[4])
 reap(now)
 local want = tonumber(ARGV[3])
 local picked = {}
+local solo = 0
+if ARGV[6] == '1' then
+  while true do
+    local i = redis.call('LPOP', K_SUSPECTS)
+    if not i then break end
+    if redis.call('GETBIT', K_DONE, i) == 0 then
+      picked[1], want, solo = i, 1, 1
+      break
+    end
+  end
+end
 while #picked < want do
   local batch = redis.call('LPOP', K_RETRY, want - #picked)
   if not batch then break end
@@ -106,8 +140,9 @@ while #picked < want and cursor < total do
   cursor = cursor + 1
 end
 redis.call('HSET', K_META, 'cursor', cursor)
-if #picked == 0 then return {0, state, '', ''} end
+if #picked == 0 then return {0, state, '', '', 0} end
 local id = redis.call('HINCRBY', K_META, 'lease_seq', 1)
+if solo == 1 then redis.call('SADD', K_SOLO, id) end
 local packed_indices, packed_attempts = {}, {}
 for s = 1, #picked, 1000 do
   local last = math.min(s + 999, #picked)
@@ -119,7 +154,7 @@ for s = 1, #picked, 1000 do
 end
 redis.call('ZADD', K_LEASES, now + tonumber(ARGV[5]), id)
 redis.call('HSET', K_OWNERS, id, ARGV[2])
-return {id, state, table.concat(packed_indices), table.concat(packed_attempts)}
+return {id, state, table.concat(packed_indices), table.concat(packed_attempts), solo}
 """
 )
 
@@ -147,8 +182,8 @@ return back
 """
 )
 
-# ARGV: prefix, worker, lease_id, count the attempt ('1'/'0'), index...
-# -> requests returned (-1: not our lease)
+# ARGV: prefix, worker, lease_id, how ('1' a failed attempt, '0' not the request's fault,
+# 'crash' the engine died with them in it), index... -> requests returned (-1: not our lease)
 NACK = (
     PRELUDE
     + """
@@ -158,6 +193,7 @@ local mine = {}
 for k = 5, #ARGV do
   if redis.call('SREM', lease_key, ARGV[k]) == 1 then mine[#mine + 1] = ARGV[k] end
 end
+if ARGV[4] == 'crash' then return suspect(mine, redis.call('SISMEMBER', K_SOLO, ARGV[3]) == 1) end
 return requeue(mine, ARGV[4] == '1')
 """
 )

@@ -82,6 +82,8 @@ class Finished:
     outcome: Outcome | None = None
     retry: bool = False
     count_attempt: bool = True
+    crashed: bool = False
+    """The engine went away under it: the crash, not the request, decides what happens."""
 
 
 @dataclass
@@ -113,6 +115,11 @@ class Worker:
         self.stats = Stats()
         self.stopping = asyncio.Event()
         self.engine_dead = False
+        self.crashed: list[Item] = []
+        """Requests the engine failed under while it looked dead: held until the engine watch
+        decides (dead: suspects, each retried alone; alive after all: back, nothing counted)."""
+        self.solo_lease: int | None = None
+        """A lease of one suspect: nothing else is claimed while it runs."""
         self.job_closed = False
         self.writer: ResultWriter | None = None
         self.input: JobConfig | None = None
@@ -153,7 +160,7 @@ class Worker:
             mode = await self._stop_mode()
             log.info("stopping: %s", mode.value)
             if self.engine_dead:
-                await self._abandon_in_flight(count_attempt=True)
+                await self._abandon_in_flight(crashed=True)
             elif mode == StopMode.DRAIN:
                 await self._drain()
             else:
@@ -163,12 +170,12 @@ class Worker:
         except LedgerClosedError:
             log.info("job no longer accepts results; stopping")
             self.job_closed = True
-            await self._abandon_in_flight(count_attempt=False)
+            await self._abandon_in_flight(crashed=False)
         except InputChangedError as error:
             log.error("%s", error)
             await self.ledger.report_input_changed(str(error))
             self.job_closed = True
-            await self._abandon_in_flight(count_attempt=False)
+            await self._abandon_in_flight(crashed=False)
         finally:
             for task in background:
                 task.cancel()
@@ -207,6 +214,7 @@ class Worker:
             if not self.in_flight and not self.queue:
                 if self.writer and len(self.writer):
                     await self._flush(force=True)
+                    continue  # stored (or dropped, if the store refused): claim again at once
                 if self.options.burst and await self._job_has_no_pending_work():
                     return
                 with contextlib.suppress(TimeoutError):
@@ -242,12 +250,16 @@ class Worker:
             self.in_flight[asyncio.create_task(self._process(item))] = item
 
     async def _claim(self, count: int) -> None:
-        if time.monotonic() < self._claim_after:
+        if time.monotonic() < self._claim_after or self.solo_lease in self.outstanding:
             return
-        claim = await self.ledger.claim(self.options.worker_id, count)
+        idle = not (self.queue or self.in_flight or self.outstanding or self.crashed)
+        claim = await self.ledger.claim(self.options.worker_id, count, idle=idle)
         if claim is None:
             return
         self.outstanding[claim.lease_id] = set(claim.indices)
+        if claim.solo:
+            log.info("request %s runs alone: it was in the engine when it died", claim.indices[0])
+            self.solo_lease = claim.lease_id
         try:
             requests = await load_requests(self.ledger, self.store, claim.indices)
         except StorageError as error:
@@ -297,6 +309,9 @@ class Worker:
             await self._settle(task.result())
 
     async def _settle(self, finished: Finished) -> None:
+        if finished.crashed:
+            self.crashed.append(finished.item)
+            return
         if finished.retry:
             self.stats.retries += 1
             await self._give_back([finished.item], count_attempt=finished.count_attempt)
@@ -332,7 +347,8 @@ class Worker:
             return self._http_error(item, failure)
         except (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError) as error:
             log.warning("request %s: engine connection failed: %r", item.index, error)
-            return Finished(item, retry=True, count_attempt=await self.engine.healthy())
+            healthy = await self.engine.healthy()
+            return Finished(item, retry=True, count_attempt=healthy, crashed=not healthy)
         if calls.ABORTED in calls.finish_reasons(payload):
             return Finished(item, retry=True, count_attempt=False)
         return self._result(item, payload, upstream)
@@ -357,7 +373,8 @@ class Worker:
         if progress.finish_reason in (None, calls.ABORTED):
             # Stream ended without an answer (the engine stopped): not a result.
             self._waste(item, progress, self.checkpointed.get(item.index, 0))
-            return Finished(item, retry=True, count_attempt=False)
+            crashed = progress.finish_reason is None and not await self.engine.healthy()
+            return Finished(item, retry=True, count_attempt=False, crashed=crashed)
         return self._result(item, calls.assembled_body(self.endpoint, progress), progress.stream_id or "")
 
     def _result(self, item: Item, body: dict[str, Any], upstream: str) -> Finished:
@@ -443,12 +460,14 @@ class Worker:
                 del self.outstanding[lease_id]
                 await self.ledger.release(self.options.worker_id, lease_id)
 
-    async def _give_back(self, items: list[Item], *, count_attempt: bool) -> None:
+    async def _give_back(self, items: list[Item], *, count_attempt: bool, crashed: bool = False) -> None:
         by_lease: dict[int, list[int]] = {}
         for item in items:
             by_lease.setdefault(item.lease_id, []).append(item.index)
         for lease_id, indices in by_lease.items():
-            await self.ledger.nack(self.options.worker_id, lease_id, indices, count_attempt=count_attempt)
+            await self.ledger.nack(
+                self.options.worker_id, lease_id, indices, count_attempt=count_attempt, crashed=crashed
+            )
         await self._forget([item.index for item in items])
 
     async def _give_back_everything(self) -> None:
@@ -496,18 +515,21 @@ class Worker:
             "yielded: %d requests were in flight, %d partial outputs saved", len(interrupted), len(saves)
         )
 
-    async def _abandon_in_flight(self, *, count_attempt: bool) -> None:
-        """The engine died (or the job closed): in-flight requests are not results."""
-        interrupted = list(self.in_flight.values())
+    async def _abandon_in_flight(self, *, crashed: bool) -> None:
+        """The engine died (or the job closed): in-flight requests are not results. After a
+        crash they are suspects (the ledger retries each alone and charges no attempt), since
+        any one of them may have killed the engine; requests only queued go back as they were."""
+        interrupted = [*self.in_flight.values(), *self.crashed]
         for task in list(self.in_flight):
             task.cancel()
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=0.5)
         self.in_flight.clear()
+        self.crashed.clear()
         if not self.job_closed:
             with contextlib.suppress(LedgerClosedError):
                 await self._flush(force=True)
-            await self._give_back(interrupted, count_attempt=count_attempt)
+            await self._give_back(interrupted, count_attempt=False, crashed=crashed)
             await self._give_back_everything()
 
     # --- background --------------------------------------------------------------------------
@@ -581,6 +603,9 @@ class Worker:
             await asyncio.sleep(1.0)
             healthy = await self.engine.healthy()
             failures = 0 if healthy else failures + 1
+            if healthy and self.crashed:  # it only looked dead: nothing to suspect anyone of
+                held, self.crashed = self.crashed, []
+                await self._give_back(held, count_attempt=False)
             if not self.engine.process_alive() or failures >= 3:
                 log.error("engine is gone; stopping without marking in-flight requests done")
                 self.engine_dead = True
