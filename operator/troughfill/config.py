@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     watch_namespaces: tuple[str, ...] = ()
     """Namespaces whose BatchInferences are served; empty means the whole cluster."""
     reconcile_interval_seconds: float = Field(default=2.0, gt=0)
+    watch_cache: bool = True
+    """Pool cycles read jobs, templates, pools, worker and online pods, nodes and priority
+    classes from watches (informers) instead of listing them each cycle."""
     finished_job_retention_seconds: float = Field(default=86_400.0, gt=0)
     """How long an ended job's ledger keys stay in Redis (its status keeps the counts; deleting
     the custom resource removes them at once)."""

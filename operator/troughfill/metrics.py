@@ -51,6 +51,14 @@ YIELD_LATENCY = Histogram(
     registry=REGISTRY,
 )
 
+CYCLE_SECONDS = Histogram(
+    "troughfill_pool_cycle_seconds",
+    "One pool cycle: observe, plan, act",
+    ["pool"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5),
+    registry=REGISTRY,
+)
+
 
 def serve(port: int) -> None:
     start_http_server(port, registry=REGISTRY)

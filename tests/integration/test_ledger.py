@@ -22,8 +22,8 @@ from tests.ledgertools import (
 )
 from troughfill.api import Phase
 from troughfill.ledger import (
-    Claim,
     TRANSITIONS,
+    Claim,
     InvalidTransitionError,
     JobLedger,
     LedgerClosedError,

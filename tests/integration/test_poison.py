@@ -41,7 +41,10 @@ def run_worker(redis: RedisServer, keys: JobKeys, log: Path) -> int:
     ]  # fmt: skip
     env = {**os.environ, "TROUGHFILL_REDIS_URL": redis.url}
     with log.open("ab") as out:
-        return subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=120).returncode
+        done = subprocess.run(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=120, check=False
+        )
+        return done.returncode
 
 
 async def test_a_request_that_kills_the_engine_twice_alone_is_dead_lettered_and_nobody_else_is_charged(

@@ -170,6 +170,24 @@ class ControlPlane:
     def running(self) -> bool:
         return all(p.running() for p in self.processes)
 
+    def restart_apiserver(
+        self, down_seconds: float = 0.0, *, kill: bool = True, timeout: float = 90.0
+    ) -> float:
+        """Kill (SIGKILL, or stop gracefully) kube-apiserver, wait `down_seconds`, start it again
+        with the same arguments; returns once it is ready again: seconds it was away."""
+        at = next(k for k, p in enumerate(self.processes) if p.name == "kube-apiserver")
+        old = self.processes[at]
+        gone = time.monotonic()
+        if kill:
+            old.kill()
+        else:
+            old.stop(timeout=10)
+        time.sleep(down_seconds)
+        fresh = ManagedProcess(old.name, old.args, old.workdir, env=old.env, cpus=old.cpus)
+        self.processes[at] = fresh
+        _wait_healthy(fresh, f"{self.server}/readyz", timeout, self.ssl_context())
+        return time.monotonic() - gone
+
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca))
         context.load_cert_chain(str(self.admin.cert), str(self.admin.key))

@@ -41,6 +41,7 @@ from troughfill.controller.stores import GrantSecretMissingError, JobStores
 from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, job_secret, worker_pod
 from troughfill.ledger import Heartbeat, JobKeys, JobLedger, Progress, StopMode
 from troughfill.ledger.access import LedgerAccess
+from troughfill.ledger.ledger import progress_of
 from troughfill.planner import (
     JobState,
     OnlineSignal,
@@ -60,6 +61,8 @@ CRASH_LOOP_FAILURES = 3
 CRASH_LOOP_SECONDS = 300.0
 PRIORITY_CLASS_RECHECK_SECONDS = 30.0
 DELETION_COST_MIN_SECONDS = 30.0
+PARSED_JOBS_KEPT = 100_000
+"""Parsed jobs remembered across cycles, at most (far more than a cluster holds live)."""
 """A serving worker's pod-deletion-cost is patched at most this often (unsaved tokens move
 every second); becoming ready is written at once."""
 
@@ -285,6 +288,8 @@ class PoolController:
         self.pools: dict[str, PoolState] = {}
         self.secrets: set[str] = set()
         """Jobs (uid) whose workers' Secret this operator has made."""
+        self._parsed: dict[str, tuple[str, BatchInference | None]] = {}
+        """uid -> (resourceVersion, the job parsed if active) of the jobs cycles have read."""
 
     async def cycle(self, pool: BatchPool) -> Cycle:
         state = self.pools.setdefault(pool.metadata.name, PoolState())
@@ -308,12 +313,26 @@ class PoolController:
                 return state.views[uid]
         return None
 
+    def _active(self, raw: dict[str, Any]) -> BatchInference | None:
+        """`_active_job`, parsed once per version of the object (a cycle reads every job)."""
+        meta = raw.get("metadata") or {}
+        uid, version = str(meta.get("uid", "")), str(meta.get("resourceVersion", ""))
+        cached = self._parsed.get(uid)
+        if cached is not None and cached[0] == version and version:
+            return cached[1]
+        job = _active_job(raw)
+        if len(self._parsed) > PARSED_JOBS_KEPT:
+            self._parsed.clear()  # jobs deleted long ago; whatever is live is parsed again once
+        self._parsed[uid] = (version, job)
+        return job
+
     def forget_pool(self, name: str) -> None:
         """Drop what is remembered of a deleted pool."""
         self.pools.pop(name, None)
 
     def forget_job(self, uid: str) -> None:
         self.secrets.discard(uid)
+        self._parsed.pop(uid, None)
         for state in self.pools.values():
             for table in (state.views, state.gpu_seconds, state.failures):
                 table.pop(uid, None)
@@ -329,9 +348,9 @@ class PoolController:
                 by_job.setdefault((pod.namespace, pod.owner_uid), []).append(pod)
         templates: dict[str, ModelTemplate | None] = {}
         priorities: dict[str, int] = {}
-        jobs: list[ObservedJob] = []
+        matched: list[tuple[BatchInference, ModelTemplate, Admission, int, JobLedger]] = []
         for raw in await asyncio.to_thread(self.cluster.jobs):
-            job = _active_job(raw)
+            job = self._active(raw)
             if job is None:
                 continue
             name = job.spec.template_ref
@@ -344,13 +363,15 @@ class PoolController:
             klass = admission.priority_class_name or pool.spec.default_priority_class_name
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
-            ledger = JobLedger(self.redis, JobKeys.of(job.metadata))
-            own = tuple(by_job.pop((job.metadata.ns, job.metadata.uid_text), []))
-            progress = await ledger.progress()
-            beats = await asyncio.gather(*(ledger.last_heartbeat(pod.name) for pod in own))
-            jobs.append(
-                ObservedJob(job, template, admission, priorities[klass], ledger, progress, own, tuple(beats))
+            matched.append(
+                (job, template, admission, priorities[klass], JobLedger(self.redis, JobKeys.of(job.metadata)))
             )
+        progresses = await progress_of(self.redis, [ledger for *_, ledger in matched])  # one round trip
+        jobs: list[ObservedJob] = []
+        for (job, template, admission, priority, ledger), progress in zip(matched, progresses, strict=True):
+            own = tuple(by_job.pop((job.metadata.ns, job.metadata.uid_text), []))
+            beats = await asyncio.gather(*(ledger.last_heartbeat(pod.name) for pod in own))
+            jobs.append(ObservedJob(job, template, admission, priority, ledger, progress, own, tuple(beats)))
         online = await self._online(pool)  # read last: the freshest demand is what is acted on
         return Observation(
             now=self.clock(),

@@ -34,7 +34,7 @@ from troughfill.config import Settings
 from troughfill.controller import jobs
 from troughfill.controller.pools import Cycle, PoolController, pool_status
 from troughfill.controller.stores import GrantSecretMissingError, JobStores
-from troughfill.kube.adapter import KubeCluster, api_client
+from troughfill.kube.adapter import KubeCluster, WatchedCluster, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, JobKeys, JobLedger, StopMode, connect
 from troughfill.ledger.ledger import without_credentials
@@ -72,7 +72,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.settings = own = Settings()
     if own.metrics_port:
         metrics.serve(own.metrics_port)
-    memo.cluster = KubeCluster(api)
+    memo.cluster = WatchedCluster(api).start() if own.watch_cache else KubeCluster(api)
     memo.redis = connect(own)
     memo.stores = JobStores(memo.cluster, own)
     memo.pools = PoolController(
@@ -100,6 +100,8 @@ def _tls_ca(settings: Settings) -> str | None:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    if isinstance(memo.get("cluster"), WatchedCluster):
+        memo.cluster.stop()
     if "redis" in memo:
         await memo.redis.aclose()
 
@@ -334,7 +336,10 @@ async def reconcile_pool(
 ) -> None:
     """Plan the pool's batch workers and carry the plan out; the pool's status reports it."""
     pool = parse(BatchPool, body)
-    with transient("planning the pool", delay=max(1.0, 2 * INTERVAL)):  # soon: yields wait for it
+    with (
+        transient("planning the pool", delay=max(1.0, 2 * INTERVAL)),  # soon: yields wait for it
+        metrics.CYCLE_SECONDS.labels(pool.metadata.name).time(),
+    ):
         cycle = await memo.pools.cycle(pool)
     # The signal's read time moves every cycle; it alone is not worth a write.
     write_status(

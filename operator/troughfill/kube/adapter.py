@@ -1,6 +1,7 @@
 """The Kubernetes adapter: the reads and writes the operator makes besides Kopf's own."""
 
 import base64
+import threading
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ from kubernetes.client.exceptions import ApiException
 from troughfill import constants
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.modeltemplate import ModelTemplate
+from troughfill.kube.informer import Informer
 from troughfill.kube.podstate import WorkerPod, is_deleting, is_finished, is_ready
 
 
@@ -60,13 +62,7 @@ class KubeCluster:
 
     def node_gpus(self, node_selector: dict[str, str], resource: str) -> int:
         selector = ",".join(f"{k}={v}" for k, v in sorted(node_selector.items()))
-        total = 0
-        for node in self.core.list_node(label_selector=selector or None).items:
-            if node.spec.unschedulable:
-                continue
-            if is_ready(node):
-                total += int((node.status.allocatable or {}).get(resource, "0"))
-        return total
+        return _schedulable_gpus(self.core.list_node(label_selector=selector or None).items, resource)
 
     def online_gpus(self, label_selector: str, namespaces: list[str], resource: str) -> tuple[float, float]:
         """GPUs requested by matching pods: (placed on a node and not finished, not placed yet)."""
@@ -78,19 +74,7 @@ class KubeCluster:
                 pods += self.core.list_namespaced_pod(namespace, label_selector=label_selector).items
         else:
             pods = self.core.list_pod_for_all_namespaces(label_selector=label_selector).items
-        placed = pending = 0.0
-        for pod in pods:
-            if is_finished(pod):
-                continue
-            gpus = sum(
-                float(((c.resources.requests or {}) if c.resources else {}).get(resource, "0"))
-                for c in pod.spec.containers
-            )
-            if pod.spec.node_name:
-                placed += gpus
-            else:
-                pending += gpus
-        return placed, pending
+        return _requested_gpus(pods, resource)
 
     def priority_value(self, name: str) -> int:
         try:
@@ -173,6 +157,32 @@ class KubeCluster:
                 raise
 
 
+def _schedulable_gpus(nodes: list[Any], resource: str) -> int:
+    """Allocatable GPUs of the Ready nodes that take pods."""
+    return sum(
+        int((node.status.allocatable or {}).get(resource, "0"))
+        for node in nodes
+        if not node.spec.unschedulable and is_ready(node)
+    )
+
+
+def _requested_gpus(pods: list[Any], resource: str) -> tuple[float, float]:
+    """GPUs the pods request: (placed on a node and not finished, not placed yet)."""
+    placed = pending = 0.0
+    for pod in pods:
+        if is_finished(pod):
+            continue
+        gpus = sum(
+            float(((c.resources.requests or {}) if c.resources else {}).get(resource, "0"))
+            for c in pod.spec.containers
+        )
+        if pod.spec.node_name:
+            placed += gpus
+        else:
+            pending += gpus
+    return placed, pending
+
+
 def _worker_pod(pod: Any) -> WorkerPod:
     meta = pod.metadata
     created = meta.creation_timestamp
@@ -195,3 +205,125 @@ def _worker_pod(pod: Any) -> WorkerPod:
             "",
         ),
     )
+
+
+class WatchedCluster(KubeCluster):
+    """KubeCluster whose reads, made by every pool cycle every few seconds, come from informers
+    (kube.informer): one watch per kind instead of listing every job and worker pod of the
+    cluster each cycle, so the API calls a cycle makes grow with what changes (pods created,
+    deleted, annotated), not with how many objects there are. Until an informer is current (at
+    start, or while it lists again after losing its watch) its reads go to the API as before.
+    Writes always go to the API."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        super().__init__(api)
+        group = {"group": constants.API_GROUP, "version": constants.API_VERSION}
+        custom = self.custom.list_cluster_custom_object
+        self._jobs = Informer[dict[str, Any]](
+            "batchinferences", custom, _same, plural="batchinferences", **group
+        )
+        self._templates = Informer[dict[str, Any]](
+            "modeltemplates", custom, _same, plural=ModelTemplate.crd.plural, **group
+        )
+        self._pools = Informer[dict[str, Any]](
+            "batchpools", custom, _same, plural=BatchPool.crd.plural, **group
+        )
+        self._workers = Informer[tuple[str, WorkerPod]](
+            "worker pods",
+            self.core.list_pod_for_all_namespaces,
+            _pool_and_worker,
+            label_selector=f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}",
+        )
+        self._nodes = Informer[Any]("nodes", self.core.list_node, _same)
+        self._classes = Informer[tuple[str, int]](
+            "priorityclasses", self.scheduling.list_priority_class, _class_value
+        )
+        self._online: dict[str, Informer[Any]] = {}
+        self._online_lock = threading.Lock()
+
+    def informers(self) -> list[Informer[Any]]:
+        with self._online_lock:
+            online = list(self._online.values())
+        return [self._jobs, self._templates, self._pools, self._workers, self._nodes, self._classes, *online]
+
+    def start(self) -> "WatchedCluster":
+        for informer in self.informers():
+            informer.start()
+        return self
+
+    def stop(self) -> None:
+        for informer in self.informers():
+            informer.stop()
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self._jobs.items() if self._jobs.synced else super().jobs()
+
+    def template(self, name: str) -> ModelTemplate | None:
+        if not self._templates.synced:
+            return super().template(name)
+        found = self._templates.get(name)
+        return ModelTemplate.model_validate(found) if found else None
+
+    def pool(self, name: str) -> BatchPool | None:
+        if not self._pools.synced:
+            return super().pool(name)
+        found = self._pools.get(name)
+        return BatchPool.model_validate(found) if found else None
+
+    def worker_pods(self, pool: str) -> list[WorkerPod]:
+        if not self._workers.synced:
+            return super().worker_pods(pool)
+        return [pod for of_pool, pod in self._workers.items() if of_pool == pool]
+
+    def node_gpus(self, node_selector: dict[str, str], resource: str) -> int:
+        if not self._nodes.synced:
+            return super().node_gpus(node_selector, resource)
+        wanted = node_selector.items()
+        return _schedulable_gpus(
+            [n for n in self._nodes.items() if wanted <= (n.metadata.labels or {}).items()], resource
+        )
+
+    def priority_value(self, name: str) -> int:
+        if not self._classes.synced:
+            return super().priority_value(name)
+        found = self._classes.get(name)
+        return found[1] if found else 0
+
+    def missing_priority_classes(self, names: list[str]) -> list[str]:
+        if not self._classes.synced:
+            return super().missing_priority_classes(names)
+        return [name for name in names if self._classes.get(name) is None]
+
+    def online_gpus(self, label_selector: str, namespaces: list[str], resource: str) -> tuple[float, float]:
+        """From a watch of the selector's pods, cluster-wide (one per distinct selector, made on
+        first use; the namespaces are picked here)."""
+        if not label_selector:
+            return 0.0, 0.0
+        with self._online_lock:
+            informer = self._online.get(label_selector)
+            if informer is None:
+                informer = Informer[Any](
+                    f"online pods {label_selector}",
+                    self.core.list_pod_for_all_namespaces,
+                    _same,
+                    label_selector=label_selector,
+                ).start()
+                self._online[label_selector] = informer
+        if not informer.synced:
+            return super().online_gpus(label_selector, namespaces, resource)
+        pods = informer.items()
+        if namespaces:
+            pods = [pod for pod in pods if pod.metadata.namespace in namespaces]
+        return _requested_gpus(pods, resource)
+
+
+def _same(item: Any) -> Any:
+    return item
+
+
+def _pool_and_worker(pod: Any) -> tuple[str, WorkerPod]:
+    return (pod.metadata.labels or {}).get(constants.LABEL_POOL, ""), _worker_pod(pod)
+
+
+def _class_value(found: Any) -> tuple[str, int]:
+    return found.metadata.name, int(found.value)

@@ -529,32 +529,13 @@ class JobLedger:
 
     async def progress(self) -> Progress:
         pipe = self.client.pipeline(transaction=False)
+        self._queue_progress(pipe)
+        return _progress_from(*await pipe.execute())
+
+    def _queue_progress(self, pipe: Any) -> None:
         pipe.hgetall(self.keys.key("meta"))
         pipe.hgetall(self.keys.key("counters"))
         pipe.zcard(self.keys.key("leases"))
-        meta_raw, counters_raw, leases = await pipe.execute()
-        meta = {_text(k): _text(v) for k, v in meta_raw.items()}
-        counters = {_text(k): int(v) for k, v in counters_raw.items()}
-        return Progress(
-            state=Phase(meta["state"]) if "state" in meta else None,
-            total=int(meta.get("total", 0)),
-            completed=counters.get("completed", 0),
-            failed=counters.get("failed", 0),
-            dead=counters.get("dead", 0),
-            failed_attempts=counters.get("failed_attempts", 0),
-            prompt_tokens=counters.get("prompt_tokens", 0),
-            completion_tokens=counters.get("completion_tokens", 0),
-            cached_tokens=counters.get("cached_tokens", 0),
-            wasted_tokens=counters.get("wasted_tokens", 0),
-            resumed=counters.get("resumed", 0),
-            refused=meta.get("refused"),
-            cleaned=meta.get("cleaned") == "1",
-            expiring=meta.get("expiring") == "1",
-            input_changed=meta.get("input_changed"),
-            leases=int(leases),
-            indexed=meta.get("indexed") == "1",
-            state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},
-        )
 
     async def segments(self, page: int = 1000) -> AsyncIterator[str]:
         """Committed segment ids, in commit order."""
@@ -624,3 +605,39 @@ def _text(value: object) -> str:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+async def progress_of(client: Redis, ledgers: Sequence["JobLedger"]) -> list[Progress]:
+    """Every ledger's progress in one round trip (a pool cycle reads all its jobs')."""
+    if not ledgers:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for ledger in ledgers:
+        ledger._queue_progress(pipe)
+    replies = await pipe.execute()
+    return [_progress_from(*replies[3 * k : 3 * k + 3]) for k in range(len(ledgers))]
+
+
+def _progress_from(meta_raw: dict[bytes, bytes], counters_raw: dict[bytes, bytes], leases: int) -> Progress:
+    meta = {_text(k): _text(v) for k, v in meta_raw.items()}
+    counters = {_text(k): int(v) for k, v in counters_raw.items()}
+    return Progress(
+        state=Phase(meta["state"]) if "state" in meta else None,
+        total=int(meta.get("total", 0)),
+        completed=counters.get("completed", 0),
+        failed=counters.get("failed", 0),
+        dead=counters.get("dead", 0),
+        failed_attempts=counters.get("failed_attempts", 0),
+        prompt_tokens=counters.get("prompt_tokens", 0),
+        completion_tokens=counters.get("completion_tokens", 0),
+        cached_tokens=counters.get("cached_tokens", 0),
+        wasted_tokens=counters.get("wasted_tokens", 0),
+        resumed=counters.get("resumed", 0),
+        refused=meta.get("refused"),
+        cleaned=meta.get("cleaned") == "1",
+        expiring=meta.get("expiring") == "1",
+        input_changed=meta.get("input_changed"),
+        leases=int(leases),
+        indexed=meta.get("indexed") == "1",
+        state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},
+    )
