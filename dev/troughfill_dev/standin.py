@@ -1,6 +1,7 @@
 """A stand-in for vLLM's OpenAI-compatible server: answers at once, without a model.
 
     python -m troughfill_dev.standin --port 8000 [--served-model-name tiny] [--crash-on TEXT]
+        [--delay-seconds S]
 
 It takes vLLM's command line as a template writes it (`--model`, `--host`, `--port`,
 `--served-model-name`, and any `--name=value` engine argument, ignored), and serves what the
@@ -11,10 +12,12 @@ request "generates" its `max_tokens` (16 if unset) one-word tokens, so usage add
 It is for measuring troughfill's pipeline (ledger, worker, storage, merge) without a model's
 cost, and for failures a real engine will not produce on demand: with `--crash-on TEXT` the
 process exits at once (as an engine segfaulting or OOM-killed would) when a request's body
-contains TEXT. Nothing here claims to be an inference engine.
+contains TEXT; with `--delay-seconds` each answer takes that long (a model's latency, to keep
+work in flight). Nothing here claims to be an inference engine.
 """
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -36,8 +39,9 @@ class Answer:
 
 
 class StandIn:
-    def __init__(self, served: str, crash_on: str | None) -> None:
+    def __init__(self, served: str, crash_on: str | None, delay: float = 0.0) -> None:
         self.served = served
+        self.delay = delay
         self.crash_on = crash_on.encode() if crash_on else None
         self.running = 0
         self.served_requests = 0
@@ -63,6 +67,12 @@ class StandIn:
         raw = await request.read()
         if self.crash_on and self.crash_on in raw:
             os._exit(139)  # as a crashed engine would: no answer, no cleanup
+        if self.delay:
+            self.running += 1
+            try:
+                await asyncio.sleep(self.delay)  # "generating"
+            finally:
+                self.running -= 1
         body: dict[str, Any] = json.loads(raw)
         return body
 
@@ -146,8 +156,8 @@ class StandIn:
         )
 
 
-def app(served: str, crash_on: str | None = None) -> web.Application:
-    standin = StandIn(served, crash_on)
+def app(served: str, crash_on: str | None = None, delay: float = 0.0) -> web.Application:
+    standin = StandIn(served, crash_on, delay)
     application = web.Application(client_max_size=64 << 20)
     application.add_routes(
         [
@@ -169,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default="standin")
     parser.add_argument("--model", default="", help="ignored: there is no model")
     parser.add_argument("--crash-on", help="exit at once when a request's body contains this text")
+    parser.add_argument("--delay-seconds", type=float, default=0.0, help="wait this long before answering")
     args, _ = parser.parse_known_args(argv)  # vLLM's engine arguments: accepted, ignored
     web.run_app(
-        app(args.served_model_name, args.crash_on),
+        app(args.served_model_name, args.crash_on, args.delay_seconds),
         host=args.host,
         port=args.port,
         print=None,

@@ -253,6 +253,18 @@ class PrometheusServer:
         with urllib.request.urlopen(request, timeout=5) as response:
             response.read()
 
+    def restart(self) -> None:
+        """Start again with the same arguments (port, data directory) after `stop` or a kill."""
+        self.managed.stop()
+        old = self.managed
+        self.managed = ManagedProcess(old.name, old.args, old.workdir, env=old.env)
+
+        def ready() -> bool:
+            self.managed.check_alive()
+            return _prometheus_ready(self.url)
+
+        wait_until(ready, 30, "prometheus again")
+
     def stop(self) -> None:
         self.managed.stop()
 

@@ -83,6 +83,7 @@ def start_operator(
     prometheus_url: str,
     interval: float,
     metrics_port: int = 0,
+    extra_env: dict[str, str] | None = None,
 ) -> ManagedProcess:
     """`troughfill operator --standalone` on this cluster, its worker pods running
     `python -m troughfill.cli` of this interpreter; returns once it serves (or has started)."""
@@ -95,6 +96,7 @@ def start_operator(
         "TROUGHFILL_HEALTH_PORT": "0",
         "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     operator = ManagedProcess(
         "operator", [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"], workdir, env=env

@@ -1,0 +1,323 @@
+"""A chaos soak: jobs on real vLLM workers while their world is killed around them.
+
+    python -m troughfill_dev.bench.chaos [--minutes 30] [--seed 1] [--gap 20] [--requests 400]
+
+Starts Redis (AOF, fsync every second, as deployed), Prometheus (an online-GPUs gauge this
+script serves), the local control plane with one node of 2 GPUs and `troughfill operator`, a
+pool of those GPUs and a template whose workers run vLLM (the tiny test model, one GPU each).
+Then, until `--minutes` have passed, it keeps one BatchInference of `--requests` chat requests
+running (the next is created when one completes) and, every `--gap` seconds on average
+(seeded), does one of:
+
+- `worker`: SIGKILL a worker process (its pod fails; the operator replaces it);
+- `operator`: SIGKILL the operator, start it again 1-5 s later;
+- `redis`: SIGKILL redis-server, start it again on its AOF 1-5 s later;
+- `prometheus`: SIGKILL Prometheus, start it again 1-5 s later;
+- `apiserver`: SIGKILL kube-apiserver, start it again 1-5 s later;
+- `signal`: online traffic takes both GPUs for 5-15 s (the workers yield), then leaves.
+
+Actions come in rounds, every kind once per round in a seeded order, so a short run meets each.
+At the end (the last job finished, no more chaos) every job is checked: every custom_id in its
+output or error file exactly once, and the error file empty (the inputs are valid: any error
+line would be one the chaos caused). Prints one JSON object: actions survived, jobs and
+requests completed, wall time, tokens generated and wasted, failed attempts. Needs
+scripts/setup.sh, setup_vllm.sh and setup_k8s.sh sourced.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from troughfill import constants
+from troughfill_dev.bench.scale import worker_pids
+from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
+from troughfill_dev.localcluster.services import VLLM_ENV, ManagedProcess, wait_until
+from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
+
+ACTIONS = ("worker", "operator", "redis", "prometheus", "apiserver", "signal")
+GPUS = 2
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def request_lines(job: str, count: int) -> str:
+    lines = []
+    for i in range(count):
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": f"write about ticket {i} of {job}"}],
+            "max_tokens": 48 + (i * 37) % 160,  # long enough to be caught mid-generation
+            "ignore_eos": True,
+        }
+        lines.append(
+            json.dumps(
+                {"custom_id": f"{job}-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+class Soak:
+    def __init__(self, workdir: Path, seed: int, requests: int) -> None:
+        self.workdir = workdir
+        self.rng = random.Random(seed)
+        self.requests = requests
+        self.processes: list[Any] = []
+        self.actions: Counter[str] = Counter()
+        self.jobs: list[str] = []
+        self.events: list[str] = []
+
+    # --- the stack ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        python, model = os.environ.get("TROUGHFILL_VLLM_PYTHON"), os.environ.get("TROUGHFILL_TINY_MODEL")
+        if not python or not model:
+            raise SystemExit("source scripts/setup.sh, scripts/setup_vllm.sh and scripts/setup_k8s.sh first")
+        registry = CollectorRegistry()
+        self.online = Gauge("online_gpus", "GPUs online serving holds", registry=registry)
+        self.online.set(0)
+        exporter_port = free_port()
+        start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
+        self.redis = start_redis(self.workdir / "redis", appendonly=True)
+        self.prometheus = start_prometheus(self.workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
+        self.cluster = start_local_cluster(self.workdir / "cluster", nodes=1, gpus=GPUS)
+        self.custom = client.CustomObjectsApi(self.cluster.api)
+        self.operator = self._start_operator()
+        root = self.workdir.resolve().as_uri()
+        kind = {"apiVersion": constants.GROUP_VERSION}
+        pool = {
+            **kind, "kind": "BatchPool", "metadata": {"name": "soak"},
+            "spec": {
+                "gpus": {"nodeSelector": {"troughfill.dev/node-agent": "true"}},
+                "online": {"prometheusURL": self.prometheus.url, "gpusInUseQuery": "sum(online_gpus)"},
+                "headroomGPUs": 0, "scaleUpDelay": "0s", "minUsefulTime": "0s", "drainGracePeriod": "5s",
+                "signal": {"maxStaleness": "30s"},
+                "defaultQuota": {"maxGPUs": GPUS, "storage": [{"prefix": f"{root}/"}]},
+            },
+        }  # fmt: skip
+        template = {
+            **kind, "kind": "ModelTemplate", "metadata": {"name": "tiny"},
+            "spec": {
+                "poolRef": "soak", "image": "troughfill/vllm-cpu:soak",
+                "model": {"uri": model, "servedModelName": "tiny"},
+                "gpusPerWorker": 1, "coldStartSeconds": 60,
+                "engine": {
+                    "command": [python, "-m", "vllm.entrypoints.openai.api_server"],
+                    "args": ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "16"],
+                    "env": [{"name": k, "value": v} for k, v in VLLM_ENV.items()],
+                },
+            },
+        }  # fmt: skip
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([pool, template]))
+
+    def _start_operator(self) -> ManagedProcess:
+        return start_operator(
+            self.workdir / "operator",
+            self.cluster,
+            redis_url=self.redis.url,
+            prometheus_url=self.prometheus.url,
+            interval=1.0,
+        )
+
+    def stop(self) -> None:
+        for process in (getattr(self, name, None) for name in ("operator", "cluster", "prometheus", "redis")):
+            if process is not None:
+                process.stop()
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def submit(self) -> str:
+        name = f"soak-{len(self.jobs):03d}"
+        path = self.workdir / "inputs" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(request_lines(name, self.requests))
+        job = {
+            "apiVersion": constants.GROUP_VERSION, "kind": "BatchInference",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"inputURL": path.resolve().as_uri(),
+                     "outputURL": f"{self._out(name).resolve().as_uri()}/", "templateRef": "tiny"},
+        }  # fmt: skip
+        self._api(lambda: self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job)))
+        self.jobs.append(name)
+        return name
+
+    def status(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self._api(
+            lambda: self.custom.get_namespaced_custom_object(
+                constants.API_GROUP, constants.API_VERSION, "default", "batchinferences", name
+            )
+        )
+        return found.get("status") or {}
+
+    def _api(self, call: Any) -> Any:
+        """An API call that waits out an API server the chaos has just killed."""
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return call()
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def keep_a_job_running(self, current: str | None) -> str:
+        if current is None:
+            return self.submit()
+        phase = self.status(current).get("phase")
+        if phase in TERMINAL:
+            if phase != "completed":
+                raise RuntimeError(f"{current} ended {phase}: {self.status(current).get('conditions')}")
+            self.events.append(f"{time.strftime('%H:%M:%S')} {current} completed")
+            return self.submit()
+        return current
+
+    # --- chaos -------------------------------------------------------------------------------
+
+    def act(self, action: str) -> None:
+        down = self.rng.uniform(1, 5)
+        if action == "worker":
+            pids = [pid for job in self.jobs for pid in worker_pids(self._uid(job))]
+            if not pids:
+                return
+            os.kill(self.rng.choice(pids), signal.SIGKILL)
+        elif action == "operator":
+            self.operator.kill()
+            time.sleep(down)
+            self.operator = self._start_operator()
+        elif action == "redis":
+            self.redis.managed.kill()
+            time.sleep(down)
+            self.redis.restart()
+        elif action == "prometheus":
+            self.prometheus.managed.kill()
+            time.sleep(down)
+            self.prometheus.restart()
+        elif action == "apiserver":
+            self.cluster.plane.restart_apiserver(down_seconds=down)
+        elif action == "signal":
+            self.online.set(GPUS)
+            time.sleep(self.rng.uniform(5, 15))
+            self.online.set(0)
+        self.actions[action] += 1
+        self.events.append(f"{time.strftime('%H:%M:%S')} {action}")
+
+    def _uid(self, job: str) -> str:
+        found = self._api(
+            lambda: self.custom.get_namespaced_custom_object(
+                constants.API_GROUP, constants.API_VERSION, "default", "batchinferences", job
+            )
+        )
+        return str(found["metadata"]["uid"])
+
+    def run(self, minutes: float, gap: float) -> dict[str, Any]:
+        started = time.monotonic()
+        deadline = started + minutes * 60
+        current: str | None = None
+        plan: list[str] = []
+        next_action = started + self.rng.uniform(0.5, 1.5) * gap
+        while time.monotonic() < deadline:
+            current = self.keep_a_job_running(current)
+            if time.monotonic() >= next_action:
+                if not plan:
+                    plan = self.rng.sample(ACTIONS, len(ACTIONS))
+                self.act(plan.pop())
+                next_action = time.monotonic() + self.rng.uniform(0.5, 1.5) * gap
+            time.sleep(1)
+        chaos_seconds = time.monotonic() - started
+        # No more chaos: the job running now finishes, then everything is checked.
+        assert current is not None
+        wait_until(
+            lambda: self.status(current).get("phase") in TERMINAL, 1800, f"{current} ending", interval=2
+        )
+        self.keep_a_job_running(current)  # raises if it did not complete
+        self.jobs.pop()  # the job it just submitted is not part of the run
+        return self.report(chaos_seconds, time.monotonic() - started)
+
+    def report(self, chaos_seconds: float, wall_seconds: float) -> dict[str, Any]:
+        totals: Counter[str] = Counter()
+        for name in self.jobs:
+            status = self.status(name)
+            if status.get("phase") != "completed":
+                continue
+            outputs = self._custom_ids(self._out(name) / "output.jsonl")
+            errors = self._custom_ids(self._out(name) / "errors.jsonl")
+            expected = {f"{name}-{i}" for i in range(self.requests)}
+            both = outputs + errors
+            if len(both) != len(set(both)) or set(both) != expected:
+                raise AssertionError(
+                    f"{name}: {len(both)} lines for {len(expected)} requests, or ids that differ"
+                )
+            if errors:
+                raise AssertionError(f"{name}: {len(errors)} error lines the chaos caused: {errors[:5]}")
+            totals["jobs"] += 1
+            totals["requests"] += len(outputs)
+            totals["completion_tokens"] += status["tokens"]["completion"]
+            totals["wasted_tokens"] += status["tokens"]["wasted"]
+            totals["resumed"] += status["requestCounts"]["resumed"]
+        return {
+            "what": "jobs on real vLLM workers while workers, operator, Redis, Prometheus, API server die",
+            "chaos_minutes": round(chaos_seconds / 60, 1),
+            "wall_minutes": round(wall_seconds / 60, 1),
+            "actions_survived": dict(self.actions),
+            "jobs_completed": totals["jobs"],
+            "requests": totals["requests"],
+            "exactly_once": True,
+            "error_lines": 0,
+            "completion_tokens": totals["completion_tokens"],
+            "wasted_tokens": totals["wasted_tokens"],
+            "wasted_share": round(totals["wasted_tokens"] / max(1, totals["completion_tokens"]), 4),
+            "requests_resumed_from_a_checkpoint": totals["resumed"],
+            "timeline": self.events,
+        }
+
+    def _out(self, job: str) -> Path:
+        return self.workdir / "out" / job
+
+    @staticmethod
+    def _custom_ids(path: Path) -> list[str]:
+        return [json.loads(line)["custom_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(workdir: Path, minutes: float, seed: int, gap: float, requests: int) -> dict[str, Any]:
+    soak = Soak(workdir, seed, requests)
+    try:
+        soak.start()
+        return soak.run(minutes, gap)
+    finally:
+        soak.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--gap", type=float, default=20.0, help="mean seconds between actions")
+    parser.add_argument("--requests", type=int, default=400, help="requests per job")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    scratch = Path(tempfile.mkdtemp(prefix="troughfill-chaos-"))
+    try:
+        result = run(scratch, args.minutes, args.seed, args.gap, args.requests)
+    except BaseException:
+        print(f"failed; logs kept in {scratch}", file=sys.stderr)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
