@@ -249,7 +249,9 @@ def run(workdir: Path, jobs: int, namespaces: int, gpus: int, window: float) -> 
         _, port = operator(watch_cache=False)
         time.sleep(20)  # Kopf resumes every job, then the steady state again
         listed = Window(cluster, window, port)
-        pods = cluster.core.list_pod_for_all_namespaces(label_selector=f"{constants.LABEL_COMPONENT}=worker")
+        pods = cluster.core.list_pod_for_all_namespaces(
+            label_selector=f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+        )
         return {
             "what": "the operator's API requests and pool cycle times with many BatchInferences on one pool",
             "jobs": jobs,

@@ -52,6 +52,10 @@ def id_buckets(expected_ids: int) -> int:
     return buckets
 
 
+MAX_CONNECTIONS = 64
+"""Connections one process keeps to the ledger at most; more callers at once wait their turn."""
+POOL_WAIT_SECONDS = 30.0
+"""How long a caller waits for a free connection before the call fails."""
 PATIENT_RETRIES = 20
 """A worker's client rides out a Redis restart: 20 reconnects backing off from 0.25 s to 4 s,
 about a minute, before a ledger call fails (and with it the worker)."""
@@ -73,7 +77,12 @@ def connect(settings: Settings, *, patient: bool = False) -> Redis:
         options["ssl_ca_certs"] = settings.redis_tls_ca_file
     if settings.redis_tls_ca_pem:
         options["ssl_ca_data"] = settings.redis_tls_ca_pem
-    client: Redis = aioredis.Redis.from_url(settings.redis_url, **options)
+    # A bounded pool whose callers wait for a free connection: a thousand jobs' refreshes at once
+    # queue here instead of failing with "Too many connections" (redis-py's default pool).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_SECONDS, **options
+    )
+    client: Redis = aioredis.Redis(connection_pool=pool)
     return client
 
 
