@@ -1,6 +1,7 @@
 """The Kopf handlers called as Kopf calls them (keyword arguments, a Body, a Patch, a Memo), with
 a real Redis ledger: errors the Kopf way, and cleanup that does not depend on a parseable spec."""
 
+import dataclasses
 import importlib
 import logging
 import sys
@@ -23,6 +24,7 @@ from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import BatchPoolStatus
 from troughfill.config import Settings
 from troughfill.controller import jobs
+from troughfill.planner import Limit
 from troughfill.storage import ERROR_FILE, ObjectStore, WriteError
 
 LOG = logging.getLogger("test")
@@ -90,7 +92,9 @@ async def test_deleting_a_job_whose_spec_cannot_be_parsed_still_removes_its_ledg
     uid = wire["metadata"]["uid"]
     assert await aredis.keys(f"*{uid}*")
     del wire["spec"]["inputURL"]  # what a stored object the models no longer accept looks like
-    memo = kopf.Memo(redis=aredis, store=ObjectStore(), cluster=Workers(), pools=Pools())
+    memo = kopf.Memo(
+        quiet=jobs.QuietJobs(), redis=aredis, store=ObjectStore(), cluster=Workers(), pools=Pools()
+    )
     await handlers.delete_job(body=kopf.Body(wire), memo=memo, logger=LOG)
     assert await aredis.keys(f"*{uid}*") == []
     assert memo.cluster.deleted == [("team-a", uid)]
@@ -106,7 +110,7 @@ async def test_an_unparseable_job_fails_permanently_with_its_phase_written(
     wire = batch_inference(inputURL="ftp://nowhere/in.jsonl")
     wire["metadata"]["uid"] = uuid.uuid4().hex
     patch = kopf.Patch()
-    memo = kopf.Memo(redis=aredis, store=ObjectStore())
+    memo = kopf.Memo(quiet=jobs.QuietJobs(), redis=aredis, store=ObjectStore())
     with pytest.raises(kopf.PermanentError, match=r"InvalidSpec: spec\.inputURL"):
         await handlers.start_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)
     assert patch.status["phase"] == "failed"  # Kopf applies the patch although the handler failed
@@ -179,7 +183,9 @@ async def test_a_deletion_whose_merge_cannot_succeed_still_finishes(
 ) -> None:
     wire = await started_job(aredis, tmp_path)
     uid = wire["metadata"]["uid"]
-    memo = kopf.Memo(redis=aredis, cluster=Cluster(), pools=Pools(), stores=Stores(Unwritable()))
+    memo = kopf.Memo(
+        quiet=jobs.QuietJobs(), redis=aredis, cluster=Cluster(), pools=Pools(), stores=Stores(Unwritable())
+    )
     await handlers.delete_job(body=kopf.Body(wire), memo=memo, logger=LOG, retry=0)  # no retry loop
     assert await aredis.keys(f"*{uid}*") == []  # the keys go all the same
     (event,) = events
@@ -194,7 +200,9 @@ async def test_a_deletion_gives_up_on_redis_after_its_attempts(
     wire = batch_inference(inputURL=(tmp_path / "in.jsonl").as_uri(), outputURL=(tmp_path / "o").as_uri())
     wire["metadata"]["uid"] = uuid.uuid4().hex
     gone = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    memo = kopf.Memo(redis=gone, cluster=Cluster(), pools=Pools(), stores=Stores(ObjectStore()))
+    memo = kopf.Memo(
+        quiet=jobs.QuietJobs(), redis=gone, cluster=Cluster(), pools=Pools(), stores=Stores(ObjectStore())
+    )
     with pytest.raises(kopf.TemporaryError):  # not the last attempt: Kopf tries again later
         await handlers.delete_job(body=kopf.Body(wire), memo=memo, logger=LOG, retry=0)
     last = handlers.MAX_DELETE_ATTEMPTS - 1
@@ -215,11 +223,50 @@ async def test_redis_away_shows_on_the_job_as_degraded_while_kopf_retries(
             return None
 
     memo = kopf.Memo(
-        redis=gone, cluster=Cluster(), pools=NoViews(), stores=Stores(ObjectStore()), settings=Settings()
+        quiet=jobs.QuietJobs(),
+        redis=gone,
+        cluster=Cluster(),
+        pools=NoViews(),
+        stores=Stores(ObjectStore()),
+        settings=Settings(),
     )
     patch = kopf.Patch()
     with pytest.raises(kopf.TemporaryError, match="Redis unavailable"):
         await handlers.reconcile_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)
     degraded = next(c for c in patch.status["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "LedgerUnavailable")
+    await gone.aclose()
+
+
+async def test_a_quiet_jobs_refresh_touches_nothing_until_its_view_or_object_changes(
+    handlers: ModuleType, aredis: Redis, tmp_path: Path
+) -> None:
+    """A thousand waiting jobs refresh every tick; one whose object and pool view are as they
+    were at its last refresh is skipped (here: Redis is away and nothing fails), and one whose
+    view moved is refreshed again (and meets the outage)."""
+    wire = await started_job(aredis, tmp_path)
+    view = jobs.WorkerView(desired=0, ready=0, limit=Limit.FAIR_SHARE, at_risk=False)
+
+    class OneView:
+        current = view
+
+        def workers_of(self, uid: str) -> jobs.WorkerView:
+            return self.current
+
+    pools = OneView()
+    memo = kopf.Memo(
+        quiet=jobs.QuietJobs(),
+        redis=aredis,
+        cluster=Cluster(),
+        pools=pools,
+        stores=Stores(ObjectStore()),
+        settings=Settings(),
+    )
+    await handlers.reconcile_job(body=kopf.Body(wire), patch=kopf.Patch(), memo=memo, logger=LOG)
+    gone = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    memo.redis = gone
+    await handlers.reconcile_job(body=kopf.Body(wire), patch=kopf.Patch(), memo=memo, logger=LOG)  # skipped
+    pools.current = dataclasses.replace(view, desired=1)
+    with pytest.raises(kopf.TemporaryError, match="Redis unavailable"):
+        await handlers.reconcile_job(body=kopf.Body(wire), patch=kopf.Patch(), memo=memo, logger=LOG)
     await gone.aclose()

@@ -247,20 +247,19 @@ class Soak:
 
     def report(self, chaos_seconds: float, wall_seconds: float) -> dict[str, Any]:
         totals: Counter[str] = Counter()
+        problems: list[str] = []
         for name in self.jobs:
             status = self.status(name)
             if status.get("phase") != "completed":
+                problems.append(f"{name} ended {status.get('phase')}")
                 continue
             outputs = self._custom_ids(self._out(name) / "output.jsonl")
             errors = self._custom_ids(self._out(name) / "errors.jsonl")
             expected = {f"{name}-{i}" for i in range(self.requests)}
             both = outputs + errors
             if len(both) != len(set(both)) or set(both) != expected:
-                raise AssertionError(
-                    f"{name}: {len(both)} lines for {len(expected)} requests, or ids that differ"
-                )
-            if errors:
-                raise AssertionError(f"{name}: {len(errors)} error lines the chaos caused: {errors[:5]}")
+                problems.append(f"{name}: {len(both)} lines for {len(expected)} requests, or ids that differ")
+            totals["error_lines"] += len(errors)
             totals["jobs"] += 1
             totals["requests"] += len(outputs)
             totals["completion_tokens"] += status["tokens"]["completion"]
@@ -273,8 +272,9 @@ class Soak:
             "actions_survived": dict(self.actions),
             "jobs_completed": totals["jobs"],
             "requests": totals["requests"],
-            "exactly_once": True,
-            "error_lines": 0,
+            "exactly_once": not problems,
+            "problems": problems,
+            "error_lines": totals["error_lines"],
             "completion_tokens": totals["completion_tokens"],
             "wasted_tokens": totals["wasted_tokens"],
             "wasted_share": round(totals["wasted_tokens"] / max(1, totals["completion_tokens"]), 4),

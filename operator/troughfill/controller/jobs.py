@@ -5,6 +5,7 @@ No Kopf here: the handlers look objects up, call these functions and write what 
 crash or an operator restart converges to the same status.
 """
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -310,6 +311,30 @@ class WorkerView:
     """GPU-seconds its serving workers held in all (what the status reports)."""
     admission: Admission | None = None
     """The job admitted again against its template and pool as the cycle found them."""
+    progress: Progress | None = None
+    """The ledger's counts as that cycle read them."""
+
+
+class QuietJobs:
+    """Which jobs' status refresh would find nothing new: the same object (resourceVersion) and
+    the same view from the pool's last cycle (workers, plan and ledger counts) as when it last
+    ran, and its completion window not yet over. A pool of a thousand waiting jobs then costs a
+    dictionary lookup per job per tick instead of a parse, a ledger read and a store lookup."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[object, float]] = {}
+
+    def unchanged(self, uid: str, fingerprint: object, now: float) -> bool:
+        last = self._last.get(uid)
+        return last is not None and last[0] == fingerprint and now < last[1]
+
+    def refreshed(self, uid: str, fingerprint: object, job: BatchInference) -> None:
+        """The refresh ran with these inputs and asks for no retry."""
+        ends = deadline(job)
+        self._last[uid] = (fingerprint, ends.timestamp() if ends else math.inf)
+
+    def forget(self, uid: str) -> None:
+        self._last.pop(uid, None)
 
 
 def deadline(job: BatchInference) -> datetime | None:

@@ -543,6 +543,7 @@ class PoolController:
                 crash_loop=state.crash_loop(entry.uid, seen.now),
                 gpu_seconds=account.total,
                 admission=entry.admission,
+                progress=entry.progress,
             )
         for table in (state.views, state.gpu_seconds):
             for uid in [uid for uid in table if uid not in active]:

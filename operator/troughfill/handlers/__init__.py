@@ -14,6 +14,7 @@ per-object logger (Events only from warnings up: settings.posting.level).
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -75,6 +76,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.cluster = WatchedCluster(api).start() if own.watch_cache else KubeCluster(api)
     memo.redis = connect(own)
     memo.stores = JobStores(memo.cluster, own)
+    memo.quiet = jobs.QuietJobs()
     memo.pools = PoolController(
         memo.cluster,
         PrometheusSignals(own.prometheus_url, own.prometheus_timeout_seconds),
@@ -247,10 +249,14 @@ async def reconcile_job(
 ) -> None:
     if (body.get("status") or {}).get("phase") in {phase.value for phase in TERMINAL}:
         return  # ended (an unparseable job too: start_job marked it failed)
+    uid = str(body["metadata"]["uid"])
+    workers = memo.pools.workers_of(uid)
+    fingerprint = (body["metadata"].get("resourceVersion"), workers)
+    if workers is not None and memo.quiet.unchanged(uid, fingerprint, time.time()):
+        return  # nothing it would read has changed since it last ran
     job = parse(BatchInference, body)
     if job.status is None or job.status.phase is None:
         return  # start_job has not recorded it yet
-    workers = memo.pools.workers_of(job.metadata.uid_text)
     try:
         with transient("refreshing the job's status"):
             update = await jobs.refresh_status(
@@ -266,6 +272,8 @@ async def reconcile_job(
         _degraded(patch, body, job, error)
         raise
     _write(patch, body, update, logger)
+    if workers is not None:
+        memo.quiet.refreshed(uid, fingerprint, job)
 
 
 @kopf.on.update(*JOBS, field="spec")
@@ -319,6 +327,7 @@ async def delete_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, retr
         _post(body, Reason.DELETED, message, warning=True)
         logger.warning(message)
     memo.pools.forget_job(meta.uid_text)
+    memo.quiet.forget(meta.uid_text)
     logger.info("deleted: %d worker pods stopped, ledger keys removed", stopped)
     if report is not None:
         message = f"cancelled: {report.outputs} results, {report.errors} errors in {report.output_url}"
