@@ -270,3 +270,16 @@ async def test_a_quiet_jobs_refresh_touches_nothing_until_its_view_or_object_cha
     with pytest.raises(kopf.TemporaryError, match="Redis unavailable"):
         await handlers.reconcile_job(body=kopf.Body(wire), patch=kopf.Patch(), memo=memo, logger=LOG)
     await gone.aclose()
+
+
+def test_successful_timer_runs_are_not_logged_but_failures_and_other_handlers_are(
+    handlers: ModuleType,
+) -> None:
+    quiet = handlers.QuietTimers()
+
+    def record(level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", level, __file__, 1, message, None, None)
+
+    assert not quiet.filter(record(logging.INFO, "Timer 'reconcile_job' succeeded."))
+    assert quiet.filter(record(logging.ERROR, "Timer 'reconcile_job' failed temporarily: Redis unavailable"))
+    assert quiet.filter(record(logging.INFO, "Handler 'start_job' succeeded."))

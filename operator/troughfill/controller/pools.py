@@ -290,6 +290,8 @@ class PoolController:
         """Jobs (uid) whose workers' Secret this operator has made."""
         self._parsed: dict[str, tuple[str, BatchInference | None]] = {}
         """uid -> (resourceVersion, the job parsed if active) of the jobs cycles have read."""
+        self._admissions: dict[str, tuple[tuple[object, ...], Admission]] = {}
+        """job uid -> (the generations it was admitted at, its admission)."""
 
     async def cycle(self, pool: BatchPool) -> Cycle:
         state = self.pools.setdefault(pool.metadata.name, PoolState())
@@ -326,6 +328,22 @@ class PoolController:
         self._parsed[uid] = (version, job)
         return job
 
+    def _admission(self, job: BatchInference, template: ModelTemplate, pool: BatchPool) -> Admission:
+        """`admit`, once per generation of the job, its template and its pool (their specs are
+        all it reads)."""
+        versions = [o.metadata.generation for o in (job, template, pool)]
+        if None in versions:
+            return admit(job, template, pool)
+        key = (template.metadata.uid_text, pool.metadata.uid_text, *versions)
+        cached = self._admissions.get(job.metadata.uid_text)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        admission = admit(job, template, pool)
+        if len(self._admissions) > PARSED_JOBS_KEPT:
+            self._admissions.clear()
+        self._admissions[job.metadata.uid_text] = (key, admission)
+        return admission
+
     def forget_pool(self, name: str) -> None:
         """Drop what is remembered of a deleted pool."""
         self.pools.pop(name, None)
@@ -333,6 +351,7 @@ class PoolController:
     def forget_job(self, uid: str) -> None:
         self.secrets.discard(uid)
         self._parsed.pop(uid, None)
+        self._admissions.pop(uid, None)
         for state in self.pools.values():
             for table in (state.views, state.gpu_seconds, state.failures):
                 table.pop(uid, None)
@@ -359,7 +378,7 @@ class PoolController:
             template = templates[name]
             if template is None or template.spec.pool_ref != pool.metadata.name:
                 continue
-            admission = admit(job, template, pool)
+            admission = self._admission(job, template, pool)
             klass = admission.priority_class_name or pool.spec.default_priority_class_name
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
@@ -370,7 +389,7 @@ class PoolController:
         jobs: list[ObservedJob] = []
         for (job, template, admission, priority, ledger), progress in zip(matched, progresses, strict=True):
             own = tuple(by_job.pop((job.metadata.ns, job.metadata.uid_text), []))
-            beats = await asyncio.gather(*(ledger.last_heartbeat(pod.name) for pod in own))
+            beats = await asyncio.gather(*(ledger.last_heartbeat(pod.name) for pod in own)) if own else []
             jobs.append(ObservedJob(job, template, admission, priority, ledger, progress, own, tuple(beats)))
         online = await self._online(pool)  # read last: the freshest demand is what is acted on
         return Observation(
