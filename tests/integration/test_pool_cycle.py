@@ -17,7 +17,7 @@ from tests.ledgertools import FakeClock, request_line, write_input
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import OnlineWorkload
 from troughfill.config import Settings
-from troughfill.controller import jobs
+from troughfill.controller import jobs, pools
 from troughfill.controller.pools import CRASH_LOOP_FAILURES, PoolController
 from troughfill.controller.ports import Cluster, WorkerPod
 from troughfill.controller.stores import JobStores
@@ -353,3 +353,36 @@ async def test_workers_get_their_jobs_own_secret_with_the_grants_credentials(wor
     assert data["TROUGHFILL_REDIS_USERNAME"] == f"troughfill-job-{world.job.metadata.uid_text}"
     for manifest in world.cluster.created:
         assert manifest["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": secret[1]}}]
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many jobs' ledger counts each cycle read."""
+    counts: list[int] = []
+    real = pools.progress_of
+
+    async def counted(client: Redis, ledgers: list[JobLedger]) -> list[jobs.Progress]:
+        counts.append(len(ledgers))
+        return await real(client, ledgers)
+
+    monkeypatch.setattr(pools, "progress_of", counted)
+    return counts
+
+
+async def test_a_job_that_cannot_progress_has_its_counts_read_a_tenth_of_the_cycles(
+    world: World, reads: list[int]
+) -> None:
+    """No worker and no lease: its ledger counts cannot move, so a cycle reads them only in its
+    turn (one cycle in PROGRESS_RECHECK_CYCLES), not every cycle."""
+    idle = BatchPool.model_validate(pool(scaleUpDelay="0s", minUsefulTime="0s", gpus={"count": 0}))
+    for _ in range(3 * pools.PROGRESS_RECHECK_CYCLES):
+        await world.controller.cycle(idle)
+    assert sum(reads) <= 4, reads  # the first cycle, then one in ten
+
+
+async def test_a_job_with_workers_has_its_counts_read_every_cycle(world: World, reads: list[int]) -> None:
+    first = await world.controller.cycle(world.pool)
+    assert first.created
+    for _ in range(5):
+        await world.controller.cycle(world.pool)
+    assert reads == [1] * 6

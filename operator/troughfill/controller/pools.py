@@ -19,6 +19,7 @@ import json
 import math
 import secrets
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +62,9 @@ CRASH_LOOP_FAILURES = 3
 CRASH_LOOP_SECONDS = 300.0
 PRIORITY_CLASS_RECHECK_SECONDS = 30.0
 DELETION_COST_MIN_SECONDS = 30.0
+PROGRESS_RECHECK_CYCLES = 10
+"""A job that cannot have progressed (no worker, no lease) has its counts read every this many
+cycles anyway (a tenth of them each cycle)."""
 PARSED_JOBS_KEPT = 100_000
 """Parsed jobs remembered across cycles, at most (far more than a cluster holds live)."""
 """A serving worker's pod-deletion-cost is patched at most this often (unsaved tokens move
@@ -171,6 +175,8 @@ class Cycle:
     missing_priority_classes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     """Workers the API server refused to create (missing PriorityClass, quota, ...), with why."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """How long observing, planning and acting took (a slow cycle says which)."""
 
 
 def selector_string(selector: LabelSelector) -> str:
@@ -290,22 +296,32 @@ class PoolController:
         """Jobs (uid) whose workers' Secret this operator has made."""
         self._parsed: dict[str, tuple[str, BatchInference | None]] = {}
         """uid -> (resourceVersion, the job parsed if active) of the jobs cycles have read."""
+        self._progress: dict[str, tuple[str | None, Progress]] = {}
+        """job uid -> (its resourceVersion then, its ledger counts) as cycles last read them."""
+        self._tick = 0
         self._admissions: dict[str, tuple[tuple[object, ...], Admission]] = {}
         """job uid -> (the generations it was admitted at, its admission)."""
 
     async def cycle(self, pool: BatchPool) -> Cycle:
         state = self.pools.setdefault(pool.metadata.name, PoolState())
+        marks = [time.perf_counter()]
         seen = await self.observe(pool, state)
+        marks.append(time.perf_counter())
         # Redis restarted (or this operator did): the workers' users and scripts again.
         await self.access.ensure([entry.ledger.keys for entry in seen.jobs])
         self._note_failures(state, seen)
         crash_looping = frozenset(e.uid for e in seen.jobs if state.crash_loop(e.uid, seen.now))
         decided = plan(snapshot(pool, seen, crash_looping), state.memory)
         state.memory = decided.memory
+        marks.append(time.perf_counter())
         done = await self.act(pool, seen, decided, state)
         self.record(pool, seen, decided, done, state)
+        marks.append(time.perf_counter())
         # Last: a recheck's API reads must not delay this cycle's stops.
         done.missing_priority_classes = await self._missing_priority_classes(pool, state)
+        done.phase_seconds = {
+            name: round(marks[k + 1] - marks[k], 4) for k, name in enumerate(("observe", "plan", "act"))
+        }
         return done
 
     def workers_of(self, uid: str) -> WorkerView | None:
@@ -327,6 +343,44 @@ class PoolController:
             self._parsed.clear()  # jobs deleted long ago; whatever is live is parsed again once
         self._parsed[uid] = (version, job)
         return job
+
+    async def _progresses(
+        self,
+        matched: list[tuple[BatchInference, ModelTemplate, Admission, int, JobLedger]],
+        pods: dict[tuple[str, str], list[WorkerPod]],
+    ) -> list[Progress]:
+        """Each job's ledger counts, read in one round trip for the jobs whose counts can have
+        moved: with workers or leases, not yet indexed, changed since (a new resourceVersion), or
+        in this cycle's tenth of the rest. A job with no worker and no lease cannot progress, so
+        a thousand waiting jobs cost a tenth of a thousand reads a cycle, not a thousand."""
+        self._tick += 1
+        wanted: list[JobLedger] = []
+        for job, _, _, _, ledger in matched:
+            uid = job.metadata.uid_text
+            cached = self._progress.get(uid)
+            if (
+                cached is None
+                or cached[0] != job.metadata.resourceVersion
+                or cached[1].leases
+                or not cached[1].indexed
+                or (job.metadata.ns, uid) in pods
+                or zlib.crc32(uid.encode()) % PROGRESS_RECHECK_CYCLES == self._tick % PROGRESS_RECHECK_CYCLES
+            ):
+                wanted.append(ledger)
+        fresh = dict(
+            zip((one.keys.uid for one in wanted), await progress_of(self.redis, wanted), strict=True)
+        )
+        read: list[Progress] = []
+        for job, *_ in matched:
+            uid = job.metadata.uid_text
+            if uid in fresh:
+                self._progress[uid] = (job.metadata.resourceVersion, fresh[uid])
+            read.append(self._progress[uid][1])
+        if len(self._progress) > PARSED_JOBS_KEPT:
+            self._progress = {
+                job.metadata.uid_text: self._progress[job.metadata.uid_text] for job, *_ in matched
+            }
+        return read
 
     def _admission(self, job: BatchInference, template: ModelTemplate, pool: BatchPool) -> Admission:
         """`admit`, once per generation of the job, its template and its pool (their specs are
@@ -352,6 +406,7 @@ class PoolController:
         self.secrets.discard(uid)
         self._parsed.pop(uid, None)
         self._admissions.pop(uid, None)
+        self._progress.pop(uid, None)
         for state in self.pools.values():
             for table in (state.views, state.gpu_seconds, state.failures):
                 table.pop(uid, None)
@@ -385,7 +440,7 @@ class PoolController:
             matched.append(
                 (job, template, admission, priorities[klass], JobLedger(self.redis, JobKeys.of(job.metadata)))
             )
-        progresses = await progress_of(self.redis, [ledger for *_, ledger in matched])  # one round trip
+        progresses = await self._progresses(matched, by_job)
         jobs: list[ObservedJob] = []
         for (job, template, admission, priority, ledger), progress in zip(matched, progresses, strict=True):
             own = tuple(by_job.pop((job.metadata.ns, job.metadata.uid_text), []))

@@ -53,6 +53,8 @@ TEMPLATE_RECHECK_SECONDS = 30.0
 Parsed = TypeVar("Parsed", bound=pydantic.BaseModel)
 RETRY_SECONDS = 5.0
 """How long Kopf waits before retrying a handler that met an unavailable Redis or API server."""
+SLOW_CYCLE_SECONDS = 0.2
+"""A pool cycle slower than this logs how long each of its phases took."""
 MAX_DELETE_ATTEMPTS = 8
 """Tries of a job's deletion before its cleanup is given up (about 5 minutes with back-off)."""
 
@@ -374,6 +376,10 @@ async def reconcile_pool(
 
 
 def _report_cycle(body: kopf.Body, cycle: Cycle, logger: kopf.Logger) -> None:
+    took = sum(cycle.phase_seconds.values())
+    if took > SLOW_CYCLE_SECONDS:
+        parts = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in cycle.phase_seconds.items())
+        logger.info("slow cycle: %.3fs for %d jobs (%s)", took, cycle.jobs, parts)
     trough = f"trough {cycle.plan.trough_gpus} GPUs"
     if cycle.stopped:
         modes = ", ".join(f"{worker} ({mode.value})" for worker, mode in cycle.stopped)
