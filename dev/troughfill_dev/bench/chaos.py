@@ -58,7 +58,9 @@ def request_lines(job: str, count: int) -> str:
         body = {
             "model": "m",
             "messages": [{"role": "user", "content": f"write about ticket {i} of {job}"}],
-            "max_tokens": 48 + (i * 37) % 160,  # long enough to be caught mid-generation
+            # 256 tokens and up: streamed and checkpointed (the worker's resume threshold), so a
+            # request caught mid-generation is resumed and what it loses is counted as wasted.
+            "max_tokens": 256 + (i * 37) % 128,
             "ignore_eos": True,
         }
         lines.append(
