@@ -259,16 +259,18 @@ class WatchedCluster(KubeCluster):
         return self._jobs.items() if self._jobs.synced else super().jobs()
 
     def template(self, name: str) -> ModelTemplate | None:
-        if not self._templates.synced:
-            return super().template(name)
-        found = self._templates.get(name)
-        return ModelTemplate.model_validate(found) if found else None
+        """From the cache; one it lacks is looked up in the API (a watch may lag a template
+        applied together with its job: "not found" must be the API's answer, not the cache's)."""
+        found = self._templates.get(name) if self._templates.synced else None
+        return ModelTemplate.model_validate(found) if found else super().template(name)
 
     def pool(self, name: str) -> BatchPool | None:
-        if not self._pools.synced:
-            return super().pool(name)
-        found = self._pools.get(name)
-        return BatchPool.model_validate(found) if found else None
+        found = self._pools.get(name) if self._pools.synced else None
+        return BatchPool.model_validate(found) if found else super().pool(name)
+
+    def create_pod(self, manifest: dict[str, Any]) -> None:
+        created = self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest)
+        self._workers.put(created)  # the next cycle counts it even if the watch has not yet
 
     def worker_pods(self, pool: str) -> list[WorkerPod]:
         if not self._workers.synced:

@@ -80,6 +80,13 @@ class Informer(Generic[T]):
         with self._lock:
             return self._items.get(key)
 
+    def put(self, item: Any) -> None:
+        """What this process itself just wrote (the API's answer), before its watch event comes:
+        a reader must not miss its own write (a pod created twice, say) because a watch lags."""
+        converted = self.convert(item)
+        with self._lock:
+            self._items[object_key(item)] = converted
+
     def _run(self) -> None:
         failures = 0
         while not self._stopped.is_set():

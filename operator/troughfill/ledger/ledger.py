@@ -432,8 +432,8 @@ class JobLedger:
         return int(await self._run("NACK", worker, lease_id, how, *indices))
 
     async def reap(self) -> int:
-        """Return the requests of expired leases to pending, as suspects (their worker died or
-        lost touch: nothing is charged); the number of leases reaped."""
+        """Return the requests of expired leases to pending, charging nothing (their worker died
+        or lost touch); one lost with three leases becomes a suspect. The number reaped."""
         return int(await self._run("REAP", self._now()))
 
     async def commit(self, segment_id: str, outcomes: Sequence[Outcome], lease_id: int | None = None) -> int:

@@ -60,7 +60,7 @@ local function requeue(indices, failed_attempt)
   return back
 end
 
--- A crash (the engine died, or the worker: its lease expired) ended these requests' attempt.
+-- A crash (the engine died with them in it) ended these requests' attempt.
 -- Which of them caused it is unknown, so none is charged an attempt: they become suspects,
 -- each retried alone in a lease of its own. A crash that ends such a solo lease is its
 -- request's doing; the second one dead-letters it.
@@ -86,10 +86,28 @@ local function drop_lease(id)
   redis.call('SREM', K_SOLO, id)
 end
 
+-- A lease that expired: its worker died or lost touch (killed, preempted, an outage), which is
+-- rarely its requests' doing. They go back at once, charged nothing; a request whose lease was
+-- lost LOST_LEASES times becomes a suspect (retried alone), so one that kills its worker cannot
+-- take the others down with it forever. A solo lease that expired is a crash of its request.
+local LOST_LEASES = 3
+local function lost(indices)
+  for _, i in ipairs(indices) do
+    if redis.call('GETBIT', K_DONE, i) == 0 then
+      if redis.call('HINCRBY', K_CRASHES, 'lost:' .. i, 1) >= LOST_LEASES then
+        redis.call('RPUSH', K_SUSPECTS, i)
+      else
+        redis.call('RPUSH', K_RETRY, i)
+      end
+    end
+  end
+end
+
 local function reap(now)
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 256)
   for _, id in ipairs(expired) do
-    suspect(redis.call('SMEMBERS', PREFIX .. 'lease:' .. id), redis.call('SISMEMBER', K_SOLO, id) == 1)
+    local members = redis.call('SMEMBERS', PREFIX .. 'lease:' .. id)
+    if redis.call('SISMEMBER', K_SOLO, id) == 1 then suspect(members, true) else lost(members) end
     drop_lease(id)
   end
   return #expired
