@@ -28,10 +28,7 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,11 +36,11 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from troughfill import constants
+from troughfill_dev.bench import online_gpus_gauge, run_in_scratch
 from troughfill_dev.bench.scale import worker_pids
-from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
+from troughfill_dev.localcluster import start_prometheus, start_redis
 from troughfill_dev.localcluster.services import VLLM_ENV, ManagedProcess, wait_until
 from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
 
@@ -87,13 +84,9 @@ class Soak:
         python, model = os.environ.get("TROUGHFILL_VLLM_PYTHON"), os.environ.get("TROUGHFILL_TINY_MODEL")
         if not python or not model:
             raise SystemExit("source scripts/setup.sh, scripts/setup_vllm.sh and scripts/setup_k8s.sh first")
-        registry = CollectorRegistry()
-        self.online = Gauge("online_gpus", "GPUs online serving holds", registry=registry)
-        self.online.set(0)
-        exporter_port = free_port()
-        start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
+        self.online, exporter = online_gpus_gauge()
         self.redis = start_redis(self.workdir / "redis", appendonly=True)
-        self.prometheus = start_prometheus(self.workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
+        self.prometheus = start_prometheus(self.workdir / "prometheus", [exporter], "1s")
         self.cluster = start_local_cluster(self.workdir / "cluster", nodes=1, gpus=GPUS)
         self.custom = client.CustomObjectsApi(self.cluster.api)
         self.operator = self._start_operator()
@@ -310,15 +303,9 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=20.0, help="mean seconds between actions")
     parser.add_argument("--requests", type=int, default=400, help="requests per job")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    scratch = Path(tempfile.mkdtemp(prefix="troughfill-chaos-"))
-    try:
-        result = run(scratch, args.minutes, args.seed, args.gap, args.requests)
-    except BaseException:
-        print(f"failed; logs kept in {scratch}", file=sys.stderr)
-        raise
-    shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    run_in_scratch(
+        "troughfill-chaos-", lambda scratch: run(scratch, args.minutes, args.seed, args.gap, args.requests)
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ scripts/setup_k8s.sh sourced.
 import argparse
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -37,10 +34,10 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from troughfill import constants
+from troughfill_dev.bench import online_gpus_gauge, run_in_scratch
 from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
 from troughfill_dev.localcluster.services import ManagedProcess, wait_until
 from troughfill_dev.localcluster.stack import LocalCluster, start_local_cluster, start_operator
@@ -206,13 +203,10 @@ def admitted_count(custom: client.CustomObjectsApi) -> int:
 def run(workdir: Path, jobs: int, namespaces: int, gpus: int, window: float) -> dict[str, Any]:
     processes: list[Any] = []
     try:
-        registry = CollectorRegistry()
-        Gauge("online_gpus", "GPUs online serving holds", registry=registry).set(0)
-        exporter_port = free_port()
-        start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
+        _, exporter = online_gpus_gauge()
         store = start_redis(workdir / "redis", appendonly=False)
         processes.append(store)
-        prometheus = start_prometheus(workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
+        prometheus = start_prometheus(workdir / "prometheus", [exporter], "1s")
         processes.append(prometheus)
         cluster = start_local_cluster(workdir / "cluster", nodes=1, gpus=gpus)
         processes.append(cluster)
@@ -280,15 +274,9 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--window", type=float, default=30.0, help="seconds each side is measured")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    scratch = Path(tempfile.mkdtemp(prefix="troughfill-many-"))
-    try:
-        result = run(scratch, args.jobs, args.namespaces, args.gpus, args.window)
-    except BaseException:
-        print(f"failed; logs kept in {scratch}", file=sys.stderr)
-        raise
-    shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    run_in_scratch(
+        "troughfill-many-", lambda scratch: run(scratch, args.jobs, args.namespaces, args.gpus, args.window)
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ output says how many there were.
 import argparse
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,11 +35,11 @@ from typing import Any
 import redis
 import yaml
 from kubernetes import client
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from troughfill import constants
 from troughfill.ledger import JobKeys
-from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
+from troughfill_dev.bench import online_gpus_gauge, run_in_scratch
+from troughfill_dev.localcluster import start_prometheus, start_redis
 from troughfill_dev.localcluster.services import wait_until
 from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
 
@@ -145,13 +142,10 @@ def run(workdir: Path, requests: int, workers: int, max_tokens: int) -> dict[str
     watcher = Watcher()
     sampler = threading.Thread(target=watcher.run, daemon=True)
     try:
-        registry = CollectorRegistry()
-        Gauge("online_gpus", "GPUs online serving holds", registry=registry).set(0)
-        exporter_port = free_port()
-        start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
+        _, exporter = online_gpus_gauge()
         store = start_redis(workdir / "redis", appendonly=True)
         processes.append(store)
-        prometheus = start_prometheus(workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
+        prometheus = start_prometheus(workdir / "prometheus", [exporter], "1s")
         processes.append(prometheus)
         cluster = start_local_cluster(workdir / "cluster", nodes=1, gpus=workers)
         processes.append(cluster)
@@ -279,15 +273,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=4)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    scratch = Path(tempfile.mkdtemp(prefix="troughfill-scale-"))
-    try:
-        result = run(scratch, args.requests, args.workers, args.max_tokens)
-    except BaseException:
-        print(f"failed; logs kept in {scratch}", file=sys.stderr)
-        raise
-    shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    run_in_scratch(
+        "troughfill-scale-", lambda scratch: run(scratch, args.requests, args.workers, args.max_tokens)
+    )
 
 
 if __name__ == "__main__":
