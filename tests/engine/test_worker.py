@@ -1,11 +1,13 @@
 """The batch worker against a real vLLM engine: complete jobs, stops of every kind, resume."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -183,6 +185,53 @@ async def test_a_resumed_request_gets_only_the_rest_of_its_token_budget(
     progress = await job.ledger.progress()
     # Usage counts what was generated: 30 new tokens for q0, none for q1, 40 for q2 — plus what was saved.
     assert progress.completion_tokens == 40 * 3
+
+
+def tokens_in(engine: VllmServer, text: str) -> int:
+    request = urllib.request.Request(
+        f"{engine.url}/tokenize",
+        data=json.dumps({"model": engine.served_model, "prompt": text, "add_special_tokens": False}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return int(json.load(reply)["count"])
+
+
+def text_of(engine: VllmServer, tokens: int) -> str:
+    """Text that tokenizes to about `tokens` tokens (a little more)."""
+    unit = "billing refund 17 "
+    count = int(tokens / (tokens_in(engine, unit * 50) / 50))
+    while tokens_in(engine, unit * count) < tokens:
+        count += 1
+    return unit * count
+
+
+async def test_a_partial_output_that_tokenizes_longer_than_it_was_generated_is_redone_from_the_start(
+    aredis: Redis, redis_server: RedisServer, vllm_engine: VllmServer, tmp_path: Path
+) -> None:
+    """Saved text goes back to the engine as text, and text can tokenize to more tokens than
+    were generated (a random model's output does, threefold): the context then has no room for
+    the rest of the budget. Such a continuation is not the answer; the request starts over."""
+    job = await make_job(
+        aredis, redis_server, vllm_engine, tmp_path, [chat_line(f"q{i}", 40) for i in range(3)]
+    )
+    past_context = text_of(vllm_engine, 1100)  # prompt + this > 1024: the engine refuses it
+    near_context = text_of(vllm_engine, 1000)  # fits, with room for fewer than 30 more tokens
+    await job.ledger.save_partial(0, past_context, 10, prompt_tokens=7)
+    await job.ledger.save_partial(1, near_context, 10, prompt_tokens=7)
+    await job.ledger.save_partial(2, "billing", 10, prompt_tokens=7)  # continued as usual
+    await finish_with_fresh_worker(job)
+    outputs = {o["custom_id"]: o["response"]["body"] for o in exactly_once(job, 3)}  # type: ignore[index]
+    for custom_id in ("q0", "q1"):
+        body = outputs[custom_id]
+        assert body["usage"]["completion_tokens"] == 40, body["usage"]
+        assert not body["choices"][0]["message"]["content"].startswith("billing refund 17 billing"), custom_id
+    assert outputs["q2"]["choices"][0]["message"]["content"].startswith("billing")
+    assert outputs["q2"]["usage"]["completion_tokens"] == 40
+    progress = await job.ledger.progress()
+    assert (progress.failed, progress.failed_attempts) == (0, 0)
+    assert await job.ledger.load_partials([0, 1, 2]) == {}
+    assert job.log("rescuer").count("redoing it from the start") == 2, job.log("rescuer")
 
 
 async def test_an_engine_crash_makes_the_worker_fail_without_marking_in_flight_work_done(

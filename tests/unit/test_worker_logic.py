@@ -168,6 +168,38 @@ def test_usage_of_a_resumed_stream_counts_what_was_generated_against_the_origina
     assert calls.usage_of(body) == (5, 2, 0)
 
 
+@pytest.mark.parametrize(
+    ("body", "engine_prompt", "total", "finish", "expected", "why"),
+    [
+        ({"max_tokens": 400}, 305, 400, "length", False, "the whole budget: a faithful continuation"),
+        ({"max_tokens": 400}, 1000, 124, "length", True, "the context ran out before the budget"),
+        ({"max_completion_tokens": 400}, 1000, 124, "length", True, "either budget key"),
+        ({"max_tokens": 400}, 1000, 124, "stop", False, "a stop is the model's answer"),
+        ({}, 305, 719, "length", False, "no budget, prompt + generated as before: as far as it would go"),
+        ({}, 1000, 124, "length", True, "no budget, text tokenized longer: stopped early"),
+    ],
+)
+def test_a_continuation_the_engine_cut_short_is_recognised(
+    body: dict[str, object], engine_prompt: int, total: int, finish: str, expected: bool, why: str
+) -> None:
+    saved = calls.Progress(text="partial", completion_tokens=300, prompt_tokens=5)
+    progress = calls.Progress(
+        text="partial and more",
+        completion_tokens=total,
+        finish_reason=finish,
+        engine_prompt_tokens=engine_prompt,
+    )
+    assert calls.cut_short(body, saved, progress) is expected, why
+    assert not calls.cut_short(body, None, progress)  # a fresh call is never a cut-short continuation
+
+
+def test_a_stream_records_the_prompt_the_engine_counted() -> None:
+    saved = calls.Progress(text="bill", completion_tokens=1, prompt_tokens=5)
+    progress = calls.Progress(text=saved.text, completion_tokens=1, prompt_tokens=5)
+    calls.apply_chunk(progress, {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}, saved)
+    assert (progress.prompt_tokens, progress.engine_prompt_tokens, progress.completion_tokens) == (5, 9, 3)
+
+
 async def test_a_background_task_that_fails_is_run_again_not_lost() -> None:
     runs: list[int] = []
 

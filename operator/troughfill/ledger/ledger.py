@@ -487,6 +487,11 @@ class JobLedger:
             return 0
         return int(await self._run("SAVE_PARTIALS", *items))
 
+    async def drop_partials(self, indices: Sequence[int]) -> None:
+        """Forget saved partial outputs: their requests start over when next claimed."""
+        if indices:
+            await self.client.hdel(self.keys.key("partial"), *[str(i) for i in indices])
+
     async def load_partials(self, indices: Sequence[int]) -> dict[int, Partial]:
         if not indices:
             return {}

@@ -53,6 +53,8 @@ class Progress:
     created: int | None = None
     model: str | None = None
     cached_tokens: int = 0
+    engine_prompt_tokens: int = 0
+    """The prompt as this call's engine counted it: for a resumed call, prompt + saved text."""
     extra_usage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,6 +92,22 @@ def budget_spent(body: dict[str, Any], saved: Progress | None) -> bool:
     return saved is not None and limit is not None and saved.completion_tokens >= int(limit)
 
 
+def cut_short(body: dict[str, Any], saved: Progress | None, progress: Progress) -> bool:
+    """A resumed call that the engine ended for length before an uninterrupted one would have.
+
+    The saved text is sent back as text, and text does not always tokenize back to the tokens
+    it was decoded from: it can come out longer (a random model's output triples), and then
+    the engine's context has less room than the request had, so it stops early ("length" below
+    the budget; with no budget, a context fuller than prompt + generated tokens). Such an
+    answer is not the one the request asked for: it is redone from the start."""
+    if saved is None or progress.finish_reason != "length":
+        return False
+    limit = body.get(_budget_key(body))
+    if limit is not None:
+        return progress.completion_tokens < int(limit)
+    return progress.engine_prompt_tokens > (saved.prompt_tokens or 0) + saved.completion_tokens
+
+
 def apply_chunk(progress: Progress, chunk: dict[str, Any], resumed_from: Progress | None) -> None:
     """Fold one streamed chunk into `progress` (text, tokens so far, finish reason, usage)."""
     progress.stream_id = progress.stream_id or chunk.get("id")
@@ -106,6 +124,7 @@ def apply_chunk(progress: Progress, chunk: dict[str, Any], resumed_from: Progres
     if usage:
         earlier = resumed_from.completion_tokens if resumed_from else 0
         progress.completion_tokens = earlier + int(usage.get("completion_tokens") or 0)
+        progress.engine_prompt_tokens = int(usage.get("prompt_tokens") or 0)
         if resumed_from and resumed_from.prompt_tokens is not None:
             progress.prompt_tokens = resumed_from.prompt_tokens
         else:

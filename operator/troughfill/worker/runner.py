@@ -84,6 +84,8 @@ class Finished:
     count_attempt: bool = True
     crashed: bool = False
     """The engine went away under it: the crash, not the request, decides what happens."""
+    start_over: bool = False
+    """Its saved partial output could not be continued faithfully: dropped, redone from the start."""
 
 
 @dataclass
@@ -312,6 +314,8 @@ class Worker:
         if finished.crashed:
             self.crashed.append(finished.item)
             return
+        if finished.start_over:
+            await self.ledger.drop_partials([finished.item.index])
         if finished.retry:
             self.stats.retries += 1
             await self._give_back([finished.item], count_attempt=finished.count_attempt)
@@ -344,6 +348,12 @@ class Worker:
         except EngineHttpError as failure:
             if failure.status in {408, 429} or failure.status >= 500:
                 return Finished(item, retry=True)
+            if item.saved is not None:
+                # The continuation was refused (its saved text re-tokenized past the engine's
+                # context, say), not necessarily the request: it gets a fresh start.
+                return self._start_over(
+                    item, item.saved.completion_tokens, f"engine answered {failure.status}"
+                )
             return self._http_error(item, failure)
         except (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError) as error:
             log.warning("request %s: engine connection failed: %r", item.index, error)
@@ -375,7 +385,17 @@ class Worker:
             self._waste(item, progress, self.checkpointed.get(item.index, 0))
             crashed = progress.finish_reason is None and not await self.engine.healthy()
             return Finished(item, retry=True, count_attempt=False, crashed=crashed)
+        if calls.cut_short(item.request.body, item.saved, progress):
+            return self._start_over(item, progress.completion_tokens, "the engine's context ran out early")
         return self._result(item, calls.assembled_body(self.endpoint, progress), progress.stream_id or "")
+
+    def _start_over(self, item: Item, wasted: int, why: str) -> Finished:
+        """A continuation that would not give the answer an uninterrupted call gives: its saved
+        output is dropped (by `_settle`, outside this request's task) and the request redone
+        from the start, no attempt charged. Everything generated for it so far is waste."""
+        log.warning("request %s: resuming it failed (%s); redoing it from the start", item.index, why)
+        self.stats.wasted_tokens += wasted
+        return Finished(item, retry=True, count_attempt=False, start_over=True)
 
     def _result(self, item: Item, body: dict[str, Any], upstream: str) -> Finished:
         prompt, completion, cached = calls.usage_of(body)
