@@ -73,5 +73,12 @@ ENGINE_KEEP_ALIVE_SECONDS: Final = 60
 CLIENT_KEEP_ALIVE_SECONDS: Final = ENGINE_KEEP_ALIVE_SECONDS / 2
 ATTACHED_ENGINE_CLIENT_KEEP_ALIVE_SECONDS: Final = 2.0
 
+# An S3-protocol call that gets no answer (a store partitioned away or frozen accepts the
+# connection and says nothing) fails after this long, tried this many times in all, instead of
+# botocore's 60 s and five tries: the worker notices, keeps its leases and tries again later.
+# A socket read, not a whole transfer: large objects stream in parts well inside it.
+STORE_TIMEOUT_SECONDS: Final = 20
+STORE_MAX_ATTEMPTS: Final = 3
+
 # In a worker pod's engine command, replaced by the port the worker picked (`--engine-port auto`).
 ENGINE_PORT_PLACEHOLDER: Final = "{engine_port}"

@@ -87,6 +87,9 @@ async def test_a_minute_without_the_object_store_pauses_the_job_and_loses_nothin
         await asyncio.sleep(OUTAGE_SECONDS)
         assert worker.poll() is None, f"the worker gave up during the outage:\n{log.read_text()}"
         during = await completed() - before
+        # At 40 answers a second the job would have finished within the minute: the store's
+        # absence held results back (they are committed only once stored).
+        assert before + during < REQUESTS / 2, (before, during)
         progress = await ledger.progress()
         assert progress.failed_attempts == 0
         os.kill(server.managed.process.pid, signal.SIGCONT)
@@ -100,8 +103,6 @@ async def test_a_minute_without_the_object_store_pauses_the_job_and_loses_nothin
         outputs = list(store.read_jsonl(final.output_url))
         assert sorted(o["custom_id"] for o in outputs) == sorted(f"r{i}" for i in range(REQUESTS))
         assert not store.exists(final.error_url) or not list(store.read_jsonl(final.error_url))
-        text = log.read_text()
-        assert "wait for the store" in text or "unreadable for now" in text, text
         print(f"\n{before} done before the outage, {during} committed during {OUTAGE_SECONDS:.0f}s of it")
     finally:
         if frozen:

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from fsspec.core import url_to_fs
 
+from troughfill import constants
 from troughfill.config import Settings
 from troughfill.storage.errors import ReadError, StorageError, WriteError
 
@@ -269,6 +270,12 @@ def store_for(settings: Settings, credentials: Mapping[str, str] | None = None) 
         s3["client_kwargs"] = {"region_name": region}
     if settings.s3_endpoint_url:
         s3["endpoint_url"] = settings.s3_endpoint_url
+    config: dict[str, Any] = {
+        "connect_timeout": constants.STORE_TIMEOUT_SECONDS,
+        "read_timeout": constants.STORE_TIMEOUT_SECONDS,
+        "retries": {"max_attempts": constants.STORE_MAX_ATTEMPTS, "mode": "standard"},
+    }
     if settings.s3_addressing_style != "auto":
-        s3["config_kwargs"] = {"s3": {"addressing_style": settings.s3_addressing_style}}
+        config["s3"] = {"addressing_style": settings.s3_addressing_style}
+    s3["config_kwargs"] = config
     return ObjectStore(options={"s3": s3})
