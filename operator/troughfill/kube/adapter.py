@@ -9,6 +9,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from troughfill import constants
+from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.kube.informer import Informer
@@ -92,6 +93,23 @@ class KubeCluster:
 
     def worker_pods(self, pool: str) -> list[WorkerPod]:
         return [_worker_pod(pod) for pod in self._worker_pods(pool)]
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """Merge `status` into a BatchInference's status subresource; False if the job is gone."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                constants.API_GROUP,
+                constants.API_VERSION,
+                namespace,
+                BatchInference.crd.plural,
+                name,
+                {"status": status},
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
 
     def create_pod(self, manifest: dict[str, Any]) -> None:
         self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest)
