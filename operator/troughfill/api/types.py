@@ -1,5 +1,6 @@
 """Constrained scalar types shared by the three resources, and the Kubernetes shapes they reuse."""
 
+import functools
 import re
 from datetime import timedelta
 from enum import StrEnum
@@ -52,6 +53,7 @@ _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_duration(text: str) -> timedelta:
     """Go-style duration ("90s", "1h30m") as a timedelta; the same strings CEL's duration() reads."""
     if not re.fullmatch(DURATION_PATTERN, text):

@@ -106,6 +106,8 @@ class PoolState:
     """Job uid -> its workers as of the last cycle."""
     gpu_seconds: dict[str, GpuSeconds] = field(default_factory=dict)
     """Job uid -> the GPU-seconds its workers held."""
+    metered: dict[str, tuple[int, Progress, float]] = field(default_factory=dict)
+    """Job uid -> what its gauges were last set from (unchanged: not set again)."""
 
     def crash_loop(self, uid: str, now: float) -> str | None:
         """Why the job gets no new worker now, when its workers keep failing."""
@@ -295,6 +297,7 @@ class PoolController:
         self.secrets: set[str] = set()
         """Jobs (uid) whose workers' Secret this operator has made."""
         self._parsed: dict[str, tuple[str, BatchInference | None]] = {}
+        self._ledgers: dict[str, JobLedger] = {}
         """uid -> (resourceVersion, the job parsed if active) of the jobs cycles have read."""
         self._progress: dict[str, tuple[str | None, Progress]] = {}
         """job uid -> (its resourceVersion then, its ledger counts) as cycles last read them."""
@@ -398,6 +401,16 @@ class PoolController:
         self._admissions[job.metadata.uid_text] = (key, admission)
         return admission
 
+    def _ledger(self, job: BatchInference) -> JobLedger:
+        """The job's ledger client, made once (its keys follow from its uid, which never changes)."""
+        uid = job.metadata.uid_text
+        ledger = self._ledgers.get(uid)
+        if ledger is None:
+            if len(self._ledgers) > PARSED_JOBS_KEPT:
+                self._ledgers.clear()
+            ledger = self._ledgers[uid] = JobLedger(self.redis, JobKeys.of(job.metadata))
+        return ledger
+
     def forget_pool(self, name: str) -> None:
         """Drop what is remembered of a deleted pool."""
         self.pools.pop(name, None)
@@ -407,8 +420,9 @@ class PoolController:
         self._parsed.pop(uid, None)
         self._admissions.pop(uid, None)
         self._progress.pop(uid, None)
+        self._ledgers.pop(uid, None)
         for state in self.pools.values():
-            for table in (state.views, state.gpu_seconds, state.failures):
+            for table in (state.views, state.gpu_seconds, state.failures, state.metered):
                 table.pop(uid, None)
 
     # --- observe ------------------------------------------------------------------------------
@@ -437,9 +451,7 @@ class PoolController:
             klass = admission.priority_class_name or pool.spec.default_priority_class_name
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
-            matched.append(
-                (job, template, admission, priorities[klass], JobLedger(self.redis, JobKeys.of(job.metadata)))
-            )
+            matched.append((job, template, admission, priorities[klass], self._ledger(job)))
         progresses = await self._progresses(matched, by_job)
         jobs: list[ObservedJob] = []
         for (job, template, admission, priority, ledger), progress in zip(matched, progresses, strict=True):
@@ -605,7 +617,10 @@ class PoolController:
                 entry.uid, GpuSeconds(base=entry.job.status.gpu_seconds if entry.job.status else 0.0)
             )
             account.counted += held * elapsed
-            self._job_metrics(pool, entry, held, account.total)
+            metered = (held, entry.progress, account.total)
+            if state.metered.get(entry.uid) != metered:  # a thousand waiting jobs: nothing to set
+                self._job_metrics(pool, entry, held, account.total)
+                state.metered[entry.uid] = metered
             job_plan = decided.jobs.get(entry.key)
             if job_plan is None:
                 continue
@@ -619,7 +634,7 @@ class PoolController:
                 admission=entry.admission,
                 progress=entry.progress,
             )
-        for table in (state.views, state.gpu_seconds):
+        for table in (state.views, state.gpu_seconds, state.metered):
             for uid in [uid for uid in table if uid not in active]:
                 del table[uid]  # the job ended, moved out or is gone: its status no longer asks
 

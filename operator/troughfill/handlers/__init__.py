@@ -45,6 +45,7 @@ from troughfill.storage import ObjectStore, StorageError
 
 INTERVAL = Settings().reconcile_interval_seconds
 """Read at import (Kopf's decorators need it then); everything else is read at startup."""
+TERMINAL_PHASES = frozenset(phase.value for phase in TERMINAL)
 JOBS = (constants.API_GROUP, constants.API_VERSION, BatchInference.crd.plural)
 POOLS = (constants.API_GROUP, constants.API_VERSION, BatchPool.crd.plural)
 TEMPLATES = (constants.API_GROUP, constants.API_VERSION, ModelTemplate.crd.plural)
@@ -275,8 +276,11 @@ async def refresh_job(
     Kopf's live view of the object; the status is merged into its subresource here."""
     failures = 0
     while not stopped:
-        if (body.get("status") or {}).get("phase") in {phase.value for phase in TERMINAL}:
+        if (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
             return  # ended: nothing will change it again
+        if _quiet(body, memo):
+            await asyncio.sleep(INTERVAL)
+            continue
         patch = kopf.Patch()
         delay = INTERVAL
         try:
@@ -307,17 +311,25 @@ async def refresh_job(
         await asyncio.sleep(delay)
 
 
+def _quiet(body: kopf.Body, memo: kopf.Memo) -> bool:
+    """Nothing a refresh of this job would read has changed since the last one."""
+    uid = str(body["metadata"]["uid"])
+    workers = memo.pools.workers_of(uid)
+    fingerprint = (body["metadata"].get("resourceVersion"), workers)
+    return workers is not None and bool(memo.quiet.unchanged(uid, fingerprint, time.time()))
+
+
 async def reconcile_job(
     body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """One refresh of a job's status into `patch` (a retry it asks for: kopf.TemporaryError)."""
-    if (body.get("status") or {}).get("phase") in {phase.value for phase in TERMINAL}:
+    if (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
         return  # ended (an unparseable job too: start_job marked it failed)
+    if _quiet(body, memo):
+        return  # nothing it would read has changed since it last ran
     uid = str(body["metadata"]["uid"])
     workers = memo.pools.workers_of(uid)
     fingerprint = (body["metadata"].get("resourceVersion"), workers)
-    if workers is not None and memo.quiet.unchanged(uid, fingerprint, time.time()):
-        return  # nothing it would read has changed since it last ran
     job = parse(BatchInference, body)
     if job.status is None or job.status.phase is None:
         return  # start_job has not recorded it yet

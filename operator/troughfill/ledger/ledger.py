@@ -625,11 +625,17 @@ async def progress_of(client: Redis, ledgers: Sequence["JobLedger"]) -> list[Pro
     """Every ledger's progress in one round trip (a pool cycle reads all its jobs')."""
     if not ledgers:
         return []
-    pipe = client.pipeline(transaction=False)
-    for ledger in ledgers:
-        ledger._queue_progress(pipe)
-    replies = await pipe.execute()
-    return [_progress_from(*replies[3 * k : 3 * k + 3]) for k in range(len(ledgers))]
+    keys = [ledger.keys.key(name) for ledger in ledgers for name in ("meta", "counters", "leases")]
+    replies = await client.register_script(lua.PROGRESS_MANY)(keys=keys)
+    return [
+        _progress_from(_pairs(replies[3 * k]), _pairs(replies[3 * k + 1]), int(replies[3 * k + 2]))
+        for k in range(len(ledgers))
+    ]
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    """A script's HGETALL reply (field, value, field, value, ...) as a dictionary."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _progress_from(meta_raw: dict[bytes, bytes], counters_raw: dict[bytes, bytes], leases: int) -> Progress:
