@@ -2,12 +2,14 @@
 (results are derived from the request; the ledger and storage underneath are real)."""
 
 import json
+import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from troughfill import constants
 from troughfill.api import Endpoint
 from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.ledger import Claim, JobConfig, JobKeys, JobLedger, Outcome
@@ -142,3 +144,20 @@ async def drain(
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def standin_worker(keys: JobKeys, *standin_args: str, concurrency: int = 8) -> list[str]:
+    """The command of one burst worker (`troughfill worker run`) for the job, with its own
+    stand-in engine (troughfill_dev.standin) given `standin_args`."""
+    return [
+        sys.executable, "-m", "troughfill.cli", "worker", "run",
+        "--job", f"{keys.namespace}/{keys.name}/{keys.uid}",
+        "--worker-id", "w",
+        "--burst",
+        "--concurrency", str(concurrency),
+        "--engine-port", "auto",
+        "--",
+        sys.executable, "-m", "troughfill_dev.standin",
+        "--port", constants.ENGINE_PORT_PLACEHOLDER,
+        *standin_args,
+    ]  # fmt: skip

@@ -6,14 +6,12 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 from redis.asyncio import Redis
 
-from tests.ledgertools import create_job, read_jsonl, request_line, write_input
-from troughfill import constants
+from tests.ledgertools import create_job, read_jsonl, request_line, standin_worker, write_input
 from troughfill.api import Endpoint
 from troughfill.ledger import JobKeys, JobLedger
 from troughfill.results import finalize, index_input
@@ -27,18 +25,7 @@ POISON = "POISON-PILL"
 def run_worker(redis: RedisServer, keys: JobKeys, log: Path) -> int:
     """One worker, with its own stand-in engine, until it exits: what a pod's container does
     once (the kubelet restarts it)."""
-    command = [
-        sys.executable, "-m", "troughfill.cli", "worker", "run",
-        "--job", f"{keys.namespace}/{keys.name}/{keys.uid}",
-        "--worker-id", "w",
-        "--burst",
-        "--concurrency", "8",
-        "--engine-port", "auto",
-        "--",
-        sys.executable, "-m", "troughfill_dev.standin",
-        "--port", constants.ENGINE_PORT_PLACEHOLDER,
-        "--crash-on", POISON,
-    ]  # fmt: skip
+    command = standin_worker(keys, "--crash-on", POISON)
     env = {**os.environ, "TROUGHFILL_REDIS_URL": redis.url}
     with log.open("ab") as out:
         done = subprocess.run(

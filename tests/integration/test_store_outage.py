@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import s3fs
 from redis.asyncio import Redis
 
-from tests.ledgertools import create_job, request_line
-from troughfill import constants
+from tests.ledgertools import create_job, request_line, standin_worker
 from troughfill.ledger import JobKeys, JobLedger
 from troughfill.results import finalize, index_input
 from troughfill.storage import ObjectStore
@@ -30,18 +28,7 @@ REQUESTS = 1500
 def start_worker(keys: JobKeys, redis: RedisServer, server: S3Server, log: Path) -> "subprocess.Popen[bytes]":
     """One worker with a stand-in engine (a tenth of a second an answer), reading and writing
     through the S3 server with the credentials and endpoint a pod would get."""
-    command = [
-        sys.executable, "-m", "troughfill.cli", "worker", "run",
-        "--job", f"{keys.namespace}/{keys.name}/{keys.uid}",
-        "--worker-id", "w",
-        "--burst",
-        "--concurrency", "4",
-        "--engine-port", "auto",
-        "--",
-        sys.executable, "-m", "troughfill_dev.standin",
-        "--port", constants.ENGINE_PORT_PLACEHOLDER,
-        "--delay-seconds", "0.1",
-    ]  # fmt: skip
+    command = standin_worker(keys, "--delay-seconds", "0.1", concurrency=4)
     env = {
         **os.environ,
         "TROUGHFILL_REDIS_URL": redis.url,
