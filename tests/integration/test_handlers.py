@@ -1,6 +1,7 @@
 """The Kopf handlers called as Kopf calls them (keyword arguments, a Body, a Patch, a Memo), with
 a real Redis ledger: errors the Kopf way, and cleanup that does not depend on a parseable spec."""
 
+import asyncio
 import dataclasses
 import importlib
 import logging
@@ -235,6 +236,67 @@ async def test_redis_away_shows_on_the_job_as_degraded_while_kopf_retries(
         await handlers.reconcile_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)
     degraded = next(c for c in patch.status["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "LedgerUnavailable")
+    await gone.aclose()
+
+
+class StatusWrites(Cluster):
+    """Records the status patches the job daemon writes; `exists` False: the job is gone."""
+
+    def __init__(self, exists: bool = True) -> None:
+        self.written: list[tuple[str, str, dict[str, Any]]] = []
+        self.exists = exists
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        self.written.append((namespace, name, status))
+        return self.exists
+
+
+class NotStopped:
+    def __bool__(self) -> bool:
+        return False
+
+
+async def test_the_job_daemon_writes_what_a_failed_refresh_says_and_waits_the_retry_delay(
+    handlers: ModuleType, aredis: Redis, tmp_path: Path
+) -> None:
+    """The daemon is the loop around `reconcile_job`: a refresh that meets Redis away writes
+    its Degraded condition through the API and waits the error's delay (5 s) before the next
+    try; a job deleted meanwhile (the write finds no object) ends the daemon."""
+    wire = await started_job(aredis, tmp_path)
+    gone = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+
+    class NoViews:
+        def workers_of(self, uid: str) -> None:
+            return None
+
+    cluster = StatusWrites()
+    memo = kopf.Memo(
+        quiet=jobs.QuietJobs(), redis=gone, cluster=cluster, pools=NoViews(), stores=Stores(ObjectStore())
+    )
+    memo.settings = Settings()
+    daemon = asyncio.create_task(
+        handlers.refresh_job(stopped=NotStopped(), body=kopf.Body(wire), memo=memo, logger=LOG)
+    )
+    for _ in range(200):
+        if cluster.written:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(handlers.RETRY_SECONDS / 2)
+    assert not daemon.done()
+    daemon.cancel()
+    ((namespace, name, status),) = cluster.written  # one write: the next try waits the delay
+    assert (namespace, name) == (wire["metadata"]["namespace"], wire["metadata"]["name"])
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "LedgerUnavailable")
+
+    memo.cluster = StatusWrites(exists=False)
+    await asyncio.wait_for(
+        handlers.refresh_job(stopped=NotStopped(), body=kopf.Body(wire), memo=memo, logger=LOG), timeout=10
+    )  # returns: the job is gone
+    wire["status"]["phase"] = "completed"
+    await asyncio.wait_for(
+        handlers.refresh_job(stopped=NotStopped(), body=kopf.Body(wire), memo=memo, logger=LOG), timeout=1
+    )  # returns at once: an ended job never changes again
     await gone.aclose()
 
 
