@@ -332,8 +332,9 @@ class PoolController:
         self.secrets: set[str] = set()
         """Jobs (uid) whose workers' Secret this operator has made."""
         self._parsed: dict[str, tuple[str, BatchInference | None]] = {}
-        self._ledgers: dict[str, JobLedger] = {}
         """uid -> (resourceVersion, the job parsed if active) of the jobs cycles have read."""
+        self._ledgers: dict[str, JobLedger] = {}
+        """uid -> the job's ledger client (`_ledger`)."""
         self._progress: dict[str, tuple[str | None, Progress]] = {}
         """job uid -> (its resourceVersion then, its ledger counts) as cycles last read them."""
         self._tick = 0
