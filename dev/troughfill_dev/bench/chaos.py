@@ -1,10 +1,13 @@
 """A chaos soak: jobs on real vLLM workers while their world is killed around them.
 
     python -m troughfill_dev.bench.chaos [--minutes 30] [--seed 1] [--gap 20] [--requests 400]
+                                         [--store-outage 60]
 
 Starts Redis (AOF, fsync every second, as deployed), Prometheus (an online-GPUs gauge this
-script serves), the local control plane with one node of 2 GPUs and `troughfill operator`, a
-pool of those GPUs and a template whose workers run vLLM (the tiny test model, one GPU each).
+script serves), an S3-protocol server (moto, a process of its own) holding the jobs' inputs and
+outputs behind a storage grant, the local control plane with one node of 2 GPUs and
+`troughfill operator`, a pool of those GPUs and a template whose workers run vLLM (the tiny
+test model, one GPU each).
 Then, until `--minutes` have passed, it keeps one BatchInference of `--requests` chat requests
 running (the next is created when one completes) and, every `--gap` seconds on average
 (seeded), does one of:
@@ -14,7 +17,9 @@ running (the next is created when one completes) and, every `--gap` seconds on a
 - `redis`: SIGKILL redis-server, start it again on its AOF 1-5 s later;
 - `prometheus`: SIGKILL Prometheus, start it again 1-5 s later;
 - `apiserver`: SIGKILL kube-apiserver, start it again 1-5 s later;
-- `signal`: online traffic takes both GPUs for 5-15 s (the workers yield), then leaves.
+- `signal`: online traffic takes both GPUs for 5-15 s (the workers yield), then leaves;
+- `store`: the S3 server frozen (SIGSTOP: connections hang, as with a partitioned store) for
+  `--store-outage` seconds, then thawed.
 
 Actions come in rounds, every kind once per round in a seeded order, so a short run meets each.
 At the end (the last job finished, no more chaos) every job is checked: every custom_id in its
@@ -34,17 +39,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import s3fs
 import yaml
 from kubernetes import client
 
 from troughfill import constants
 from troughfill_dev.bench import online_gpus_gauge, run_in_scratch
 from troughfill_dev.bench.scale import worker_pids
-from troughfill_dev.localcluster import start_prometheus, start_redis
+from troughfill_dev.localcluster import start_prometheus, start_redis, start_s3
 from troughfill_dev.localcluster.services import VLLM_ENV, ManagedProcess, wait_until
-from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
+from troughfill_dev.localcluster.stack import create_namespace, start_local_cluster, start_operator
 
-ACTIONS = ("worker", "operator", "redis", "prometheus", "apiserver", "signal")
+ACTIONS = ("worker", "operator", "redis", "prometheus", "apiserver", "signal", "store")
+BUCKET = "soak"
+GRANT_SECRET = "soak-s3"
 GPUS = 2
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -69,8 +77,9 @@ def request_lines(job: str, count: int) -> str:
 
 
 class Soak:
-    def __init__(self, workdir: Path, seed: int, requests: int) -> None:
+    def __init__(self, workdir: Path, seed: int, requests: int, store_outage: float = 60.0) -> None:
         self.workdir = workdir
+        self.store_outage = store_outage
         self.rng = random.Random(seed)
         self.requests = requests
         self.processes: list[Any] = []
@@ -87,10 +96,24 @@ class Soak:
         self.online, exporter = online_gpus_gauge()
         self.redis = start_redis(self.workdir / "redis", appendonly=True)
         self.prometheus = start_prometheus(self.workdir / "prometheus", [exporter], "1s")
+        self.s3 = start_s3(self.workdir / "s3")
+        self.fs = s3fs.S3FileSystem(**self.s3.s3_options, use_listings_cache=False)
+        self.fs.mkdir(BUCKET)
         self.cluster = start_local_cluster(self.workdir / "cluster", nodes=1, gpus=GPUS)
         self.custom = client.CustomObjectsApi(self.cluster.api)
+        # The grant's credentials, in a Secret beside the operator, as an admin provides them.
+        create_namespace(self.cluster.api, constants.OPERATOR_NAMESPACE)
+        self.cluster.core.create_namespaced_secret(
+            constants.OPERATOR_NAMESPACE,
+            {
+                "metadata": {"name": GRANT_SECRET},
+                "stringData": {
+                    "AWS_ACCESS_KEY_ID": self.s3.access_key,
+                    "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
+                },
+            },
+        )
         self.operator = self._start_operator()
-        root = self.workdir.resolve().as_uri()
         kind = {"apiVersion": constants.GROUP_VERSION}
         pool = {
             **kind, "kind": "BatchPool", "metadata": {"name": "soak"},
@@ -99,7 +122,9 @@ class Soak:
                 "online": {"prometheusURL": self.prometheus.url, "gpusInUseQuery": "sum(online_gpus)"},
                 "headroomGPUs": 0, "scaleUpDelay": "0s", "minUsefulTime": "0s", "drainGracePeriod": "5s",
                 "signal": {"maxStaleness": "30s"},
-                "defaultQuota": {"maxGPUs": GPUS, "storage": [{"prefix": f"{root}/"}]},
+                "defaultQuota": {
+                    "maxGPUs": GPUS, "storage": [{"prefix": f"s3://{BUCKET}/", "secretName": GRANT_SECRET}],
+                },
             },
         }  # fmt: skip
         template = {
@@ -124,10 +149,14 @@ class Soak:
             redis_url=self.redis.url,
             prometheus_url=self.prometheus.url,
             interval=1.0,
+            extra_env={"TROUGHFILL_S3_ENDPOINT_URL": self.s3.url},
         )
 
     def stop(self) -> None:
-        for process in (getattr(self, name, None) for name in ("operator", "cluster", "prometheus", "redis")):
+        if getattr(self, "s3", None) is not None:
+            os.kill(self.s3.managed.process.pid, signal.SIGCONT)  # a frozen process cannot stop
+        for name in ("operator", "cluster", "prometheus", "redis", "s3"):
+            process = getattr(self, name, None)
             if process is not None:
                 process.stop()
 
@@ -135,14 +164,12 @@ class Soak:
 
     def submit(self) -> str:
         name = f"soak-{len(self.jobs):03d}"
-        path = self.workdir / "inputs" / f"{name}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(request_lines(name, self.requests))
+        self.fs.pipe(f"{BUCKET}/inputs/{name}.jsonl", request_lines(name, self.requests).encode())
         job = {
             "apiVersion": constants.GROUP_VERSION, "kind": "BatchInference",
             "metadata": {"name": name, "namespace": "default"},
-            "spec": {"inputURL": path.resolve().as_uri(),
-                     "outputURL": f"{self._out(name).resolve().as_uri()}/", "templateRef": "tiny"},
+            "spec": {"inputURL": f"s3://{BUCKET}/inputs/{name}.jsonl",
+                     "outputURL": f"s3://{self._out(name)}/", "templateRef": "tiny"},
         }  # fmt: skip
         self._api(lambda: self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job)))
         self.jobs.append(name)
@@ -205,6 +232,10 @@ class Soak:
             self.online.set(GPUS)
             time.sleep(self.rng.uniform(5, 15))
             self.online.set(0)
+        elif action == "store":
+            os.kill(self.s3.managed.process.pid, signal.SIGSTOP)
+            time.sleep(self.store_outage)
+            os.kill(self.s3.managed.process.pid, signal.SIGCONT)
         self.actions[action] += 1
         self.events.append(f"{time.strftime('%H:%M:%S')} {action}")
 
@@ -248,8 +279,8 @@ class Soak:
             if status.get("phase") != "completed":
                 problems.append(f"{name} ended {status.get('phase')}")
                 continue
-            outputs = self._custom_ids(self._out(name) / "output.jsonl")
-            errors = self._custom_ids(self._out(name) / "errors.jsonl")
+            outputs = self._custom_ids(f"{self._out(name)}/output.jsonl")
+            errors = self._custom_ids(f"{self._out(name)}/errors.jsonl")
             expected = {f"{name}-{i}" for i in range(self.requests)}
             both = outputs + errors
             if len(both) != len(set(both)) or set(both) != expected:
@@ -277,16 +308,21 @@ class Soak:
             "timeline": self.events,
         }
 
-    def _out(self, job: str) -> Path:
-        return self.workdir / "out" / job
-
     @staticmethod
-    def _custom_ids(path: Path) -> list[str]:
-        return [json.loads(line)["custom_id"] for line in path.read_text().splitlines() if line.strip()]
+    def _out(job: str) -> str:
+        return f"{BUCKET}/out/{job}"
+
+    def _custom_ids(self, path: str) -> list[str]:
+        if not self.fs.exists(path):
+            return []
+        text = self.fs.cat_file(path).decode()
+        return [json.loads(line)["custom_id"] for line in text.splitlines() if line.strip()]
 
 
-def run(workdir: Path, minutes: float, seed: int, gap: float, requests: int) -> dict[str, Any]:
-    soak = Soak(workdir, seed, requests)
+def run(
+    workdir: Path, minutes: float, seed: int, gap: float, requests: int, *, store_outage: float = 60.0
+) -> dict[str, Any]:
+    soak = Soak(workdir, seed, requests, store_outage)
     try:
         soak.start()
         return soak.run(minutes, gap)
@@ -302,9 +338,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--gap", type=float, default=20.0, help="mean seconds between actions")
     parser.add_argument("--requests", type=int, default=400, help="requests per job")
+    parser.add_argument("--store-outage", type=float, default=60.0, help="seconds the S3 server is frozen")
     args = parser.parse_args()
     run_in_scratch(
-        "troughfill-chaos-", lambda scratch: run(scratch, args.minutes, args.seed, args.gap, args.requests)
+        "troughfill-chaos-",
+        lambda scratch: run(
+            scratch, args.minutes, args.seed, args.gap, args.requests, store_outage=args.store_outage
+        ),
     )
 
 
