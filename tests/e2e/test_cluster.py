@@ -285,11 +285,17 @@ def test_a_pod_that_ignores_sigterm_is_killed_after_its_grace_period(kube: Kube,
 
 
 # Starts a child in a session of its own (as the worker starts its engine), writes its pid, exits.
+# The child starts a grandchild with an empty environment, as vLLM's engine core looks once it
+# has renamed itself (setproctitle overwrites the environment /proc shows).
 ESCAPER = textwrap.dedent(
     """
     import os, subprocess, sys, time
-    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
-    child = subprocess.Popen(sleeper, start_new_session=True)
+    grandchild = (
+        "import subprocess, sys, time; "
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], env={}); "
+        "open('grandchild.pid', 'w').write(str(g.pid)); time.sleep(600)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", grandchild], start_new_session=True)
     open("child.pid", "w").write(str(child.pid))
     time.sleep(float(os.environ["LINGER"]))
     """
@@ -317,16 +323,21 @@ def test_what_a_container_spawned_goes_with_it_even_outside_its_process_group(
             },
         )
 
-        def child_pid(pod_name: str = name) -> int | None:
-            found = list(agent_workdir.glob(f"{namespace}_{pod_name}_*/child.pid"))
+        def pid_in(file: str, pod_name: str = name) -> int | None:
+            found = list(agent_workdir.glob(f"{namespace}_{pod_name}_*/{file}"))
             text = found[0].read_text() if found else ""
             return int(text) if text else None
 
-        pid = until(child_pid, 60, f"{name}: the escaped child started")
-        assert process_alive(pid)
+        pids = [
+            until(lambda f=file: pid_in(f), 60, f"{name}: {file}") for file in ("child.pid", "grandchild.pid")
+        ]
+        assert all(process_alive(pid) for pid in pids)
         if name == "deleted":
             kube.core.delete_namespaced_pod(name, namespace)
-        until(lambda p=pid: not process_alive(p), 30, f"{name}: the escaped child killed with its container")
+        for pid in pids:
+            until(
+                lambda p=pid: not process_alive(p), 30, f"{name}: what it spawned killed with its container"
+            )
 
 
 def test_a_crashing_container_is_restarted_with_back_off(kube: Kube, namespace: str) -> None:

@@ -929,20 +929,34 @@ def _tag(local: LocalPod, container: Container) -> str:
 
 
 def _kill_remains(tag: str) -> int:
-    """SIGKILL every process whose environment carries this container's tag; how many."""
+    """SIGKILL every process of this container (what its cgroup would hold); how many.
+
+    A process is the container's if its environment carries the container's tag, or if it is
+    in the process group of one that does: a process that renames itself (vLLM's engine core
+    and workers, through setproctitle) overwrites the environment /proc shows, so it is found
+    through the engine's group it was started in."""
     marker = f"{CONTAINER_TAG}={tag}".encode()
-    killed = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    ours: set[int] = set()
+    groups: set[int] = set()
+    processes = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    for pid in processes:
         try:
-            environment = (entry / "environ").read_bytes()
+            environment = Path(f"/proc/{pid}/environ").read_bytes()
+            if marker in environment.split(b"\0"):
+                ours.add(pid)
+                groups.add(os.getpgid(pid))
         except OSError:
             continue  # gone meanwhile, or not ours to read
-        if marker in environment.split(b"\0"):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
+    groups -= {0, 1, os.getpgrp()}  # never init's nor the agent's own
+    for pid in processes:
+        with contextlib.suppress(OSError):
+            if pid not in ours and os.getpgid(pid) in groups:
+                ours.add(pid)
+    killed = 0
+    for pid in ours:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
     if killed:
         log.info("killed %d leftover processes of container %s", killed, tag)
     return killed
