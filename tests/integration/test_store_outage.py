@@ -5,7 +5,6 @@ comes back; nothing is lost, nothing duplicated, no attempt charged for the outa
 
 import asyncio
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -45,7 +44,6 @@ async def test_a_minute_without_the_object_store_pauses_the_job_and_loses_nothin
     aredis: Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     server = start_s3(tmp_path / "s3")
-    frozen = False
     worker: subprocess.Popen[bytes] | None = None
     try:
         s3fs.S3FileSystem(**server.s3_options).mkdir("jobs")
@@ -68,8 +66,7 @@ async def test_a_minute_without_the_object_store_pauses_the_job_and_loses_nothin
             assert time.monotonic() < deadline, log.read_text()
             await asyncio.sleep(0.2)
 
-        os.kill(server.managed.process.pid, signal.SIGSTOP)
-        frozen = True
+        server.freeze()
         before = await completed()
         await asyncio.sleep(OUTAGE_SECONDS)
         assert worker.poll() is None, f"the worker gave up during the outage:\n{log.read_text()}"
@@ -79,8 +76,7 @@ async def test_a_minute_without_the_object_store_pauses_the_job_and_loses_nothin
         assert before + during < REQUESTS / 2, (before, during)
         progress = await ledger.progress()
         assert progress.failed_attempts == 0
-        os.kill(server.managed.process.pid, signal.SIGCONT)
-        frozen = False
+        server.thaw()
 
         code = await asyncio.to_thread(worker.wait, 240)
         assert code == ExitCode.OK, log.read_text()
@@ -92,8 +88,6 @@ async def test_a_minute_without_the_object_store_pauses_the_job_and_loses_nothin
         assert not store.exists(final.error_url) or not list(store.read_jsonl(final.error_url))
         print(f"\n{before} done before the outage, {during} committed during {OUTAGE_SECONDS:.0f}s of it")
     finally:
-        if frozen:
-            os.kill(server.managed.process.pid, signal.SIGCONT)
         if worker is not None and worker.poll() is None:
             worker.kill()
             worker.wait()

@@ -153,8 +153,6 @@ class Soak:
         )
 
     def stop(self) -> None:
-        if getattr(self, "s3", None) is not None:
-            os.kill(self.s3.managed.process.pid, signal.SIGCONT)  # a frozen process cannot stop
         for name in ("operator", "cluster", "prometheus", "redis", "s3"):
             process = getattr(self, name, None)
             if process is not None:
@@ -233,9 +231,9 @@ class Soak:
             time.sleep(self.rng.uniform(5, 15))
             self.online.set(0)
         elif action == "store":
-            os.kill(self.s3.managed.process.pid, signal.SIGSTOP)
+            self.s3.freeze()
             time.sleep(self.store_outage)
-            os.kill(self.s3.managed.process.pid, signal.SIGCONT)
+            self.s3.thaw()
         self.actions[action] += 1
         self.events.append(f"{time.strftime('%H:%M:%S')} {action}")
 

@@ -333,7 +333,15 @@ class S3Server:
         """fsspec/s3fs options that reach this server."""
         return {"endpoint_url": self.url, "key": self.access_key, "secret": self.secret_key}
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections are accepted and never answered, as with a partitioned store."""
+        os.kill(self.managed.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.managed.process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        self.thaw()  # a frozen process would not act on the stop
         self.managed.stop()
 
 

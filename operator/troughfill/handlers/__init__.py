@@ -278,7 +278,7 @@ async def refresh_job(
     while not stopped:
         if (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
             return  # ended: nothing will change it again
-        if _quiet(body, memo):
+        if _refresh_inputs(body, memo)[3]:
             await asyncio.sleep(INTERVAL)
             continue
         patch = kopf.Patch()
@@ -311,12 +311,14 @@ async def refresh_job(
         await asyncio.sleep(delay)
 
 
-def _quiet(body: kopf.Body, memo: kopf.Memo) -> bool:
-    """Nothing a refresh of this job would read has changed since the last one."""
+def _refresh_inputs(body: kopf.Body, memo: kopf.Memo) -> tuple[str, jobs.WorkerView | None, object, bool]:
+    """(uid, its pool's view of its workers, what a refresh reads, whether that is as at the
+    last refresh: nothing to do)."""
     uid = str(body["metadata"]["uid"])
     workers = memo.pools.workers_of(uid)
     fingerprint = (body["metadata"].get("resourceVersion"), workers)
-    return workers is not None and bool(memo.quiet.unchanged(uid, fingerprint, time.time()))
+    quiet = workers is not None and bool(memo.quiet.unchanged(uid, fingerprint, time.time()))
+    return uid, workers, fingerprint, quiet
 
 
 async def reconcile_job(
@@ -325,11 +327,9 @@ async def reconcile_job(
     """One refresh of a job's status into `patch` (a retry it asks for: kopf.TemporaryError)."""
     if (body.get("status") or {}).get("phase") in TERMINAL_PHASES:
         return  # ended (an unparseable job too: start_job marked it failed)
-    if _quiet(body, memo):
+    uid, workers, fingerprint, quiet = _refresh_inputs(body, memo)
+    if quiet:
         return  # nothing it would read has changed since it last ran
-    uid = str(body["metadata"]["uid"])
-    workers = memo.pools.workers_of(uid)
-    fingerprint = (body["metadata"].get("resourceVersion"), workers)
     job = parse(BatchInference, body)
     if job.status is None or job.status.phase is None:
         return  # start_job has not recorded it yet
