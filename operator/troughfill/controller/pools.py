@@ -62,9 +62,9 @@ CRASH_LOOP_FAILURES = 3
 CRASH_LOOP_SECONDS = 300.0
 PRIORITY_CLASS_RECHECK_SECONDS = 30.0
 DELETION_COST_MIN_SECONDS = 30.0
-PROGRESS_RECHECK_CYCLES = 10
+PROGRESS_RECHECK_CYCLES = 30
 """A job that cannot have progressed (no worker, no lease) has its counts read every this many
-cycles anyway (a tenth of them each cycle)."""
+cycles anyway (a thirtieth of them each cycle: once a minute at the default 2 s cycle)."""
 PARSED_JOBS_KEPT = 100_000
 """Parsed jobs remembered across cycles, at most (far more than a cluster holds live)."""
 """A serving worker's pod-deletion-cost is patched at most this often (unsaved tokens move
@@ -390,8 +390,8 @@ class PoolController:
     ) -> list[Progress]:
         """Each job's ledger counts, read in one round trip for the jobs whose counts can have
         moved: with workers or leases, not yet indexed, changed since (a new resourceVersion), or
-        in this cycle's tenth of the rest. A job with no worker and no lease cannot progress, so
-        a thousand waiting jobs cost a tenth of a thousand reads a cycle, not a thousand."""
+        in this cycle's thirtieth of the rest. A job with no worker and no lease cannot progress, so
+        a thousand waiting jobs cost a thirtieth of a thousand reads a cycle, not a thousand."""
         self._tick += 1
         wanted: list[JobLedger] = []
         for job, _, _, _, ledger in matched:
