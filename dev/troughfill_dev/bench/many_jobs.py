@@ -87,7 +87,13 @@ def cycle_summary(before: dict[float, float], after: dict[float, float]) -> dict
     if not count:
         return {"cycles": 0}
     p99 = next(le for le in sorted(delta) if delta[le] >= 0.99 * count)
-    return {"cycles": int(count), "mean_s": round(total_seconds / count, 4), "p99_at_most_s": p99}
+    return {
+        "cycles": int(count),
+        "mean_s": round(total_seconds / count, 4),
+        "p99_at_most_s": p99,
+        "over_goal": int(count - delta.get(GOAL_CYCLE_P99_SECONDS, 0.0)),
+        "at_most_s": {str(le): int(n) for le, n in sorted(delta.items()) if n and le != float("inf")},
+    }
 
 
 class Window:

@@ -137,15 +137,13 @@ class ObservedJob:
     """Its worker pods that have not finished."""
     beats: tuple[Heartbeat | None, ...]
     """Each pod's last heartbeat, in the order of `pods`."""
+    key: str = field(init=False)
+    """namespace/name, as the planner names jobs (from `job`, once: a cycle reads it often)."""
+    uid: str = field(init=False)
 
-    @property
-    def key(self) -> str:
-        """namespace/name, as the planner names jobs."""
-        return self.job.metadata.key
-
-    @property
-    def uid(self) -> str:
-        return self.job.metadata.uid_text
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.job.metadata.key)
+        object.__setattr__(self, "uid", self.job.metadata.uid_text)
 
     @property
     def serving(self) -> int:
@@ -349,7 +347,7 @@ class PoolController:
         # Redis restarted (or this operator did): the workers' users and scripts again.
         await self.access.ensure([entry.ledger.keys for entry in seen.jobs])
         self._note_failures(state, seen)
-        crash_looping = frozenset(e.uid for e in seen.jobs if state.crash_loop(e.uid, seen.now))
+        crash_looping = frozenset(uid for uid in state.failures if state.crash_loop(uid, seen.now))
         decided = plan(snapshot(pool, seen, crash_looping, state.job_states), state.memory)
         state.memory = decided.memory
         marks.append(time.perf_counter())
@@ -509,7 +507,7 @@ class PoolController:
         """A failed worker pod counts once: it is deleted this cycle (a pod already being
         deleted was stopped by us, not failed on its own). It counts against the job that owns
         it, in its own namespace: a pod elsewhere claiming the job's uid counts for nothing."""
-        namespaces = {entry.uid: entry.job.metadata.ns for entry in seen.jobs}
+        namespaces = {entry.uid: entry.job.metadata.ns for entry in seen.jobs} if seen.finished else {}
         for pod in seen.finished:
             if pod.phase == "Failed" and not pod.deleting and namespaces.get(pod.owner_uid) == pod.namespace:
                 state.failures.setdefault(pod.owner_uid, []).append(seen.now)
@@ -649,9 +647,10 @@ class PoolController:
         for entry in seen.jobs:
             active.add(entry.uid)
             held = entry.serving * entry.template.spec.gpus_per_worker
-            account = state.gpu_seconds.setdefault(
-                entry.uid, GpuSeconds(base=entry.job.status.gpu_seconds if entry.job.status else 0.0)
-            )
+            account = state.gpu_seconds.get(entry.uid)
+            if account is None:
+                base = entry.job.status.gpu_seconds if entry.job.status else 0.0
+                account = state.gpu_seconds[entry.uid] = GpuSeconds(base=base)
             account.counted += held * elapsed
             metered = (held, entry.progress, account.total)
             if state.metered.get(entry.uid) != metered:  # a thousand waiting jobs: nothing to set
