@@ -82,3 +82,7 @@ STORE_MAX_ATTEMPTS: Final = 3
 
 # In a worker pod's engine command, replaced by the port the worker picked (`--engine-port auto`).
 ENGINE_PORT_PLACEHOLDER: Final = "{engine_port}"
+
+# The operator runs Python's full garbage collection itself, this often, right after a pool
+# cycle (troughfill.collection): automatic ones landed inside cycles and made them the slowest.
+FULL_COLLECTION_SECONDS: Final = 60.0

@@ -62,3 +62,11 @@ CYCLE_SECONDS = Histogram(
 
 def serve(port: int) -> None:
     start_http_server(port, registry=REGISTRY)
+
+
+FULL_COLLECTION = Histogram(
+    "troughfill_full_collection_seconds",
+    "Python's full garbage collections, which the operator runs between pool cycles",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2),
+    registry=REGISTRY,
+)
