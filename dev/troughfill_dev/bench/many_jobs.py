@@ -17,7 +17,8 @@ Measured, side by side in one run, each over `--window` seconds of that steady s
 The operator's API requests are the window's `apiserver_request_total` (the API server's own
 metrics) minus the baseline's, per second and per pool cycle, by verb and resource, with the
 bytes of the responses (`apiserver_response_sizes`); cycle times come from the operator's
-`troughfill_pool_cycle_seconds` histogram (p99 as the bucket bound it falls in). Also the time
+`troughfill_pool_cycle_seconds` histogram (p99 as the bucket bound it falls in), with the
+full garbage collections it ran between cycles (`troughfill_full_collection_seconds`). Also the time
 from the first apply to all jobs admitted. Prints one JSON object. Needs scripts/setup.sh and
 scripts/setup_k8s.sh sourced.
 """
@@ -43,6 +44,8 @@ from troughfill_dev.localcluster.services import ManagedProcess, wait_until
 from troughfill_dev.localcluster.stack import LocalCluster, start_local_cluster, start_operator
 
 GOAL_CYCLE_P99_SECONDS = 0.2
+FULL_COLLECTIONS = "troughfill_full_collection_seconds"
+"""Python's full garbage collections, which the operator runs between its cycles."""
 ENGINE_DELAY_SECONDS = 600
 
 
@@ -63,13 +66,14 @@ def api_counts(cluster: LocalCluster) -> tuple[Counter[str], Counter[str]]:
     return requests, sizes
 
 
-def cycle_histogram(metrics_port: int) -> dict[float, float]:
-    """Cumulative bucket counts of troughfill_pool_cycle_seconds (le -> count, +inf included)."""
+def cycle_histogram(metrics_port: int, name: str = "troughfill_pool_cycle_seconds") -> dict[float, float]:
+    """Cumulative bucket counts of one of the operator's histograms, pool cycles by default
+    (le -> count, +inf included; summed over its labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "troughfill_pool_cycle_seconds":
+        if family.name != name:
             continue
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
@@ -80,15 +84,17 @@ def cycle_histogram(metrics_port: int) -> dict[float, float]:
     return buckets
 
 
-def cycle_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+def cycle_summary(
+    before: dict[float, float], after: dict[float, float], counted: str = "cycles"
+) -> dict[str, Any]:
     delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
     total_seconds = delta.pop(-1.0, 0.0)
     count = delta.get(float("inf"), 0.0)
     if not count:
-        return {"cycles": 0}
+        return {counted: 0}
     p99 = next(le for le in sorted(delta) if delta[le] >= 0.99 * count)
     return {
-        "cycles": int(count),
+        counted: int(count),
         "mean_s": round(total_seconds / count, 4),
         "p99_at_most_s": p99,
         "over_goal": int(count - delta.get(GOAL_CYCLE_P99_SECONDS, 0.0)),
@@ -102,12 +108,18 @@ class Window:
     def __init__(self, cluster: LocalCluster, seconds: float, metrics_port: int | None) -> None:
         requests, sizes = api_counts(cluster)
         cycles = cycle_histogram(metrics_port) if metrics_port else {}
+        collections = cycle_histogram(metrics_port, FULL_COLLECTIONS) if metrics_port else {}
         time.sleep(seconds)
         requests_after, sizes_after = api_counts(cluster)
         self.seconds = seconds
         self.requests = requests_after - requests
         self.bytes = sizes_after - sizes
         self.cycles = cycle_summary(cycles, cycle_histogram(metrics_port)) if metrics_port else {}
+        self.collections = (
+            cycle_summary(collections, cycle_histogram(metrics_port, FULL_COLLECTIONS), "collections")
+            if metrics_port
+            else {}
+        )
 
 
 def operator_share(window: Window, baseline: Window) -> dict[str, Any]:
@@ -130,6 +142,7 @@ def operator_share(window: Window, baseline: Window) -> dict[str, Any]:
         "by_verb_and_resource_per_s": mine,
         "list_response_bytes_per_s": list_bytes,
         "cycle": window.cycles,
+        "full_collections": window.collections,
     }
 
 
