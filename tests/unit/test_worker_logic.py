@@ -7,10 +7,18 @@ from pathlib import Path
 import pytest
 
 from troughfill.api import Endpoint
+from troughfill.api.batchfile import RequestLine
 from troughfill.worker import calls
-from troughfill.worker.concurrency import ConcurrencyPolicy, EngineLoad, next_limit
+from troughfill.worker.concurrency import (
+    ConcurrencyPolicy,
+    EngineLoad,
+    Pace,
+    PaceMeter,
+    next_limit,
+    result_bound,
+)
 from troughfill.worker.engine import parse_load
-from troughfill.worker.runner import supervised
+from troughfill.worker.runner import Item, shortest_first, supervised
 
 POLICY = ConcurrencyPolicy(minimum=2, maximum=64, step=4, backoff=0.5)
 
@@ -39,6 +47,7 @@ def test_engine_gauges_are_read_from_a_real_vllm_metrics_page() -> None:
     assert load.running == 40.0
     assert load.waiting == 0.0  # num_requests_waiting_by_reason is a different series
     assert 0 < load.kv_cache_usage < 0.01
+    assert load.generated_tokens == 12241.0
 
 
 def test_engine_gauges_sum_label_sets_and_ignore_look_alikes() -> None:
@@ -54,6 +63,74 @@ def test_engine_gauges_sum_label_sets_and_ignore_look_alikes() -> None:
         ]
     )
     assert parse_load(text) == EngineLoad(running=7.0, waiting=2.0, kv_cache_usage=0.25)
+
+
+BUSY = EngineLoad(running=16, waiting=0, kv_cache_usage=0.3)
+"""Everything sent is running and nothing waits: without a bound the limit would grow."""
+
+
+@pytest.mark.parametrize(
+    ("pace", "expected", "why"),
+    [
+        # 20 tokens/s, 50 tokens a request: 16 in flight come back in 40 s; 4 in 10 s.
+        (Pace(20, 20, 50), 12, "far past the target: back off, a quarter at a time"),
+        (Pace(20, 24, 50), 12, "throughput within the kept share of the best: the bound holds"),
+        (Pace(2000, 2000, 50), 20, "a fast engine comes back within the target: grow as before"),
+        (Pace(60, 64, 50), 12, "near the bound: it caps the growth"),
+        (Pace(10, 20, 50), 20, "throughput already lost to the bound: it lets go, the limit grows"),
+        (None, 20, "no throughput measured yet: no bound"),
+    ],
+)
+def test_the_time_to_result_bound_keeps_requests_coming_back_in_time(
+    pace: Pace | None, expected: int, why: str
+) -> None:
+    policy = ConcurrencyPolicy(minimum=1, maximum=64, step=4, backoff=0.75, result_seconds=10)
+    assert next_limit(16, BUSY, 16, policy, pace) == expected, why
+
+
+def test_the_bound_is_littles_law_and_can_be_turned_off() -> None:
+    policy = ConcurrencyPolicy(minimum=2, result_seconds=10)
+    assert result_bound(Pace(100, 100, 40), policy) == 25  # 100 tokens/s x 10 s / 40 tokens
+    assert result_bound(Pace(1, 1, 400), policy) == 2  # never below the minimum
+    assert result_bound(Pace(100, 100, 40), ConcurrencyPolicy(result_seconds=0)) is None
+    assert Pace(100, 100, 40).seconds_to_result(25) == 10
+
+
+def test_the_pace_meter_smooths_the_engine_counter_and_the_lengths() -> None:
+    meter = PaceMeter()
+    assert meter.pace([100]) is None  # no throughput yet
+    meter.observe(1000, now=10.0)
+    assert meter.pace([100]) is None  # one reading is no rate
+    meter.observe(1100, now=11.0)
+    first = meter.pace([100, 300])
+    assert first == Pace(100.0, 100.0, 200.0)  # before any result, the budgets stand for the length
+    meter.observe(1150, now=12.0)  # 50 tokens/s: smoothed, not taken whole
+    assert 50 < meter.tokens_per_second < 100
+    assert meter.best == 99.0  # the best fades by 1 % a reading
+    meter.observe(10, now=13.0)  # a restarted engine's counter: skipped, then measured from there
+    meter.observe(110, now=14.0)
+    assert meter.tokens_per_second > 85
+    meter.result(40)
+    meter.result(60)
+    pace = meter.pace([100, 300])
+    assert pace is not None
+    assert 40 < pace.completion_tokens < 60  # results replace the budgets
+
+
+def _item(index: int, max_tokens: int | None, saved_tokens: int = 0) -> Item:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    line = RequestLine.model_validate(
+        {"custom_id": f"r{index}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    )
+    saved = calls.Progress(text="x", completion_tokens=saved_tokens) if saved_tokens else None
+    return Item(index, 1, line, saved)
+
+
+def test_a_claim_starts_the_requests_with_the_least_left_to_generate_first() -> None:
+    items = [_item(0, 256), _item(1, 8), _item(2, None), _item(3, 256, saved_tokens=250), _item(4, 48)]
+    assert [item.index for item in sorted(items, key=shortest_first)] == [3, 1, 4, 0, 2]
 
 
 CHAT = {"model": "user-choice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}

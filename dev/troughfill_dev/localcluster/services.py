@@ -425,6 +425,8 @@ def start_vllm(
     *,
     cpus: frozenset[int] | None = None,
     own_cpus: bool = True,
+    max_num_seqs: int = 64,
+    env: dict[str, str] | None = None,
 ) -> VllmServer:
     """A real vLLM engine (CPU) on a free loopback port; ready when /health answers (about 30-40 s).
 
@@ -436,7 +438,11 @@ def start_vllm(
     if cpus is None and own_cpus and split is not None:
         cpus = split[0]
     managed = ManagedProcess(
-        "vllm", vllm_command(python, model, port, served_model), workdir, env=VLLM_ENV, cpus=cpus
+        "vllm",
+        vllm_command(python, model, port, served_model, max_num_seqs),
+        workdir,
+        env={**VLLM_ENV, **(env or {})},
+        cpus=cpus,
     )
 
     def ready() -> bool:

@@ -86,6 +86,14 @@ def engine_body(
     return request, True
 
 
+def remaining_budget(body: dict[str, Any], saved: Progress | None) -> int | None:
+    """Completion tokens the request may still generate (None: it sets no budget)."""
+    limit = body.get(_budget_key(body))
+    if limit is None:
+        return None
+    return max(0, int(limit) - (saved.completion_tokens if saved else 0))
+
+
 def budget_spent(body: dict[str, Any], saved: Progress | None) -> bool:
     """An earlier attempt already generated every token the request allowed."""
     limit = body.get(_budget_key(body))

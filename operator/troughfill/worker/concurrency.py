@@ -1,11 +1,22 @@
-"""How many requests to keep in the engine: enough to saturate it, never an unbounded queue.
+"""How many requests to keep in the engine: enough to saturate it, never an unbounded queue,
+and few enough that requests turn into results within a short trough.
 
 Pure: the worker feeds it the engine's own gauges (`vllm:num_requests_running`,
-`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`) and gets the next limit.
-Additive increase while the engine has room and nothing waits; multiplicative decrease
-when requests queue up behind a full batch or the KV cache is nearly full.
+`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`), its measured pace (tokens generated
+per second, mean completion length), and gets the next limit.
+
+- Additive increase while the engine has room and nothing waits; multiplicative decrease when
+  requests queue up behind a full batch or the KV cache is nearly full.
+- A time-to-result bound (Little's law): with C requests in flight, an engine generating T
+  tokens/s and requests of L completion tokens on average, a request takes about C·L/T to come
+  back. An engine past its throughput knee (a CPU engine at batch 8, a GPU at its largest
+  batches) gains nothing from more requests but that wait, and a worker yielded before its
+  first results commits nothing. So C is kept at T·target/L, unless keeping it there costs
+  more than `keep_throughput` of the best throughput measured (a GPU whose throughput still
+  grows with the batch: there more requests are faster, not slower, and the bound lets go).
 """
 
+import math
 from dataclasses import dataclass
 
 
@@ -15,6 +26,23 @@ class EngineLoad:
     waiting: float
     kv_cache_usage: float
     """Fraction of KV-cache blocks in use, 0..1."""
+    generated_tokens: float = 0.0
+    """The engine's counter of tokens generated since it started."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """What the worker measured: its engine's throughput and its requests' length."""
+
+    tokens_per_second: float
+    """Tokens generated per second lately (smoothed)."""
+    best_tokens_per_second: float
+    """The best smoothed throughput seen lately."""
+    completion_tokens: float
+    """Mean completion tokens per request (of recent results; before any, their budgets)."""
+
+    def seconds_to_result(self, in_flight: int) -> float:
+        return in_flight * self.completion_tokens / self.tokens_per_second
 
 
 @dataclass(frozen=True)
@@ -27,15 +55,83 @@ class ConcurrencyPolicy:
     """KV-cache use above which no more requests are added (preemption would follow)."""
     queue_slack: int = 2
     """Waiting requests tolerated: a short queue keeps the next batch slot filled."""
+    result_seconds: float = 10.0
+    """Target time from a request's start to its result; 0 turns the bound off."""
+    keep_throughput: float = 0.7
+    """The bound holds only while throughput stays above this share of the best measured."""
 
 
-def next_limit(current: int, load: EngineLoad, in_flight: int, policy: ConcurrencyPolicy) -> int:
+def result_bound(pace: Pace | None, policy: ConcurrencyPolicy) -> int | None:
+    """The most requests in flight that come back within the target, or None (no bound)."""
+    if pace is None or policy.result_seconds <= 0:
+        return None
+    if pace.tokens_per_second <= 0 or pace.completion_tokens <= 0:
+        return None
+    if pace.tokens_per_second < policy.keep_throughput * pace.best_tokens_per_second:
+        return None  # fewer requests already cost throughput: the engine is below its knee
+    return max(
+        policy.minimum, math.ceil(pace.tokens_per_second * policy.result_seconds / pace.completion_tokens)
+    )
+
+
+def next_limit(
+    current: int, load: EngineLoad, in_flight: int, policy: ConcurrencyPolicy, pace: Pace | None = None
+) -> int:
     """The in-flight limit for the next interval."""
+    bound = result_bound(pace, policy)
     if load.waiting > policy.queue_slack or load.kv_cache_usage > policy.kv_high:
         proposed = int(current * policy.backoff)
+    elif bound is not None and current > bound:
+        proposed = max(bound, int(current * policy.backoff))
     elif load.waiting == 0 and in_flight >= current:
         # Everything we sent is running and the engine asks for more: grow.
-        proposed = current + policy.step
+        proposed = current + policy.step if bound is None else min(bound, current + policy.step)
     else:
         proposed = current
     return max(policy.minimum, min(policy.maximum, proposed))
+
+
+class PaceMeter:
+    """Smooths what the worker sees into a `Pace`: the engine's generated-tokens counter read
+    at each tuning tick, and the completion tokens of each result."""
+
+    SMOOTHING = 0.3
+    """Weight of the newest throughput reading (ticks are a second apart)."""
+    BEST_DECAY = 0.99
+    """Per tick: the best throughput fades, so an engine that slowed for good is not held to it."""
+    LENGTH_SMOOTHING = 0.05
+    """Weight of the newest result in the mean completion length."""
+
+    def __init__(self) -> None:
+        self.tokens_per_second = 0.0
+        self.best = 0.0
+        self.completion_tokens: float | None = None
+        self._last: tuple[float, float] | None = None
+
+    def observe(self, generated_tokens: float, now: float) -> None:
+        last, self._last = self._last, (generated_tokens, now)
+        if last is None or now <= last[1] or generated_tokens < last[0]:
+            return  # the first reading, or an engine that restarted: nothing to compare with
+        rate = (generated_tokens - last[0]) / (now - last[1])
+        self.tokens_per_second = (
+            rate
+            if self.tokens_per_second == 0
+            else self.tokens_per_second + self.SMOOTHING * (rate - self.tokens_per_second)
+        )
+        self.best = max(self.tokens_per_second, self.best * self.BEST_DECAY)
+
+    def result(self, completion_tokens: int) -> None:
+        if self.completion_tokens is None:
+            self.completion_tokens = float(completion_tokens)
+        else:
+            self.completion_tokens += self.LENGTH_SMOOTHING * (completion_tokens - self.completion_tokens)
+
+    def pace(self, budgets: list[int]) -> Pace | None:
+        """None until there is a throughput; `budgets` (the in-flight requests' token budgets)
+        stand for the length until the first results."""
+        length = self.completion_tokens
+        if length is None and budgets:
+            length = sum(budgets) / len(budgets)
+        if self.tokens_per_second <= 0 or not length:
+            return None
+        return Pace(self.tokens_per_second, self.best, length)

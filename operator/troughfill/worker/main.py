@@ -77,6 +77,12 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
     )
     run.add_argument("--max-concurrency", type=int, default=DEFAULTS.policy.maximum)
     run.add_argument(
+        "--result-seconds",
+        type=float,
+        default=DEFAULTS.policy.result_seconds,
+        help="target seconds from a request's start to its result (bounds requests in flight; 0: off)",
+    )
+    run.add_argument(
         "--checkpoint-seconds",
         type=float,
         default=DEFAULTS.checkpoint_seconds,
@@ -121,7 +127,7 @@ async def _run(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         served_model=args.served_model,
         initial_concurrency=args.concurrency,
-        policy=ConcurrencyPolicy(maximum=args.max_concurrency),
+        policy=ConcurrencyPolicy(maximum=args.max_concurrency, result_seconds=args.result_seconds),
         checkpoint_seconds=args.checkpoint_seconds,
         resume=not args.no_resume,
         resume_min_tokens=args.resume_min_tokens,

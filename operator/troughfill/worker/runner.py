@@ -31,7 +31,7 @@ from troughfill.ledger import Heartbeat, JobConfig, JobLedger, LedgerClosedError
 from troughfill.results import InputChangedError, ResultWriter, check_input, load_requests
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord, StorageError
 from troughfill.worker import calls
-from troughfill.worker.concurrency import ConcurrencyPolicy, next_limit
+from troughfill.worker.concurrency import ConcurrencyPolicy, PaceMeter, next_limit
 from troughfill.worker.engine import EngineClient, EngineDeadError, EngineHttpError
 
 log = logging.getLogger("troughfill.worker")
@@ -129,6 +129,8 @@ class Worker:
         """No claims before this (monotonic): the store could not be read just now."""
         self.endpoint = Endpoint.CHAT_COMPLETIONS
         self._last_flush = time.monotonic()
+        self.pace = PaceMeter()
+        """The engine's throughput and the requests' length, for the time-to-result bound."""
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -279,6 +281,7 @@ class Worker:
             await check_input(self.store, self.input.input_url, self.input.input_identity)
             raise
         partials = await self.ledger.load_partials(claim.indices) if self.options.resume else {}
+        claimed = []
         for index, request in zip(claim.indices, requests, strict=True):
             partial = partials.get(index)
             saved = (
@@ -288,7 +291,12 @@ class Worker:
                 if partial and partial.text
                 else None
             )
-            self.queue.append(Item(index, claim.lease_id, request, saved))
+            claimed.append(Item(index, claim.lease_id, request, saved))
+        # Shortest first within a claim (resumed requests have the least left): in a short
+        # window the most requests become results. Never ahead of what was claimed before, so
+        # a long request waits one claim at most.
+        claimed.sort(key=shortest_first)
+        self.queue.extend(claimed)
 
     async def _collect(self, wait: float) -> None:
         if not self.in_flight:
@@ -325,6 +333,8 @@ class Worker:
         self.writer.add(finished.record, finished.outcome)
         if finished.record.kind == RecordKind.OUTPUT:
             self.stats.results += 1
+            saved = finished.item.saved.completion_tokens if finished.item.saved else 0
+            self.pace.result(max(0, finished.outcome.completion_tokens - saved))
         else:
             self.stats.errors += 1
 
@@ -615,7 +625,14 @@ class Worker:
             await asyncio.sleep(1.0)
             with contextlib.suppress(OSError, TimeoutError, ValueError):
                 load = await self.engine.load()
-                self.limit = next_limit(self.limit, load, len(self.in_flight), self.options.policy)
+                self.pace.observe(load.generated_tokens, time.monotonic())
+                budgets = [
+                    budget
+                    for item in self.in_flight.values()
+                    if (budget := calls.remaining_budget(item.request.body, item.saved)) is not None
+                ]
+                pace = self.pace.pace(budgets)
+                self.limit = next_limit(self.limit, load, len(self.in_flight), self.options.policy, pace)
 
     async def _watch_engine(self) -> None:
         failures = 0
@@ -631,6 +648,12 @@ class Worker:
                 self.engine_dead = True
                 self.stopping.set()
                 return
+
+
+def shortest_first(item: Item) -> tuple[int, int]:
+    """Sort key: the fewest tokens left to generate first; no budget last, in input order."""
+    budget = calls.remaining_budget(item.request.body, item.saved)
+    return (budget if budget is not None else 1 << 62, item.index)
 
 
 SUPERVISOR_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
