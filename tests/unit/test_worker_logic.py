@@ -26,12 +26,19 @@ POLICY = ConcurrencyPolicy(minimum=2, maximum=64, step=4, backoff=0.5)
 @pytest.mark.parametrize(
     ("current", "load", "in_flight", "expected", "why"),
     [
-        (16, EngineLoad(running=16, waiting=0, kv_cache_usage=0.3), 16, 20, "all running, room left: grow"),
+        (
+            16,
+            EngineLoad(running=16, waiting=0, kv_cache_usage=0.3),
+            16,
+            24,
+            "all running, room left: grow by half",
+        ),
+        (4, EngineLoad(running=4, waiting=0, kv_cache_usage=0.3), 4, 8, "at least a step at a time"),
         (16, EngineLoad(running=10, waiting=0, kv_cache_usage=0.3), 10, 16, "not using the limit: hold"),
         (16, EngineLoad(running=16, waiting=2, kv_cache_usage=0.3), 16, 16, "a short queue is the target"),
         (16, EngineLoad(running=16, waiting=9, kv_cache_usage=0.3), 16, 8, "queueing: back off"),
         (16, EngineLoad(running=16, waiting=0, kv_cache_usage=0.97), 16, 8, "KV cache nearly full: back off"),
-        (62, EngineLoad(running=62, waiting=0, kv_cache_usage=0.1), 62, 64, "never above the maximum"),
+        (50, EngineLoad(running=50, waiting=0, kv_cache_usage=0.1), 50, 64, "never above the maximum"),
         (3, EngineLoad(running=3, waiting=50, kv_cache_usage=0.1), 3, 2, "never below the minimum"),
     ],
 )
@@ -75,10 +82,10 @@ BUSY = EngineLoad(running=16, waiting=0, kv_cache_usage=0.3)
         # 20 tokens/s, 50 tokens a request: 16 in flight come back in 40 s; 4 in 10 s.
         (Pace(20, 20, 50), 12, "far past the target: back off, a quarter at a time"),
         (Pace(20, 24, 50), 12, "throughput within the kept share of the best: the bound holds"),
-        (Pace(2000, 2000, 50), 20, "a fast engine comes back within the target: grow as before"),
-        (Pace(60, 64, 50), 12, "near the bound: it caps the growth"),
-        (Pace(10, 20, 50), 20, "throughput already lost to the bound: it lets go, the limit grows"),
-        (None, 20, "no throughput measured yet: no bound"),
+        (Pace(2000, 2000, 50), 24, "a fast engine comes back within the target: grow as before"),
+        (Pace(100, 100, 50), 20, "near the bound (20): it caps the growth"),
+        (Pace(10, 20, 50), 24, "throughput already lost to the bound: it lets go, the limit grows"),
+        (None, 24, "no throughput measured yet: no bound"),
     ],
 )
 def test_the_time_to_result_bound_keeps_requests_coming_back_in_time(

@@ -30,6 +30,7 @@ model); the engine gets its own CPUs as in the other benches. Prints one JSON ob
 import argparse
 import asyncio
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -52,6 +53,7 @@ from troughfill.worker.runner import Worker, WorkerOptions
 from troughfill_dev.localcluster import split_cpus, start_redis, start_vllm
 from troughfill_dev.paths import examples
 
+log = logging.getLogger("troughfill.bench.window")
 SERVED = "bench"
 DOCUMENT = (
     "Order history and notes. The customer placed several orders over the last year; each was "
@@ -200,6 +202,7 @@ async def run_job(
             if len(windows) >= MAX_WINDOWS:
                 raise RuntimeError(f"the job was not done after {MAX_WINDOWS} windows of {window}s")
             windows.append(await run_window(ledger, engine_url, f"w{len(windows)}", window, result_seconds))
+            log.info("%s target %gs window %s: %s", workdir.name, result_seconds, len(windows), windows[-1])
             await engine_idle(session, engine_url)
             await reset_prefix_cache(session, engine_url)
         await asyncio.sleep(1.5)  # the engine publishes its counters on its own schedule
@@ -328,6 +331,9 @@ def main() -> None:
         "--max-num-seqs", type=int, default=128, help="the engine's batch (the example template's)"
     )
     args = parser.parse_args()
+    logging.basicConfig(
+        level=os.environ.get("TROUGHFILL_LOG_LEVEL", "WARNING"), format="%(asctime)s %(message)s"
+    )
     variable = "TROUGHFILL_DEMO_MODEL" if args.model == "smollm2" else "TROUGHFILL_TINY_MODEL"
     python, model = os.environ.get("TROUGHFILL_VLLM_PYTHON"), os.environ.get(variable)
     if not python or not model:

@@ -5,7 +5,7 @@ Pure: the worker feeds it the engine's own gauges (`vllm:num_requests_running`,
 `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`), its measured pace (tokens generated
 per second, mean completion length), and gets the next limit.
 
-- Additive increase while the engine has room and nothing waits; multiplicative decrease when
+- Growth by half while the engine has room and nothing waits; multiplicative decrease when
   requests queue up behind a full batch or the KV cache is nearly full.
 - A time-to-result bound (Little's law): with C requests in flight, an engine generating T
   tokens/s and requests of L completion tokens on average, a request takes about C·L/T to come
@@ -84,8 +84,10 @@ def next_limit(
     elif bound is not None and current > bound:
         proposed = max(bound, int(current * policy.backoff))
     elif load.waiting == 0 and in_flight >= current:
-        # Everything we sent is running and the engine asks for more: grow.
-        proposed = current + policy.step if bound is None else min(bound, current + policy.step)
+        # Everything we sent is running and the engine asks for more: grow, by half at a time
+        # (from a small start, a GPU's batch of hundreds is seconds away).
+        grown = current + max(policy.step, current // 2)
+        proposed = grown if bound is None else min(bound, grown)
     else:
         proposed = current
     return max(policy.minimum, min(policy.maximum, proposed))

@@ -49,7 +49,10 @@ class WorkerOptions:
     served_model: str | None = None
     """Overrides `body.model`: the template, not the user, chooses the model."""
     max_claim: int = 64
-    initial_concurrency: int = 16
+    initial_concurrency: int = 4
+    """Few at first: an engine's first step prefills every prompt sent, and on a slow engine a
+    large first batch is a first step longer than a short trough (seen: 12 prompts, 15 s on a
+    CPU engine). The limit grows by half each second while the engine keeps up."""
     policy: ConcurrencyPolicy = field(default_factory=ConcurrencyPolicy)
     flush_results: int = 64
     flush_seconds: float = 2.0
@@ -632,7 +635,10 @@ class Worker:
                     if (budget := calls.remaining_budget(item.request.body, item.saved)) is not None
                 ]
                 pace = self.pace.pace(budgets)
-                self.limit = next_limit(self.limit, load, len(self.in_flight), self.options.policy, pace)
+                limit = next_limit(self.limit, load, len(self.in_flight), self.options.policy, pace)
+                if limit != self.limit:
+                    log.debug("in-flight limit %d -> %d (%s, %s)", self.limit, limit, load, pace)
+                self.limit = limit
 
     async def _watch_engine(self) -> None:
         failures = 0
