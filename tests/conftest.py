@@ -65,6 +65,7 @@ def vllm_engine(
     engine_paths: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmServer]:
     python, model = engine_paths
-    server = start_vllm(python, model, tmp_path_factory.mktemp("vllm"))
+    # Dev mode: the window benchmark empties the prefix cache between windows (/reset_prefix_cache).
+    server = start_vllm(python, model, tmp_path_factory.mktemp("vllm"), env={"VLLM_SERVER_DEV_MODE": "1"})
     yield server
     server.stop()

@@ -105,23 +105,37 @@ def test_the_bound_is_littles_law_and_can_be_turned_off() -> None:
 
 def test_the_pace_meter_smooths_the_engine_counter_and_the_lengths() -> None:
     meter = PaceMeter()
-    assert meter.pace([100]) is None  # no throughput yet
+    meter.observe(None, now=9.0)
+    assert meter.pace([100]) is None  # an engine without the counter: its gauges alone decide
     meter.observe(1000, now=10.0)
-    assert meter.pace([100]) is None  # one reading is no rate
+    assert meter.pace([100]) == Pace(0.0, 0.0, 100.0, stalled=True)  # one reading is no rate
     meter.observe(1100, now=11.0)
     first = meter.pace([100, 300])
     assert first == Pace(100.0, 100.0, 200.0)  # before any result, the budgets stand for the length
     meter.observe(1150, now=12.0)  # 50 tokens/s: smoothed, not taken whole
     assert 50 < meter.tokens_per_second < 100
     assert meter.best == 99.0  # the best fades by 1 % a reading
-    meter.observe(10, now=13.0)  # a restarted engine's counter: skipped, then measured from there
-    meter.observe(110, now=14.0)
-    assert meter.tokens_per_second > 85
+    meter.observe(1150, now=13.0)  # nothing generated: a long prefill step
+    stalled = meter.pace([100])
+    assert stalled is not None
+    assert stalled.stalled
+    meter.observe(10, now=14.0)  # a restarted engine's counter: skipped, then measured from there
+    meter.observe(110, now=15.0)
+    assert meter.tokens_per_second > 50
     meter.result(40)
     meter.result(60)
     pace = meter.pace([100, 300])
     assert pace is not None
+    assert not pace.stalled
     assert 40 < pace.completion_tokens < 60  # results replace the budgets
+
+
+def test_a_stalled_engine_holds_the_limit_where_it_is() -> None:
+    policy = ConcurrencyPolicy(minimum=1, maximum=64, result_seconds=10)
+    stalled = Pace(0.0, 0.0, 100.0, stalled=True)
+    assert next_limit(16, BUSY, 16, policy, stalled) == 16  # neither grown nor cut on no evidence
+    queueing = EngineLoad(running=16, waiting=9, kv_cache_usage=0.3)
+    assert next_limit(16, queueing, 16, policy, stalled) == 12  # a queue still backs off
 
 
 def _item(index: int, max_tokens: int | None, saved_tokens: int = 0) -> Item:

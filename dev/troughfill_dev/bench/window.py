@@ -71,14 +71,14 @@ ENGINE_COUNTERS = (
 )
 
 
-def requests_of(mix: str, limit: int | None) -> list[dict[str, Any]]:
+def requests_of(mix: str, limit: int | None, served_model: str) -> list[dict[str, Any]]:
     text = (examples() / "requests.jsonl").read_text()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     if limit:
         lines = lines[:limit]
     for line in lines:
         body = line["body"]
-        body["model"] = SERVED
+        body["model"] = served_model
         if mix == "long-prompts":
             question = body["messages"][-1]
             question["content"] = DOCUMENT * 8 + "\n\n" + question["content"]
@@ -125,6 +125,12 @@ def write_input(workdir: Path, lines: list[dict[str, Any]]) -> None:
     (workdir / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+@dataclass(frozen=True)
+class Engine:
+    url: str
+    served_model: str
+
+
 @dataclass
 class Window:
     ready_seconds: float
@@ -136,19 +142,19 @@ class Window:
 
 
 async def run_window(
-    ledger: JobLedger, engine_url: str, name: str, window: float | None, result_seconds: float
+    ledger: JobLedger, engine: "Engine", name: str, window: float | None, result_seconds: float
 ) -> Window:
     """One worker with the default options, for `window` seconds or until the job has no work
     left (it exits then, as a worker does once its job needs no more capacity)."""
     options = WorkerOptions(
         worker_id=name,
-        served_model=SERVED,
+        served_model=engine.served_model,
         burst=True,
         stop_mode=StopMode.YIELD,
         policy=ConcurrencyPolicy(result_seconds=result_seconds),
     )
-    engine = EngineClient(engine_url)
-    worker = Worker(ledger, ObjectStore(), engine, options)
+    client = EngineClient(engine.url)
+    worker = Worker(ledger, ObjectStore(), client, options)
     before = await ledger.progress()
     started = time.monotonic()
     running = asyncio.create_task(worker.run())
@@ -163,7 +169,7 @@ async def run_window(
     worker.request_stop()
     await running
     ended = time.monotonic()
-    await engine.close()
+    await client.close()
     after = await ledger.progress()
     if first is None and after.finished > before.finished:
         first = ended - started  # committed by the yield's own flush
@@ -179,7 +185,7 @@ async def run_window(
 
 async def run_job(
     client: aioredis.Redis,
-    engine_url: str,
+    engine: Engine,
     workdir: Path,
     lines: list[dict[str, Any]],
     *,
@@ -195,18 +201,18 @@ async def run_job(
     await index_input(ledger, ObjectStore())
     windows: list[Window] = []
     async with aiohttp.ClientSession() as session:
-        await engine_idle(session, engine_url)
-        await reset_prefix_cache(session, engine_url)
-        before = await engine_counters(session, engine_url)
+        await engine_idle(session, engine.url)
+        await reset_prefix_cache(session, engine.url)
+        before = await engine_counters(session, engine.url)
         while not (await ledger.progress()).all_done:
             if len(windows) >= MAX_WINDOWS:
                 raise RuntimeError(f"the job was not done after {MAX_WINDOWS} windows of {window}s")
-            windows.append(await run_window(ledger, engine_url, f"w{len(windows)}", window, result_seconds))
+            windows.append(await run_window(ledger, engine, f"w{len(windows)}", window, result_seconds))
             log.info("%s target %gs window %s: %s", workdir.name, result_seconds, len(windows), windows[-1])
-            await engine_idle(session, engine_url)
-            await reset_prefix_cache(session, engine_url)
+            await engine_idle(session, engine.url)
+            await reset_prefix_cache(session, engine.url)
         await asyncio.sleep(1.5)  # the engine publishes its counters on its own schedule
-        after = await engine_counters(session, engine_url)
+        after = await engine_counters(session, engine.url)
     progress = await ledger.progress()
     await ledger.delete()
     if progress.failed:
@@ -253,7 +259,7 @@ def compare(uninterrupted: dict[str, Any], windowed: dict[str, Any]) -> dict[str
 
 
 async def run(
-    engine_url: str,
+    engine: Engine,
     redis_url: str,
     workdir: Path,
     *,
@@ -267,9 +273,9 @@ async def run(
     client = aioredis.Redis.from_url(redis_url)
     result: dict[str, Any] = {}
     for mix in mixes:
-        lines = requests_of(mix, limit)
+        lines = requests_of(mix, limit, engine.served_model)
         await run_job(  # warm-up
-            client, engine_url, workdir / f"{mix}-warm", lines[:16], window=None, result_seconds=targets[0]
+            client, engine, workdir / f"{mix}-warm", lines[:16], window=None, result_seconds=targets[0]
         )
         runs: dict[tuple[float, str], list[dict[str, Any]]] = {}
         for round_ in range(repeat):  # alternated: a drift of the host shows on every side alike
@@ -278,9 +284,7 @@ async def run(
                     side = "uninterrupted" if window is None else f"{window:g}"
                     run_dir = workdir / f"{mix}-{target:g}-{side}-{round_}"
                     runs.setdefault((target, side), []).append(
-                        await run_job(
-                            client, engine_url, run_dir, lines, window=window, result_seconds=target
-                        )
+                        await run_job(client, engine, run_dir, lines, window=window, result_seconds=target)
                     )
         by_target: dict[str, Any] = {}
         for target in targets:
@@ -346,7 +350,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="troughfill-bench-") as scratch:
         workdir = Path(scratch)
         redis = start_redis(workdir / "redis", appendonly=False)
-        engine = start_vllm(
+        server = start_vllm(
             python,
             model,
             workdir / "vllm",
@@ -357,7 +361,7 @@ def main() -> None:
         try:
             result = asyncio.run(
                 run(
-                    engine.url,
+                    Engine(server.url, SERVED),
                     redis.url,
                     workdir,
                     mixes=args.mixes.split(","),
@@ -368,7 +372,7 @@ def main() -> None:
                 )
             )
         finally:
-            engine.stop()
+            server.stop()
             redis.stop()
     summary = {
         "model": args.model,

@@ -26,8 +26,8 @@ class EngineLoad:
     waiting: float
     kv_cache_usage: float
     """Fraction of KV-cache blocks in use, 0..1."""
-    generated_tokens: float = 0.0
-    """The engine's counter of tokens generated since it started."""
+    generated_tokens: float | None = None
+    """The engine's counter of tokens generated since it started (None: it has none)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class Pace:
     """The best smoothed throughput seen lately."""
     completion_tokens: float
     """Mean completion tokens per request (of recent results; before any, their budgets)."""
+    stalled: bool = False
+    """The engine generated nothing since the last reading (a long prefill step, or no rate
+    yet): nothing to judge the limit by, so it holds."""
 
     def seconds_to_result(self, in_flight: int) -> float:
         return in_flight * self.completion_tokens / self.tokens_per_second
@@ -63,7 +66,7 @@ class ConcurrencyPolicy:
 
 def result_bound(pace: Pace | None, policy: ConcurrencyPolicy) -> int | None:
     """The most requests in flight that come back within the target, or None (no bound)."""
-    if pace is None or policy.result_seconds <= 0:
+    if pace is None or pace.stalled or policy.result_seconds <= 0:
         return None
     if pace.tokens_per_second <= 0 or pace.completion_tokens <= 0:
         return None
@@ -81,6 +84,8 @@ def next_limit(
     bound = result_bound(pace, policy)
     if load.waiting > policy.queue_slack or load.kv_cache_usage > policy.kv_high:
         proposed = int(current * policy.backoff)
+    elif pace is not None and pace.stalled:
+        proposed = current
     elif bound is not None and current > bound:
         proposed = max(bound, int(current * policy.backoff))
     elif load.waiting == 0 and in_flight >= current:
@@ -108,18 +113,26 @@ class PaceMeter:
         self.tokens_per_second = 0.0
         self.best = 0.0
         self.completion_tokens: float | None = None
+        self.counted = False
+        """The engine has a generated-tokens counter (a stand-in engine may not)."""
+        self.moved = False
+        """The counter moved in the last interval."""
         self._last: tuple[float, float] | None = None
 
-    def observe(self, generated_tokens: float, now: float) -> None:
+    def observe(self, generated_tokens: float | None, now: float) -> None:
+        if generated_tokens is None:
+            return
+        self.counted = True
         last, self._last = self._last, (generated_tokens, now)
         if last is None or now <= last[1] or generated_tokens < last[0]:
-            return  # the first reading, or an engine that restarted: nothing to compare with
+            self.moved = False  # the first reading, or an engine that restarted: no rate yet
+            return
         rate = (generated_tokens - last[0]) / (now - last[1])
-        self.tokens_per_second = (
-            rate
-            if self.tokens_per_second == 0
-            else self.tokens_per_second + self.SMOOTHING * (rate - self.tokens_per_second)
-        )
+        self.moved = rate > 0
+        if self.tokens_per_second == 0:
+            self.tokens_per_second = rate
+        else:
+            self.tokens_per_second += self.SMOOTHING * (rate - self.tokens_per_second)
         self.best = max(self.tokens_per_second, self.best * self.BEST_DECAY)
 
     def result(self, completion_tokens: int) -> None:
@@ -129,11 +142,14 @@ class PaceMeter:
             self.completion_tokens += self.LENGTH_SMOOTHING * (completion_tokens - self.completion_tokens)
 
     def pace(self, budgets: list[int]) -> Pace | None:
-        """None until there is a throughput; `budgets` (the in-flight requests' token budgets)
-        stand for the length until the first results."""
+        """None for an engine without the counter (the limit follows its gauges alone).
+        `budgets` (the in-flight requests' token budgets) stand for the length until the first
+        results; with no length to go by, or a counter that did not move, the pace is stalled."""
+        if not self.counted:
+            return None
         length = self.completion_tokens
         if length is None and budgets:
             length = sum(budgets) / len(budgets)
-        if self.tokens_per_second <= 0 or not length:
-            return None
+        if not self.moved or self.tokens_per_second <= 0 or not length:
+            return Pace(self.tokens_per_second, self.best, length or 0.0, stalled=True)
         return Pace(self.tokens_per_second, self.best, length)

@@ -80,6 +80,7 @@ def parse_load(metrics_text: str) -> EngineLoad:
     (a full parse of vLLM's ~600-line page cost this process about 25 ms of CPU each time).
     """
     totals = {RUNNING: 0.0, WAITING: 0.0, KV_CACHE: 0.0, GENERATED: 0.0}
+    seen: set[str] = set()
     for line in metrics_text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -88,11 +89,12 @@ def parse_load(metrics_text: str) -> EngineLoad:
         if name in totals:
             after_labels = line[line.rfind("}") + 1 :] if "{" in line[: name_end + 1] else line[name_end:]
             totals[name] += float(after_labels.split()[0])
+            seen.add(name)
     return EngineLoad(
         running=totals[RUNNING],
         waiting=totals[WAITING],
         kv_cache_usage=totals[KV_CACHE],
-        generated_tokens=totals[GENERATED],
+        generated_tokens=totals[GENERATED] if GENERATED in seen else None,
     )
 
 
