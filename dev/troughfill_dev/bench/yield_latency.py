@@ -1,6 +1,6 @@
 """How fast batch gives GPUs back, on a real control plane.
 
-    python -m troughfill_dev.bench.yield_latency [--iterations 5] [--interval 0.5]
+    python -m troughfill_dev.bench.yield_latency [--iterations 10] [--interval 0.5]
 
 Starts Redis, Prometheus (scraping a metrics endpoint this script serves, every second), the
 local control plane with the node agent (one node, 2 GPUs) and `troughfill operator`. A pool
@@ -209,7 +209,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--iterations", type=int, default=5, help="yields per trigger")
+    parser.add_argument(
+        "--iterations", type=int, default=10, help="yields per trigger (the worst is reported)"
+    )
     parser.add_argument("--interval", type=float, default=0.5, help="operator reconcile interval, seconds")
     args = parser.parse_args()
     # A SIGTERM stops everything this started, as Ctrl-C does.

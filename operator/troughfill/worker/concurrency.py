@@ -9,11 +9,11 @@ per second, mean completion length), and gets the next limit.
   requests queue up behind a full batch or the KV cache is nearly full.
 - A time-to-result bound (Little's law): with C requests in flight, an engine generating T
   tokens/s and requests of L completion tokens on average, a request takes about C·L/T to come
-  back. An engine past its throughput knee (a CPU engine at batch 8, a GPU at its largest
-  batches) gains nothing from more requests but that wait, and a worker yielded before its
-  first results commits nothing. So C is kept at T·target/L, unless keeping it there costs
-  more than `keep_throughput` of the best throughput measured (a GPU whose throughput still
-  grows with the batch: there more requests are faster, not slower, and the bound lets go).
+  back. A worker yielded before its requests come back commits nothing of them, so C is kept at
+  T·target/L. Only requests that a yield would lose count for L: the long ones are streamed and
+  checkpointed every second (a yield costs them a second, whenever it comes), so a job of long
+  generations is not bounded at all. Past an engine's throughput knee (a CPU engine at batch 8,
+  a GPU at its largest batches) the bound costs nothing but the wait it removes.
 """
 
 import math
@@ -36,10 +36,9 @@ class Pace:
 
     tokens_per_second: float
     """Tokens generated per second lately (smoothed)."""
-    best_tokens_per_second: float
-    """The best smoothed throughput seen lately."""
     completion_tokens: float
-    """Mean completion tokens per request (of recent results; before any, their budgets)."""
+    """Mean completion tokens of the requests a yield would lose (of their recent results;
+    before any, their budgets); 0 when none is in flight."""
     stalled: bool = False
     """The engine generated nothing since the last reading (a long prefill step, or no rate
     yet): nothing to judge the limit by, so it holds."""
@@ -60,8 +59,6 @@ class ConcurrencyPolicy:
     """Waiting requests tolerated: a short queue keeps the next batch slot filled."""
     result_seconds: float = 10.0
     """Target time from a request's start to its result; 0 turns the bound off."""
-    keep_throughput: float = 0.7
-    """The bound holds only while throughput stays above this share of the best measured."""
 
 
 def result_bound(pace: Pace | None, policy: ConcurrencyPolicy) -> int | None:
@@ -70,8 +67,6 @@ def result_bound(pace: Pace | None, policy: ConcurrencyPolicy) -> int | None:
         return None
     if pace.tokens_per_second <= 0 or pace.completion_tokens <= 0:
         return None
-    if pace.tokens_per_second < policy.keep_throughput * pace.best_tokens_per_second:
-        return None  # fewer requests already cost throughput: the engine is below its knee
     return max(
         policy.minimum, math.ceil(pace.tokens_per_second * policy.result_seconds / pace.completion_tokens)
     )
@@ -100,18 +95,15 @@ def next_limit(
 
 class PaceMeter:
     """Smooths what the worker sees into a `Pace`: the engine's generated-tokens counter read
-    at each tuning tick, and the completion tokens of each result."""
+    at each tuning tick, and the completion tokens of each result a yield would have lost."""
 
     SMOOTHING = 0.3
     """Weight of the newest throughput reading (ticks are a second apart)."""
-    BEST_DECAY = 0.99
-    """Per tick: the best throughput fades, so an engine that slowed for good is not held to it."""
     LENGTH_SMOOTHING = 0.05
     """Weight of the newest result in the mean completion length."""
 
     def __init__(self) -> None:
         self.tokens_per_second = 0.0
-        self.best = 0.0
         self.completion_tokens: float | None = None
         self.counted = False
         """The engine has a generated-tokens counter (a stand-in engine may not)."""
@@ -133,7 +125,6 @@ class PaceMeter:
             self.tokens_per_second = rate
         else:
             self.tokens_per_second += self.SMOOTHING * (rate - self.tokens_per_second)
-        self.best = max(self.tokens_per_second, self.best * self.BEST_DECAY)
 
     def result(self, completion_tokens: int) -> None:
         if self.completion_tokens is None:
@@ -143,13 +134,14 @@ class PaceMeter:
 
     def pace(self, budgets: list[int]) -> Pace | None:
         """None for an engine without the counter (the limit follows its gauges alone).
-        `budgets` (the in-flight requests' token budgets) stand for the length until the first
-        results; with no length to go by, or a counter that did not move, the pace is stalled."""
+        `budgets`: the token budgets of the requests in flight that a yield would lose; they
+        stand for the length until the first results, and none means nothing to bound."""
         if not self.counted:
             return None
-        length = self.completion_tokens
-        if length is None and budgets:
-            length = sum(budgets) / len(budgets)
-        if not self.moved or self.tokens_per_second <= 0 or not length:
-            return Pace(self.tokens_per_second, self.best, length or 0.0, stalled=True)
-        return Pace(self.tokens_per_second, self.best, length)
+        length = 0.0
+        if budgets:
+            length = (
+                self.completion_tokens if self.completion_tokens is not None else sum(budgets) / len(budgets)
+            )
+        stalled = not self.moved or self.tokens_per_second <= 0
+        return Pace(self.tokens_per_second, length, stalled=stalled)

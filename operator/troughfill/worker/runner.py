@@ -76,6 +76,8 @@ class Item:
     lease_id: int
     request: RequestLine
     saved: calls.Progress | None
+    streamed: bool = False
+    """Streamed and checkpointed: a yield does not lose what it generated."""
 
 
 @dataclass
@@ -336,8 +338,8 @@ class Worker:
         self.writer.add(finished.record, finished.outcome)
         if finished.record.kind == RecordKind.OUTPUT:
             self.stats.results += 1
-            saved = finished.item.saved.completion_tokens if finished.item.saved else 0
-            self.pace.result(max(0, finished.outcome.completion_tokens - saved))
+            if not finished.item.streamed:
+                self.pace.result(finished.outcome.completion_tokens)
         else:
             self.stats.errors += 1
 
@@ -354,6 +356,7 @@ class Worker:
         request, streamed = calls.engine_body(
             self.endpoint, body, self.options.served_model, item.saved, min_tokens
         )
+        item.streamed = streamed
         try:
             if streamed:
                 return await self._stream(item, request)
@@ -629,10 +632,11 @@ class Worker:
             with contextlib.suppress(OSError, TimeoutError, ValueError):
                 load = await self.engine.load()
                 self.pace.observe(load.generated_tokens, time.monotonic())
-                budgets = [
+                budgets = [  # of the requests a yield would lose
                     budget
                     for item in self.in_flight.values()
-                    if (budget := calls.remaining_budget(item.request.body, item.saved)) is not None
+                    if not item.streamed
+                    and (budget := calls.remaining_budget(item.request.body, item.saved)) is not None
                 ]
                 pace = self.pace.pace(budgets)
                 limit = next_limit(self.limit, load, len(self.in_flight), self.options.policy, pace)
