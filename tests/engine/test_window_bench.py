@@ -22,6 +22,7 @@ async def test_short_windows_end_the_job_exactly_once_and_report_their_rates(
         targets=[10.0, 0.0],
         limit=REQUESTS,
         repeat=1,
+        document_repeats=1,  # the tiny model's tokenizer makes many more tokens of it; 1,024 fit
     )
     for mix in ("example", "long-prompts"):
         assert result[mix]["requests"] == REQUESTS
@@ -41,4 +42,4 @@ async def test_short_windows_end_the_job_exactly_once_and_report_their_rates(
     # the long prompts cost the engine more prompt tokens than the example's own
     example = result["example"]["result_seconds"]["10"]["uninterrupted"]["engine_prompt_tokens"]
     long = result["long-prompts"]["result_seconds"]["10"]["uninterrupted"]["engine_prompt_tokens"]
-    assert long > 3 * example
+    assert long > 2 * example

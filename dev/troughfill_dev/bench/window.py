@@ -22,7 +22,7 @@ runs nothing. Re-prefill: prompt tokens the engine processed beyond the uninterr
 those its prefix cache served.
 
 Mixes: `example` is manifests/examples/requests.jsonl (80 each of max_tokens 8, 48 and 256);
-`long-prompts` is the same requests with a long document (about 600 tokens) before each
+`long-prompts` is the same requests with a long document (about 300 tokens) before each
 question. Starts redis-server and a vLLM engine (the demo's SmolLM2-135M, or the tiny test
 model); the engine gets its own CPUs as in the other benches. Prints one JSON object.
 """
@@ -62,7 +62,7 @@ DOCUMENT = (
     "card. The support team logged calls, emails and chats about delivery times, damaged boxes, "
     "missing items, account access and billing questions, and closed each with a short summary. "
 )
-"""About 75 tokens; `long-prompts` puts eight of it before each question."""
+"""About 75 tokens (SmolLM2's tokenizer); `long-prompts` puts four of it before each question."""
 ENGINE_COUNTERS = (
     "vllm:prompt_tokens_total",
     "vllm:generation_tokens_total",
@@ -71,7 +71,7 @@ ENGINE_COUNTERS = (
 )
 
 
-def requests_of(mix: str, limit: int | None, served_model: str) -> list[dict[str, Any]]:
+def requests_of(mix: str, limit: int | None, served_model: str, repeats: int = 4) -> list[dict[str, Any]]:
     text = (examples() / "requests.jsonl").read_text()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     if limit:
@@ -81,7 +81,7 @@ def requests_of(mix: str, limit: int | None, served_model: str) -> list[dict[str
         body["model"] = served_model
         if mix == "long-prompts":
             question = body["messages"][-1]
-            question["content"] = DOCUMENT * 8 + "\n\n" + question["content"]
+            question["content"] = DOCUMENT * repeats + "\n\n" + question["content"]
         elif mix != "example":
             raise ValueError(f"unknown mix {mix!r}")
     return lines
@@ -268,12 +268,13 @@ async def run(
     targets: list[float],
     limit: int | None,
     repeat: int,
+    document_repeats: int = 4,
 ) -> dict[str, Any]:
     """Per mix and per time-to-result target (0: no bound, the worker before it had one)."""
     client = aioredis.Redis.from_url(redis_url)
     result: dict[str, Any] = {}
     for mix in mixes:
-        lines = requests_of(mix, limit, engine.served_model)
+        lines = requests_of(mix, limit, engine.served_model, document_repeats)
         await run_job(  # warm-up
             client, engine, workdir / f"{mix}-warm", lines[:16], window=None, result_seconds=targets[0]
         )
@@ -356,6 +357,7 @@ def main() -> None:
             workdir / "vllm",
             served_model=SERVED,
             max_num_seqs=args.max_num_seqs,
+            cpus=split[0] if split else None,  # given: this process's own affinity is narrowed already
             env={"VLLM_SERVER_DEV_MODE": "1"},  # for /reset_prefix_cache between windows
         )
         try:
