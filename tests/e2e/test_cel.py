@@ -89,6 +89,12 @@ CASES = [
         [{"name": "max-num-seqs", "value": "8"}],
         [{"name": "max-num-seqs", "value": "9"}],
     ),
+    Case(
+        "BatchPool",
+        ".spec",
+        "headroomLendGPUs cannot exceed headroomGPUs",
+        bpool(headroomGPUs=1, headroomLendGPUs=2),
+    ),
     Case("BatchPool", ".spec", "scaleUpDelay must be between 0s and 1h", bpool(scaleUpDelay="2h")),
     Case("BatchPool", ".spec", "minUsefulTime must be between 0s and 24h", bpool(minUsefulTime="25h")),
     Case("BatchPool", ".spec", "drainGracePeriod must be between 0s and 1h", bpool(drainGracePeriod="2h")),

@@ -142,6 +142,12 @@ INVALID_CASES = [
     (BatchPool, pool(signal={"maxStaleness": "2h"}), "spec.signal", "maxStaleness must be between 1s and 1h"),
     (BatchPool, pool(signal={"onStale": "Panic"}), "spec.signal.onStale", "'Yield' or 'Hold'"),
     (BatchPool, pool(scaleUpDelay="2h"), "spec", "scaleUpDelay must be between 0s and 1h"),
+    (
+        BatchPool,
+        pool(headroomGPUs=1, headroomLendGPUs=2),
+        "spec",
+        "headroomLendGPUs cannot exceed headroomGPUs",
+    ),
     (BatchPool, pool(gpuHourlyCostUSD="-1"), "spec.gpuHourlyCostUSD", "should match pattern"),
     (
         BatchPool,

@@ -260,6 +260,53 @@ def test_no_worker_starts_into_a_trough_forecast_to_close_before_it_pays_off() -
     assert result.jobs["team-a/job"].starts == 12
 
 
+def test_running_workers_keep_the_lent_headroom_and_none_starts_into_it() -> None:
+    lending = pool(16, headroom_gpus=2, headroom_lend_gpus=1)
+    # online 10: the trough is 16 - 10 - 2 = 4; a fifth worker may stay in the lent GPU
+    kept = plan(snapshot(job(workers=workers(5)), pool_policy=lending, signal=online(10)))
+    assert (kept.trough_gpus, kept.keep_gpus) == (4, 5)
+    assert not kept.stops
+    assert kept.batch_gpus == 5
+    # a sixth would leave online less than headroom - lend free: it yields at once
+    over = plan(snapshot(job(workers=workers(6)), pool_policy=lending, signal=online(10)))
+    assert list(stop_modes(over).values()) == [StopMode.YIELD]
+    # growth stops at the trough: nobody starts into the headroom
+    growing = plan(snapshot(job(workers=workers(3)), pool_policy=lending, signal=online(10)))
+    assert growing.jobs["team-a/job"].starts == 1
+    # keep (lend 0): the fifth worker yields
+    keeping = plan(
+        snapshot(job(workers=workers(5)), pool_policy=pool(16, headroom_gpus=2), signal=online(10))
+    )
+    assert list(stop_modes(keeping).values()) == [StopMode.YIELD]
+
+
+@pytest.mark.parametrize(
+    "condition",
+    ["pressure", "pending", "stale", "forecast rise"],
+)
+def test_nothing_is_lent_when_online_needs_or_is_about_to_need_the_headroom(condition: str) -> None:
+    lending = pool(16, headroom_gpus=2, headroom_lend_gpus=1)
+    signal = online(10)
+    if condition == "pressure":
+        signal = online(10, pressure=True)
+    elif condition == "pending":
+        signal = online(9, pending_gpus=1)
+    elif condition == "stale":
+        signal = online(10, age=3600)
+    moment = snapshot(job(workers=workers(5)), pool_policy=lending, signal=signal)
+    if condition == "forecast rise":
+        moment = replace(moment, forecast=Forecast(points=((NOW, 10.0), (NOW + 200, 11.0))))
+    result = plan(moment)
+    assert result.keep_gpus == result.trough_gpus
+    assert result.batch_gpus <= result.trough_gpus
+    assert StopMode.YIELD in stop_modes(result).values()
+    # a forecast that predicts no rise lends as before
+    flat = plan(replace(moment, forecast=Forecast(points=((NOW, 10.0), (NOW + 200, 10.0)))))
+    if condition == "forecast rise":
+        assert flat.keep_gpus == 5
+        assert not flat.stops
+
+
 def test_the_plan_does_not_depend_on_the_order_of_jobs() -> None:
     jobs = [job(f"ns{i % 3}/j{i}", priority=i % 2, workers=workers(i % 4, prefix=f"j{i}-")) for i in range(9)]
     first = plan(snapshot(*jobs, pool_policy=pool(20)))

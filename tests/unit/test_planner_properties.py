@@ -72,9 +72,11 @@ def snapshots(draw: st.DrawFn, single_class: bool = False) -> Snapshot:
         if draw(st.booleans())
     }
     default = draw(st.none() | st.builds(Quota, st.integers(0, 40), st.integers(1, 5)))
+    headroom = draw(st.integers(0, 3))
     pool = PoolPolicy(
         capacity_gpus=capacity,
-        headroom_gpus=draw(st.integers(0, 3)),
+        headroom_gpus=headroom,
+        headroom_lend_gpus=draw(st.integers(0, headroom)),
         max_staleness_seconds=30.0,
         on_stale=draw(st.sampled_from(list(StalePolicy))),
         floor_gpus=draw(st.integers(0, 8)),
@@ -115,8 +117,12 @@ def test_batch_never_exceeds_capacity_minus_online_minus_headroom(snapshot: Snap
     result = plan(snapshot)
     pool, online = snapshot.pool, snapshot.online
     desired = sum(result.jobs[j.key].desired_workers * j.gpus_per_worker for j in snapshot.jobs)
-    assert desired <= result.budget_gpus <= result.trough_gpus
-    assert result.batch_gpus <= result.trough_gpus
+    assert desired <= result.budget_gpus <= result.keep_gpus
+    assert result.trough_gpus <= result.keep_gpus
+    assert result.batch_gpus <= result.keep_gpus
+    if result.starts:
+        # nobody starts into the headroom, lent or not
+        assert result.batch_gpus <= result.trough_gpus
     if result.signal is SignalState.FRESH:
         assert online.gpus_in_use is not None
         assert result.trough_gpus <= max(
@@ -126,10 +132,19 @@ def test_batch_never_exceeds_capacity_minus_online_minus_headroom(snapshot: Snap
             - whole_gpus(online.pending_gpus)
             - pool.headroom_gpus,
         )
-    elif pool.on_stale is StalePolicy.YIELD:
-        assert result.batch_gpus <= pool.floor_gpus
+        # what is lent leaves online headroom - lend GPUs free at once
+        assert result.keep_gpus <= max(
+            result.trough_gpus,
+            pool.capacity_gpus
+            - whole_gpus(online.gpus_in_use)
+            - (pool.headroom_gpus - pool.headroom_lend_gpus),
+        )
     else:
-        assert result.batch_gpus <= held(snapshot)
+        assert result.keep_gpus == result.trough_gpus
+        if pool.on_stale is StalePolicy.YIELD:
+            assert result.batch_gpus <= pool.floor_gpus
+        else:
+            assert result.batch_gpus <= held(snapshot)
 
 
 @given(snapshots())
@@ -204,8 +219,8 @@ def test_yield_only_when_online_needs_the_gpus(snapshot: Snapshot) -> None:
         j.gpus_per_worker for j in snapshot.jobs for s in result.jobs[j.key].stops if s.mode is StopMode.YIELD
     )
     if yielded:
-        # without these yields batch would hold more than the trough
-        assert result.batch_gpus + yielded > result.trough_gpus
+        # without these yields batch would hold more than it may keep
+        assert result.batch_gpus + yielded > result.keep_gpus
     for stop in result.stops:
         worker = next(w for j in snapshot.jobs for w in j.workers if w.name == stop.worker)
         assert worker.stopping is not StopMode.YIELD  # never told twice

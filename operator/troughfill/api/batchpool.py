@@ -143,7 +143,13 @@ class BatchPoolSpec(ApiModel):
     gpus: GpuSource
     online: OnlineWorkload
     headroom_gpus: int = Field(default=1, ge=0, alias="headroomGPUs")
-    """GPUs always left free for online bursts."""
+    """GPUs left free for online bursts: batch workers never start into them."""
+    headroom_lend_gpus: int = Field(default=0, ge=0, alias="headroomLendGPUs")
+    """Of the headroom, GPUs that batch workers already running may keep while online moves
+    into it, and only while the forecast predicts no rise (none ever starts there). Online then
+    finds headroomGPUs - headroomLendGPUs free at once and the rest after a yield (seconds);
+    in exchange small rises and falls of online no longer cost a worker's cold start. 0 keeps
+    the whole headroom free."""
     signal: SignalPolicy = Field(default_factory=SignalPolicy)
     scale_up_delay: Duration = "60s"
     """How long a trough must last before batch workers grow into it (scale-down is immediate)."""
@@ -161,6 +167,11 @@ class BatchPoolSpec(ApiModel):
     """Price of one GPU-hour, for realised $/1M tokens (a decimal string, Kubernetes avoids floats)."""
 
     rules = (
+        Rule(
+            cel="self.headroomLendGPUs <= self.headroomGPUs",
+            message="headroomLendGPUs cannot exceed headroomGPUs",
+            holds=lambda s: s.headroom_lend_gpus <= s.headroom_gpus,
+        ),
         duration_rule("scaleUpDelay", "0s", "1h"),
         duration_rule("minUsefulTime", "0s", "24h"),
         duration_rule("drainGracePeriod", "0s", "1h"),

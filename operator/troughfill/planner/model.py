@@ -107,6 +107,9 @@ class Quota:
 class PoolPolicy:
     capacity_gpus: int
     headroom_gpus: int = 1
+    headroom_lend_gpus: int = 0
+    """Of the headroom, GPUs that workers already running may keep while online moves into it
+    (none starts there): online still finds headroom - lend GPUs free at once."""
     max_staleness_seconds: float = 30.0
     on_stale: StalePolicy = StalePolicy.YIELD
     floor_gpus: int = 0
@@ -127,6 +130,7 @@ class PoolPolicy:
         return cls(
             capacity_gpus=capacity_gpus,
             headroom_gpus=spec.headroom_gpus,
+            headroom_lend_gpus=spec.headroom_lend_gpus,
             max_staleness_seconds=parse_duration(spec.signal.max_staleness).total_seconds(),
             on_stale=spec.signal.on_stale,
             floor_gpus=spec.signal.floor_gpus,
@@ -205,7 +209,9 @@ class Plan:
     now: float
     signal: SignalState
     trough_gpus: int
-    """capacity - online - pending - headroom right now (0 at least): what batch may hold at most."""
+    """capacity - online - pending - headroom right now (0 at least): what batch may grow into."""
+    keep_gpus: int
+    """What batch may keep: the trough plus what the pool lends of its headroom to running workers."""
     budget_gpus: int
     """What the plan let batch hold: the trough, held back by the scale-up delay and staleness."""
     batch_gpus: int

@@ -3,6 +3,7 @@
 Order of business, each step bounded by the previous one:
 1. The trough: capacity - online in use - online pending - headroom (- more under pressure).
    A stale or missing signal replaces it by the floor (Yield) or by what batch holds (Hold).
+   Running workers may keep what the pool lends of its headroom (none start into it).
 2. The budget: the trough, except that growth waits until the trough has lasted the scale-up
    delay (the minimum over that window); shrinking is never delayed.
 3. Allocation, class by class in strict priority order: minimum workers, then workers that
@@ -64,6 +65,29 @@ def trough_gpus(snapshot: Snapshot, state: SignalState, holding: int) -> int:
     else:
         trough = min(pool.floor_gpus, free_of_pending)
     return max(0, trough)
+
+
+def lendable_gpus(snapshot: Snapshot, state: SignalState, trough: int) -> int:
+    """What batch may keep: the trough plus the headroom GPUs the pool lends to running workers.
+
+    Lent only on a fresh signal, while online has no pending pods and no pressure, and only
+    while the forecast (when there is one) predicts no rise over the minimum useful time: a
+    rise the forecast sees coming would take the lent GPUs back from under running workers."""
+    pool, online = snapshot.pool, snapshot.online
+    if (
+        pool.headroom_lend_gpus <= 0
+        or state is not SignalState.FRESH
+        or online.pressure
+        or whole_gpus(online.pending_gpus) > 0
+    ):
+        return trough
+    assert online.gpus_in_use is not None
+    if snapshot.forecast is not None:
+        peak = snapshot.forecast.peak(snapshot.now, snapshot.now + pool.min_useful_seconds)
+        if peak is not None and forecast_gpus(peak) > whole_gpus(online.gpus_in_use):
+            return trough
+    free = pool.capacity_gpus - whole_gpus(online.gpus_in_use)
+    return max(trough, free - (pool.headroom_gpus - min(pool.headroom_lend_gpus, pool.headroom_gpus)))
 
 
 def remember(
@@ -249,9 +273,12 @@ def plan(snapshot: Snapshot, memory: PlannerMemory | None = None) -> Plan:
     ]
     state = signal_state(snapshot)
     trough = trough_gpus(snapshot, state, active_gpus + sum(j.gpus_per_worker for j, _ in stopping))
+    keep = lendable_gpus(snapshot, state, trough)
     memory = remember(memory, now, state, trough, pool.scale_up_delay_seconds)
     stable = growth_cap(memory, now, pool.scale_up_delay_seconds)
-    budget = min(trough, max(active_gpus, stable if stable is not None else 0))
+    # Workers already running stay up to what the pool lets batch keep; growth waits for the
+    # trough to last the scale-up delay and never goes beyond the trough.
+    budget = max(min(active_gpus, keep), min(trough, stable if stable is not None else 0))
 
     allocation = _Allocation(pool, budget, now, active)
     classes: dict[int, list[JobState]] = defaultdict(list)
@@ -275,7 +302,7 @@ def plan(snapshot: Snapshot, memory: PlannerMemory | None = None) -> Plan:
             )
         granted_higher += granted_here
 
-    ordered_stops, kept_gpus, draining_gpus, yielding_gpus = _choose_stops(jobs, allocation, stopping, trough)
+    ordered_stops, kept_gpus, draining_gpus, yielding_gpus = _choose_stops(jobs, allocation, stopping, keep)
     stops: dict[str, list[Stop]] = defaultdict(list)
     for stop in ordered_stops:
         stops[stop.job].append(stop)
@@ -297,6 +324,7 @@ def plan(snapshot: Snapshot, memory: PlannerMemory | None = None) -> Plan:
         now=now,
         signal=state,
         trough_gpus=trough,
+        keep_gpus=keep,
         budget_gpus=budget,
         batch_gpus=running_total + draining_gpus,
         jobs=plans,
@@ -309,10 +337,10 @@ def _choose_stops(
     jobs: list[JobState],
     allocation: _Allocation,
     stopping: list[tuple[JobState, WorkerState]],
-    trough: int,
+    keep: int,
 ) -> tuple[list[Stop], int, int, int]:
     """Victims of jobs above their allocation, urgent (yield) ones first; they yield while batch
-    holds more than the trough. Also returns GPUs kept, still draining and yielding."""
+    holds more than it may keep. Also returns GPUs kept, still draining and yielding."""
     drains: list[tuple[JobState, WorkerState]] = []
     kept_gpus = 0
     for job in jobs:
@@ -326,7 +354,7 @@ def _choose_stops(
     drains += [(j, w) for j, w in stopping if w.stopping is StopMode.DRAIN]
     yielding_gpus = sum(j.gpus_per_worker for j, w in stopping if w.stopping is StopMode.YIELD)
     draining_gpus = sum(j.gpus_per_worker for j, _ in drains)
-    excess = kept_gpus + draining_gpus - trough
+    excess = kept_gpus + draining_gpus - keep
     urgent: list[Stop] = []
     gentle: list[Stop] = []
     if excess > 0:

@@ -171,11 +171,17 @@ class StaticPolicy:
 
 
 def pool_policy(
-    params: ClusterParams, *, scale_up_delay: float, min_useful: float, weights: dict[str, int]
+    params: ClusterParams,
+    *,
+    scale_up_delay: float,
+    min_useful: float,
+    weights: dict[str, int],
+    headroom_lend: int = 0,
 ) -> PoolPolicy:
     return PoolPolicy(
         capacity_gpus=params.capacity_gpus,
         headroom_gpus=params.headroom_gpus,
+        headroom_lend_gpus=headroom_lend,
         max_staleness_seconds=60.0,
         scale_up_delay_seconds=scale_up_delay,
         min_useful_seconds=min_useful,

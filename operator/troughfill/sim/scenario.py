@@ -59,6 +59,8 @@ class Scenario:
     scale_up_delay_seconds: float = 10.0
     min_useful_seconds: float = 300.0
     reconcile_seconds: int = 2
+    headroom_lend_gpus: int = 0
+    """troughfill's pool lends this much of its headroom to running workers (keep: 0)."""
     daily_job_gpu_hours: float = 150.0
     """Size of the daily deadline job (products namespace, 24 h window), in GPU-hours of work."""
     policies: tuple[str, ...] = ("troughfill", "keda-hpa", "static")
@@ -124,6 +126,7 @@ def make_policy(name: str, scenario: Scenario, demand: list[int]) -> Policy:
                 scale_up_delay=scenario.scale_up_delay_seconds,
                 min_useful=scenario.min_useful_seconds,
                 weights={"products": 3, "research": 1},
+                headroom_lend=scenario.headroom_lend_gpus,
             ),
             interval_seconds=scenario.reconcile_seconds,
         )
