@@ -15,6 +15,10 @@ up and working):
   operator (pending online GPUs count as demand) and kube-scheduler's preemption race to free
   them, as in a cluster.
 
+Each iteration also gives where the seconds went: when Prometheus first answered the query
+with the new value (signal only), when the worker pod was marked for deletion (the operator's
+yield, or the scheduler's preemption), when it was gone.
+
 Workers stop in yield mode (online needs the GPUs now: checkpoint, exit within 2 s). Prints
 one JSON object. Needs scripts/setup.sh, setup_vllm.sh and setup_k8s.sh sourced.
 """
@@ -28,6 +32,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +55,13 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
     return ordered[rank]
+
+
+def phase_summary(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The total (start to pod gone) summarised, and each iteration's phases."""
+    report = summary([r["gone_s"] for r in runs])
+    report["phases"] = runs
+    return report
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -159,16 +172,44 @@ class Bench:
         wait_until(ready, 600, "a Ready worker", 0.2)
         time.sleep(2)  # working, not just up
 
-    def signal_yield(self) -> float:
+    def prometheus_sees(self, value: float) -> bool:
+        query = urllib.parse.urlencode({"query": "sum(online_gpus)"})
+        try:
+            with urllib.request.urlopen(f"{self.prometheus.url}/api/v1/query?{query}", timeout=2) as response:
+                result = json.load(response)["data"]["result"]
+        except OSError:
+            return False
+        return bool(result) and float(result[0]["value"][1]) >= value
+
+    def follow(self, started: float, *, signal: bool) -> dict[str, float]:
+        """Poll until the worker pod is gone; the seconds from `started` to each phase's start:
+        Prometheus answering with the new value (signal only), the worker pod marked for
+        deletion (the operator's yield or the scheduler's preemption), the pod gone."""
+        phases: dict[str, float] = {}
+        deadline = started + 120
+        while time.monotonic() < deadline:
+            now = time.monotonic() - started
+            if signal and "prometheus_sees_s" not in phases and self.prometheus_sees(2):
+                phases["prometheus_sees_s"] = now
+            pods = self.workers()
+            if not pods:
+                phases.setdefault("deleting_s", now)
+                phases["gone_s"] = now
+                return {k: round(v, 3) for k, v in phases.items()}
+            if "deleting_s" not in phases and all(p.metadata.deletion_timestamp for p in pods):
+                phases["deleting_s"] = now
+            time.sleep(POLL)
+        raise TimeoutError("gave up waiting for the worker to go")
+
+    def signal_yield(self) -> dict[str, float]:
         self.wait_worker_ready()
         started = time.monotonic()
         self.online.set(2)
-        wait_until(lambda: not self.workers(), 120, "the worker gone after the signal", POLL)
-        seconds = time.monotonic() - started
+        phases = self.follow(started, signal=True)
         self.online.set(0)
-        return seconds
+        return phases
 
-    def pending_pod_yield(self) -> float:
+    def pending_pod_yield(self) -> dict[str, float]:
         self.wait_worker_ready()
         pod = {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "online", "labels": {"app": "online"}},
@@ -190,15 +231,14 @@ class Bench:
                 if error.status < 500 or attempt == 4:
                     raise
                 time.sleep(0.2)
-        wait_until(lambda: not self.workers(), 120, "the worker gone after the online pod", POLL)
-        seconds = time.monotonic() - started
+        phases = self.follow(started, signal=False)
         self.core.delete_namespaced_pod("online", "default", grace_period_seconds=0)
         wait_until(
             lambda: not self.core.list_namespaced_pod("default", label_selector="app=online").items,
             60,
             "gone",
         )
-        return seconds
+        return phases
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -236,8 +276,8 @@ def main() -> None:
                 "reconcile_interval_s": args.interval,
                 "prometheus_scrape_interval_s": 1.0,
                 "stop_mode": "yield (drain grace configured 5s, not used: online needed the GPUs now)",
-                "signal_crossing": summary(by_signal),
-                "online_pod_pending": summary(by_pending_pod),
+                "signal_crossing": phase_summary(by_signal),
+                "online_pod_pending": phase_summary(by_pending_pod),
                 "goal_p99_s": 3.0,
             },
             indent=2,
