@@ -2,6 +2,7 @@
 
     python -m troughfill_dev.bench.window [--model smollm2|tiny] [--windows 15,30,60,120]
                                           [--mixes example,long-prompts] [--repeat 1]
+                                          [--result-seconds 10,0] [--engine-cpus half|all]
 
 For each mix of requests, side by side on the same engine:
 - uninterrupted: one worker, with the worker's default settings, runs the job to the end;
@@ -24,7 +25,10 @@ those its prefix cache served.
 Mixes: `example` is manifests/examples/requests.jsonl (80 each of max_tokens 8, 48 and 256);
 `long-prompts` is the same requests with a long document (about 300 tokens) before each
 question. Starts redis-server and a vLLM engine (the demo's SmolLM2-135M, or the tiny test
-model); the engine gets its own CPUs as in the other benches. Prints one JSON object.
+model); the engine gets its own CPUs as in the other benches, or with `--engine-cpus all` it
+and the worker share every CPU (on 2 CPUs the engine's model runner busy-polls its one CPU and
+starves its own API server and scheduler when few requests run: a few tokens a second). Prints
+one JSON object.
 """
 
 import argparse
@@ -335,6 +339,12 @@ def main() -> None:
     parser.add_argument(
         "--max-num-seqs", type=int, default=128, help="the engine's batch (the example template's)"
     )
+    parser.add_argument(
+        "--engine-cpus",
+        choices=("half", "all"),
+        default="half",
+        help="the engine on half the CPUs and the worker on the rest, or everything on every CPU",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=os.environ.get("TROUGHFILL_LOG_LEVEL", "WARNING"), format="%(asctime)s %(message)s"
@@ -343,7 +353,7 @@ def main() -> None:
     python, model = os.environ.get("TROUGHFILL_VLLM_PYTHON"), os.environ.get(variable)
     if not python or not model:
         raise SystemExit(f"source scripts/setup.sh and scripts/setup_vllm.sh (and setup_demo.sh): {variable}")
-    split = split_cpus()
+    split = split_cpus() if args.engine_cpus == "half" else None
     if split is not None:
         os.sched_setaffinity(0, split[1])  # this process and Redis; the engine has the others
     windows = [float(w) for w in args.windows.split(",") if w]
