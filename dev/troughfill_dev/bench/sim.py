@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from troughfill.sim import Scenario, plot, run
-from troughfill.sim.scenario import build_demand, bundled
+from troughfill.sim.scenario import build_demand, bundled, ratio
 
 
 def standard(days: float, plot_path: Path | None) -> dict[str, Any]:
@@ -73,10 +73,8 @@ def compare(item: tuple[str, Scenario]) -> tuple[str, dict[str, Any]]:
         "online_peak_gpus": report["scenario"]["online_peak_gpus"],
         "troughfill": {k: ours[k] for k in keep},
         "keda-hpa": {k: keda[k] for k in keep},
-        "capture_vs_keda": round(ours["trough_capture"] / keda["trough_capture"], 4),
-        "interference_vs_keda": round(ours["online_interference"] / keda["online_interference"], 4)
-        if keda["online_interference"]
-        else None,
+        "capture_vs_keda": ratio(ours["trough_capture"], keda["trough_capture"]),
+        "interference_vs_keda": ratio(ours["online_interference"], keda["online_interference"]),
     }
 
 
@@ -119,7 +117,6 @@ def sweep_one(item: tuple[Scenario, tuple[str, int, int], float]) -> dict[str, A
         headroom_lend_gpus=lend,
         policies=("keda-hpa",) if family == "keda-hpa" else ("troughfill",),
     )
-    started = time.perf_counter()
     report, _ = run(scenario)
     result = report["policies"][scenario.policies[0]]
     return {
@@ -132,7 +129,7 @@ def sweep_one(item: tuple[Scenario, tuple[str, int, int], float]) -> dict[str, A
         "online_displaced_gpu_hours": result["online_displaced_gpu_hours"],
         "preemptions": result["preemptions"],
         "batch_productive_gpu_hours": result["batch_productive_gpu_hours"],
-        "sim_wall_seconds": round(time.perf_counter() - started, 1),
+        "sim_wall_seconds": result["sim_wall_seconds"],
     }
 
 
@@ -174,10 +171,8 @@ def best_below(points: list[dict[str, Any]], keda: dict[str, Any]) -> dict[str, 
         "policy": best["policy"],
         "headroom_gpus": best["headroom_gpus"],
         "headroom_lend_gpus": best["headroom_lend_gpus"],
-        "harvest_vs_keda": round(best["harvest_of_idle"] / keda["harvest_of_idle"], 4),
-        "interference_vs_keda": round(best["online_interference"] / keda["online_interference"], 4)
-        if keda["online_interference"]
-        else None,
+        "harvest_vs_keda": ratio(best["harvest_of_idle"], keda["harvest_of_idle"]),
+        "interference_vs_keda": ratio(best["online_interference"], keda["online_interference"]),
     }
 
 
@@ -238,14 +233,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    job: Callable[[], dict[str, Any]]
     if args.traces:
-        job = lambda: traces(args.days or 14.0, args.workers)  # noqa: E731
+        report = traces(args.days or 14.0, args.workers)
     elif args.sweep:
-        job = lambda: sweep(args.days or 3.0, args.start_day, args.workers, args.plot)  # noqa: E731
+        report = sweep(args.days or 3.0, args.start_day, args.workers, args.plot)
     else:
-        job = lambda: standard(args.days or 14.0, args.plot)  # noqa: E731
-    report = job()
+        report = standard(args.days or 14.0, args.plot)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
 
