@@ -10,9 +10,12 @@ Tiers (each folder's conftest says what in it is real):
 - e2e/: a real Kubernetes control plane (or the cluster KUBECONFIG names).
 """
 
+import json
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -25,6 +28,33 @@ settings.register_profile("default", deadline=None)
 settings.load_profile("default")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ENDED = {"completed", "failed", "expired", "cancelled"}
+
+
+def wait_for_job(
+    read: Callable[[], dict[str, Any]], what: str, stall: float = 240.0, cap: float = 1800.0
+) -> dict[str, Any]:
+    """Poll a BatchInference (`read` returns it) until it has ended; return it.
+
+    Fails when it has not moved for `stall` seconds (no request finished, no token generated:
+    a worker's cold start is well inside that) or after `cap` seconds in all. A slow machine
+    makes a job slow, not stuck: only a fixed deadline would fail it for that."""
+    started = moved = time.monotonic()
+    seen: tuple[int, ...] | None = None
+    while True:
+        job = read()
+        status = job.get("status", {})
+        if status.get("phase") in ENDED:
+            return job
+        counts, tokens = status.get("requestCounts", {}), status.get("tokens", {})
+        progress = (counts.get("completed", 0), counts.get("failed", 0), tokens.get("completion", 0))
+        now = time.monotonic()
+        if progress != seen:
+            seen, moved = progress, now
+        if now - moved > stall or now - started > cap:
+            why = f"no progress for {now - moved:.0f}s" if now - moved > stall else f"{cap:.0f}s passed"
+            raise AssertionError(f"{what} did not end ({why}): {json.dumps(status, indent=1)}")
+        time.sleep(2.0)
 
 
 @pytest.fixture(scope="session")

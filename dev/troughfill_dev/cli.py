@@ -79,6 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         start_hour=args.start_hour,
         seconds_per_hour=args.seconds_per_hour,
         timeout_seconds=args.timeout,
+        stall_seconds=args.stall,
     )
     try:
         result = demo.run_demo(options)
@@ -120,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--seconds-per-hour", type=float, default=6.0, help="demo seconds per trace hour in the evening"
     )
-    demo_parser.add_argument("--timeout", type=float, default=900.0, help="seconds the job may take")
+    demo_parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the job may take in all")
+    demo_parser.add_argument(
+        "--stall",
+        type=float,
+        default=300.0,
+        help="seconds a ready worker may go without a result or a generated token",
+    )
     demo_parser.set_defaults(handler=cmd_demo)
 
     return parser

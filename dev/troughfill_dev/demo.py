@@ -82,12 +82,38 @@ class DemoOptions:
     model: Path
     start_hour: float = 14.0
     seconds_per_hour: float = 6.0
-    timeout_seconds: float = 900.0
+    timeout_seconds: float = 3600.0
+    """A cap on the whole job; what normally ends a stuck demo is `stall_seconds`."""
+    stall_seconds: float = 300.0
+    """How long a ready worker may go without a result or a generated token before the demo
+    fails (a slow engine is slow, not stuck: only no progress at all counts)."""
     reconcile_seconds: float = 1.0
 
 
 class DemoError(RuntimeError):
     """The demo could not finish; the message says what and why in one line."""
+
+
+class StallClock:
+    """Seconds of no progress while a worker is ready to make some.
+
+    Progress is any finished request or generated token (the job's and the engine's counters).
+    Time without a ready worker (the evening peak, an engine loading) is not a stall: the trace
+    and the cold start decide those, and the overall cap bounds them."""
+
+    def __init__(self) -> None:
+        self.stalled = 0.0
+        self._seen: tuple[int, ...] | None = None
+        self._last: float | None = None
+
+    def record(self, progress: tuple[int, ...], working: bool, now: float) -> float:
+        """The stalled seconds after this reading."""
+        if self._seen is None or progress != self._seen or not working:
+            self.stalled = 0.0
+        elif self._last is not None:
+            self.stalled += now - self._last
+        self._seen, self._last = progress, now
+        return self.stalled
 
 
 # --- the trace clock --------------------------------------------------------------------------
@@ -342,6 +368,7 @@ class Demo:
             api, namespace, name, pool["metadata"]["name"], self.online, redis_url=self.redis_url
         )
         deadline = time.monotonic() + self.options.timeout_seconds
+        stall = StallClock()
         last: tuple[object, ...] = ()
         printed = 0.0
         while True:
@@ -355,6 +382,12 @@ class Demo:
                 last, printed = news, time.monotonic()
             if state.phase in {"completed", "failed", "expired", "cancelled"}:
                 break
+            stalled = stall.record(state.progress(), state.ready_workers > 0, time.monotonic())
+            if stalled > self.options.stall_seconds:
+                raise DemoError(
+                    f"no progress for {stalled:.0f}s with a worker ready: "
+                    f"{state.completed}/{state.total} done, {state.why()}"
+                )
             if time.monotonic() > deadline:
                 raise DemoError(
                     f"the job did not finish in {self.options.timeout_seconds:.0f}s: "
@@ -415,6 +448,11 @@ class State:
         return (
             f"engine: {engine.running} running, {engine.waiting} waiting, {engine.generated} tokens generated"
         )
+
+    def progress(self) -> tuple[int, ...]:
+        """Counters that grow while the job moves at all."""
+        generated = self.engine.generated if self.engine else 0
+        return (self.completed, self.failed, self.tokens, generated)
 
     def situation(self) -> tuple[object, ...]:
         """What a reader would call a change: not each request or token."""

@@ -4,6 +4,7 @@ import argparse
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,22 @@ def cmd_operator(args: argparse.Namespace) -> int:
             print(f"troughfill operator: {error}", file=sys.stderr)
             return 2
         # Replicas elect by priority: the highest acts, the others pause until it is gone.
-        priority = args.priority if args.priority is not None else 1 + secrets.randbelow(2**31 - 2)
+        priority = args.priority if args.priority is not None else seniority_priority(time.time())
         argv += [f"--peering={args.peering}", f"--priority={priority}"]
     if args.verbose:
         argv.append("--verbose")
     os.execv(sys.executable, argv)
     return 1  # not reached
+
+
+def seniority_priority(started: float) -> int:
+    """A peering priority that falls with the start time: the replica that has acted longest
+    keeps acting and a new one (a rollout's, a rescheduled pod's) waits paused until it has
+    gone, never taking over from a live one (Kopf hands over on a watch event both replicas
+    see at slightly different moments: a take-over would have both act for that moment). The
+    low digits are random: replicas started in the same millisecond still differ."""
+    millis = int(started * 1000)
+    return (constants.PEERING_SENIORITY_EPOCH_MILLIS - millis) * 1000 + secrets.randbelow(1000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--peering", default="troughfill", help="Kopf peering object shared by the replicas"
     )
     operator.add_argument(
-        "--priority", type=int, help="peering priority (random by default: one replica wins)"
+        "--priority",
+        type=int,
+        help="peering priority (by default falls with the start time: the oldest replica acts)",
     )
     operator.add_argument("--verbose", action="store_true")
     operator.set_defaults(handler=cmd_operator)

@@ -86,3 +86,7 @@ ENGINE_PORT_PLACEHOLDER: Final = "{engine_port}"
 # The operator runs Python's full garbage collection itself, this often, right after a pool
 # cycle (troughfill.collection): automatic ones landed inside cycles and made them the slowest.
 FULL_COLLECTION_SECONDS: Final = 60.0
+
+# Operator replicas' peering priority counts down from here in milliseconds of start time
+# (2**42 ms is in the year 2109); times 1000 it stays below 2**53, exact in any JSON reader.
+PEERING_SENIORITY_EPOCH_MILLIS: Final = 2**42

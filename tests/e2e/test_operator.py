@@ -24,6 +24,7 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_for_job
 from tests.e2e.conftest import Kube, kubectl, until
 from troughfill import constants
 from troughfill_dev.localcluster import RedisServer, VllmServer, free_port, start_prometheus
@@ -331,6 +332,7 @@ random model's output re-tokenizes into more tokens than it was generated as: 80
 overflowed the 1024 context.)"""
 
 
+@pytest.mark.timeout(1500)  # a slow machine's engine: wait_for_job fails a stuck job
 def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
     kube: Kube,
     namespace: str,
@@ -437,11 +439,8 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
         kube.core.delete_namespaced_pod("online", namespace)
         until(lambda: [p for p in workers() if p.metadata.name != first[0].metadata.name], 60, "a new worker")
 
-        waited = kubectl(
-            kube, "wait", "--for=condition=Complete", f"batchinferences.{constants.API_GROUP}/long",
-            "-n", namespace, "--timeout=400s", timeout=420,
-        )  # fmt: skip
-        assert waited.returncode == 0, waited.stderr
+        ended = wait_for_job(lambda: get_job(kube, namespace, "long"), "the job after the yield")
+        assert ended["status"]["phase"] == "completed", ended["status"]
         scraped = (
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         )
@@ -586,6 +585,7 @@ def test_a_job_whose_workers_keep_failing_is_marked_crash_looping(
     assert get_job(kube, namespace, "broken")["status"]["phase"] == "in_progress"  # nothing was lost
 
 
+@pytest.mark.timeout(1500)  # a slow machine's engine: wait_for_job fails a stuck job
 def test_the_operator_killed_mid_job_picks_up_where_it_was(
     kube: Kube,
     namespace: str,
@@ -641,11 +641,10 @@ def test_the_operator_killed_mid_job_picks_up_where_it_was(
             worker.metadata.name
         ]  # it works on without the operator
         second = start_operator("second")
-        waited = kubectl(
-            kube, "wait", "--for=condition=Complete", f"batchinferences.{constants.API_GROUP}/survivor",
-            "-n", namespace, "--timeout=400s", timeout=420,
-        )  # fmt: skip
-        assert waited.returncode == 0, waited.stderr + (tmp_path / "second.log").read_text()[-3000:]
+        ended = wait_for_job(lambda: get_job(kube, namespace, "survivor"), "the job after the kill")
+        assert ended["status"]["phase"] == "completed", (
+            json.dumps(ended["status"]) + (tmp_path / "second.log").read_text()[-3000:]
+        )
         assert done_at_kill < 80, "the job finished before the operator was killed"
     finally:
         for process in (first, second):

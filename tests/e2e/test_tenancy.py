@@ -23,6 +23,7 @@ import s3fs
 import yaml
 from kopf.testing import KopfRunner
 
+from tests.conftest import wait_for_job
 from tests.e2e.conftest import Kube, kubectl, until
 from tests.e2e.test_operator import (
     condition,
@@ -280,11 +281,8 @@ def test_team_b_cannot_reach_team_as_data_ledger_or_engine_and_team_a_completes(
         t.refused("a second live job on team A's output prefix (in team A)", "admission: `OutputInUse`")
         ledger_attacks(t, ledger_redis.port)
         # Team A's job, untouched by all of it, completes.
-        waited = kubectl(
-            kube, "wait", "--for=condition=Complete", f"batchinferences.{constants.API_GROUP}/victim",
-            "-n", team_a, "--timeout=600s", timeout=620,
-        )  # fmt: skip
-        assert waited.returncode == 0, waited.stderr
+        ended = wait_for_job(lambda: get_job(kube, team_a, "victim"), "team A's job")
+        assert ended["status"]["phase"] == "completed", ended["status"]
         deleted = kubectl(kube, "delete", "batchinferences.troughfill.io", "--all", "-n", team_b, timeout=120)
         assert deleted.returncode == 0, deleted.stderr
     assert runner.exception is None

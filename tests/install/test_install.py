@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, wait_for_job
 from tests.install.conftest import BUCKET, S3_URL, Site, read_example
 from troughfill import constants
 from troughfill_dev.localcluster.services import wait_until
@@ -135,9 +135,18 @@ def test_base_brings_up_redis_and_the_operator_under_its_service_account(site: S
 def test_the_example_job_completes(site: Site) -> None:
     started = time.monotonic()
     kubectl(site, "apply", "-k", str(REPO_ROOT / "manifests" / "examples"))
+    jobs = client.CustomObjectsApi(site.api)
+
+    def read() -> dict[str, Any]:
+        found: dict[str, Any] = jobs.get_namespaced_custom_object(
+            constants.API_GROUP, constants.API_VERSION, JOB_NAMESPACE, "batchinferences", JOB
+        )
+        return found
+
+    wait_for_job(read, "the example job", cap=1400)
     out = kubectl(
         site, "-n", JOB_NAMESPACE, "wait", "--for=condition=Complete", f"batchinference/{JOB}",
-        "--timeout=1200s", timeout=1260, check=False,
+        "--timeout=60s", timeout=90, check=False,
     )  # fmt: skip
     if "condition met" not in out:
         job = kubectl(site, "-n", JOB_NAMESPACE, "get", "batchinference", JOB, "-o", "yaml", check=False)
@@ -194,7 +203,9 @@ pausing log it within milliseconds, not atomically."""
 class Replica:
     name: str
     acting: list[tuple[float, float]]
-    """When it acted: from each "Resuming operations" to the next "Pausing operations" (or its last line)."""
+    """When it acted: from each "Resuming operations" to the next "Pausing operations", or to
+    "Operator is stopping" (Kopf leaves the peering as it stops; what it logs after that is its
+    shutdown, and a job it handled then would fail the check on `handled`), or to its last line."""
     handled: dict[str, list[float]]
     """job name -> when its log shows it handling that job."""
 
@@ -214,7 +225,7 @@ def replicas(site: Site, jobs: list[str]) -> list[Replica]:
             last = dt.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             if "Resuming operations" in line and since is None:
                 since = last
-            elif "Pausing operations" in line and since is not None:
+            elif ("Pausing operations" in line or "Operator is stopping" in line) and since is not None:
                 acting.append((since, last))
                 since = None
             for job in jobs:
@@ -263,8 +274,8 @@ def probe_job(site: Site) -> str:
 
 
 def test_of_two_operator_replicas_exactly_one_acts_and_the_other_takes_over(site: Site) -> None:
-    """Two replicas, then the acting one deleted (the Deployment makes a third, which may outrank
-    the survivor and take over in turn): at every moment at most one acts, and jobs get handled."""
+    """Two replicas, then the acting one deleted (the Deployment makes a third, which waits: the
+    oldest replica acts): at every moment at most one acts, and jobs get handled."""
     kubectl(site, "-n", SYSTEM, "scale", f"deployment/{OPERATOR}", "--replicas=2")
     kubectl(site, "-n", SYSTEM, "rollout", "status", f"deployment/{OPERATOR}", "--timeout=120s", timeout=150)
     time.sleep(3)  # a few peering rounds: the replicas have seen each other
@@ -273,6 +284,11 @@ def test_of_two_operator_replicas_exactly_one_acts_and_the_other_takes_over(site
     (acted,) = [r.name for r in replicas(site, [first]) if r.handled[first]]
     pod = acted.split("_")[1]
     core = client.CoreV1Api(site.api)
+    (survivor,) = [
+        p.metadata.name
+        for p in core.list_namespaced_pod(SYSTEM, label_selector=f"app.kubernetes.io/name={OPERATOR}").items
+        if p.metadata.name != pod
+    ]
     core.delete_namespaced_pod(pod, SYSTEM)  # graceful: it leaves the peering at once
     wait_until(
         lambda: pod not in {p.metadata.name for p in core.list_namespaced_pod(SYSTEM).items},
@@ -283,3 +299,6 @@ def test_of_two_operator_replicas_exactly_one_acts_and_the_other_takes_over(site
     kubectl(site, "-n", SYSTEM, "rollout", "status", f"deployment/{OPERATOR}", "--timeout=120s", timeout=150)
     time.sleep(5)  # the replacement has started and the peers have settled
     assert_one_acts_at_a_time(site, [first, second])
+    # The older replica took over; the Deployment's new one waits behind it.
+    (handler,) = [r.name.split("_")[1] for r in replicas(site, [second]) if r.handled[second]]
+    assert handler == survivor, (handler, survivor)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tests.builders import batch_inference
-from troughfill.cli import main
+from troughfill.cli import main, seniority_priority
 from troughfill_dev.cli import main as dev_main
 
 
@@ -74,3 +74,14 @@ def test_demo_fails_on_a_refused_job(
     (tmp_path / "batchinference.yaml").write_text(yaml.safe_dump(job))
     assert dev_main(["demo", "--check-only", "--examples", str(tmp_path)]) == 1
     assert json.loads(capsys.readouterr().out)["admission"]["reason"] == "EngineArgNotAllowed"
+
+
+def test_an_older_operator_replica_outranks_a_newer_one_and_ties_differ() -> None:
+    """Kopf peering: the highest priority acts. A replica started later never outranks a live
+    one (no take-over while it acts), and two started in the same millisecond differ."""
+    started = 1_796_190_187.059
+    assert seniority_priority(started) > seniority_priority(started + 0.002)
+    assert seniority_priority(started + 3600) > 0
+    same = {seniority_priority(started) for _ in range(50)}
+    assert len(same) > 1
+    assert max(same) < 2**53

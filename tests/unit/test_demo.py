@@ -18,6 +18,7 @@ from troughfill_dev.demo import (
     WORKER_GPUS,
     DemoOptions,
     OnlineLoad,
+    StallClock,
     TraceClock,
     local_objects,
 )
@@ -112,3 +113,14 @@ def test_a_failure_is_one_line_saying_what_and_where_the_logs_are(
         "troughfill-dev demo: failed: kube-apiserver exited with 1: "
         f"(logs of every process: {tmp_path / 'work'})"
     ]
+
+
+def test_a_slow_job_is_not_a_stuck_one_and_no_worker_is_not_a_stall() -> None:
+    clock = StallClock()
+    assert clock.record((0, 0, 0, 0), True, 0.0) == 0
+    assert clock.record((0, 0, 0, 0), True, 100.0) == 100  # a ready worker, nothing moves
+    assert clock.record((0, 0, 0, 3), True, 101.0) == 0  # one generated token is progress
+    assert clock.record((0, 0, 0, 3), False, 400.0) == 0  # no worker ready: the trace decides
+    assert clock.record((0, 0, 0, 3), True, 401.0) == 1  # it counts again from there
+    assert clock.record((0, 0, 0, 3), True, 701.0) == 301
+    assert clock.record((1, 0, 12, 3), True, 702.0) == 0

@@ -332,7 +332,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help="only the first N requests of each mix")
     parser.add_argument(
         "--result-seconds",
-        default=f"{ConcurrencyPolicy().result_seconds:g},0",
+        default="10,0",
         help="the worker's time-to-result targets to compare, comma-separated (0: no bound)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; the median run is reported")

@@ -12,8 +12,12 @@ per second, mean completion length), and gets the next limit.
   back. A worker yielded before its requests come back commits nothing of them, so C is kept at
   T·target/L. Only requests that a yield would lose count for L: the long ones are streamed and
   checkpointed every second (a yield costs them a second, whenever it comes), so a job of long
-  generations is not bounded at all. Past an engine's throughput knee (a CPU engine at batch 8,
-  a GPU at its largest batches) the bound costs nothing but the wait it removes.
+  generations is not bounded at all. Off by default (`result_seconds = 0`): on an engine whose
+  step time hardly grows with the batch, throughput grows with the requests in flight, so T
+  measured at a small C is small and T·target/L keeps C small: a feedback loop that held a CPU
+  engine at four requests in flight and a fraction of its throughput (docs/worker.md). It is
+  for engines past their throughput knee (a GPU at its largest batches), where it costs
+  nothing but the wait it removes.
 """
 
 import math
@@ -57,8 +61,8 @@ class ConcurrencyPolicy:
     """KV-cache use above which no more requests are added (preemption would follow)."""
     queue_slack: int = 2
     """Waiting requests tolerated: a short queue keeps the next batch slot filled."""
-    result_seconds: float = 10.0
-    """Target time from a request's start to its result; 0 turns the bound off."""
+    result_seconds: float = 0.0
+    """Target time from a request's start to its result; 0 (the default) turns the bound off."""
 
 
 def result_bound(pace: Pace | None, policy: ConcurrencyPolicy) -> int | None:
