@@ -14,11 +14,12 @@ from redis.asyncio import Redis
 
 from tests.builders import batch_inference, pool, template
 from tests.ledgertools import FakeClock, request_line, write_input
+from troughfill import metrics
 from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import OnlineWorkload
 from troughfill.config import Settings
 from troughfill.controller import jobs, pools
-from troughfill.controller.pools import CRASH_LOOP_FAILURES, PoolController
+from troughfill.controller.pools import CRASH_LOOP_FAILURES, PoolController, PoolState
 from troughfill.controller.ports import Cluster, WorkerPod
 from troughfill.controller.stores import JobStores
 from troughfill.kube.workerpod import WorkerEnvironment
@@ -108,7 +109,7 @@ class FakeCluster:
     # --- what the kubelet and the scheduler would do ---
 
     def ready(self, name: str) -> None:
-        self.pods[name] = replace(self.pods[name], phase="Running", ready=True)
+        self.pods[name] = replace(self.pods[name], phase="Running", ready=True, ready_at=self.clock())
 
     def fail(self, name: str) -> None:
         self.pods[name] = replace(self.pods[name], phase="Failed", ready=False)
@@ -386,3 +387,28 @@ async def test_a_job_with_workers_has_its_counts_read_every_cycle(world: World, 
     for _ in range(5):
         await world.controller.cycle(world.pool)
     assert reads == [1] * 6
+
+
+async def test_the_planner_assumes_the_cold_start_the_templates_workers_took(world: World) -> None:
+    """The template says 120 s; its workers start in 30-40 s: after three measured starts the
+    planner plans with the measured figure (the 90th percentile), not the declared one."""
+    declared = float(world.cluster.templates["tiny"].spec.cold_start_seconds)
+    uid = world.job.metadata.uid_text
+    state = world.controller.pools.setdefault("gpus", PoolState())
+    assumed = []
+    for took in (30.0, 40.0, 35.0):
+        await world.controller.cycle(world.pool)
+        world.clock.advance(took)
+        starting = [name for name, pod in world.cluster.pods.items() if not pod.ready]
+        assert len(starting) == 2
+        for name in starting:
+            world.cluster.ready(name)
+        await world.controller.cycle(world.pool)
+        await world.controller.cycle(world.pool)  # seen again: counted once
+        assumed.append(state.job_states[uid][1].cold_start_seconds)
+        for name in starting:
+            world.cluster.gone(name)
+    assert world.controller.cold_starts.count("tiny") == 6
+    assert assumed == [declared, 40.0, 40.0]  # two starts, then four (30, 30, 40, 40), then six
+    gauge = "troughfill_template_cold_start_estimate_seconds"
+    assert metrics.REGISTRY.get_sample_value(gauge, {"template": "tiny"}) == 40.0

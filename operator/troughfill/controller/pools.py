@@ -20,7 +20,7 @@ import math
 import secrets
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +44,7 @@ from troughfill.ledger import Heartbeat, JobKeys, JobLedger, Progress, StopMode
 from troughfill.ledger.access import LedgerAccess
 from troughfill.ledger.ledger import progress_of
 from troughfill.planner import (
+    ColdStarts,
     JobState,
     OnlineSignal,
     Plan,
@@ -229,21 +230,25 @@ def snapshot(
     seen: Observation,
     crash_looping: frozenset[str],
     earlier: dict[str, tuple[tuple[object, ...], JobState]] | None = None,
+    cold_starts: Mapping[str, float] | None = None,
 ) -> Snapshot:
     """The planner's view of what was observed (pure but for `earlier`: each job's state as
     built from the same inputs in an earlier cycle, reused rather than built again; a thousand
     waiting jobs otherwise cost a third of a cycle). A job whose workers keep failing asks for
-    no work: its running workers drain, none is started until the failures age out."""
+    no work: its running workers drain, none is started until the failures age out.
+    `cold_starts`: template name -> the cold start measured for its workers (ColdStarts); a
+    template missing there is planned with its declared `coldStartSeconds`."""
     states = []
     for entry in seen.jobs:
         looping = entry.uid in crash_looping
+        cold = (cold_starts or {}).get(entry.template.metadata.name)
         if earlier is None:
-            states.append(_job_state(entry, looping, seen.now))
+            states.append(_job_state(entry, looping, seen.now, cold))
             continue
-        inputs = _job_state_inputs(entry, looping)
+        inputs = (*_job_state_inputs(entry, looping), cold)
         kept = earlier.get(entry.uid)
         if kept is None or kept[0] != inputs:
-            kept = earlier[entry.uid] = (inputs, _job_state(entry, looping, seen.now))
+            kept = earlier[entry.uid] = (inputs, _job_state(entry, looping, seen.now, cold))
         states.append(kept[1])
     return Snapshot(
         now=seen.now,
@@ -268,7 +273,9 @@ def _job_state_inputs(entry: ObservedJob, crash_looping: bool) -> tuple[object, 
     )
 
 
-def _job_state(entry: ObservedJob, crash_looping: bool, now: float) -> JobState:
+def _job_state(
+    entry: ObservedJob, crash_looping: bool, now: float, cold_start: float | None = None
+) -> JobState:
     job, template, progress = entry.job, entry.template, entry.progress
     stopped = (
         job.spec.suspend
@@ -291,7 +298,7 @@ def _job_state(entry: ObservedJob, crash_looping: bool, now: float) -> JobState:
         remaining_tokens=average * remaining,
         worker_tokens_per_second=float(template.spec.tokens_per_second or 0),
         deadline=_epoch(job.metadata.creationTimestamp, now) + window,
-        cold_start_seconds=float(template.spec.cold_start_seconds),
+        cold_start_seconds=float(template.spec.cold_start_seconds) if cold_start is None else cold_start,
         workers=tuple(
             WorkerState(
                 name=pod.name,
@@ -338,6 +345,8 @@ class PoolController:
         self._tick = 0
         self._admissions: dict[str, tuple[tuple[object, ...], Admission]] = {}
         """job uid -> (the generations it was admitted at, its admission)."""
+        self.cold_starts = ColdStarts()
+        """Each template's workers' measured starts (created -> Ready), for every pool."""
 
     async def cycle(self, pool: BatchPool) -> Cycle:
         state = self.pools.setdefault(pool.metadata.name, PoolState())
@@ -348,7 +357,8 @@ class PoolController:
         await self.access.ensure([entry.ledger.keys for entry in seen.jobs])
         self._note_failures(state, seen)
         crash_looping = frozenset(uid for uid in state.failures if state.crash_loop(uid, seen.now))
-        decided = plan(snapshot(pool, seen, crash_looping, state.job_states), state.memory)
+        cold_starts = self._learn_cold_starts(seen)
+        decided = plan(snapshot(pool, seen, crash_looping, state.job_states, cold_starts), state.memory)
         state.memory = decided.memory
         marks.append(time.perf_counter())
         done = await self.act(pool, seen, decided, state)
@@ -502,6 +512,25 @@ class PoolController:
             orphans=tuple(pod for rest in by_job.values() for pod in rest if not pod.deleting),
             present=frozenset(pod.key for pod in pods),
         )
+
+    def _learn_cold_starts(self, seen: Observation) -> dict[str, float]:
+        """Count each worker's start once, when first seen Ready; return the estimate for each
+        template with a job here (its declared figure until enough starts are measured)."""
+        estimates: dict[str, float] = {}
+        for entry in seen.jobs:
+            template = entry.template.metadata.name
+            for pod in entry.pods:
+                if pod.ready_at is None or pod.deleting:
+                    continue
+                seconds = pod.ready_at - pod.created_at
+                if self.cold_starts.observe(template, pod.key, seconds):
+                    metrics.COLD_START.labels(template).observe(seconds)
+            if template not in estimates:
+                estimates[template] = self.cold_starts.estimate(
+                    template, float(entry.template.spec.cold_start_seconds)
+                )
+                metrics.COLD_START_ESTIMATE.labels(template).set(estimates[template])
+        return estimates
 
     def _note_failures(self, state: PoolState, seen: Observation) -> None:
         """A failed worker pod counts once: it is deleted this cycle (a pod already being

@@ -13,7 +13,7 @@ from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.kube.informer import Informer
-from troughfill.kube.podstate import WorkerPod, is_deleting, is_finished, is_ready
+from troughfill.kube.podstate import WorkerPod, is_deleting, is_finished, is_ready, ready_since
 
 
 def api_client() -> client.ApiClient:
@@ -211,6 +211,7 @@ def _worker_pod(pod: Any) -> WorkerPod:
         ready=is_ready(pod),
         deleting=is_deleting(pod),
         created_at=created.timestamp() if created else time.time(),
+        ready_at=ready_since(pod),
         deletion_cost=(meta.annotations or {}).get(constants.ANNOTATION_POD_DELETION_COST),
         owner_uid=next(
             (

@@ -13,6 +13,16 @@ def is_ready(obj: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
 
+def ready_since(obj: Any) -> float | None:
+    """When the Ready condition last turned True (seconds since the epoch), None when it is not
+    True or says no time."""
+    conditions = (obj.status.conditions if obj.status else None) or []
+    for c in conditions:
+        if c.type == "Ready" and c.status == "True" and c.last_transition_time is not None:
+            return float(c.last_transition_time.timestamp())
+    return None
+
+
 def is_finished(pod: Any) -> bool:
     """The pod's containers have all ended for good: Succeeded or Failed."""
     return bool(pod.status and pod.status.phase in FINISHED_PHASES)
@@ -34,6 +44,8 @@ class WorkerPod:
     deleting: bool
     created_at: float
     """Seconds since the epoch."""
+    ready_at: float | None = None
+    """When its Ready condition last turned True (seconds since the epoch; None: not Ready)."""
     deletion_cost: str | None = None
     """Its controller.kubernetes.io/pod-deletion-cost annotation."""
     owner_uid: str = ""

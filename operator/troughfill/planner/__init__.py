@@ -3,6 +3,7 @@
 No I/O and no clock: the operator and the simulator pass snapshots in and carry the memory.
 """
 
+from troughfill.planner.coldstart import ColdStarts
 from troughfill.planner.forecast import seasonal_forecast
 from troughfill.planner.model import (
     Forecast,
@@ -23,6 +24,7 @@ from troughfill.planner.model import (
 from troughfill.planner.plan import plan
 
 __all__ = [
+    "ColdStarts",
     "Forecast",
     "JobPlan",
     "JobState",
