@@ -36,8 +36,9 @@ def wait_for_job(
 ) -> dict[str, Any]:
     """Poll a BatchInference (`read` returns it) until it has ended; return it.
 
-    Fails when it has not moved for `stall` seconds (no request finished, no token generated:
-    a worker's cold start is well inside that) or after `cap` seconds in all. A slow machine
+    Fails when it has not moved for `stall` seconds (no request finished, no token generated,
+    no worker became ready: give it a worker's cold start and more) or after `cap` seconds in
+    all. A slow machine
     makes a job slow, not stuck: only a fixed deadline would fail it for that."""
     started = moved = time.monotonic()
     seen: tuple[int, ...] | None = None
@@ -47,7 +48,12 @@ def wait_for_job(
         if status.get("phase") in ENDED:
             return job
         counts, tokens = status.get("requestCounts", {}), status.get("tokens", {})
-        progress = (counts.get("completed", 0), counts.get("failed", 0), tokens.get("completion", 0))
+        progress = (
+            counts.get("completed", 0),
+            counts.get("failed", 0),
+            tokens.get("completion", 0),
+            status.get("workers", {}).get("ready", 0),
+        )
         now = time.monotonic()
         if progress != seen:
             seen, moved = progress, now

@@ -275,8 +275,9 @@ def test_a_job_naming_an_unknown_template_fails_with_a_reason_and_an_event(
     assert events[0].type == "Warning"
 
 
-def assert_decisions_metered(scraped: str, pool_name: str) -> None:
-    """The operator's /metrics counted the starts and the yield, and timed the yield."""
+def assert_decisions_metered(scraped: str, pool_name: str, template: str) -> None:
+    """The operator's /metrics counted the starts and the yield, timed the yield, and measured
+    the workers' starts (pod created -> Ready) for the template."""
     values = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(scraped)
@@ -289,6 +290,11 @@ def assert_decisions_metered(scraped: str, pool_name: str) -> None:
     assert value("troughfill_decisions_total", pool=pool_name, action="start") >= 2
     assert value("troughfill_decisions_total", pool=pool_name, action="yield") >= 1
     assert value("troughfill_yield_latency_seconds_count", pool=pool_name, mode="yield") >= 1
+    starts = value("troughfill_worker_cold_start_seconds_count", template=template)
+    assert starts >= 2  # the first worker and the one after the yield
+    mean = value("troughfill_worker_cold_start_seconds_sum", template=template) / starts
+    assert 1 <= mean <= 300, mean  # a real engine's load, seconds not milliseconds
+    assert value("troughfill_template_cold_start_estimate_seconds", template=template) > 0
 
 
 def engine_pool_and_template(
@@ -445,7 +451,7 @@ def test_workers_fill_the_trough_yield_to_online_pods_and_come_back(
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         )
     assert runner.exception is None
-    assert_decisions_metered(scraped, f"pool-{suffix}")
+    assert_decisions_metered(scraped, f"pool-{suffix}", f"tiny-{suffix}")
     lines = [json.loads(line) for line in (output / "output.jsonl").read_text().splitlines()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"ticket-{i}" for i in range(LONG_REQUESTS))
     short = {

@@ -143,7 +143,13 @@ def test_the_example_job_completes(site: Site) -> None:
         )
         return found
 
-    wait_for_job(read, "the example job", cap=1400)
+    try:
+        # The pool's scale-up delay (60 s) and the SmolLM2 engine's load (up to the startup
+        # probe's 330 s on a slow machine) come before any progress.
+        wait_for_job(read, "the example job", stall=600, cap=1400)
+    except AssertionError as error:
+        pods = kubectl(site, "get", "pods", "-A", "-o", "wide", check=False)
+        raise AssertionError(f"{error}\n{pods}") from None
     out = kubectl(
         site, "-n", JOB_NAMESPACE, "wait", "--for=condition=Complete", f"batchinference/{JOB}",
         "--timeout=60s", timeout=90, check=False,

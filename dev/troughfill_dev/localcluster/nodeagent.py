@@ -141,6 +141,8 @@ class LocalPod:
     terminating: bool = False
     finished: bool = False
     reported: str = ""
+    transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Condition type -> (its status, when it took that status), as a kubelet keeps them."""
     sandbox: PodSandbox | None = None
     volumes: PodVolumes = field(default_factory=PodVolumes)
     names: Path | None = None
@@ -754,6 +756,14 @@ class NodeAgent:
         else:
             phase = "Running"
         stamp = now()
+
+        def condition(kind: str, value: bool) -> dict[str, str]:
+            # A condition's lastTransitionTime moves only when its status does (as a kubelet's).
+            text = str(value)
+            if local.transitions.get(kind, ("", ""))[0] != text:
+                local.transitions[kind] = (text, stamp)
+            return {"type": kind, "status": text, "lastTransitionTime": local.transitions[kind][1]}
+
         status = {
             "phase": phase,
             "hostIP": self.node_address,
@@ -762,10 +772,10 @@ class NodeAgent:
             "startTime": local.started_at,
             "containerStatuses": statuses,
             "conditions": [
-                {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
-                {"type": "Ready", "status": str(ready and phase == "Running"), "lastTransitionTime": stamp},
-                {"type": "ContainersReady", "status": str(ready), "lastTransitionTime": stamp},
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
+                condition("Initialized", True),
+                condition("Ready", ready and phase == "Running"),
+                condition("ContainersReady", ready),
+                condition("PodScheduled", True),
             ],
         }
         fingerprint = json.dumps(
