@@ -1,7 +1,7 @@
 """A stand-in for vLLM's OpenAI-compatible server: answers at once, without a model.
 
     python -m troughfill_dev.standin --port 8000 [--served-model-name tiny] [--crash-on TEXT]
-        [--delay-seconds S]
+        [--delay-seconds S] [--load-seconds S]
 
 It takes vLLM's command line as a template writes it (`--model`, `--host`, `--port`,
 `--served-model-name`, and any `--name=value` engine argument, ignored), and serves what the
@@ -13,7 +13,8 @@ It is for measuring troughfill's pipeline (ledger, worker, storage, merge) witho
 cost, and for failures a real engine will not produce on demand: with `--crash-on TEXT` the
 process exits at once (as an engine segfaulting or OOM-killed would) when a request's body
 contains TEXT; with `--delay-seconds` each answer takes that long (a model's latency, to keep
-work in flight). Nothing here claims to be an inference engine.
+work in flight); with `--load-seconds` it listens only after that long (an engine loading its
+model: a worker's cold start). Nothing here claims to be an inference engine.
 """
 
 import argparse
@@ -180,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="", help="ignored: there is no model")
     parser.add_argument("--crash-on", help="exit at once when a request's body contains this text")
     parser.add_argument("--delay-seconds", type=float, default=0.0, help="wait this long before answering")
+    parser.add_argument("--load-seconds", type=float, default=0.0, help="start listening after this long")
     args, _ = parser.parse_known_args(argv)  # vLLM's engine arguments: accepted, ignored
+    time.sleep(max(0.0, args.load_seconds))
     web.run_app(
         app(args.served_model_name, args.crash_on, args.delay_seconds),
         host=args.host,
