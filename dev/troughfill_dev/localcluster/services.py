@@ -26,12 +26,23 @@ LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports free_port returned in this process: the kernel may pick a released port again at
+once, and two picks made before either is bound (kube-scheduler's and kube-controller-manager's)
+once came back equal: the second to start failed to listen, and the first answered its health
+checks."""
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's pick, released at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A TCP port nothing listens on right now (the kernel's pick, released at once), never
+    one this process was given before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((LOOPBACK, 0))
+            port: int = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def find_binary(name: str, fallback_dirs: Sequence[str] = ("/usr/bin", "/usr/sbin")) -> str:
