@@ -36,7 +36,6 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 
 from troughfill import constants
 from troughfill.api.batchinference import BatchInference
@@ -55,6 +54,7 @@ from troughfill_dev.localcluster.stack import (
     start_local_cluster,
     start_operator,
 )
+from troughfill_dev.scrape import Scrape
 
 ONLINE_METRIC = "troughfill_demo_online_gpus"
 NODE_GPUS = 4
@@ -545,11 +545,11 @@ class Watcher:
                 scraped = urllib.request.urlopen(f"{url}/metrics", timeout=2).read().decode()
             except (OSError, ValueError, redis.RedisError):
                 continue
-            samples = _samples(scraped)
+            samples = Scrape(scraped)
             return EngineView(
-                running=_metric_total(samples, "vllm:num_requests_running"),
-                waiting=_metric_total(samples, "vllm:num_requests_waiting"),
-                generated=_metric_total(samples, "vllm:generation_tokens_total"),
+                running=int(samples.total("vllm:num_requests_running")),
+                waiting=int(samples.total("vllm:num_requests_waiting")),
+                generated=int(samples.total("vllm:generation_tokens_total")),
             )
         return None
 
@@ -567,18 +567,6 @@ class Watcher:
         self._had_worker = worker_present
 
 
-def _metric_total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> int:
-    return int(sum(value for (metric, _), value in samples.items() if metric == name))
-
-
-def _samples(scraped: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(scraped)
-        for sample in family.samples
-    }
-
-
 def summarise(
     watcher: Watcher, scraped: str, job: dict[str, Any], options: DemoOptions, wall: float
 ) -> dict[str, Any]:
@@ -588,11 +576,8 @@ def summarise(
     errors = _read_jsonl(results / "errors.jsonl")
     wanted = [json.loads(line)["custom_id"] for line in (options.workdir / "input/requests.jsonl").open()]
     seen = [line["custom_id"] for line in outputs + errors]
-    samples = _samples(scraped)
+    metric = Scrape(scraped).value
     pool = watcher.pool
-
-    def metric(name: str, **labels: str) -> float:
-        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
     tokens = status.get("tokens", {})
     gpu_seconds = float(status.get("gpuSeconds", 0.0))

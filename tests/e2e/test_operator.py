@@ -22,13 +22,13 @@ import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import wait_for_job
 from tests.e2e.conftest import Kube, kubectl, until
 from troughfill import constants
 from troughfill_dev.localcluster import RedisServer, VllmServer, free_port, start_prometheus
 from troughfill_dev.localcluster.services import VLLM_ENV
+from troughfill_dev.scrape import Scrape
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -278,15 +278,7 @@ def test_a_job_naming_an_unknown_template_fails_with_a_reason_and_an_event(
 def assert_decisions_metered(scraped: str, pool_name: str, template: str) -> None:
     """The operator's /metrics counted the starts and the yield, timed the yield, and measured
     the workers' starts (pod created -> Ready) for the template."""
-    values = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(scraped)
-        for sample in family.samples
-    }
-
-    def value(name: str, **labels: str) -> float:
-        return values.get((name, tuple(sorted(labels.items()))), 0.0)
-
+    value = Scrape(scraped).value
     assert value("troughfill_decisions_total", pool=pool_name, action="start") >= 2
     assert value("troughfill_decisions_total", pool=pool_name, action="yield") >= 1
     assert value("troughfill_yield_latency_seconds_count", pool=pool_name, mode="yield") >= 1

@@ -47,7 +47,6 @@ from typing import Any
 import yaml
 from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 
 from troughfill import constants
 from troughfill.kube.podstate import is_ready
@@ -58,6 +57,7 @@ from troughfill.sim.trace import load_burst_profile, load_rate_trace, online_dem
 from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
 from troughfill_dev.localcluster.services import wait_until
 from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
+from troughfill_dev.scrape import Scrape
 
 NAMESPACE, JOB, POOL, TEMPLATE = "default", "replay", "replay", "standin"
 SCALE_UP_DELAY_SECONDS = 5
@@ -290,13 +290,7 @@ class Replay:
 
 
 def operator_figures(scraped: str) -> dict[str, float | None]:
-    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(scraped):
-        for sample in family.samples:
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-
-    def value(name: str, **labels: str) -> float:
-        return values.get((name, tuple(sorted(labels.items()))), 0.0)
+    value = Scrape(scraped).value
 
     def mean(name: str, **labels: str) -> float | None:
         count = value(f"{name}_count", **labels)
