@@ -13,6 +13,8 @@ source "$TROUGHFILL_REPO/scripts/setup_vllm.sh"
 source "$TROUGHFILL_REPO/scripts/setup_demo.sh"
 # shellcheck source=scripts/setup_k8s.sh
 source "$TROUGHFILL_REPO/scripts/setup_k8s.sh"
+# shellcheck source=scripts/setup_keda.sh
+source "$TROUGHFILL_REPO/scripts/setup_keda.sh"
 cd "$TROUGHFILL_REPO"
 
 echo "== ruff"

@@ -1,7 +1,7 @@
 """A stand-in for vLLM's OpenAI-compatible server: answers at once, without a model.
 
     python -m troughfill_dev.standin --port 8000 [--served-model-name tiny] [--crash-on TEXT]
-        [--delay-seconds S] [--load-seconds S]
+        [--delay-seconds S] [--load-seconds S] [--token-seconds S]
 
 It takes vLLM's command line as a template writes it (`--model`, `--host`, `--port`,
 `--served-model-name`, and any `--name=value` engine argument, ignored), and serves what the
@@ -14,7 +14,9 @@ cost, and for failures a real engine will not produce on demand: with `--crash-o
 process exits at once (as an engine segfaulting or OOM-killed would) when a request's body
 contains TEXT; with `--delay-seconds` each answer takes that long (a model's latency, to keep
 work in flight); with `--load-seconds` it listens only after that long (an engine loading its
-model: a worker's cold start). Nothing here claims to be an inference engine.
+model: a worker's cold start); with `--token-seconds` a streamed answer sends one token that often
+(a decode rate, so a stopped worker has partial output to save or lose). Nothing here claims to
+be an inference engine.
 """
 
 import argparse
@@ -40,9 +42,12 @@ class Answer:
 
 
 class StandIn:
-    def __init__(self, served: str, crash_on: str | None, delay: float = 0.0) -> None:
+    def __init__(
+        self, served: str, crash_on: str | None, delay: float = 0.0, token_seconds: float = 0.0
+    ) -> None:
         self.served = served
         self.delay = delay
+        self.token_seconds = token_seconds
         self.crash_on = crash_on.encode() if crash_on else None
         self.running = 0
         self.served_requests = 0
@@ -133,6 +138,8 @@ class StandIn:
                     total = usage["prompt_tokens"] + done
                     chunk["usage"] = {**usage, "completion_tokens": done, "total_tokens": total}
                 await reply.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if self.token_seconds and not last:
+                    await asyncio.sleep(self.token_seconds)
             if options.get("include_usage"):
                 final = {"id": ident, "model": self.served, "choices": [], "usage": usage}
                 await reply.write(f"data: {json.dumps(final)}\n\n".encode())
@@ -157,8 +164,10 @@ class StandIn:
         )
 
 
-def app(served: str, crash_on: str | None = None, delay: float = 0.0) -> web.Application:
-    standin = StandIn(served, crash_on, delay)
+def app(
+    served: str, crash_on: str | None = None, delay: float = 0.0, token_seconds: float = 0.0
+) -> web.Application:
+    standin = StandIn(served, crash_on, delay, token_seconds)
     application = web.Application(client_max_size=64 << 20)
     application.add_routes(
         [
@@ -182,10 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crash-on", help="exit at once when a request's body contains this text")
     parser.add_argument("--delay-seconds", type=float, default=0.0, help="wait this long before answering")
     parser.add_argument("--load-seconds", type=float, default=0.0, help="start listening after this long")
+    parser.add_argument(
+        "--token-seconds", type=float, default=0.0, help="a streamed answer's seconds per token"
+    )
     args, _ = parser.parse_known_args(argv)  # vLLM's engine arguments: accepted, ignored
     time.sleep(max(0.0, args.load_seconds))
     web.run_app(
-        app(args.served_model_name, args.crash_on, args.delay_seconds),
+        app(args.served_model_name, args.crash_on, args.delay_seconds, args.token_seconds),
         host=args.host,
         port=args.port,
         print=None,

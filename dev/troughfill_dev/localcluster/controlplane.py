@@ -34,6 +34,8 @@ its node agent 198.19.<k>.0/24 for pods, k random, so two local clusters can run
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
 NODE_AGENT_USER = "troughfill:node-agent"
 """The node agent's identity (a client certificate), bound to what a kubelet may do."""
+FRONT_PROXY_CLIENT = "front-proxy-client"
+"""The API server's identity towards aggregated API servers (the aggregation layer)."""
 
 
 def k8s_bin_dir() -> Path:
@@ -75,20 +77,32 @@ class Pki:
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=self.dir)
         self.sa_key, self.sa_pub = self.dir / "sa.key", self.dir / "sa.pub"
 
-    def issue(self, name: str, subject: str, *, server: bool = False) -> Identity:
+    def issue(
+        self,
+        name: str,
+        subject: str,
+        *,
+        server: bool = False,
+        client: bool = False,
+        sans: tuple[str, ...] = (),
+    ) -> Identity:
+        """A certificate signed by the CA: a client's, or a server's (with the API server's names
+        and `sans`), or with `server` and `client` both, one that serves and dials (mutual TLS)."""
         key, csr, crt, ext = (self.dir / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
         _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key.name, cwd=self.dir)
         _openssl("req", "-new", "-key", key.name, "-out", csr.name, "-subj", subject, cwd=self.dir)
         lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment"]
         if server:
-            sans = [
+            names = [
                 "IP:127.0.0.1",
                 f"IP:{self.service_ip}",
                 "DNS:localhost",
                 "DNS:kubernetes",
                 "DNS:kubernetes.default",
+                *sans,
             ]
-            lines += ["extendedKeyUsage=serverAuth", "subjectAltName=" + ",".join(sans)]
+            usage = "serverAuth,clientAuth" if client else "serverAuth"
+            lines += [f"extendedKeyUsage={usage}", "subjectAltName=" + ",".join(names)]
         else:
             lines += ["extendedKeyUsage=clientAuth"]
         ext.write_text("\n".join(lines) + "\n")
@@ -144,6 +158,7 @@ class ControlPlane:
     """The node agent's own identity, with a kubelet's permissions."""
     ca: Path
     admin: Identity
+    pki: Pki
     network_index: int
     """k of the Service CIDR 198.18.k.0/24 (and of a pod network's 198.19.k.0/24)."""
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -203,6 +218,15 @@ class ControlPlane:
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode(errors="replace")
 
+    def delete(self, path: str) -> int:
+        """An admin DELETE: the status (404, already gone, counts as done)."""
+        request = urllib.request.Request(f"{self.server}{path}", method="DELETE")
+        try:
+            with urllib.request.urlopen(request, context=self.ssl_context(), timeout=10) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
     def apply_json(self, path: str, body: dict[str, object]) -> int:
         """An admin POST (create); 409 (already there) counts as done."""
         request = urllib.request.Request(
@@ -259,6 +283,9 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
     scheduler = pki.issue("scheduler", "/CN=system:kube-scheduler")
     controller_manager = pki.issue("controller-manager", "/CN=system:kube-controller-manager")
     node_agent = pki.issue("node-agent", f"/CN={NODE_AGENT_USER}")
+    # The aggregation layer: the API server proxies an APIService's group (KEDA's external
+    # metrics, say) to its server as this client, naming the user in request headers.
+    front_proxy = pki.issue("front-proxy-client", f"/CN={FRONT_PROXY_CLIENT}")
 
     etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
     scheduler_port, cm_port = free_port(), free_port()
@@ -275,7 +302,7 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
     agent_kc = write_kubeconfig(
         kubeconfigs / "node-agent.yaml", server, pki.ca.cert, node_agent, "node-agent"
     )
-    plane = ControlPlane(workdir, server, admin_kc, agent_kc, pki.ca.cert, admin, network_index)
+    plane = ControlPlane(workdir, server, admin_kc, agent_kc, pki.ca.cert, admin, pki, network_index)
 
     try:
         etcd = ManagedProcess(
@@ -305,6 +332,15 @@ def start_control_plane(workdir: Path, bin_dir: Path | None = None, timeout: flo
                 f"--secure-port={api_port}",
                 f"--tls-cert-file={apiserver_cert.cert}", f"--tls-private-key-file={apiserver_cert.key}",
                 f"--client-ca-file={pki.ca.cert}",
+                f"--requestheader-client-ca-file={pki.ca.cert}",
+                f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={front_proxy.cert}", f"--proxy-client-key-file={front_proxy.key}",
+                # To an APIService's endpoint, not its ClusterIP: without a pod network there
+                # is no Service proxy on this host.
+                "--enable-aggregator-routing=true",
                 "--authorization-mode=RBAC",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={pki.sa_pub}",

@@ -1,0 +1,466 @@
+"""troughfill and a real KEDA side by side: the same trigger, worker, batch and online serving.
+
+    python -m troughfill_dev.bench.peers [--triggers 10] [--minutes 30] [--start-hour 18]
+                                         [--speed 12] [--gpus 4] [--load-seconds 8]
+
+Two arms, one after the other, each on a fresh local cluster (one node of `--gpus` GPUs), Redis
+and Prometheus (scraping, every second, the online gauge this script serves):
+
+- **troughfill**: `troughfill operator` scales the job's workers into the pool's trough, reading
+  online demand as `max(online_gpus)`;
+- **keda**: KEDA v2 (operator and metrics API server, built from its Go module; see
+  localcluster.keda) scales a Deployment of the same worker with a ScaledObject as KEDA's
+  Prometheus scaler documents it, with its defaults (pollingInterval 30 s, cooldownPeriod
+  300 s, the HPA's default behaviour): query `<gpus> - max(online_gpus)`, the idle GPUs, at a
+  threshold of 1 (one replica per idle GPU). The Deployment's pod template is the worker pod
+  troughfill's operator itself rendered for the job (same image, command, batch, ledger, Secret,
+  PriorityClass); the operator admits the job, makes its Secret and collects results, but its
+  pool is then pointed at no node, so it scales nothing.
+
+In both arms online serving is both the gauge and pods: a Deployment `online` of one-GPU pods at a
+PriorityClass above batch, so the scheduler preempts batch pods online needs (what a cluster
+does whatever scales batch). The worker's engine is the stand-in (troughfill_dev.standin),
+listening after `--load-seconds`, streaming a token every 0.5 s, so a stopped worker has
+partial output to save or lose.
+
+Measured per arm:
+- **triggers** (`--triggers` n, each: online at 0 until batch holds every GPU, Ready, and has
+  work in flight for 5 s; then online at every GPU): seconds from the online rise to the batch
+  GPUs free (every online pod Running), and to the scaler itself having stopped batch (its
+  pods deleted by troughfill; the Deployment at 0 replicas by KEDA), and tokens wasted (the job's
+  `status.tokens.wasted`) over the n triggers;
+- **replay** (`--minutes` of the simulator's standard trace from `--start-hour`, `--speed` times
+  faster, as bench.replay plays it): batch GPU-seconds held and Ready, and online GPU-seconds
+  displaced (online pods wanted but not Running, summed every 0.25 s).
+Prints one JSON object, with keda/troughfill ratios. Needs scripts/setup.sh, setup_k8s.sh and
+setup_keda.sh sourced.
+"""
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from troughfill import constants
+from troughfill.kube.podstate import is_ready
+from troughfill.sim.scenario import Scenario
+from troughfill_dev.bench.replay import segment
+from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
+from troughfill_dev.localcluster.keda import start_keda, wait_scaled_object_ready
+from troughfill_dev.localcluster.services import wait_until
+from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
+
+NAMESPACE, JOB, POOL, TEMPLATE, KEDA_TARGET = "default", "peers", "peers", "standin", "batch"
+GPU = "nvidia.com/gpu"
+SCALE_UP_DELAY_SECONDS = 5
+DRAIN_GRACE_SECONDS = 5
+SAMPLE_SECONDS = 0.25
+IN_FLIGHT_SECONDS = 5
+TOKENS_PER_REQUEST = 32
+TOKEN_SECONDS = 0.5
+REQUESTS = 40_000
+"""More than the workers get through (each stand-in answer takes 16 s)."""
+FILL_TIMEOUT = 240.0
+"""KEDA's defaults: a 30 s poll to activate, the HPA's 15 s sync to scale; then cold starts."""
+FREE_TIMEOUT = 120.0
+ARMS = ("troughfill", "keda")
+
+
+class Arm:
+    """One scaler's run: its own cluster, Redis, Prometheus, operator and job."""
+
+    def __init__(self, kind: str, workdir: Path, gpus: int, load_seconds: float) -> None:
+        self.kind = kind
+        self.workdir = workdir
+        self.gpus = gpus
+        self.load_seconds = load_seconds
+        self.processes: list[Any] = []
+        self.exporter: Any = None
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        registry = CollectorRegistry()
+        self.online = Gauge("online_gpus", "GPUs online serving holds", registry=registry)
+        self.online.set(0)
+        exporter_port = free_port()
+        self.exporter, _ = start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
+        self.redis = start_redis(self.workdir / "redis", appendonly=False)
+        self.processes.append(self.redis)
+        self.prometheus = start_prometheus(self.workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
+        self.processes.append(self.prometheus)
+        self.cluster = start_local_cluster(self.workdir / "cluster", nodes=1, gpus=self.gpus)
+        self.processes.append(self.cluster)
+        self.core = self.cluster.core
+        self.apps = client.AppsV1Api(self.cluster.api)
+        self.objects = client.CustomObjectsApi(self.cluster.api)
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(self._manifests()))
+        self.operator = start_operator(
+            self.workdir / "operator", self.cluster, redis_url=self.redis.url,
+            prometheus_url=self.prometheus.url, interval=1.0,
+        )  # fmt: skip
+        self.processes.append(self.operator)
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(self._job()))
+        wait_until(lambda: self._job_status().get("phase") == "in_progress", 300, "the job indexed", 0.5)
+        if self.kind == "keda":
+            self._hand_over_to_keda()
+
+    def _manifests(self) -> list[dict[str, Any]]:
+        workdir_uri = self.workdir.resolve().as_uri()
+        pool = {
+            "apiVersion": constants.GROUP_VERSION, "kind": "BatchPool", "metadata": {"name": POOL},
+            "spec": {
+                "gpus": {"nodeSelector": {"troughfill.dev/node-agent": "true"}},
+                "online": {
+                    "prometheusURL": self.prometheus.url, "gpusInUseQuery": "max(online_gpus)",
+                    "selector": {"matchLabels": {"app": "online"}},
+                },
+                "headroomGPUs": 0, "scaleUpDelay": f"{SCALE_UP_DELAY_SECONDS}s", "minUsefulTime": "0s",
+                "drainGracePeriod": f"{DRAIN_GRACE_SECONDS}s", "signal": {"maxStaleness": "10s"},
+                "defaultQuota": {"maxGPUs": self.gpus, "storage": [{"prefix": f"{workdir_uri}/"}]},
+            },
+        }  # fmt: skip
+        template = {
+            "apiVersion": constants.GROUP_VERSION, "kind": "ModelTemplate", "metadata": {"name": TEMPLATE},
+            "spec": {
+                "poolRef": POOL, "image": "troughfill/standin:bench",
+                "model": {"uri": "/models/none", "servedModelName": "m"},
+                "gpusPerWorker": 1, "coldStartSeconds": max(1, round(self.load_seconds)),
+                "engine": {
+                    "command": [sys.executable, "-m", "troughfill_dev.standin"],
+                    "args": ["--load-seconds", str(self.load_seconds), "--token-seconds", str(TOKEN_SECONDS)],
+                },
+            },
+        }  # fmt: skip
+        online_class = {
+            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": "online-serving"}, "value": 1000,
+        }  # fmt: skip
+        serving = _deployment("online", 0, {
+            "priorityClassName": "online-serving", "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "serve", "image": "python:3.11-slim",
+                "command": [sys.executable, "-c", "import time; time.sleep(86400)"],
+                "resources": {"requests": {GPU: "1"}, "limits": {GPU: "1"}},
+            }],
+        })  # fmt: skip
+        return [online_class, serving, pool, template]
+
+    def _job(self) -> dict[str, Any]:
+        requests = self.workdir / "requests.jsonl"
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": TOKENS_PER_REQUEST,
+        }
+        line = {"method": "POST", "url": "/v1/chat/completions", "body": body}
+        requests.write_text(
+            "".join(json.dumps({"custom_id": f"r{i}", **line}) + "\n" for i in range(REQUESTS))
+        )
+        return {
+            "apiVersion": constants.GROUP_VERSION, "kind": "BatchInference",
+            "metadata": {"name": JOB, "namespace": NAMESPACE},
+            "spec": {"inputURL": requests.as_uri(), "outputURL": (self.workdir / "out").as_uri() + "/",
+                     "templateRef": TEMPLATE, "maxWorkers": self.gpus},
+        }  # fmt: skip
+
+    def _hand_over_to_keda(self) -> None:
+        """The operator renders the job's first worker (and makes the job's Secret); its pod
+        becomes the Deployment KEDA scales, and the pool is pointed at no node."""
+        selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+
+        def rendered() -> Any:
+            pods = self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
+            return pods[0] if pods else None
+
+        pod = wait_until(rendered, 120, "the operator's first worker pod", 0.2)
+        raw = self.cluster.api.sanitize_for_serialization(pod)
+        spec = {k: v for k, v in raw["spec"].items() if k not in ("nodeName", "preemptionPolicy", "priority")}
+        spec["restartPolicy"] = "Always"  # a Deployment's pods
+        self.objects.patch_cluster_custom_object(
+            constants.API_GROUP, constants.API_VERSION, "batchpools", POOL,
+            {"spec": {"gpus": {"nodeSelector": {"troughfill.dev/no-such-node": "true"}}}},
+        )  # fmt: skip
+        wait_until(lambda: rendered() is None, 120, "the operator's worker gone", 0.2)
+        self.keda = start_keda(self.cluster.plane, self.workdir / "keda")
+        self.processes.append(self.keda)
+        self.apps.create_namespaced_deployment(NAMESPACE, _deployment(KEDA_TARGET, 0, spec))
+        scaled = {
+            "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": KEDA_TARGET},
+            "spec": {
+                "scaleTargetRef": {"name": KEDA_TARGET},
+                "minReplicaCount": 0, "maxReplicaCount": self.gpus,
+                "triggers": [{"type": "prometheus", "metadata": {
+                    "serverAddress": self.prometheus.url,
+                    "query": f"{self.gpus} - max(online_gpus)", "threshold": "1",
+                }}],
+            },
+        }  # fmt: skip
+        self.objects.create_namespaced_custom_object(
+            "keda.sh", "v1alpha1", NAMESPACE, "scaledobjects", scaled
+        )
+        wait_scaled_object_ready(self.cluster.plane, NAMESPACE, KEDA_TARGET)
+
+    def stop(self) -> None:
+        if self.exporter is not None:
+            self.exporter.shutdown()
+        for process in reversed(self.processes):
+            process.stop()
+
+    # --- observation ------------------------------------------------------------------------
+
+    def _job_status(self) -> dict[str, Any]:
+        found = self.objects.get_namespaced_custom_object(
+            constants.API_GROUP, constants.API_VERSION, NAMESPACE, "batchinferences", JOB
+        )
+        return dict(found.get("status") or {})
+
+    def wasted_tokens(self) -> int:
+        return int((self._job_status().get("tokens") or {}).get("wasted", 0))
+
+    def batch_pods(self) -> list[Any]:
+        """Batch pods holding GPUs on the node (bound, not finished)."""
+        selector = (
+            f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+            if self.kind == "troughfill"
+            else f"app={KEDA_TARGET}"
+        )
+        pods = self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
+        return [p for p in pods if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed")]
+
+    def online_running(self) -> int:
+        pods = self.core.list_namespaced_pod(NAMESPACE, label_selector="app=online").items
+        return sum(1 for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp)
+
+    def scaler_stopped(self) -> bool:
+        """The scaler's own verdict: troughfill deleted its workers; KEDA's Deployment is at 0."""
+        if self.kind == "keda":
+            return int(self.apps.read_namespaced_deployment(KEDA_TARGET, NAMESPACE).spec.replicas or 0) == 0
+        return all(p.metadata.deletion_timestamp for p in self.batch_pods())
+
+    def set_online(self, gpus: int) -> None:
+        self.online.set(gpus)
+        self.apps.patch_namespaced_deployment_scale("online", NAMESPACE, {"spec": {"replicas": gpus}})
+
+    # --- the two measurements -----------------------------------------------------------------
+
+    def triggers(self, count: int) -> dict[str, Any]:
+        free, scaled_down, fills = [], [], []
+        wasted_before = self.wasted_tokens()
+        for _ in range(count):
+            self.set_online(0)
+            opened = time.monotonic()
+            wait_until(
+                lambda: sum(1 for p in self.batch_pods() if is_ready(p) and not p.metadata.deletion_timestamp)
+                == self.gpus,
+                FILL_TIMEOUT, f"{self.kind}: batch on every GPU", 0.25,
+            )  # fmt: skip
+            fills.append(time.monotonic() - opened)
+            time.sleep(IN_FLIGHT_SECONDS)
+            risen = time.monotonic()
+            self.set_online(self.gpus)
+            freed, stopped = _first(
+                lambda: self.online_running() == self.gpus, self.scaler_stopped, FREE_TIMEOUT
+            )
+            free.append(freed - risen)
+            scaled_down.append(stopped - risen if stopped is not None else None)
+        return {
+            "n": count,
+            "online_rise_to_batch_gpus_free_s": _summary(free),
+            "online_rise_to_scaler_stopped_batch_s": _summary([s for s in scaled_down if s is not None]),
+            "scaler_had_not_stopped_batch_when_gpus_were_free": sum(
+                1 for s, f in zip(scaled_down, free, strict=True) if s is None or s > f
+            ),
+            "fill_s": _summary(fills),
+            "wasted_tokens": self.wasted_tokens() - wasted_before,
+        }
+
+    def replay(self, demand: list[int]) -> dict[str, Any]:
+        held = ready = displaced = 0.0
+        preempted: set[str] = set()
+        stop = threading.Event()
+        started = time.monotonic()
+        wanted = [0]
+
+        def publish() -> None:
+            for k, value in enumerate(demand):
+                if value != wanted[0]:
+                    self.set_online(value)
+                    wanted[0] = value
+                if stop.wait(max(0.0, started + k + 1 - time.monotonic())):
+                    return
+
+        self.set_online(demand[0])
+        wanted[0] = demand[0]
+        publisher = threading.Thread(target=publish, name="online", daemon=True)
+        publisher.start()
+        last = time.monotonic()
+        while (now := time.monotonic()) < started + len(demand):
+            pods = self.batch_pods()
+            online = self.online_running()
+            step, last = now - last, now
+            held += step * len(pods)
+            ready += step * sum(1 for p in pods if is_ready(p) and not p.metadata.deletion_timestamp)
+            displaced += step * max(0, wanted[0] - online)
+            preempted.update(
+                p.metadata.name
+                for p in pods
+                if any(
+                    c.type == "DisruptionTarget" and c.reason == "PreemptionByScheduler"
+                    for c in p.status.conditions or []
+                )
+            )
+            time.sleep(SAMPLE_SECONDS)
+        stop.set()
+        publisher.join(5)
+        return {
+            "batch_held_gpu_seconds": round(held, 1),
+            "batch_ready_gpu_seconds": round(ready, 1),
+            "online_displaced_gpu_seconds": round(displaced, 1),
+            "batch_pods_preempted": len(preempted),
+        }
+
+
+def _deployment(name: str, replicas: int, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": pod_spec},
+        },
+    }  # fmt: skip
+
+
+def _first(
+    primary: Callable[[], bool], secondary: Callable[[], bool], timeout: float
+) -> tuple[float, float | None]:
+    """When `primary` first held (monotonic seconds), and `secondary` if it held before that
+    (polling both); TimeoutError if `primary` has not held after `timeout`."""
+    deadline = time.monotonic() + timeout
+    second: float | None = None
+    while time.monotonic() < deadline:
+        if second is None and secondary():
+            second = time.monotonic()
+        if primary():
+            return time.monotonic(), second
+        time.sleep(0.05)
+    raise TimeoutError(f"batch GPUs not free within {timeout:.0f}s of the online rise")
+
+
+def _summary(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "median": None, "max": None}
+    return {
+        "n": len(values),
+        "median": round(statistics.median(values), 2),
+        "mean": round(statistics.fmean(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def ratio(part: float | None, whole: float | None) -> float | None:
+    return round(part / whole, 4) if part is not None and whole else None
+
+
+def run(workdir: Path, *, triggers: int, minutes: float, start_hour: float, speed: int, gpus: int,
+        load_seconds: float) -> dict[str, Any]:  # fmt: skip
+    demand = segment(gpus, start_hour, minutes / 60, speed)
+    arms: dict[str, dict[str, Any]] = {}
+    for kind in ARMS:
+        arm = Arm(kind, workdir / kind, gpus, load_seconds)
+        try:
+            arm.start()
+            # The replay first: the triggers leave online holding every GPU.
+            arms[kind] = {"replay": arm.replay(demand), "triggers": arm.triggers(triggers)}
+        finally:
+            arm.stop()
+
+    def median(kind: str, key: str) -> float | None:
+        value = arms[kind]["triggers"][key]["median"]
+        return float(value) if value is not None else None
+
+    keda, ours = arms["keda"], arms["troughfill"]
+    return {
+        "setup": {
+            "gpus": gpus,
+            "load_seconds": load_seconds,
+            "token_seconds": TOKEN_SECONDS,
+            "keda": {
+                "pollingInterval": 30,
+                "cooldownPeriod": 300,
+                "hpa_behavior": "default",
+                "query": f"{gpus} - max(online_gpus)",
+                "threshold": 1,
+            },
+            "troughfill": {"reconcile_s": 1, "scaleUpDelay_s": SCALE_UP_DELAY_SECONDS, "headroomGPUs": 0},
+            "segment": {
+                "trace": Scenario().trace.name,
+                "start_hour": start_hour,
+                "minutes": minutes,
+                "speed": speed,
+                "wall_seconds": len(demand),
+                "online_min": min(demand),
+                "online_max": max(demand),
+            },
+        },
+        "troughfill": ours,
+        "keda": keda,
+        "keda_over_troughfill": {
+            "online_rise_to_batch_gpus_free_median": ratio(
+                median("keda", "online_rise_to_batch_gpus_free_s"),
+                median("troughfill", "online_rise_to_batch_gpus_free_s"),
+            ),
+            "online_rise_to_scaler_stopped_batch_median": ratio(
+                median("keda", "online_rise_to_scaler_stopped_batch_s"),
+                median("troughfill", "online_rise_to_scaler_stopped_batch_s"),
+            ),
+            **{
+                key: ratio(keda["replay"][key], ours["replay"][key])
+                for key in (
+                    "batch_held_gpu_seconds",
+                    "batch_ready_gpu_seconds",
+                    "online_displaced_gpu_seconds",
+                )
+            },
+            "wasted_tokens": ratio(keda["triggers"]["wasted_tokens"], ours["triggers"]["wasted_tokens"]),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--triggers", type=int, default=10, help="online rises measured per scaler")
+    parser.add_argument("--minutes", type=float, default=30.0, help="trace minutes replayed")
+    parser.add_argument("--start-hour", type=float, default=18.0, help="trace hour the segment starts at")
+    parser.add_argument("--speed", type=int, default=12, help="trace seconds per wall second")
+    parser.add_argument("--gpus", type=int, default=4, help="GPUs of the node (and the pool)")
+    parser.add_argument("--load-seconds", type=float, default=8.0, help="the stand-in engine's load time")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    scratch = Path(tempfile.mkdtemp(prefix="troughfill-peers-"))
+    try:
+        result = run(
+            scratch, triggers=args.triggers, minutes=args.minutes, start_hour=args.start_hour,
+            speed=args.speed, gpus=args.gpus, load_seconds=args.load_seconds,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
