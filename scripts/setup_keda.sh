@@ -25,7 +25,8 @@ keda_log() { printf '[setup-keda] %s\n' "$*" >&2; }
 
 keda_built() {
   [ -x "$TROUGHFILL_KEDA_BIN/keda" ] && [ -x "$TROUGHFILL_KEDA_BIN/keda-adapter" ] \
-    && [ -f "$TROUGHFILL_KEDA_BIN/crds/keda.sh_scaledobjects.yaml" ]
+    && [ -f "$TROUGHFILL_KEDA_BIN/crds/keda.sh_scaledobjects.yaml" ] \
+    && [ -f "$TROUGHFILL_KEDA_BIN/crds/eventing.keda.sh_cloudeventsources.yaml" ]
 }
 
 keda_build() {
@@ -42,7 +43,7 @@ keda_build() {
     -o "$out/keda-adapter" github.com/kedacore/keda/v2/cmd/adapter) >>"$log" 2>&1 \
     || { tail -n 40 "$log" >&2; keda_log "KEDA build failed"; return 1; }
   module="$(cd "$KEDA_SOURCES" && k8s_go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"
-  cp "$module"/config/crd/bases/keda.sh_*.yaml "$out/crds/"
+  cp "$module"/config/crd/bases/*.yaml "$out/crds/"
   chmod u+w "$out/crds/"*.yaml
   rm -rf "$TROUGHFILL_KEDA_BIN"
   mv "$out" "$TROUGHFILL_KEDA_BIN"

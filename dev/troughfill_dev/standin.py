@@ -1,7 +1,7 @@
 """A stand-in for vLLM's OpenAI-compatible server: answers at once, without a model.
 
     python -m troughfill_dev.standin --port 8000 [--served-model-name tiny] [--crash-on TEXT]
-        [--delay-seconds S] [--load-seconds S] [--token-seconds S]
+        [--delay-seconds S] [--load-seconds S] [--token-seconds S] [--max-running N]
 
 It takes vLLM's command line as a template writes it (`--model`, `--host`, `--port`,
 `--served-model-name`, and any `--name=value` engine argument, ignored), and serves what the
@@ -15,8 +15,10 @@ process exits at once (as an engine segfaulting or OOM-killed would) when a requ
 contains TEXT; with `--delay-seconds` each answer takes that long (a model's latency, to keep
 work in flight); with `--load-seconds` it listens only after that long (an engine loading its
 model: a worker's cold start); with `--token-seconds` a streamed answer sends one token that often
-(a decode rate, so a stopped worker has partial output to save or lose). Nothing here claims to
-be an inference engine.
+(a decode rate, so a stopped worker has partial output to save or lose); with `--max-running`
+at most that many streamed answers run at once and the rest wait, reported as
+`vllm:num_requests_waiting` (an engine's batch limit, which bounds the worker's in-flight
+requests as a real engine does). Nothing here claims to be an inference engine.
 """
 
 import argparse
@@ -43,11 +45,18 @@ class Answer:
 
 class StandIn:
     def __init__(
-        self, served: str, crash_on: str | None, delay: float = 0.0, token_seconds: float = 0.0
+        self,
+        served: str,
+        crash_on: str | None,
+        delay: float = 0.0,
+        token_seconds: float = 0.0,
+        max_running: int = 0,
     ) -> None:
         self.served = served
         self.delay = delay
         self.token_seconds = token_seconds
+        self.slots = asyncio.Semaphore(max_running) if max_running else None
+        self.waiting = 0
         self.crash_on = crash_on.encode() if crash_on else None
         self.running = 0
         self.served_requests = 0
@@ -60,7 +69,7 @@ class StandIn:
         return web.Response(
             text=(
                 f"vllm:num_requests_running{labels} {self.running}\n"
-                f"vllm:num_requests_waiting{labels} 0\n"
+                f"vllm:num_requests_waiting{labels} {self.waiting}\n"
                 f"vllm:kv_cache_usage_perc{labels} 0.0\n"
                 f"standin_requests_total {self.served_requests}\n"
             )
@@ -115,6 +124,12 @@ class StandIn:
         tokens = usage["completion_tokens"]
         reply = web.StreamResponse(headers={"content-type": "text/event-stream", "x-request-id": ident})
         await reply.prepare(request)
+        if self.slots is not None:
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
         self.running += 1
         options = body.get("stream_options") or {}
         try:
@@ -146,6 +161,8 @@ class StandIn:
             await reply.write(b"data: [DONE]\n\n")
         finally:
             self.running -= 1
+            if self.slots is not None:
+                self.slots.release()
         return reply
 
     async def embeddings(self, request: web.Request) -> web.Response:
@@ -165,9 +182,13 @@ class StandIn:
 
 
 def app(
-    served: str, crash_on: str | None = None, delay: float = 0.0, token_seconds: float = 0.0
+    served: str,
+    crash_on: str | None = None,
+    delay: float = 0.0,
+    token_seconds: float = 0.0,
+    max_running: int = 0,
 ) -> web.Application:
-    standin = StandIn(served, crash_on, delay, token_seconds)
+    standin = StandIn(served, crash_on, delay, token_seconds, max_running)
     application = web.Application(client_max_size=64 << 20)
     application.add_routes(
         [
@@ -194,10 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--token-seconds", type=float, default=0.0, help="a streamed answer's seconds per token"
     )
+    parser.add_argument(
+        "--max-running", type=int, default=0, help="streamed answers running at once (0: no limit)"
+    )
     args, _ = parser.parse_known_args(argv)  # vLLM's engine arguments: accepted, ignored
     time.sleep(max(0.0, args.load_seconds))
     web.run_app(
-        app(args.served_model_name, args.crash_on, args.delay_seconds, args.token_seconds),
+        app(args.served_model_name, args.crash_on, args.delay_seconds, args.token_seconds, args.max_running),
         host=args.host,
         port=args.port,
         print=None,

@@ -20,8 +20,8 @@ and Prometheus (scraping, every second, the online gauge this script serves):
 In both arms online serving is both the gauge and pods: a Deployment `online` of one-GPU pods at a
 PriorityClass above batch, so the scheduler preempts batch pods online needs (what a cluster
 does whatever scales batch). The worker's engine is the stand-in (troughfill_dev.standin),
-listening after `--load-seconds`, streaming a token every 0.5 s, so a stopped worker has
-partial output to save or lose.
+listening after `--load-seconds`, streaming a token every 0.05 s to 8 answers at a time, so a
+stopped worker has partial output to save or lose.
 
 Measured per arm:
 - **triggers** (`--triggers` n, each: online at 0 until batch holds every GPU, Ready, and has
@@ -68,10 +68,13 @@ SCALE_UP_DELAY_SECONDS = 5
 DRAIN_GRACE_SECONDS = 5
 SAMPLE_SECONDS = 0.25
 IN_FLIGHT_SECONDS = 5
-TOKENS_PER_REQUEST = 32
-TOKEN_SECONDS = 0.5
+TOKENS_PER_REQUEST = 256
+"""Long enough that the worker streams and checkpoints them (it streams from 256 tokens)."""
+TOKEN_SECONDS = 0.05
+ENGINE_BATCH = 8
+"""The stand-in's batch limit: 8 answers at a time, 12.8 s each."""
 REQUESTS = 40_000
-"""More than the workers get through (each stand-in answer takes 16 s)."""
+"""More than the workers get through."""
 FILL_TIMEOUT = 240.0
 """KEDA's defaults: a 30 s poll to activate, the HPA's 15 s sync to scale; then cold starts."""
 FREE_TIMEOUT = 120.0
@@ -140,7 +143,8 @@ class Arm:
                 "gpusPerWorker": 1, "coldStartSeconds": max(1, round(self.load_seconds)),
                 "engine": {
                     "command": [sys.executable, "-m", "troughfill_dev.standin"],
-                    "args": ["--load-seconds", str(self.load_seconds), "--token-seconds", str(TOKEN_SECONDS)],
+                    "args": ["--load-seconds", str(self.load_seconds), "--token-seconds", str(TOKEN_SECONDS),
+                             "--max-running", str(ENGINE_BATCH)],
                 },
             },
         }  # fmt: skip

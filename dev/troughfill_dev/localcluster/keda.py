@@ -174,6 +174,9 @@ def start_keda(plane: ControlPlane, workdir: Path, timeout: float = 120) -> Keda
     (certs / "ca.crt").write_bytes(plane.ca.read_bytes())
     (certs / "tls.crt").write_bytes(identity.cert.read_bytes())
     (certs / "tls.key").write_bytes(identity.key.read_bytes())
+    authorities = workdir / "ca"  # CAs its scalers trust: the cluster's (every file is read as one)
+    authorities.mkdir(exist_ok=True)
+    (authorities / "ca.crt").write_bytes(plane.ca.read_bytes())
 
     grpc_port, adapter_port = free_port(), free_port()
     env = {
@@ -197,7 +200,7 @@ def start_keda(plane: ControlPlane, workdir: Path, timeout: float = 120) -> Keda
             "--leader-elect=false",
             "--zap-log-level=info",
             "--zap-encoder=console",
-            f"--ca-dir={certs}",
+            f"--ca-dir={authorities}",
         ],
         workdir / "operator",
         env=env,
