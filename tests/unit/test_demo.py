@@ -70,7 +70,7 @@ def test_the_trace_clock_moves_with_progress_in_troughs_and_with_the_wall_in_the
 
 
 def test_online_load_follows_its_clock_on_metrics() -> None:
-    load = OnlineLoad(start_hour=14, seconds_per_hour=0.01, capacity=NODE_GPUS)  # an evening in 0.1 s
+    load = OnlineLoad(start_hour=14, seconds_per_hour=0.2, capacity=NODE_GPUS)  # an hour in 0.2 s
     try:
         held = load.value
         time.sleep(0.3)
