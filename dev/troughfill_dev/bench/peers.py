@@ -27,8 +27,9 @@ Measured per arm:
 - **triggers** (`--triggers` n, each: online at 0 until batch holds every GPU, Ready, and has
   work in flight for 5 s; then online at every GPU): seconds from the online rise to the batch
   GPUs free (every online pod Running), and to the scaler itself having stopped batch (its
-  pods deleted by troughfill; the Deployment at 0 replicas by KEDA), and tokens wasted (the job's
-  `status.tokens.wasted`) over the n triggers;
+  pods deleted by troughfill; the Deployment at 0 replicas by KEDA), and over the n triggers the
+  tokens wasted and the requests resumed from saved partial output (the job's
+  `status.tokens.wasted`, `status.requestCounts.resumed`);
 - **replay** (`--minutes` of the simulator's standard trace from `--start-hour`, `--speed` times
   faster, as bench.replay plays it): batch GPU-seconds held and Ready, and online GPU-seconds
   displaced (online pods wanted but not Running, summed every 0.25 s).
@@ -231,8 +232,11 @@ class Arm:
         )
         return dict(found.get("status") or {})
 
-    def wasted_tokens(self) -> int:
-        return int((self._job_status().get("tokens") or {}).get("wasted", 0))
+    def work_lost_and_saved(self) -> tuple[int, int]:
+        """(tokens wasted, requests resumed from saved partial output) so far, from the job's status."""
+        status = self._job_status()
+        wasted = int((status.get("tokens") or {}).get("wasted", 0))
+        return wasted, int((status.get("requestCounts") or {}).get("resumed", 0))
 
     def batch_pods(self) -> list[Any]:
         """Batch pods holding GPUs on the node (bound, not finished)."""
@@ -262,7 +266,7 @@ class Arm:
 
     def triggers(self, count: int) -> dict[str, Any]:
         free, scaled_down, fills = [], [], []
-        wasted_before = self.wasted_tokens()
+        wasted_before, resumed_before = self.work_lost_and_saved()
         for _ in range(count):
             self.set_online(0)
             opened = time.monotonic()
@@ -280,6 +284,12 @@ class Arm:
             )
             free.append(freed - risen)
             scaled_down.append(stopped - risen if stopped is not None else None)
+        # The last rise's partial output is resumed once batch comes back: let it.
+        self.set_online(0)
+        time.sleep(IN_FLIGHT_SECONDS)
+        wait_until(lambda: any(is_ready(p) for p in self.batch_pods()), FILL_TIMEOUT, "batch back", 0.25)
+        time.sleep(IN_FLIGHT_SECONDS)
+        wasted, resumed = self.work_lost_and_saved()
         return {
             "n": count,
             "online_rise_to_batch_gpus_free_s": _summary(free),
@@ -288,7 +298,8 @@ class Arm:
                 1 for s, f in zip(scaled_down, free, strict=True) if s is None or s > f
             ),
             "fill_s": _summary(fills),
-            "wasted_tokens": self.wasted_tokens() - wasted_before,
+            "wasted_tokens": wasted - wasted_before,
+            "requests_resumed_from_saved_partials": resumed - resumed_before,
         }
 
     def replay(self, demand: list[int]) -> dict[str, Any]:
