@@ -13,6 +13,7 @@ control plane's node address is put on the loopback interface while KEDA runs (r
 as for the pod network), unless a pod network's bridge already holds it.
 """
 
+import atexit
 import base64
 import json
 import os
@@ -71,6 +72,7 @@ def _hold_node_address(address: str) -> str | None:
         raise RuntimeError(
             f"cannot put {address} on lo for KEDA's APIService endpoint: {done.stderr.strip()}"
         )
+    atexit.register(_ip, "addr", "del", f"{address}/32", "dev", "lo")  # even if stop() never runs
     return address
 
 
