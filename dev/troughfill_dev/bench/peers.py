@@ -26,10 +26,11 @@ stopped worker has partial output to save or lose.
 Measured per arm:
 - **triggers** (`--triggers` n, each: online at 0 until batch holds every GPU, Ready, and has
   work in flight for 5 s; then online at every GPU): seconds from the online rise to the batch
-  GPUs free (every online pod Running), and to the scaler itself having stopped batch (its
-  pods deleted by troughfill; the Deployment at 0 replicas by KEDA), and over the n triggers the
-  tokens wasted and the requests resumed from saved partial output (the job's
-  `status.tokens.wasted`, `status.requestCounts.resumed`);
+  GPUs free (every online pod Running), and to the scaler's own verdict that batch must go
+  (troughfill's pool status `troughGPUs` 0; KEDA's Deployment at 0 replicas; waited for up to
+  20 s past the GPUs being free: the scheduler's preemption frees them whatever the scaler
+  says), and over the n triggers the tokens wasted and the requests resumed from saved
+  partial output (the job's `status.tokens.wasted`, `status.requestCounts.resumed`);
 - **replay** (`--minutes` of the simulator's standard trace from `--start-hour`, `--speed` times
   faster, as bench.replay plays it): batch GPU-seconds held and Ready, and online GPU-seconds
   displaced (online pods wanted but not Running, summed every 0.25 s).
@@ -79,6 +80,8 @@ REQUESTS = 40_000
 FILL_TIMEOUT = 240.0
 """KEDA's defaults: a 30 s poll to activate, the HPA's 15 s sync to scale; then cold starts."""
 FREE_TIMEOUT = 120.0
+VERDICT_WAIT = 20.0
+"""How long past the GPUs being free the scaler's own verdict is still waited for."""
 ARMS = ("troughfill", "keda")
 
 
@@ -253,10 +256,15 @@ class Arm:
         return sum(1 for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp)
 
     def scaler_stopped(self) -> bool:
-        """The scaler's own verdict: troughfill deleted its workers; KEDA's Deployment is at 0."""
+        """The scaler's own verdict that batch must go: troughfill's pool leaves it no GPU
+        (status.troughGPUs 0, written after the cycle that decided it); KEDA's Deployment is
+        at 0 replicas. Not "its pods are being deleted": the scheduler's preemption does that too."""
         if self.kind == "keda":
             return int(self.apps.read_namespaced_deployment(KEDA_TARGET, NAMESPACE).spec.replicas or 0) == 0
-        return all(p.metadata.deletion_timestamp for p in self.batch_pods())
+        pool = self.objects.get_cluster_custom_object(
+            constants.API_GROUP, constants.API_VERSION, "batchpools", POOL
+        )
+        return int((pool.get("status") or {}).get("troughGPUs", -1)) == 0
 
     def set_online(self, gpus: int) -> None:
         self.online.set(gpus)
@@ -280,7 +288,7 @@ class Arm:
             risen = time.monotonic()
             self.set_online(self.gpus)
             freed, stopped = _first(
-                lambda: self.online_running() == self.gpus, self.scaler_stopped, FREE_TIMEOUT
+                lambda: self.online_running() == self.gpus, self.scaler_stopped, FREE_TIMEOUT, VERDICT_WAIT
             )
             free.append(freed - risen)
             scaled_down.append(stopped - risen if stopped is not None else None)
@@ -297,6 +305,10 @@ class Arm:
             "scaler_had_not_stopped_batch_when_gpus_were_free": sum(
                 1 for s, f in zip(scaled_down, free, strict=True) if s is None or s > f
             ),
+            "scaler_had_not_stopped_batch_after_gpus_free": {
+                "s": VERDICT_WAIT,
+                "count": sum(1 for s in scaled_down if s is None),
+            },
             "fill_s": _summary(fills),
             "wasted_tokens": wasted - wasted_before,
             "requests_resumed_from_saved_partials": resumed - resumed_before,
@@ -359,19 +371,24 @@ def _deployment(name: str, replicas: int, pod_spec: dict[str, Any]) -> dict[str,
 
 
 def _first(
-    primary: Callable[[], bool], secondary: Callable[[], bool], timeout: float
+    primary: Callable[[], bool], secondary: Callable[[], bool], timeout: float, after: float
 ) -> tuple[float, float | None]:
-    """When `primary` first held (monotonic seconds), and `secondary` if it held before that
-    (polling both); TimeoutError if `primary` has not held after `timeout`."""
+    """When `primary` first held (monotonic seconds; TimeoutError if not within `timeout`), and
+    when `secondary` did, polling it until `after` seconds past `primary` (None if it had not)."""
     deadline = time.monotonic() + timeout
+    first: float | None = None
     second: float | None = None
-    while time.monotonic() < deadline:
+    while True:
+        now = time.monotonic()
         if second is None and secondary():
-            second = time.monotonic()
-        if primary():
-            return time.monotonic(), second
+            second = now
+        if first is None and primary():
+            first = now
+        if first is not None and (second is not None or now > first + after):
+            return first, second
+        if first is None and now > deadline:
+            raise TimeoutError(f"batch GPUs not free within {timeout:.0f}s of the online rise")
         time.sleep(0.05)
-    raise TimeoutError(f"batch GPUs not free within {timeout:.0f}s of the online rise")
 
 
 def _summary(values: list[float]) -> dict[str, float | None]:
