@@ -45,30 +45,29 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-from kubernetes import client
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
-
 from troughfill import constants
 from troughfill.kube.podstate import is_ready
 from troughfill.sim.scenario import Scenario
+from troughfill_dev.bench.onlinereplay import (
+    NAMESPACE,
+    StandinJob,
+    StandinStack,
+    bound_pods,
+    deployment,
+    play,
+)
 from troughfill_dev.bench.replay import segment
-from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
 from troughfill_dev.localcluster.keda import start_keda, wait_scaled_object_ready
 from troughfill_dev.localcluster.services import wait_until
-from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
 
-NAMESPACE, JOB, POOL, TEMPLATE, KEDA_TARGET = "default", "peers", "peers", "standin", "batch"
-GPU = "nvidia.com/gpu"
+JOB, POOL, TEMPLATE, KEDA_TARGET = "peers", "peers", "standin", "batch"
 SCALE_UP_DELAY_SECONDS = 5
 DRAIN_GRACE_SECONDS = 5
-SAMPLE_SECONDS = 0.25
 IN_FLIGHT_SECONDS = 5
 TOKENS_PER_REQUEST = 256
 """Long enough that the worker streams and checkpoints them (it streams from 256 tokens)."""
@@ -92,97 +91,20 @@ class Arm:
         self.kind = kind
         self.workdir = workdir
         self.gpus = gpus
-        self.load_seconds = load_seconds
-        self.processes: list[Any] = []
-        self.exporter: Any = None
+        spec = StandinJob(
+            job=JOB, pool=POOL, template=TEMPLATE, requests=REQUESTS, max_tokens=TOKENS_PER_REQUEST,
+            engine_args=["--token-seconds", str(TOKEN_SECONDS), "--max-running", str(ENGINE_BATCH)],
+            load_seconds=load_seconds, scale_up_delay=SCALE_UP_DELAY_SECONDS, drain_grace=DRAIN_GRACE_SECONDS,
+        )  # fmt: skip
+        self.stack = StandinStack(workdir, gpus, spec, online_gpus=0)
 
     # --- set-up ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        registry = CollectorRegistry()
-        self.online = Gauge("online_gpus", "GPUs online serving holds", registry=registry)
-        self.online.set(0)
-        exporter_port = free_port()
-        self.exporter, _ = start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
-        self.redis = start_redis(self.workdir / "redis", appendonly=False)
-        self.processes.append(self.redis)
-        self.prometheus = start_prometheus(self.workdir / "prometheus", [f"127.0.0.1:{exporter_port}"], "1s")
-        self.processes.append(self.prometheus)
-        self.cluster = start_local_cluster(self.workdir / "cluster", nodes=1, gpus=self.gpus)
-        self.processes.append(self.cluster)
-        self.core = self.cluster.core
-        self.apps = client.AppsV1Api(self.cluster.api)
-        self.objects = client.CustomObjectsApi(self.cluster.api)
-        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(self._manifests()))
-        self.operator = start_operator(
-            self.workdir / "operator", self.cluster, redis_url=self.redis.url,
-            prometheus_url=self.prometheus.url, interval=1.0,
-        )  # fmt: skip
-        self.processes.append(self.operator)
-        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(self._job()))
-        wait_until(lambda: self._job_status().get("phase") == "in_progress", 300, "the job indexed", 0.5)
+        self.stack.start()
+        self.core, self.apps, self.objects = self.stack.core, self.stack.apps, self.stack.objects
         if self.kind == "keda":
             self._hand_over_to_keda()
-
-    def _manifests(self) -> list[dict[str, Any]]:
-        workdir_uri = self.workdir.resolve().as_uri()
-        pool = {
-            "apiVersion": constants.GROUP_VERSION, "kind": "BatchPool", "metadata": {"name": POOL},
-            "spec": {
-                "gpus": {"nodeSelector": {"troughfill.dev/node-agent": "true"}},
-                "online": {
-                    "prometheusURL": self.prometheus.url, "gpusInUseQuery": "max(online_gpus)",
-                    "selector": {"matchLabels": {"app": "online"}},
-                },
-                "headroomGPUs": 0, "scaleUpDelay": f"{SCALE_UP_DELAY_SECONDS}s", "minUsefulTime": "0s",
-                "drainGracePeriod": f"{DRAIN_GRACE_SECONDS}s", "signal": {"maxStaleness": "10s"},
-                "defaultQuota": {"maxGPUs": self.gpus, "storage": [{"prefix": f"{workdir_uri}/"}]},
-            },
-        }  # fmt: skip
-        template = {
-            "apiVersion": constants.GROUP_VERSION, "kind": "ModelTemplate", "metadata": {"name": TEMPLATE},
-            "spec": {
-                "poolRef": POOL, "image": "troughfill/standin:bench",
-                "model": {"uri": "/models/none", "servedModelName": "m"},
-                "gpusPerWorker": 1, "coldStartSeconds": max(1, round(self.load_seconds)),
-                "engine": {
-                    "command": [sys.executable, "-m", "troughfill_dev.standin"],
-                    "args": ["--load-seconds", str(self.load_seconds), "--token-seconds", str(TOKEN_SECONDS),
-                             "--max-running", str(ENGINE_BATCH)],
-                },
-            },
-        }  # fmt: skip
-        online_class = {
-            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-            "metadata": {"name": "online-serving"}, "value": 1000,
-        }  # fmt: skip
-        serving = _deployment("online", 0, {
-            "priorityClassName": "online-serving", "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "serve", "image": "python:3.11-slim",
-                "command": [sys.executable, "-c", "import time; time.sleep(86400)"],
-                "resources": {"requests": {GPU: "1"}, "limits": {GPU: "1"}},
-            }],
-        })  # fmt: skip
-        return [online_class, serving, pool, template]
-
-    def _job(self) -> dict[str, Any]:
-        requests = self.workdir / "requests.jsonl"
-        body = {
-            "model": "m",
-            "messages": [{"role": "user", "content": "go"}],
-            "max_tokens": TOKENS_PER_REQUEST,
-        }
-        line = {"method": "POST", "url": "/v1/chat/completions", "body": body}
-        requests.write_text(
-            "".join(json.dumps({"custom_id": f"r{i}", **line}) + "\n" for i in range(REQUESTS))
-        )
-        return {
-            "apiVersion": constants.GROUP_VERSION, "kind": "BatchInference",
-            "metadata": {"name": JOB, "namespace": NAMESPACE},
-            "spec": {"inputURL": requests.as_uri(), "outputURL": (self.workdir / "out").as_uri() + "/",
-                     "templateRef": TEMPLATE, "maxWorkers": self.gpus},
-        }  # fmt: skip
 
     def _hand_over_to_keda(self) -> None:
         """The operator renders the job's first worker (and makes the job's Secret); its pod
@@ -194,7 +116,8 @@ class Arm:
             return pods[0] if pods else None
 
         pod = wait_until(rendered, 120, "the operator's first worker pod", 0.2)
-        raw = self.cluster.api.sanitize_for_serialization(pod)
+        cluster = self.stack.cluster
+        raw = cluster.api.sanitize_for_serialization(pod)
         spec = {k: v for k, v in raw["spec"].items() if k not in ("nodeName", "preemptionPolicy", "priority")}
         spec["restartPolicy"] = "Always"  # a Deployment's pods
         self.objects.patch_cluster_custom_object(
@@ -202,16 +125,15 @@ class Arm:
             {"spec": {"gpus": {"nodeSelector": {"troughfill.dev/no-such-node": "true"}}}},
         )  # fmt: skip
         wait_until(lambda: rendered() is None, 120, "the operator's worker gone", 0.2)
-        self.keda = start_keda(self.cluster.plane, self.workdir / "keda")
-        self.processes.append(self.keda)
-        self.apps.create_namespaced_deployment(NAMESPACE, _deployment(KEDA_TARGET, 0, spec))
+        self.stack.add(start_keda(cluster.plane, self.workdir / "keda"))
+        self.apps.create_namespaced_deployment(NAMESPACE, deployment(KEDA_TARGET, 0, spec))
         scaled = {
             "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": KEDA_TARGET},
             "spec": {
                 "scaleTargetRef": {"name": KEDA_TARGET},
                 "minReplicaCount": 0, "maxReplicaCount": self.gpus,
                 "triggers": [{"type": "prometheus", "metadata": {
-                    "serverAddress": self.prometheus.url,
+                    "serverAddress": self.stack.prometheus.url,
                     "query": f"{self.gpus} - max(online_gpus)", "threshold": "1",
                 }}],
             },
@@ -219,25 +141,16 @@ class Arm:
         self.objects.create_namespaced_custom_object(
             "keda.sh", "v1alpha1", NAMESPACE, "scaledobjects", scaled
         )
-        wait_scaled_object_ready(self.cluster.plane, NAMESPACE, KEDA_TARGET)
+        wait_scaled_object_ready(cluster.plane, NAMESPACE, KEDA_TARGET)
 
     def stop(self) -> None:
-        if self.exporter is not None:
-            self.exporter.shutdown()
-        for process in reversed(self.processes):
-            process.stop()
+        self.stack.stop()
 
     # --- observation ------------------------------------------------------------------------
 
-    def _job_status(self) -> dict[str, Any]:
-        found = self.objects.get_namespaced_custom_object(
-            constants.API_GROUP, constants.API_VERSION, NAMESPACE, "batchinferences", JOB
-        )
-        return dict(found.get("status") or {})
-
     def work_lost_and_saved(self) -> tuple[int, int]:
         """(tokens wasted, requests resumed from saved partial output) so far, from the job's status."""
-        status = self._job_status()
+        status = self.stack.job_status()
         wasted = int((status.get("tokens") or {}).get("wasted", 0))
         return wasted, int((status.get("requestCounts") or {}).get("resumed", 0))
 
@@ -248,12 +161,10 @@ class Arm:
             if self.kind == "troughfill"
             else f"app={KEDA_TARGET}"
         )
-        pods = self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
-        return [p for p in pods if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed")]
+        return bound_pods(self.core, selector)
 
     def online_running(self) -> int:
-        pods = self.core.list_namespaced_pod(NAMESPACE, label_selector="app=online").items
-        return sum(1 for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp)
+        return self.stack.online_running()
 
     def scaler_stopped(self) -> bool:
         """The scaler's own verdict that batch must go: troughfill's pool leaves it no GPU
@@ -267,8 +178,7 @@ class Arm:
         return int((pool.get("status") or {}).get("troughGPUs", -1)) == 0
 
     def set_online(self, gpus: int) -> None:
-        self.online.set(gpus)
-        self.apps.patch_namespaced_deployment_scale("online", NAMESPACE, {"spec": {"replicas": gpus}})
+        self.stack.online.set(gpus)
 
     # --- the two measurements -----------------------------------------------------------------
 
@@ -315,59 +225,13 @@ class Arm:
         }
 
     def replay(self, demand: list[int]) -> dict[str, Any]:
-        held = ready = displaced = 0.0
-        preempted: set[str] = set()
-        stop = threading.Event()
-        started = time.monotonic()
-        wanted = [0]
-
-        def publish() -> None:
-            for k, value in enumerate(demand):
-                if value != wanted[0]:
-                    self.set_online(value)
-                    wanted[0] = value
-                if stop.wait(max(0.0, started + k + 1 - time.monotonic())):
-                    return
-
-        self.set_online(demand[0])
-        wanted[0] = demand[0]
-        publisher = threading.Thread(target=publish, name="online", daemon=True)
-        publisher.start()
-        last = time.monotonic()
-        while (now := time.monotonic()) < started + len(demand):
-            pods = self.batch_pods()
-            online = self.online_running()
-            step, last = now - last, now
-            held += step * len(pods)
-            ready += step * sum(1 for p in pods if is_ready(p) and not p.metadata.deletion_timestamp)
-            displaced += step * max(0, wanted[0] - online)
-            preempted.update(
-                p.metadata.name
-                for p in pods
-                if any(
-                    c.type == "DisruptionTarget" and c.reason == "PreemptionByScheduler"
-                    for c in p.status.conditions or []
-                )
-            )
-            time.sleep(SAMPLE_SECONDS)
-        stop.set()
-        publisher.join(5)
+        tally = play(demand, self.stack.online, self.batch_pods, self.online_running)
         return {
-            "batch_held_gpu_seconds": round(held, 1),
-            "batch_ready_gpu_seconds": round(ready, 1),
-            "online_displaced_gpu_seconds": round(displaced, 1),
-            "batch_pods_preempted": len(preempted),
+            "batch_held_gpu_seconds": round(tally.held, 1),
+            "batch_ready_gpu_seconds": round(tally.ready, 1),
+            "online_displaced_gpu_seconds": round(tally.displaced, 1),
+            "batch_pods_preempted": len(tally.preempted),
         }
-
-
-def _deployment(name: str, replicas: int, pod_spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "replicas": replicas, "selector": {"matchLabels": {"app": name}},
-            "template": {"metadata": {"labels": {"app": name}}, "spec": pod_spec},
-        },
-    }  # fmt: skip
 
 
 def _first(

@@ -38,33 +38,23 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
-from kubernetes import client
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
-
 from troughfill import constants
-from troughfill.kube.podstate import is_ready
 from troughfill.sim.fleet import Cluster, ClusterParams, SimJob
 from troughfill.sim.policies import TroughfillPolicy, pool_policy
 from troughfill.sim.scenario import Scenario, ratio
 from troughfill.sim.trace import load_burst_profile, load_rate_trace, online_demand
-from troughfill_dev.localcluster import free_port, start_prometheus, start_redis
-from troughfill_dev.localcluster.services import wait_until
-from troughfill_dev.localcluster.stack import start_local_cluster, start_operator
+from troughfill_dev.bench.onlinereplay import NAMESPACE, StandinJob, StandinStack, bound_pods, play
+from troughfill_dev.localcluster import free_port
 from troughfill_dev.scrape import Scrape
 
-NAMESPACE, JOB, POOL, TEMPLATE = "default", "replay", "replay", "standin"
+JOB, POOL, TEMPLATE = "replay", "replay", "standin"
 SCALE_UP_DELAY_SECONDS = 5
-GPU = "nvidia.com/gpu"
 DRAIN_GRACE_SECONDS = 5
 ONLINE_PEAK_FRACTION = 0.85
-SAMPLE_SECONDS = 0.25
 REQUESTS = 60_000
 """More than the workers get through in the replay (each stand-in answer takes 20 s)."""
 
@@ -128,165 +118,36 @@ def simulate(
 
 class Replay:
     def __init__(self, workdir: Path, gpus: int, load_seconds: float, interval: float) -> None:
-        self.workdir = workdir
-        self.gpus = gpus
-        self.load_seconds = load_seconds
-        self.interval = interval
-        self.processes: list[Any] = []
+        self.metrics_port = free_port()
+        spec = StandinJob(
+            job=JOB, pool=POOL, template=TEMPLATE, requests=REQUESTS, max_tokens=16,
+            engine_args=["--delay-seconds", "20"], load_seconds=load_seconds,
+            scale_up_delay=SCALE_UP_DELAY_SECONDS, drain_grace=DRAIN_GRACE_SECONDS,
+        )  # fmt: skip
+        # Online holds every GPU until the replay starts: nothing starts before it does.
+        self.stack = StandinStack(
+            workdir, gpus, spec, online_gpus=gpus, interval=interval, metrics_port=self.metrics_port
+        )
 
     def start(self) -> None:
-        registry = CollectorRegistry()
-        self.online = Gauge("online_gpus", "GPUs online serving holds (replayed)", registry=registry)
-        self.online.set(self.gpus)  # nothing starts before the replay does
-        exporter_port = free_port()
-        start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
-        self.metrics_port = free_port()
-        self.redis = start_redis(self.workdir / "redis", appendonly=False)
-        self.processes.append(self.redis)
-        targets = [f"127.0.0.1:{exporter_port}", f"127.0.0.1:{self.metrics_port}"]
-        self.prometheus = start_prometheus(self.workdir / "prometheus", targets, "1s")
-        self.processes.append(self.prometheus)
-        self.cluster = start_local_cluster(self.workdir / "cluster", nodes=1, gpus=self.gpus)
-        self.processes.append(self.cluster)
-        self.core = self.cluster.core
-        requests = self.workdir / "requests.jsonl"
-        body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 16}
-        line = {"method": "POST", "url": "/v1/chat/completions", "body": body}
-        requests.write_text(
-            "".join(json.dumps({"custom_id": f"r{i}", **line}) + "\n" for i in range(REQUESTS))
-        )
-        workdir_uri = self.workdir.resolve().as_uri()
-        pool = {
-            "apiVersion": constants.GROUP_VERSION, "kind": "BatchPool", "metadata": {"name": POOL},
-            "spec": {
-                "gpus": {"nodeSelector": {"troughfill.dev/node-agent": "true"}},
-                "online": {
-                    "prometheusURL": self.prometheus.url, "gpusInUseQuery": "max(online_gpus)",
-                    "selector": {"matchLabels": {"app": "online"}},
-                },
-                "headroomGPUs": 0, "scaleUpDelay": f"{SCALE_UP_DELAY_SECONDS}s", "minUsefulTime": "0s",
-                "drainGracePeriod": f"{DRAIN_GRACE_SECONDS}s", "signal": {"maxStaleness": "10s"},
-                "defaultQuota": {"maxGPUs": self.gpus, "storage": [{"prefix": f"{workdir_uri}/"}]},
-            },
-        }  # fmt: skip
-        template = {
-            "apiVersion": constants.GROUP_VERSION, "kind": "ModelTemplate", "metadata": {"name": TEMPLATE},
-            "spec": {
-                "poolRef": POOL, "image": "troughfill/standin:bench",
-                "model": {"uri": "/models/none", "servedModelName": "m"},
-                "gpusPerWorker": 1, "coldStartSeconds": max(1, round(self.load_seconds)),
-                "engine": {
-                    "command": [sys.executable, "-m", "troughfill_dev.standin"],
-                    "args": ["--delay-seconds", "20", "--load-seconds", str(self.load_seconds)],
-                },
-            },
-        }  # fmt: skip
-        job = {
-            "apiVersion": constants.GROUP_VERSION, "kind": "BatchInference",
-            "metadata": {"name": JOB, "namespace": NAMESPACE},
-            "spec": {"inputURL": requests.as_uri(), "outputURL": (self.workdir / "out").as_uri() + "/",
-                     "templateRef": TEMPLATE, "maxWorkers": self.gpus},
-        }  # fmt: skip
-        online_class = {
-            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-            "metadata": {"name": "online-serving"}, "value": 1000,
-        }  # fmt: skip
-        serving = {
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "online", "namespace": NAMESPACE},
-            "spec": {
-                "replicas": 0, "selector": {"matchLabels": {"app": "online"}},
-                "template": {
-                    "metadata": {"labels": {"app": "online"}},
-                    "spec": {
-                        "priorityClassName": "online-serving", "terminationGracePeriodSeconds": 1,
-                        "containers": [{
-                            "name": "serve", "image": "python:3.11-slim",
-                            "command": [sys.executable, "-c", "import time; time.sleep(86400)"],
-                            "resources": {"requests": {GPU: "1"}, "limits": {GPU: "1"}},
-                        }],
-                    },
-                },
-            },
-        }  # fmt: skip
-        self.cluster.kubectl(
-            "apply", "-f", "-", stdin=yaml.safe_dump_all([online_class, serving, pool, template])
-        )
-        operator = start_operator(
-            self.workdir / "operator",
-            self.cluster,
-            redis_url=self.redis.url,
-            prometheus_url=self.prometheus.url,
-            interval=self.interval,
-            metrics_port=self.metrics_port,
-        )
-        self.processes.append(operator)
-        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
-        jobs = client.CustomObjectsApi(self.cluster.api)
-
-        def indexed() -> bool:
-            found = jobs.get_namespaced_custom_object(
-                constants.API_GROUP, constants.API_VERSION, NAMESPACE, "batchinferences", JOB
-            )
-            return bool((found.get("status") or {}).get("phase") == "in_progress")
-
-        wait_until(indexed, 300, "the job indexed", 0.5)
-
-    def workers(self) -> list[Any]:
-        selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
-        pods: list[Any] = self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
-        return pods
+        self.stack.start()
 
     def play(self, demand: list[int]) -> dict[str, Any]:
         """Publish the demand second by second; sample held and ready worker GPUs meanwhile."""
-        held = ready = 0.0
-        stop = threading.Event()
-        started = time.monotonic()
-
-        apps = client.AppsV1Api(self.cluster.api)
-        preempted: set[str] = set()
-
-        def publish() -> None:
-            replicas = -1
-            for k, value in enumerate(demand):
-                self.online.set(value)  # what online serving reports (Prometheus)
-                if value != replicas:  # and its pods, which take the GPUs
-                    apps.patch_namespaced_deployment_scale("online", NAMESPACE, {"spec": {"replicas": value}})
-                    replicas = value
-                if stop.wait(max(0.0, started + k + 1 - time.monotonic())):
-                    return
-
-        publisher = threading.Thread(target=publish, name="online", daemon=True)
-        publisher.start()
-        end = started + len(demand)
-        last = time.monotonic()
-        while (now := time.monotonic()) < end:
-            pods = [
-                p
-                for p in self.workers()
-                if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed")
-            ]
-            step = now - last
-            last = now
-            held += step * len(pods)
-            ready += step * sum(1 for p in pods if is_ready(p) and not p.metadata.deletion_timestamp)
-            preempted.update(
-                p.metadata.name
-                for p in pods
-                if any(
-                    c.type == "DisruptionTarget" and c.reason == "PreemptionByScheduler"
-                    for c in p.status.conditions or []
-                )
-            )
-            time.sleep(SAMPLE_SECONDS)
-        stop.set()
-        publisher.join(5)
+        stack = self.stack
+        selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
+        tally = play(demand, stack.online, lambda: bound_pods(stack.core, selector), stack.online_running)
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
-        return {"held": held, "ready": ready, "preempted": len(preempted), "metrics": scraped.decode()}
+        return {
+            "held": tally.held,
+            "ready": tally.ready,
+            "displaced": tally.displaced,
+            "preempted": len(tally.preempted),
+            "metrics": scraped.decode(),
+        }
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+        self.stack.stop()
 
 
 def operator_figures(scraped: str) -> dict[str, float | None]:
@@ -324,6 +185,7 @@ def run(workdir: Path, *, gpus: int, start_hour: float, hours: float, speed: int
     measured = {
         "batch_held_gpu_seconds": round(played["held"], 1),
         "batch_ready_gpu_seconds": round(played["ready"], 1),
+        "online_displaced_gpu_seconds": round(played["displaced"], 1),
         "starts": figures["starts"],
         "yields": figures["yields"],
         "drains": figures["drains"],
