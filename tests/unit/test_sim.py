@@ -15,7 +15,7 @@ from troughfill.planner import StopMode
 from troughfill.sim import Scenario, plot, run
 from troughfill.sim.fleet import QUEUE, Actions, Cluster, ClusterParams, ClusterView, SimJob
 from troughfill.sim.policies import KedaPolicy, TroughfillPolicy, pool_policy
-from troughfill.sim.scenario import run_oracle
+from troughfill.sim.scenario import cold_start_bound, run_oracle, trough_gpus
 from troughfill.sim.trace import load_burst_profile, load_rate_trace, online_demand, sliding_max
 
 PARAMS = ClusterParams(
@@ -197,3 +197,50 @@ def test_simulate_command_writes_json_and_plot(tmp_path: Path) -> None:
     assert report["scenario"]["simulated_hours"] == 1.0
     assert set(report["policies"]) == {"oracle", "troughfill", "static"}
     assert png.stat().st_size > 1000
+
+
+def test_the_cold_start_bound_counts_each_level_of_the_trough_less_one_cold_start_per_stretch() -> None:
+    params = ClusterParams(capacity_gpus=4, headroom_gpus=1, cold_start_seconds=3)
+    demand = [0] * 10 + [2] * 5 + [0] * 10  # trough 3 GPUs, then 1, then 3
+    # level 1: one stretch of 25 s (22 productive); levels 2 and 3: two of 10 s each (7 + 7)
+    assert cold_start_bound(demand, params) == 22 + 14 + 14
+    assert (
+        cold_start_bound(demand, replace(params, cold_start_seconds=0)) == trough_gpus(demand, params).sum()
+    )
+    assert cold_start_bound([9] * 5, params) == 0  # online beyond capacity: no trough at all
+
+
+def _productive_in_trough(trough: list[int], cold: int, choices: list[int]) -> int:
+    """A policy that stays in the trough: each second it stops workers until it fits (which ones
+    `choices` decides), then starts up to `choices` new ones into what is free."""
+    alive: list[int] = []  # start times
+    productive = 0
+    picks = iter(choices * (len(trough) + 1))
+    for now, room in enumerate(trough):
+        while len(alive) > room:
+            alive.pop(next(picks) % len(alive))
+        alive.extend([now] * min(room - len(alive), next(picks) % 3))
+        productive += sum(1 for started in alive if now - started >= cold)
+    return productive
+
+
+@given(
+    trough=st.lists(st.integers(0, 4), min_size=1, max_size=60),
+    cold=st.integers(0, 8),
+    choices=st.lists(st.integers(0, 7), min_size=1, max_size=10),
+)
+def test_no_policy_that_stays_in_the_trough_beats_the_cold_start_bound(
+    trough: list[int], cold: int, choices: list[int]
+) -> None:
+    params = ClusterParams(capacity_gpus=4, headroom_gpus=0, cold_start_seconds=cold)
+    demand = [4 - t for t in trough]
+    bound = cold_start_bound(demand, params)
+    assert _productive_in_trough(trough, cold, choices) <= bound
+    # and it is reached: start into every free GPU at once, stop the youngest first
+    alive: list[int] = []
+    reached = 0
+    for now, room in enumerate(trough):
+        del alive[room:]
+        alive.extend([now] * (room - len(alive)))
+        reached += sum(1 for started in alive if now - started >= cold)
+    assert reached == bound

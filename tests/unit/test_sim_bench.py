@@ -57,3 +57,16 @@ def test_the_trace_matrix_covers_both_models_both_burst_profiles_and_two_seeds()
     assert name == "m-mid/code/seed11"
     assert set(result) >= {"troughfill", "keda-hpa", "capture_vs_keda", "interference_vs_keda"}
     assert 0 < result["troughfill"]["trough_capture"] <= 1.0
+
+
+def test_the_cold_start_sweep_reports_the_bound_and_both_policies_per_cold_start() -> None:
+    report = bench.cold_starts([0, 120], days=0.05, workers=1)
+    zero, long = report["points"]
+    assert (zero["cold_start_seconds"], long["cold_start_seconds"]) == (0, 120)
+    # with no cold start the bound is the oracle itself; a long one can only lower it
+    assert zero["cold_start_bound_trough_capture"] == 1.0
+    assert long["cold_start_bound_trough_capture"] < 1.0
+    for point in report["points"]:
+        assert point["troughfill"]["trough_capture_vs_cold_start_bound"] <= 1.0
+    assert report["longest_cold_start_whose_bound_allows_0.99"] == 0
+    json.dumps(report)

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-hourly-cost", type=float, default=params.gpu_hourly_cost_usd)
     parser.add_argument("--scale-up-delay", type=float, default=defaults.scale_up_delay_seconds)
     parser.add_argument("--min-useful", type=float, default=defaults.min_useful_seconds)
+    parser.add_argument(
+        "--forecast",
+        action="store_true",
+        help="troughfill plans with a seasonal forecast of online demand (the operator builds none)",
+    )
     parser.add_argument("--daily-job-gpu-hours", type=float, default=defaults.daily_job_gpu_hours)
     parser.add_argument(
         "--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES)
@@ -83,6 +88,7 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
         params=params,
         scale_up_delay_seconds=args.scale_up_delay,
         min_useful_seconds=args.min_useful,
+        use_forecast=args.forecast,
         daily_job_gpu_hours=args.daily_job_gpu_hours,
         policies=policies,
     )

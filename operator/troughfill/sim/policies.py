@@ -29,7 +29,9 @@ class TroughfillPolicy:
     pool: PoolPolicy
     interval_seconds: int = 2
     forecast_every_seconds: int = 60
-    use_forecast: bool = True
+    use_forecast: bool = False
+    """The operator builds no forecast (its snapshot's is None); True measures what the planner
+    would do with `seasonal_forecast` from its own minute-by-minute history."""
     name: str = "troughfill"
     resumes_partials: bool = True
     memory: PlannerMemory = field(default_factory=PlannerMemory)
