@@ -187,7 +187,8 @@ def run_oracle(scenario: Scenario, demand: list[int]) -> PolicyRun:
 def trough_gpus(demand: list[int] | np.ndarray, params: ClusterParams) -> np.ndarray:
     """capacity - online - headroom each second (online beyond capacity counts as capacity)."""
     online = np.minimum(np.asarray(demand, dtype=np.int64), params.capacity_gpus)
-    return np.maximum(0, params.capacity_gpus - online - params.headroom_gpus)
+    trough: np.ndarray = np.maximum(0, params.capacity_gpus - online - params.headroom_gpus)
+    return trough
 
 
 def cold_start_bound(demand: list[int] | np.ndarray, params: ClusterParams) -> float:
