@@ -146,7 +146,7 @@ class BatchPoolSpec(ApiModel):
     """GPUs left free for online bursts: batch workers never start into them."""
     headroom_lend_gpus: int = Field(default=0, ge=0, alias="headroomLendGPUs")
     """Of the headroom, GPUs that batch workers already running may keep while online moves
-    into it, and only while the forecast predicts no rise (none ever starts there). Online then
+    into it, and only while no forecast predicts a rise (none ever starts there). Online then
     finds headroomGPUs - headroomLendGPUs free at once and the rest after a yield (seconds);
     in exchange small rises and falls of online no longer cost a worker's cold start. 0 keeps
     the whole headroom free."""
@@ -154,7 +154,10 @@ class BatchPoolSpec(ApiModel):
     scale_up_delay: Duration = "60s"
     """How long a trough must last before batch workers grow into it (scale-down is immediate)."""
     min_useful_time: Duration = "5m"
-    """No worker starts for a trough predicted shorter than its cold start plus this."""
+    """No worker starts for a trough predicted shorter than its cold start plus this. A
+    prediction needs a forecast of online demand, which the operator does not build yet (the
+    simulator measured one costing more trough capture than the interference it saves), so
+    today this holds back nothing."""
     drain_grace_period: Duration = "30s"
     """Time a worker gets to finish in-flight requests when it is stopped without urgency."""
     default_priority_class_name: DnsSubdomain = constants.DEFAULT_BATCH_PRIORITY_CLASS
