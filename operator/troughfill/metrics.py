@@ -3,6 +3,8 @@
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
+# A job's series are labelled `namespace` and `batchinference`, not `job`: Prometheus sets `job`
+# (the scrape job) on every series and would rename ours to `exported_job`.
 
 CAPACITY = Gauge("troughfill_pool_capacity_gpus", "GPUs in the pool", ["pool"], registry=REGISTRY)
 ONLINE = Gauge(
@@ -22,19 +24,42 @@ STALENESS = Gauge(
     "troughfill_pool_signal_staleness_seconds", "Age of the online demand signal the planner used", ["pool"],
     registry=REGISTRY,
 )  # fmt: skip
+MAX_STALENESS = Gauge(
+    "troughfill_pool_signal_max_staleness_seconds",
+    "The pool's signal.maxStaleness: a signal older than this is stale",
+    ["pool"],
+    registry=REGISTRY,
+)
 JOB_GPUS = Gauge(
-    "troughfill_job_batch_gpus", "GPUs held by a job's ready workers", ["namespace", "job"], registry=REGISTRY
+    "troughfill_job_batch_gpus", "GPUs held by a job's ready workers", ["namespace", "batchinference"], registry=REGISTRY
 )
 JOB_REQUESTS = Gauge(
-    "troughfill_job_requests", "A job's requests by state", ["namespace", "job", "state"], registry=REGISTRY
+    "troughfill_job_requests", "A job's requests by state", ["namespace", "batchinference", "state"], registry=REGISTRY
 )
 JOB_TOKENS = Gauge(
-    "troughfill_job_tokens", "A job's tokens by kind", ["namespace", "job", "kind"], registry=REGISTRY
+    "troughfill_job_tokens", "A job's tokens by kind", ["namespace", "batchinference", "kind"], registry=REGISTRY
 )
 JOB_COST = Gauge(
     "troughfill_job_usd_per_million_tokens",
     "Realised cost: GPU $/h x batch GPU-hours of the job / its completion tokens (millions)",
-    ["namespace", "job"],
+    ["namespace", "batchinference"],
+    registry=REGISTRY,
+)
+JOB_AT_RISK = Gauge(
+    "troughfill_job_at_risk",
+    "1 while the job misses its deadline at the current pace (its AtRisk condition), else 0",
+    ["namespace", "batchinference"],
+    registry=REGISTRY,
+)
+JOB_CRASH_LOOP = Gauge(
+    "troughfill_job_worker_crash_loop",
+    "1 while the job's worker pods keep failing and it gets no new worker, else 0",
+    ["namespace", "batchinference"],
+    registry=REGISTRY,
+)
+LEDGER_UNAVAILABLE = Counter(
+    "troughfill_ledger_unavailable_total",
+    "Operations that failed because Redis (the work ledger) was unreachable; each is retried",
     registry=REGISTRY,
 )
 DECISIONS = Counter(

@@ -133,10 +133,14 @@ async def test_an_unparseable_job_fails_permanently_with_its_phase_written(
 def test_an_unavailable_redis_or_api_server_is_a_temporary_error(
     handlers: ModuleType, error: Exception
 ) -> None:
+    counted = handlers.metrics.REGISTRY.get_sample_value("troughfill_ledger_unavailable_total") or 0.0
     with pytest.raises(kopf.TemporaryError) as caught, handlers.transient("reading"):
         raise error
     assert caught.value.delay == handlers.RETRY_SECONDS
     assert str(caught.value).startswith("reading: ")
+    # Redis away counts towards the ledger-unreachable alert; the API server does not
+    more = 1.0 if isinstance(error, redis.exceptions.RedisError) else 0.0
+    assert handlers.metrics.REGISTRY.get_sample_value("troughfill_ledger_unavailable_total") == counted + more
 
 
 def test_an_api_refusal_is_not_retried_as_if_transient(handlers: ModuleType) -> None:

@@ -245,12 +245,32 @@ async def test_a_job_whose_workers_keep_failing_gets_none_until_the_failures_age
     assert view is not None
     assert view.crash_loop is not None
     assert "failed in the last" in view.crash_loop
+    labels = {"namespace": "team-a", "batchinference": world.job.metadata.name}
+    assert metrics.REGISTRY.get_sample_value("troughfill_job_worker_crash_loop", labels) == 1
     failed = [m["metadata"]["name"] for m in world.cluster.created]
     assert set(failed) <= set(world.cluster.deleted)  # finished pods are removed
     world.clock.advance(301)
     for name in failed:
         world.cluster.gone(name)
     assert (await world.controller.cycle(world.pool)).created
+    assert metrics.REGISTRY.get_sample_value("troughfill_job_worker_crash_loop", labels) == 0
+
+
+async def test_a_jobs_alert_gauges_are_set_each_cycle_and_removed_when_it_leaves_the_pool(
+    world: World,
+) -> None:
+    labels = {"namespace": "team-a", "batchinference": world.job.metadata.name}
+    await world.controller.cycle(world.pool)
+    assert metrics.REGISTRY.get_sample_value("troughfill_job_at_risk", labels) == 0  # no deadline
+    assert metrics.REGISTRY.get_sample_value("troughfill_job_worker_crash_loop", labels) == 0
+    stale = metrics.REGISTRY.get_sample_value(
+        "troughfill_pool_signal_max_staleness_seconds", {"pool": "gpus"}
+    )
+    assert stale == 30.0  # the pool's signal.maxStaleness (its default)
+    world.cluster.raw_jobs.clear()  # the job ended or was deleted: nothing about it may go on firing
+    await world.controller.cycle(world.pool)
+    assert metrics.REGISTRY.get_sample_value("troughfill_job_at_risk", labels) is None
+    assert metrics.REGISTRY.get_sample_value("troughfill_job_worker_crash_loop", labels) is None
 
 
 async def test_workers_of_no_active_job_are_deleted_and_refused_creates_are_reported(world: World) -> None:

@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 from troughfill import api, constants
 from troughfill.cli import parse_resource
 
-KUSTOMIZATIONS = ("crds", "base", "policy", "overlays/redis-tls", "examples")
+KUSTOMIZATIONS = ("crds", "base", "policy", "overlays/redis-tls", "examples", "monitoring")
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Group/versions every supported Kubernetes (1.29 and newer) serves.
 SERVED_BY_1_29 = {
@@ -61,7 +61,7 @@ def test_every_object_is_valid_kubernetes(name: str, version: str) -> None:
         kubernetes_validate.validate(obj, version, strict=True)
 
 
-@pytest.mark.parametrize("name", [k for k in KUSTOMIZATIONS if k != "policy"])
+@pytest.mark.parametrize("name", [k for k in KUSTOMIZATIONS if k not in ("policy", "monitoring")])
 def test_only_apis_that_kubernetes_1_29_serves(name: str) -> None:
     assert {o["apiVersion"] for o in build(name)} <= SERVED_BY_1_29
 

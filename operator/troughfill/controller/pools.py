@@ -15,6 +15,7 @@ What one pool remembers between cycles is one PoolState. The cluster is the Clus
 """
 
 import asyncio
+import contextlib
 import json
 import math
 import secrets
@@ -111,6 +112,8 @@ class PoolState:
     """Job uid -> what its gauges were last set from (unchanged: not set again)."""
     job_states: dict[str, tuple[tuple[object, ...], JobState]] = field(default_factory=dict)
     """Job uid -> the planner's state of it and what that was built from (`snapshot`)."""
+    alerting: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Job uid -> (namespace, name) of its at-risk and crash-loop gauges, removed when it leaves."""
 
     def crash_loop(self, uid: str, now: float) -> str | None:
         """Why the job gets no new worker now, when its workers keep failing."""
@@ -666,6 +669,7 @@ class PoolController:
         metrics.ONLINE.labels(name).set(seen.online.gpus_in_use or 0)
         metrics.TROUGH.labels(name).set(decided.trough_gpus)
         metrics.BATCH.labels(name).set(decided.batch_gpus)
+        metrics.MAX_STALENESS.labels(name).set(parse_duration(pool.spec.signal.max_staleness).total_seconds())
         if seen.online.observed_at is not None:
             metrics.STALENESS.labels(name).set(max(0.0, seen.now - seen.online.observed_at))
         for _, mode in done.stopped:
@@ -688,16 +692,25 @@ class PoolController:
             job_plan = decided.jobs.get(entry.key)
             if job_plan is None:
                 continue
+            crash_loop = state.crash_loop(entry.uid, seen.now)
+            labels = state.alerting[entry.uid] = (entry.job.metadata.ns, entry.job.metadata.name)
+            metrics.JOB_AT_RISK.labels(*labels).set(1 if job_plan.at_risk else 0)
+            metrics.JOB_CRASH_LOOP.labels(*labels).set(1 if crash_loop else 0)
             state.views[entry.uid] = WorkerView(
                 desired=job_plan.desired_workers,
                 ready=entry.serving,
                 limit=job_plan.limit,
                 at_risk=job_plan.at_risk,
-                crash_loop=state.crash_loop(entry.uid, seen.now),
+                crash_loop=crash_loop,
                 gpu_seconds=account.total,
                 admission=entry.admission,
                 progress=entry.progress,
             )
+        for uid in [uid for uid in state.alerting if uid not in active]:
+            labels = state.alerting.pop(uid)  # an ended job's alerts must not go on firing
+            for gauge in (metrics.JOB_AT_RISK, metrics.JOB_CRASH_LOOP):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
         for table in (state.views, state.gpu_seconds, state.metered, state.job_states):
             for uid in [uid for uid in table if uid not in active]:
                 del table[uid]  # the job ended, moved out or is gone: its status no longer asks

@@ -147,6 +147,7 @@ def transient(what: str, delay: float = RETRY_SECONDS) -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+        metrics.LEDGER_UNAVAILABLE.inc()
         raise kopf.TemporaryError(f"{what}: Redis unavailable: {error}", delay=delay) from error
     except urllib3.exceptions.HTTPError as error:
         raise kopf.TemporaryError(f"{what}: API server unreachable: {error}", delay=delay) from error
