@@ -20,6 +20,12 @@ BATCH = Gauge(
     ["pool"],
     registry=REGISTRY,
 )
+READY = Gauge(
+    "troughfill_pool_ready_batch_gpus",
+    "GPUs the pool's ready batch workers hold: what batch is harvesting now",
+    ["pool"],
+    registry=REGISTRY,
+)
 STALENESS = Gauge(
     "troughfill_pool_signal_staleness_seconds", "Age of the online demand signal the planner used", ["pool"],
     registry=REGISTRY,
@@ -31,13 +37,22 @@ MAX_STALENESS = Gauge(
     registry=REGISTRY,
 )
 JOB_GPUS = Gauge(
-    "troughfill_job_batch_gpus", "GPUs held by a job's ready workers", ["namespace", "batchinference"], registry=REGISTRY
+    "troughfill_job_batch_gpus",
+    "GPUs held by a job's ready workers",
+    ["namespace", "batchinference"],
+    registry=REGISTRY,
 )
 JOB_REQUESTS = Gauge(
-    "troughfill_job_requests", "A job's requests by state", ["namespace", "batchinference", "state"], registry=REGISTRY
+    "troughfill_job_requests",
+    "A job's requests by state",
+    ["namespace", "batchinference", "state"],
+    registry=REGISTRY,
 )
 JOB_TOKENS = Gauge(
-    "troughfill_job_tokens", "A job's tokens by kind", ["namespace", "batchinference", "kind"], registry=REGISTRY
+    "troughfill_job_tokens",
+    "A job's tokens by kind",
+    ["namespace", "batchinference", "kind"],
+    registry=REGISTRY,
 )
 JOB_COST = Gauge(
     "troughfill_job_usd_per_million_tokens",

@@ -2,6 +2,7 @@
 Protocol) and a real Redis ledger: what it starts, stops and deletes, what it tells workers, and
 what it records (each job's WorkerView, GPU-seconds, crash loops)."""
 
+import contextlib
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -217,6 +218,7 @@ async def test_gpu_seconds_are_a_total_so_a_lost_status_write_loses_nothing(worl
     assert view is not None
     assert view.ready == 2
     assert view.gpu_seconds == pytest.approx(2 * 2 * 30)  # 2 workers of 2 GPUs, 30 s
+    assert metrics.REGISTRY.get_sample_value("troughfill_pool_ready_batch_gpus", {"pool": "gpus"}) == 4
     assert world.controller.workers_of(world.job.metadata.uid_text) == view  # reading takes nothing
     status = world.job.status
     assert status is not None
@@ -260,6 +262,10 @@ async def test_a_jobs_alert_gauges_are_set_each_cycle_and_removed_when_it_leaves
     world: World,
 ) -> None:
     labels = {"namespace": "team-a", "batchinference": world.job.metadata.name}
+    for mode in ("yield", "drain"):  # as in a fresh operator (the registry is the process's)
+        for family in (metrics.YIELD_LATENCY, metrics.DECISIONS):
+            with contextlib.suppress(KeyError):
+                family.remove("gpus", mode)
     await world.controller.cycle(world.pool)
     assert metrics.REGISTRY.get_sample_value("troughfill_job_at_risk", labels) == 0  # no deadline
     assert metrics.REGISTRY.get_sample_value("troughfill_job_worker_crash_loop", labels) == 0
@@ -267,6 +273,15 @@ async def test_a_jobs_alert_gauges_are_set_each_cycle_and_removed_when_it_leaves
         "troughfill_pool_signal_max_staleness_seconds", {"pool": "gpus"}
     )
     assert stale == 30.0  # the pool's signal.maxStaleness (its default)
+    # counters and the yield histogram exist from the first cycle, before any stop: a series that
+    # first appears at 3 shows Prometheus no increase
+    for mode in ("yield", "drain"):
+        latency = {"pool": "gpus", "mode": mode}
+        assert (
+            metrics.REGISTRY.get_sample_value("troughfill_yield_latency_seconds_count", latency) is not None
+        )
+        decided = {"pool": "gpus", "action": mode}
+        assert metrics.REGISTRY.get_sample_value("troughfill_decisions_total", decided) is not None
     world.cluster.raw_jobs.clear()  # the job ended or was deleted: nothing about it may go on firing
     await world.controller.cycle(world.pool)
     assert metrics.REGISTRY.get_sample_value("troughfill_job_at_risk", labels) is None

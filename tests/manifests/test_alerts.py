@@ -2,6 +2,7 @@
 on synthetic series (tests/manifests/alerts_test.yaml), and tied to the metrics the operator
 really exports."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -69,14 +70,16 @@ def test_every_metric_an_alert_reads_is_one_the_operator_exports() -> None:
         assert used <= exported, f"{alert['alert']} reads {sorted(used - exported)}, not exported"
 
 
-def test_the_monitoring_kustomization_is_the_rule_alone_in_the_operators_namespace() -> None:
+def test_the_monitoring_kustomization_is_the_rule_and_the_dashboard_in_the_operators_namespace() -> None:
     """It needs the Prometheus Operator's CRD (monitoring.coreos.com/v1), so it is applied on its own."""
     built = subprocess.run(
         [shutil.which("kubectl") or "kubectl", "kustomize", str(RULE.parent)],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
-    objects = [o for o in yaml.safe_load_all(built.stdout) if o]
-    assert [(o["kind"], o["metadata"]["namespace"]) for o in objects] == [
-        ("PrometheusRule", "troughfill-system")
-    ]
-    assert objects[0]["spec"] == rule_groups()
+    objects = {o["kind"]: o for o in yaml.safe_load_all(built.stdout) if o}
+    assert sorted(objects) == ["ConfigMap", "PrometheusRule"]
+    assert {o["metadata"]["namespace"] for o in objects.values()} == {"troughfill-system"}
+    assert objects["PrometheusRule"]["spec"] == rule_groups()
+    dashboard = objects["ConfigMap"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["troughfill.json"])["uid"] == "troughfill"

@@ -657,10 +657,18 @@ class PoolController:
         self, pool: BatchPool, seen: Observation, decided: Plan, done: Cycle, state: PoolState
     ) -> None:
         name = pool.metadata.name
+        first = state.last_cycle is None
         elapsed = seen.now - state.last_cycle if state.last_cycle is not None else 0.0
         state.last_cycle = seen.now
         for key in [k for k in state.cost_patched if k not in seen.present]:
             del state.cost_patched[key]
+        if first:
+            # Every series from zero, before its first event: a counter that first appears at 3
+            # shows Prometheus no increase, and a rate() over it says nothing happened.
+            for mode in StopMode:
+                metrics.YIELD_LATENCY.labels(name, mode.value)
+                metrics.DECISIONS.labels(name, mode.value)
+            metrics.DECISIONS.labels(name, "start")
         for key, (decided_at, mode) in list(state.stopping.items()):
             if key not in seen.present:
                 metrics.YIELD_LATENCY.labels(name, mode.value).observe(seen.now - decided_at)
@@ -677,9 +685,11 @@ class PoolController:
         for _ in done.created:
             metrics.DECISIONS.labels(name, "start").inc()
         active = set()
+        ready = 0
         for entry in seen.jobs:
             active.add(entry.uid)
             held = entry.serving * entry.template.spec.gpus_per_worker
+            ready += held
             account = state.gpu_seconds.get(entry.uid)
             if account is None:
                 base = entry.job.status.gpu_seconds if entry.job.status else 0.0
@@ -706,6 +716,7 @@ class PoolController:
                 admission=entry.admission,
                 progress=entry.progress,
             )
+        metrics.READY.labels(name).set(ready)
         for uid in [uid for uid in state.alerting if uid not in active]:
             labels = state.alerting.pop(uid)  # an ended job's alerts must not go on firing
             for gauge in (metrics.JOB_AT_RISK, metrics.JOB_CRASH_LOOP):
