@@ -1,6 +1,7 @@
 """The simulator: trace handling, cluster mechanics on hand-made demand, and short scenarios.
 The planner inside it is the real one."""
 
+import itertools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -215,7 +216,7 @@ def _productive_in_trough(trough: list[int], cold: int, choices: list[int]) -> i
     `choices` decides), then starts up to `choices` new ones into what is free."""
     alive: list[int] = []  # start times
     productive = 0
-    picks = iter(choices * (len(trough) + 1))
+    picks = itertools.cycle(choices)
     for now, room in enumerate(trough):
         while len(alive) > room:
             alive.pop(next(picks) % len(alive))
