@@ -103,6 +103,8 @@ class Reason(StrEnum):
     SCALE_UP = "ScaleUp"
     SCALE_DOWN = "ScaleDown"
     YIELD = "Yield"
+    WORKER_STOPPED = "WorkerStopped"
+    """A stopped worker is gone and its GPUs free; the message says how long after the decision."""
     WORKER_CREATE_FAILED = "WorkerCreateFailed"
 
 

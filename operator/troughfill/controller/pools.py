@@ -183,6 +183,9 @@ class Cycle:
     """Workers the API server refused to create (missing PriorityClass, quota, ...), with why."""
     phase_seconds: dict[str, float] = field(default_factory=dict)
     """How long observing, planning and acting took (a slow cycle says which)."""
+    freed: list[tuple[str, StopMode, float]] = field(default_factory=list)
+    """Stopped workers (namespace/name) found gone this cycle: their GPUs are free, so many
+    seconds after the cycle that decided to stop them."""
 
 
 def selector_string(selector: LabelSelector) -> str:
@@ -672,6 +675,7 @@ class PoolController:
         for key, (decided_at, mode) in list(state.stopping.items()):
             if key not in seen.present:
                 metrics.YIELD_LATENCY.labels(name, mode.value).observe(seen.now - decided_at)
+                done.freed.append((key, mode, seen.now - decided_at))
                 del state.stopping[key]
         metrics.CAPACITY.labels(name).set(seen.capacity)
         metrics.ONLINE.labels(name).set(seen.online.gpus_in_use or 0)

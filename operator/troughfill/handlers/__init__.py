@@ -455,6 +455,9 @@ def _report_cycle(body: kopf.Body, cycle: Cycle, logger: kopf.Logger) -> None:
         yielding = any(mode is StopMode.YIELD for _, mode in cycle.stopped)
         _post(body, Reason.YIELD if yielding else Reason.SCALE_DOWN, f"stopping {modes}; {trough}")
         logger.info("stopping %s; %s, online %s GPUs", modes, trough, cycle.online.gpus_in_use)
+    if cycle.freed:
+        gone = ", ".join(f"{worker} ({mode.value}) {seconds:.2f}s" for worker, mode, seconds in cycle.freed)
+        _post(body, Reason.WORKER_STOPPED, f"GPUs free after the decision to stop: {gone}")
     if cycle.failures:
         _post(body, Reason.WORKER_CREATE_FAILED, "; ".join(cycle.failures), warning=True)
         logger.warning("workers refused: %s", "; ".join(cycle.failures))
