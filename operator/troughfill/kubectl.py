@@ -5,7 +5,8 @@
     kubectl troughfill pool [NAME]                GPUs (capacity, online, trough, batch, headroom),
                                                   namespaces' shares and quotas, the signal's age
     kubectl troughfill suspend|resume NAME        spec.suspend (progress is kept)
-    kubectl troughfill cancel NAME                delete: workers stop, partial output is merged and kept
+    kubectl troughfill cancel NAME [--delete]     spec.cancel: workers stop, finished results are merged,
+                                                  the job stays (cancelled); --delete removes it too
     kubectl troughfill results NAME [--dir D]     download output.jsonl and errors.jsonl
 
 Tables by default, `-o json|yaml` for scripts. It acts with the caller's own kubeconfig
@@ -436,10 +437,10 @@ class Cluster:
             raise PluginError(_api_message(error, "events")) from error
         return [self.core.api_client.sanitize_for_serialization(e) for e in listed.items]
 
-    def patch_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+    def patch_spec(self, namespace: str, name: str, spec: Mapping[str, Any]) -> None:
         self._call(
             lambda: self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, BatchInference.crd.plural, name, {"spec": {"suspend": suspend}}
+                GROUP, VERSION, namespace, BatchInference.crd.plural, name, {"spec": dict(spec)}
             ),
             f"batchinference {namespace}/{name}",
         )
@@ -541,7 +542,7 @@ def cmd_pool(cluster: Cluster, args: argparse.Namespace) -> int:
 def cmd_suspend(cluster: Cluster, args: argparse.Namespace) -> int:
     namespace = args.namespace or cluster.default_namespace
     suspend = args.command == "suspend"
-    cluster.patch_suspend(namespace, args.name, suspend)
+    cluster.patch_spec(namespace, args.name, {"suspend": suspend})
     print(f"batchinference.{GROUP}/{args.name} {'suspended' if suspend else 'resumed'}")
     return 0
 
@@ -549,11 +550,13 @@ def cmd_suspend(cluster: Cluster, args: argparse.Namespace) -> int:
 def cmd_cancel(cluster: Cluster, args: argparse.Namespace) -> int:
     namespace = args.namespace or cluster.default_namespace
     job = cluster.job(namespace, args.name)
-    cluster.delete(namespace, args.name)
-    where = job.spec.output_url
+    if args.delete:
+        cluster.delete(namespace, args.name)
+    else:
+        cluster.patch_spec(namespace, args.name, {"cancel": True})
     print(
-        f"batchinference.{GROUP}/{args.name} cancelled: its workers stop, finished results are"
-        f" merged into {where} (the rest as batch_cancelled errors)"
+        f"batchinference.{GROUP}/{args.name} cancelled{' and deleted' if args.delete else ''}: its workers"
+        f" stop, finished results are merged into {job.spec.output_url} (the rest as batch_cancelled errors)"
     )
     return 0
 
@@ -622,9 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, text in (
         ("suspend", "stop a job's workers, keeping its progress"),
         ("resume", "let a suspended job run again"),
-        ("cancel", "cancel a job: workers stop, partial output is merged and kept"),
     ):
         commands.add_parser(verb, parents=[common], help=text).add_argument("name")
+    cancel = commands.add_parser(
+        "cancel", parents=[common], help="cancel a job: workers stop, finished results are merged and kept"
+    )
+    cancel.add_argument("name")
+    cancel.add_argument("--delete", action="store_true", help="delete the job too (its output stays)")
     results = commands.add_parser("results", parents=[common], help="download a job's output and error files")
     results.add_argument("name")
     results.add_argument("--dir", default=".", help="where to write output.jsonl and errors.jsonl")

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from tests.builders import batch_inference, pool, template
 from tests.ledgertools import FakeWorker, drain, read_jsonl, request_line, write_input
-from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
+from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit, immutable_changes
 from troughfill.api.admission import Admission
 from troughfill.api.conditions import find_condition
 from troughfill.controller import jobs as lifecycle
@@ -116,6 +116,46 @@ async def test_deleting_cancels_keeps_what_was_done_and_removes_the_ledger(
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     assert await aredis.keys(f"*{job.metadata.uid}*") == []
     assert await lifecycle.cancel(ledger, store, lifecycle.job_config(job)) is None  # nothing left
+
+
+async def test_cancel_in_the_spec_keeps_the_job_ends_it_cancelled_and_cannot_be_undone(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    job = make_job(tmp_path, 8)
+    ledger, store = lifecycle.ledger_for(job, aredis), ObjectStore()
+    running = job.model_copy(
+        update={"status": (await lifecycle.start(job, admitted(job), ledger, store, NOW)).status}
+    )
+    worker = FakeWorker(ledger, store, job.spec.output_url, "w")
+    assert await worker.take(3)
+    await worker.finish()
+    asked = running.model_copy(update={"spec": running.spec.model_copy(update={"cancel": True})})
+    announced = await lifecycle.spec_changed(running, asked, ledger, NOW)
+    assert announced is not None
+    assert [e.reason for e in announced.events] == ["CancelRequested"]
+    assert running.status is not None
+    workers = lifecycle.WorkerView(desired=0, ready=0, limit=Limit.NONE, at_risk=False)
+    done = await lifecycle.refresh_status(asked, running.status, ledger, store, NOW, workers=workers)
+    assert done.status.phase == "cancelled"
+    assert [e.reason for e in done.events] == ["CancelRequested"]
+    cancelled = find_condition(done.status.conditions, "Cancelled")
+    assert cancelled is not None
+    assert (cancelled.status, cancelled.reason) == ("True", "CancelRequested")
+    assert "3 results, 5 errors" in cancelled.message
+    assert done.status.output_url == (tmp_path / "out" / "output.jsonl").as_uri()
+    assert len(read_jsonl(tmp_path / "out" / "output.jsonl")) == 3
+    assert {e["error"]["code"] for e in read_jsonl(tmp_path / "out" / "errors.jsonl")} == {"batch_cancelled"}
+    assert done.status.finished_at == NOW
+    again = await lifecycle.refresh_status(asked, done.status, ledger, store, NOW, workers=workers)
+    assert again.events == []  # ended: nothing merged twice
+    # Setting it back (a cluster without the CEL rule accepts that) is refused like an immutable field.
+    ended = asked.model_copy(update={"status": done.status})
+    assert immutable_changes(asked.spec, running.spec) == ["cancel"]
+    assert immutable_changes(running.spec, asked.spec) == []
+    assert (
+        await lifecycle.spec_changed(ended, running.model_copy(update={"status": done.status}), ledger, NOW)
+        is None
+    )
 
 
 async def test_a_changed_immutable_field_is_refused_and_a_restart_does_not_readmit_it(

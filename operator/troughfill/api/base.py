@@ -18,6 +18,7 @@ JsonDict = dict[str, Any]
 
 # Schema keys that only the generator reads; they never reach a CRD.
 IMMUTABLE_KEY = "x-troughfill-immutable"
+LATCH_KEY = "x-troughfill-latch"
 LIST_TYPE_KEY = "x-kubernetes-list-type"
 LIST_MAP_KEYS_KEY = "x-kubernetes-list-map-keys"
 VALIDATIONS_KEY = "x-kubernetes-validations"
@@ -108,6 +109,11 @@ def immutable(default: Any = ..., *, json_schema_extra: JsonDict | None = None, 
     return Field(default, json_schema_extra={IMMUTABLE_KEY: True, **(json_schema_extra or {})}, **kwargs)
 
 
+def latch(**kwargs: Any) -> Any:
+    """A boolean that, once true, stays true (CEL transition rule + `immutable_changes`)."""
+    return Field(False, json_schema_extra={LATCH_KEY: True}, **kwargs)
+
+
 def list_map(*keys: str, **kwargs: Any) -> Any:
     """A list whose entries are identified by `keys` (server-side merge, uniqueness enforced)."""
     return Field(
@@ -123,18 +129,18 @@ def list_set(**kwargs: Any) -> Any:
 
 
 def immutable_changes(old: ApiModel, new: ApiModel) -> list[str]:
-    """Wire names of immutable fields that differ between two versions of a spec.
+    """Wire names of immutable fields that differ between two versions of a spec, and of
+    latches set back to false.
 
-    The Python twin of the `self == oldSelf` rules; needed because clusters without CEL
-    accept such updates, and the operator must then refuse to act on them.
+    The Python twin of the `self == oldSelf` and `self || !oldSelf` rules; needed because
+    clusters without CEL accept such updates, and the operator must then refuse to act on them.
     """
     changed = []
     for name, field in type(new).model_fields.items():
         extra = field.json_schema_extra
-        if (
-            isinstance(extra, Mapping)
-            and extra.get(IMMUTABLE_KEY)
-            and getattr(old, name) != getattr(new, name)
-        ):
+        if not isinstance(extra, Mapping):
+            continue
+        before, after = getattr(old, name), getattr(new, name)
+        if (extra.get(IMMUTABLE_KEY) and before != after) or (extra.get(LATCH_KEY) and before and not after):
             changed.append(field.alias or name)
     return changed

@@ -14,6 +14,7 @@ from troughfill.api.base import (
     Rule,
     StatusModel,
     immutable,
+    latch,
     list_map,
 )
 from troughfill.api.conditions import Condition
@@ -87,6 +88,10 @@ class BatchInferenceSpec(ApiModel):
     """Upper bound on workers; unbounded (quota and trough permitting) when unset."""
     suspend: bool = False
     """Stop every worker, keeping progress; set back to false to resume."""
+    cancel: bool = latch()
+    """Cancel the job and keep it: workers stop, finished results are merged into the output (the
+    rest as batch_cancelled errors) and the job ends cancelled. Cannot be undone. (Deleting the
+    job cancels it the same way, and removes it.)"""
     engine_args: list[EngineArg] = immutable(
         default_factory=list,
         max_length=32,

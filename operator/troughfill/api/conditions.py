@@ -98,6 +98,7 @@ class Reason(StrEnum):
     PRIORITY_CLASSES_FOUND = "PriorityClassesFound"
     PRIORITY_CLASS_MISSING = "PriorityClassMissing"
     RESUMED = "Resumed"
+    CANCEL_REQUESTED = "CancelRequested"
     TEMPLATE_DELETED = "TemplateDeleted"
     # Events of a pool's planning cycle
     SCALE_UP = "ScaleUp"

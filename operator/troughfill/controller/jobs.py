@@ -70,6 +70,7 @@ class StatusUpdate:
 
 
 MERGED = frozenset({Phase.COMPLETED, Phase.EXPIRED, Phase.CANCELLED})
+CANCELLABLE = frozenset({Phase.VALIDATING, Phase.IN_PROGRESS, Phase.CANCELLING})
 """Ended with the output merged: the segments are no longer needed (a failed job keeps its own:
 they are all of its results)."""
 MAX_STORAGE_ATTEMPTS = 5
@@ -392,6 +393,9 @@ async def refresh_status(
         events += _fail(status, job, Reason.INPUT_CHANGED, progress.input_changed, now).events
         progress = await ledger.progress()
     try:
+        progress = await _cancel_if_asked(
+            job, status, ledger, store, config=config, progress=progress, now=now, events=events
+        )
         progress = await _expire_if_window_ended(
             job, status, ledger, store, config=config, progress=progress, now=now, events=events
         )
@@ -428,6 +432,36 @@ async def refresh_status(
         _set(status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE, reason=Reason.POOL_NOT_FOUND,
              message="no pool plans this job now: its template's pool is gone", now=now)  # fmt: skip
     return StatusUpdate(status, events, retry_in)
+
+
+async def _cancel_if_asked(
+    job: BatchInference,
+    status: BatchInferenceStatus,
+    ledger: JobLedger,
+    store: ObjectStore | None,
+    *,
+    config: JobConfig,
+    progress: Progress,
+    now: datetime,
+    events: list[Event],
+) -> Progress:
+    """spec.cancel: merge what is done, the rest as batch_cancelled, and end cancelled (the
+    pool stops the workers: a cancelled job is planned none). A job already finalizing ends as
+    it would have; the merge waits for a storage grant that admits the job (`store`)."""
+    if not job.spec.cancel or store is None or progress.state not in CANCELLABLE:
+        return progress
+    if progress.state != Phase.CANCELLING:
+        await ledger.transition(Phase.CANCELLING)
+    report = await finalize(ledger, store, Phase.CANCELLED, config)
+    message = f"cancelled: {_summary(report)}"
+    events.append(Event(Reason.CANCEL_REQUESTED, message))
+    status.output_url, status.error_url = report.output_url, report.error_url
+    _set(
+        status, job, JobConditionType.CANCELLED,
+        value=ConditionStatus.TRUE, reason=Reason.CANCEL_REQUESTED, message=message, now=now,
+    )  # fmt: skip
+    status.finished_at = status.finished_at or now
+    return await ledger.progress()
 
 
 async def _expire_if_window_ended(
@@ -540,7 +574,11 @@ def _workers_conditions(
 def _workers_ended(job: BatchInference, status: BatchInferenceStatus, state: Phase, now: datetime) -> None:
     status.workers = WorkerCounts(desired=0, ready=0)
     if find_condition(status.conditions, JobConditionType.RUNNING) is not None:
-        ended = {Phase.COMPLETED: Reason.ALL_REQUESTS_DONE, Phase.EXPIRED: Reason.WINDOW_ENDED}
+        ended = {
+            Phase.COMPLETED: Reason.ALL_REQUESTS_DONE,
+            Phase.EXPIRED: Reason.WINDOW_ENDED,
+            Phase.CANCELLED: Reason.CANCEL_REQUESTED,
+        }
         _set(
             status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE,
             reason=ended.get(state, Reason.DELETED),
@@ -600,6 +638,9 @@ async def spec_changed(
         await ledger.mark_refused(message)
         _refused(status, new, message, now)
         return StatusUpdate(status, [Event(Reason.IMMUTABLE_FIELD_CHANGED, message, warning=True)])
+    if new.spec.cancel and not old.spec.cancel:
+        message = "cancel requested: workers stop, finished results are merged, the rest is batch_cancelled"
+        return StatusUpdate(_status(new), [Event(Reason.CANCEL_REQUESTED, message)])
     if old.spec.suspend != new.spec.suspend:
         if new.spec.suspend:
             event = Event(Reason.SUSPENDED, "suspended: every worker stops, progress is kept")

@@ -285,6 +285,7 @@ def _job_state(
     job, template, progress = entry.job, entry.template, entry.progress
     stopped = (
         job.spec.suspend
+        or job.spec.cancel
         or bool(progress.refused)
         or not progress.indexed
         or crash_looping
