@@ -74,3 +74,18 @@ if ! k8s_built; then
   k8s_build
 fi
 k8s_log "control-plane binaries in $TROUGHFILL_K8S_BIN"
+
+# argocd-lua: Argo CD's Lua health checks and actions run as Argo CD runs them (gopher-lua),
+# on manifests/argocd/resource_customizations (scripts/argocd-lua; seconds to build).
+lua_inputs="$(cat "$TROUGHFILL_REPO"/scripts/argocd-lua/go.mod "$TROUGHFILL_REPO"/scripts/argocd-lua/go.sum \
+  "$TROUGHFILL_REPO"/scripts/argocd-lua/*.go | sha256sum | cut -c1-12)"
+TROUGHFILL_ARGOCD_LUA="$TROUGHFILL_CACHE/argocd-lua/$lua_inputs/argocd-lua"
+export TROUGHFILL_ARGOCD_LUA
+argocd_lua_build() {
+  mkdir -p "$(dirname "$TROUGHFILL_ARGOCD_LUA")" "$K8S_DIR"
+  (cd "$TROUGHFILL_REPO/scripts/argocd-lua" && k8s_go build -trimpath -o "$TROUGHFILL_ARGOCD_LUA.tmp" .) \
+    >>"$K8S_DIR/build.log" 2>&1 || { tail -n 20 "$K8S_DIR/build.log" >&2; k8s_log "argocd-lua build failed"; return 1; }
+  mv "$TROUGHFILL_ARGOCD_LUA.tmp" "$TROUGHFILL_ARGOCD_LUA"
+}
+[ -x "$TROUGHFILL_ARGOCD_LUA" ] || argocd_lua_build
+k8s_log "argocd-lua in $TROUGHFILL_ARGOCD_LUA"

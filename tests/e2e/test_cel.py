@@ -89,6 +89,7 @@ CASES = [
         [{"name": "max-num-seqs", "value": "8"}],
         [{"name": "max-num-seqs", "value": "9"}],
     ),
+    Case("BatchInference", ".spec.cancel", "cancel cannot be undone", *changed("cancel", True, False)),
     Case(
         "BatchPool",
         ".spec",

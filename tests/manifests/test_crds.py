@@ -127,6 +127,7 @@ def test_rule_messages_are_the_same_on_both_sides() -> None:
         ({"engineArgs": [{"name": "max-num-seqs", "value": "9"}]}, ["engineArgs is immutable"]),
         ({"completionWindow": "48h"}, ["completionWindow is immutable"]),
         ({"suspend": True, "maxWorkers": 4}, []),
+        ({"cancel": True}, []),
     ],
 )
 def test_immutable_fields_are_refused_by_transition_rules(change: dict[str, Any], refused: list[str]) -> None:
@@ -136,6 +137,15 @@ def test_immutable_fields_are_refused_by_transition_rules(change: dict[str, Any]
     old_spec = api.BatchInference.model_validate(old).spec
     new_spec = api.BatchInference.model_validate(new).spec
     assert [f"{name} is immutable" for name in api.immutable_changes(old_spec, new_spec)] == refused
+
+
+def test_a_cancel_cannot_be_undone_on_either_side() -> None:
+    old = batch_inference(cancel=True)
+    new = batch_inference(cancel=False)
+    assert crdtools.server_verdict("BatchInference", new, old) == ["cancel cannot be undone"]
+    assert crdtools.server_verdict("BatchInference", old, old) == []
+    old_spec = api.BatchInference.model_validate(old).spec
+    assert api.immutable_changes(old_spec, api.BatchInference.model_validate(new).spec) == ["cancel"]
 
 
 durations = st.lists(
