@@ -8,14 +8,17 @@ same tests run unchanged against that cluster instead and no harness is started;
 that only make sense with the node agent (local process ids) are skipped there.
 """
 
+import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kopf.testing import KopfRunner
 from kubernetes import client, config
 from kubernetes.config import kube_config
 
@@ -28,6 +31,7 @@ from troughfill_dev.localcluster.controlplane import (
     start_node_agent,
 )
 from troughfill_dev.localcluster.nodeagent import GPU_RESOURCE
+from troughfill_dev.localcluster.services import RedisServer
 from troughfill_dev.localcluster.services import wait_until as until
 from troughfill_dev.localcluster.stack import create_namespace
 
@@ -138,3 +142,27 @@ def crds(kube: Kube) -> None:
             30,
             f"CRD {name} established",
         )
+
+
+def operator_settings(redis_server: RedisServer) -> dict[str, str]:
+    """The operator's settings here: this Redis, half-second cycles, worker pods that run
+    `python -m troughfill.cli`, no metrics or health endpoints (tests that want one set it)."""
+    return {
+        "TROUGHFILL_REDIS_URL": redis_server.url,
+        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
+        "TROUGHFILL_METRICS_PORT": "0",
+        "TROUGHFILL_HEALTH_PORT": "0",
+        "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
+    }
+
+
+@pytest.fixture
+def operator(
+    kube: Kube, crds: None, namespace: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[KopfRunner]:
+    for name, value in operator_settings(redis_server).items():
+        monkeypatch.setenv(name, value)
+    args = ["run", "--standalone", "--all-namespaces", "-m", "troughfill.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output

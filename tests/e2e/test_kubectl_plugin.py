@@ -21,8 +21,8 @@ from kopf.testing import KopfRunner
 from tests.e2e.conftest import Kube, kubectl, until
 from tests.e2e.test_operator import FILES, apply, get_job, instant_pool_and_template, live_pods, submit
 
-TOKEN_SECONDS = 0.5
-"""The stand-in's seconds per streamed token: 8-token answers take 4 s, so the job runs ~30 s."""
+ANSWER_SECONDS = 20
+"""The stand-in answers each request after this long: the job has a ready worker for a while."""
 
 
 def plugin(kube: Kube, *args: str) -> subprocess.CompletedProcess[str]:
@@ -45,7 +45,8 @@ def plugin(kube: Kube, *args: str) -> subprocess.CompletedProcess[str]:
 def ok(kube: Kube, *args: str) -> str:
     done = plugin(kube, *args)
     assert done.returncode == 0, done.stderr
-    print(f"\n$ kubectl troughfill {' '.join(args)}\n{done.stdout}")
+    # (sys.__stdout__: the operator runs under click's CliRunner, which swaps sys.stdout)
+    print(f"\n$ kubectl troughfill {' '.join(args)}\n{done.stdout}", file=sys.__stdout__)
     return done.stdout
 
 
@@ -64,7 +65,7 @@ def priced_pool_with_standin(kube: Kube, namespace: str) -> str:
     )
     template["spec"]["engine"] = {
         "command": [sys.executable, "-m", "troughfill_dev.standin"],
-        "args": ["--token-seconds", str(TOKEN_SECONDS), "--max-running", "2"],
+        "args": ["--delay-seconds", str(ANSWER_SECONDS)],
     }
     apply(kube, pool, template)
     return suffix

@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +23,13 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tests.conftest import wait_for_job
-from tests.e2e.conftest import Kube, kubectl, until
+from tests.e2e.conftest import Kube, kubectl, operator_settings, until
 from troughfill import constants
 from troughfill_dev.localcluster import RedisServer, VllmServer, free_port, start_prometheus
 from troughfill_dev.localcluster.services import VLLM_ENV
 from troughfill_dev.scrape import Scrape
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def operator_settings(redis_server: RedisServer) -> dict[str, str]:
-    """The operator's settings here: this Redis, half-second cycles, worker pods that run
-    `python -m troughfill.cli`, no metrics or health endpoints (tests that want one set it)."""
-    return {
-        "TROUGHFILL_REDIS_URL": redis_server.url,
-        "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
-        "TROUGHFILL_METRICS_PORT": "0",
-        "TROUGHFILL_HEALTH_PORT": "0",
-        "TROUGHFILL_WORKER_COMMAND": json.dumps([sys.executable, "-m", "troughfill.cli"]),
-    }
 
 
 def operator_process_env(kube: Kube, redis_server: RedisServer) -> dict[str, str]:
@@ -53,18 +40,6 @@ def operator_process_env(kube: Kube, redis_server: RedisServer) -> dict[str, str
         "KUBECONFIG": str(kube.kubeconfig),
         "PYTHONUNBUFFERED": "1",
     }
-
-
-@pytest.fixture
-def operator(
-    kube: Kube, crds: None, namespace: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[KopfRunner]:
-    for name, value in operator_settings(redis_server).items():
-        monkeypatch.setenv(name, value)
-    args = ["run", "--standalone", "--all-namespaces", "-m", "troughfill.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
-        yield runner
-    assert runner.exception is None, runner.output
 
 
 def apply(kube: Kube, *objects: dict[str, Any]) -> None:

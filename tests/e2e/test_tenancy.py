@@ -24,13 +24,12 @@ import yaml
 from kopf.testing import KopfRunner
 
 from tests.conftest import wait_for_job
-from tests.e2e.conftest import Kube, kubectl, until
+from tests.e2e.conftest import Kube, kubectl, operator_settings, until
 from tests.e2e.test_operator import (
     condition,
     engine_pool_and_template,
     get_job,
     job,
-    operator_settings,
     write_requests,
 )
 from troughfill import constants
