@@ -1,0 +1,173 @@
+"""GitOps with a real Argo CD: its application controller and repo server (built from the
+argo-cd module, run as its own development setup runs them) sync troughfill from a git
+repository on disk, and report troughfill's health checks (manifests/argocd, in argocd-cm).
+
+The CRDs' Application is manifests/argocd/crds.yaml with only repoURL changed; an admin's
+Application carries a pool and a template, a team's Application a BatchInference. The operator
+runs as in the other e2e tests (in this process); the workers' engine is the stand-in.
+"""
+
+import json
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+
+from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import Kube, until
+from tests.e2e.test_operator import FILES, get_job, instant_pool_and_template, job, write_requests
+from troughfill_dev.localcluster.argocd import ARGOCD_NAMESPACE, ArgoCD, GitRepo, make_repo, start_argocd
+from troughfill_dev.localcluster.services import RedisServer
+
+ANSWER_SECONDS = 15
+"""The stand-in answers each request after this long: the job runs for a while."""
+
+
+@pytest.fixture(scope="module")
+def argocd(
+    kube: Kube, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ArgoCD]:
+    if kube.plane is None:
+        pytest.skip("Argo CD runs beside the local control plane")
+    started = start_argocd(kube.plane, redis_server, tmp_path_factory.mktemp("argocd"))
+    yield started
+    started.stop()
+
+
+def application(
+    name: str, repo: GitRepo, path: str, namespace: str | None = None, **sync: Any
+) -> dict[str, Any]:
+    app: dict[str, Any] = {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Application",
+        "metadata": {"name": name, "namespace": ARGOCD_NAMESPACE},
+        "spec": {
+            "project": "default",
+            "source": {"repoURL": repo.url, "targetRevision": "main", "path": path},
+            "destination": {"server": "https://kubernetes.default.svc"},
+            "syncPolicy": {"automated": {"prune": True, "selfHeal": True}, **sync},
+        },
+    }
+    if namespace:
+        app["spec"]["destination"]["namespace"] = namespace
+    return app
+
+
+def resource(app: dict[str, Any], kind: str, name: str) -> dict[str, Any] | None:
+    return next(
+        (r for r in app.get("status", {}).get("resources", []) if r["kind"] == kind and r["name"] == name),
+        None,
+    )
+
+
+def health_of(argocd: ArgoCD, app: str, kind: str, name: str) -> tuple[str, str]:
+    found = resource(argocd.application(app), kind, name) or {}
+    health = found.get("health") or {}
+    return health.get("status", ""), health.get("message", "")
+
+
+def test_argo_cd_syncs_troughfill_from_git_and_reports_its_health(
+    kube: Kube,
+    argocd: ArgoCD,
+    operator: KopfRunner,
+    namespace: str,
+    gpu_node: tuple[str, int],
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "git")
+    # What the platform team's repository holds: the CRDs as this one ships them.
+    shutil.copytree(REPO_ROOT / "crds", repo.clone / "crds")
+    shutil.copytree(REPO_ROOT / "manifests" / "crds", repo.clone / "manifests" / "crds")
+    suffix = uuid.uuid4().hex[:6]
+    pool, template = instant_pool_and_template(suffix, "")
+    pool["spec"]["defaultQuota"] = {"maxGPUs": 2, "storage": FILES}
+    template["spec"]["engine"] = {
+        "command": [sys.executable, "-m", "troughfill_dev.standin"],
+        "args": ["--delay-seconds", str(ANSWER_SECONDS)],
+    }
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 20)
+    batch = job(
+        "tickets", f"tiny-{suffix}", requests.as_uri(), (tmp_path / "out").as_uri() + "/", suspend=True
+    )
+    repo.commit(
+        "platform and team-a",
+        {
+            "platform/pool.yaml": yaml.safe_dump(pool),
+            "platform/template.yaml": yaml.safe_dump(template),
+            "teams/team-a/tickets.yaml": yaml.safe_dump(batch),
+        },
+    )
+
+    crds_app = yaml.safe_load((REPO_ROOT / "manifests" / "argocd" / "crds.yaml").read_text())
+    crds_app["spec"]["source"]["repoURL"] = repo.url
+    argocd.apply_application(crds_app)
+
+    def synced_and_healthy(name: str) -> dict[str, Any] | None:
+        argocd.check_alive()
+        app = argocd.application(name)
+        status = app.get("status", {})
+        ok = (
+            status.get("sync", {}).get("status") == "Synced"
+            and status.get("health", {}).get("status") == "Healthy"
+        )
+        return app if ok else None
+
+    until(
+        lambda: synced_and_healthy("troughfill-crds"), 120, f"the CRDs' Application synced\n{argocd.logs()}"
+    )
+
+    argocd.apply_application(application(f"platform-{suffix}", repo, "platform"))
+    argocd.apply_application(application("team-a", repo, "teams/team-a", namespace))
+
+    def job_health(status: str) -> tuple[str, str] | None:
+        argocd.check_alive()
+        got = health_of(argocd, "team-a", "BatchInference", "tickets")
+        return got if got[0] == status else None
+
+    status, message = until(
+        lambda: job_health("Suspended"), 120, f"the job Suspended in Argo CD\n{argocd.logs()}"
+    )
+    print(f"\nArgo CD: BatchInference tickets {status}: {message}", file=sys.__stdout__)
+    assert message.startswith("Suspended at 0/20 (0%)")
+    pool_health = until(
+        lambda: (
+            health_of(argocd, f"platform-{suffix}", "BatchPool", f"pool-{suffix}")[0] == "Healthy"
+            and health_of(argocd, f"platform-{suffix}", "BatchPool", f"pool-{suffix}")
+        ),
+        60,
+        "the pool Healthy",
+    )
+    print(f"Argo CD: BatchPool pool-{suffix} {pool_health}", file=sys.__stdout__)
+
+    # Resume through Git: the job runs, Argo CD follows its progress, then it completes.
+    batch["spec"]["suspend"] = False
+    repo.commit("resume tickets", {"teams/team-a/tickets.yaml": yaml.safe_dump(batch)})
+    status, message = until(lambda: job_health("Progressing"), 60, "the job Progressing")
+    print(f"Argo CD: BatchInference tickets {status}: {message}", file=sys.__stdout__)
+    status, message = until(lambda: job_health("Healthy"), 180, f"the job Healthy\n{argocd.logs()}")
+    print(f"Argo CD: BatchInference tickets {status}: {message}", file=sys.__stdout__)
+    assert message == "Completed 20/20 (100%): 20 completed, 0 failed of 20"
+    assert get_job(kube, namespace, "tickets")["status"]["phase"] == "completed"
+    # Self-heal does not fight the operator: status and defaults it owns leave the app Synced.
+    until(lambda: synced_and_healthy("team-a"), 60, "the team's Application Synced and Healthy")
+
+    # An immutable field changed in Git: the sync fails with the API server's CEL message.
+    moved = json.loads(json.dumps(batch))
+    moved["spec"]["outputURL"] = (tmp_path / "elsewhere").as_uri() + "/"
+    repo.commit("move the output", {"teams/team-a/tickets.yaml": yaml.safe_dump(moved)})
+
+    def failed_sync() -> str | None:
+        operation = argocd.application("team-a").get("status", {}).get("operationState", {})
+        message = str(operation.get("message", ""))
+        return message if "outputURL is immutable" in message else None
+
+    message = until(failed_sync, 120, f"a failed sync naming the immutable field\n{argocd.logs()}")
+    print(f"Argo CD: sync of team-a: {message}", file=sys.__stdout__)
+    assert get_job(kube, namespace, "tickets")["spec"]["outputURL"] == batch["spec"]["outputURL"]
