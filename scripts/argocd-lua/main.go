@@ -1,8 +1,9 @@
 // Command argocd-lua runs Argo CD resource customizations (health checks and actions) the way
 // Argo CD does: the object as a Lua table named `obj`, on gopher-lua (the interpreter Argo CD
-// embeds) with only the base, table, string and math libraries open. It reads argo-cd's test
-// layout (<group>/<Kind>/health_test.yaml, actions/action_test.yaml, testdata/) and prints one
-// JSON line per test; the exit status is 1 when any test fails.
+// embeds) with only the package, base and table libraries open, as its util/lua opens them (no
+// string or math library: a script calling string.format fails in Argo CD, and fails here).
+// It reads argo-cd's test layout (<group>/<Kind>/health_test.yaml, actions/action_test.yaml,
+// testdata/) and prints one JSON line per test; the exit status is 1 when any test fails.
 //
 //	argocd-lua DIR   (DIR holds <group>/<Kind>/ folders, as argo-cd's resource_customizations/)
 package main
@@ -71,8 +72,6 @@ func newState() *lua.LState {
 		{lua.LoadLibName, lua.OpenPackage},
 		{lua.BaseLibName, lua.OpenBase},
 		{lua.TabLibName, lua.OpenTable},
-		{lua.StringLibName, lua.OpenString},
-		{lua.MathLibName, lua.OpenMath},
 	} {
 		L.Push(L.NewFunction(lib.open))
 		L.Push(lua.LString(lib.name))

@@ -72,6 +72,23 @@ def health_of(argocd: ArgoCD, app: str, kind: str, name: str) -> tuple[str, str]
     return health.get("status", ""), health.get("message", "")
 
 
+def wait_health(argocd: ArgoCD, app: str, kind: str, name: str, status: str, timeout: float) -> str:
+    """The resource's health message once Argo CD reports `status` for it."""
+    seen: list[tuple[str, str]] = []
+
+    def reported() -> str | None:
+        argocd.check_alive()
+        seen.append(health_of(argocd, app, kind, name))
+        return seen[-1][1] if seen[-1][0] == status else None
+
+    try:
+        return until(reported, timeout, f"{kind} {name} {status} in Argo CD")
+    except TimeoutError as error:
+        raise AssertionError(
+            f"{kind} {name} is not {status} after {timeout}s; last seen {seen[-1:]}"
+        ) from error
+
+
 def test_argo_cd_syncs_troughfill_from_git_and_reports_its_health(
     kube: Kube,
     argocd: ArgoCD,
@@ -126,33 +143,21 @@ def test_argo_cd_syncs_troughfill_from_git_and_reports_its_health(
     argocd.apply_application(application(f"platform-{suffix}", repo, "platform"))
     argocd.apply_application(application("team-a", repo, "teams/team-a", namespace))
 
-    def job_health(status: str) -> tuple[str, str] | None:
-        argocd.check_alive()
-        got = health_of(argocd, "team-a", "BatchInference", "tickets")
-        return got if got[0] == status else None
-
-    status, message = until(
-        lambda: job_health("Suspended"), 120, f"the job Suspended in Argo CD\n{argocd.logs()}"
-    )
-    print(f"\nArgo CD: BatchInference tickets {status}: {message}", file=sys.__stdout__)
+    message = wait_health(argocd, "team-a", "BatchInference", "tickets", "Suspended", 120)
+    print(f"\nArgo CD: BatchInference tickets Suspended: {message}", file=sys.__stdout__)
     assert message.startswith("Suspended at 0/20 (0%)")
-    pool_health = until(
-        lambda: (
-            health_of(argocd, f"platform-{suffix}", "BatchPool", f"pool-{suffix}")[0] == "Healthy"
-            and health_of(argocd, f"platform-{suffix}", "BatchPool", f"pool-{suffix}")
-        ),
-        60,
-        "the pool Healthy",
-    )
-    print(f"Argo CD: BatchPool pool-{suffix} {pool_health}", file=sys.__stdout__)
+    message = wait_health(argocd, f"platform-{suffix}", "BatchPool", f"pool-{suffix}", "Healthy", 60)
+    print(f"Argo CD: BatchPool pool-{suffix} Healthy: {message}", file=sys.__stdout__)
+    message = wait_health(argocd, f"platform-{suffix}", "ModelTemplate", f"tiny-{suffix}", "Healthy", 60)
+    print(f"Argo CD: ModelTemplate tiny-{suffix} Healthy: {message}", file=sys.__stdout__)
 
     # Resume through Git: the job runs, Argo CD follows its progress, then it completes.
     batch["spec"]["suspend"] = False
     repo.commit("resume tickets", {"teams/team-a/tickets.yaml": yaml.safe_dump(batch)})
-    status, message = until(lambda: job_health("Progressing"), 60, "the job Progressing")
-    print(f"Argo CD: BatchInference tickets {status}: {message}", file=sys.__stdout__)
-    status, message = until(lambda: job_health("Healthy"), 180, f"the job Healthy\n{argocd.logs()}")
-    print(f"Argo CD: BatchInference tickets {status}: {message}", file=sys.__stdout__)
+    message = wait_health(argocd, "team-a", "BatchInference", "tickets", "Progressing", 60)
+    print(f"Argo CD: BatchInference tickets Progressing: {message}", file=sys.__stdout__)
+    message = wait_health(argocd, "team-a", "BatchInference", "tickets", "Healthy", 180)
+    print(f"Argo CD: BatchInference tickets Healthy: {message}", file=sys.__stdout__)
     assert message == "Completed 20/20 (100%): 20 completed, 0 failed of 20"
     assert get_job(kube, namespace, "tickets")["status"]["phase"] == "completed"
     # Self-heal does not fight the operator: status and defaults it owns leave the app Synced.

@@ -178,6 +178,9 @@ def start_argocd(plane: ControlPlane, redis: RedisServer, workdir: Path) -> Argo
         "ARGOCD_GNUPGHOME": str(workdir / "gpg" / "keys"),
         "ARGOCD_GPG_DATA_PATH": str(workdir / "gpg" / "source"),
         "ARGOCD_GPG_ENABLED": "false",
+        # What an install sets from argocd-cm's timeout.reconciliation: the controller's resync
+        # and the repo server's cache of what a branch points at.
+        "ARGOCD_RECONCILIATION_TIMEOUT": f"{RESYNC_SECONDS}s",
         "HOME": str(workdir / "home"),
     }
     for name in ("tls", "ssh", "gpg/keys", "gpg/source", "home"):
@@ -195,8 +198,11 @@ def start_argocd(plane: ControlPlane, redis: RedisServer, workdir: Path) -> Argo
         "argocd-application-controller",
         [str(bin_dir / "argocd-application-controller"), "--namespace", ARGOCD_NAMESPACE,
          "--redis", redis_address, "--repo-server", f"{LOOPBACK}:{repo_port}", "--repo-server-plaintext",
-         "--app-resync", str(RESYNC_SECONDS), "--metrics-port", str(free_port()),
+         "--metrics-port", str(free_port()),
          "--status-processors", "4", "--operation-processors", "4",
+         # Each resource's health in the Application's status, as before Argo CD 3.0 (since
+         # then kept in Redis for the UI and API server only), so tests read it from the object.
+         "--persist-resource-health",
          "--loglevel", "info", "--logformat", "text"],
         workdir / "controller",
         env={

@@ -21,8 +21,8 @@ for _, c in ipairs(obj.status.conditions) do
 end
 local s = obj.status
 hs.status = "Healthy"
-hs.message = string.format(
-  "%d GPUs: online %d, trough %d, batch %d; %d active jobs",
-  s.capacityGPUs or 0, s.onlineGPUs or 0, s.troughGPUs or 0, s.batchGPUs or 0, s.activeJobs or 0
-)
+-- (Argo CD opens no string library: concatenation only)
+hs.message = tostring(s.capacityGPUs or 0) .. " GPUs: online " .. tostring(s.onlineGPUs or 0)
+  .. ", trough " .. tostring(s.troughGPUs or 0) .. ", batch " .. tostring(s.batchGPUs or 0)
+  .. "; " .. tostring(s.activeJobs or 0) .. " active jobs"
 return hs
