@@ -10,8 +10,9 @@ runs as in the other e2e tests (in this process); the workers' engine is the sta
 import json
 import shutil
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ from kopf.testing import KopfRunner
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import Kube, until
 from tests.e2e.test_operator import FILES, get_job, instant_pool_and_template, job, write_requests
-from troughfill_dev.localcluster.argocd import ARGOCD_NAMESPACE, ArgoCD, GitRepo, make_repo, start_argocd
+from troughfill_dev.localcluster.argocd import (
+    ARGOCD_NAMESPACE,
+    RESYNC_SECONDS,
+    ArgoCD,
+    GitRepo,
+    make_repo,
+    start_argocd,
+)
 from troughfill_dev.localcluster.services import RedisServer
 
 ANSWER_SECONDS = 15
@@ -51,7 +59,13 @@ def application(
             "project": "default",
             "source": {"repoURL": repo.url, "targetRevision": "main", "path": path},
             "destination": {"server": "https://kubernetes.default.svc"},
-            "syncPolicy": {"automated": {"prune": True, "selfHeal": True}, **sync},
+            # A failed sync is retried once, then left: the next commit is synced (a retrying
+            # operation would hold the revision that failed).
+            "syncPolicy": {
+                "automated": {"prune": True, "selfHeal": True},
+                "retry": {"limit": 1, "backoff": {"duration": "2s", "factor": 2, "maxDuration": "10s"}},
+                **sync,
+            },
         },
     }
     if namespace:
@@ -176,3 +190,64 @@ def test_argo_cd_syncs_troughfill_from_git_and_reports_its_health(
     message = until(failed_sync, 120, f"a failed sync naming the immutable field\n{argocd.logs()}")
     print(f"Argo CD: sync of team-a: {message}", file=sys.__stdout__)
     assert get_job(kube, namespace, "tickets")["spec"]["outputURL"] == batch["spec"]["outputURL"]
+
+    cancel_by_action_and_prune(kube, argocd, repo, namespace, batch, job_maker(suffix, requests), tmp_path)
+
+
+def job_maker(suffix: str, requests: Path) -> Callable[[str, Path], dict[str, Any]]:
+    return lambda name, out: job(name, f"tiny-{suffix}", requests.as_uri(), out.as_uri() + "/")
+
+
+def cancel_by_action_and_prune(
+    kube: Kube,
+    argocd: ArgoCD,
+    repo: GitRepo,
+    namespace: str,
+    batch: dict[str, Any],
+    make_job: Callable[[str, Path], dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    # Back to Git's outputURL, and two more jobs: one cancelled by Argo CD's action, one pruned.
+    jobs = {name: make_job(name, tmp_path / f"{name}-out") for name in ("doomed", "pruned")}
+    repo.commit(
+        "two more jobs",
+        {
+            "teams/team-a/tickets.yaml": yaml.safe_dump(batch),
+            **{f"teams/team-a/{name}.yaml": yaml.safe_dump(obj) for name, obj in jobs.items()},
+        },
+    )
+    for name in jobs:
+        wait_health(argocd, "team-a", "BatchInference", name, "Progressing", 120)
+
+    listed = argocd.cli("app", "actions", "list", "team-a", "--kind", "BatchInference",
+                        "--resource-name", "doomed", "--namespace", namespace)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    print(f"$ argocd app actions list team-a --kind BatchInference --resource-name doomed\n{listed.stdout}",
+          file=sys.__stdout__)  # fmt: skip
+    ran = argocd.cli("app", "actions", "run", "team-a", "cancel", "--kind", "BatchInference",
+                     "--resource-name", "doomed", "--namespace", namespace)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert get_job(kube, namespace, "doomed")["spec"]["cancel"] is True
+    message = wait_health(argocd, "team-a", "BatchInference", "doomed", "Degraded", 120)
+    print(f"Argo CD: BatchInference doomed Degraded: {message}", file=sys.__stdout__)
+    assert message.startswith("Cancelled: cancelled: ")
+    assert get_job(kube, namespace, "doomed")["status"]["phase"] == "cancelled"
+    errors = [
+        json.loads(line) for line in (tmp_path / "doomed-out" / "errors.jsonl").read_text().splitlines()
+    ]
+    assert {e["error"]["code"] for e in errors} <= {"batch_cancelled"}
+    # The action's change is not Git's, and self-heal leaves it: three resyncs later the app is
+    # Synced and the job still cancelled.
+    time.sleep(3 * RESYNC_SECONDS)
+    assert argocd.application("team-a")["status"]["sync"]["status"] == "Synced"
+    assert get_job(kube, namespace, "doomed")["spec"]["cancel"] is True
+
+    # Pruned from Git: Argo CD deletes it, the operator cancels it and keeps its partial output.
+    repo.commit("drop pruned", {"teams/team-a/pruned.yaml": None})
+    pruned_errors = tmp_path / "pruned-out" / "errors.jsonl"
+    until(pruned_errors.exists, 120, f"the pruned job's error file\n{argocd.logs()}")
+    cancelled = [json.loads(line) for line in pruned_errors.read_text().splitlines()]
+    answered = tmp_path / "pruned-out" / "output.jsonl"
+    done = len(answered.read_text().splitlines()) if answered.exists() else 0
+    assert done + len(cancelled) == 20
+    assert {e["error"]["code"] for e in cancelled} <= {"batch_cancelled"}

@@ -1,6 +1,6 @@
 """Argo CD on the local control plane, unmodified, syncing from a git repository on disk.
 
-Its application controller and repo server (one multi-call binary built from the
+Its application controller, repo server and API server (one multi-call binary built from the
 github.com/argoproj/argo-cd/v3 module by scripts/setup_argocd.sh) run as processes of this host
 with the admin's kubeconfig, the way Argo CD's own development setup runs them (its Procfile:
 `ARGOCD_FAKE_IN_CLUSTER=true`, so `https://kubernetes.default.svc` is the kubeconfig's cluster),
@@ -100,14 +100,26 @@ class ArgoCD:
     plane: ControlPlane
     repo_server: ManagedProcess
     controller: ManagedProcess
+    server: ManagedProcess
+    server_port: int
+    env: dict[str, str]
 
     def stop(self) -> None:
-        for process in (self.controller, self.repo_server):
+        for process in (self.server, self.controller, self.repo_server):
             process.stop(timeout=10)
 
     def check_alive(self) -> None:
-        self.repo_server.check_alive()
-        self.controller.check_alive()
+        for process in (self.repo_server, self.controller, self.server):
+            process.check_alive()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The `argocd` CLI against the API server (auth disabled there, as in Argo CD's own e2e)."""
+        return subprocess.run(
+            [str(argocd_bin_dir() / "argocd"), *args, "--server", f"{LOOPBACK}:{self.server_port}",
+             "--plaintext", "--auth-token", "e2e"],
+            env={**os.environ, **self.env, "ARGOCD_BINARY_NAME": "argocd"},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
 
     def logs(self, lines: int = 40) -> str:
         return f"{self.controller.log_tail(lines)}\n---\n{self.repo_server.log_tail(lines)}"
@@ -166,7 +178,8 @@ def install(plane: ControlPlane) -> None:
 
 
 def start_argocd(plane: ControlPlane, redis: RedisServer, workdir: Path) -> ArgoCD:
-    """The repo server and the application controller, watching the `argocd` namespace."""
+    """The repo server, the application controller (watching the `argocd` namespace) and the
+    API server (auth disabled, as Argo CD's own e2e runs it: the CLI's actions go through it)."""
     install(plane)
     bin_dir = argocd_bin_dir()
     env = {
@@ -211,13 +224,24 @@ def start_argocd(plane: ControlPlane, redis: RedisServer, workdir: Path) -> Argo
             "HOSTNAME": "argocd-application-controller-0",
         },
     )  # fmt: skip
-    argocd = ArgoCD(plane, repo_server, controller)
+    server_port = free_port()
+    server = ManagedProcess(
+        "argocd-server",
+        [str(bin_dir / "argocd-server"), "--namespace", ARGOCD_NAMESPACE, "--redis", redis_address,
+         "--repo-server", f"{LOOPBACK}:{repo_port}", "--repo-server-plaintext", "--insecure",
+         "--disable-auth", "--port", str(server_port), "--metrics-port", str(free_port()),
+         "--loglevel", "info", "--logformat", "text"],
+        workdir / "server",
+        env={**env, "ARGOCD_BINARY_NAME": "argocd-server"},
+    )  # fmt: skip
+    argocd = ArgoCD(plane, repo_server, controller, server, server_port, env)
 
-    def listening() -> bool:
+    def listening(port: int) -> bool:
         argocd.check_alive()
         with socket.socket() as sock:
             sock.settimeout(0.2)
-            return sock.connect_ex((LOOPBACK, repo_port)) == 0
+            return sock.connect_ex((LOOPBACK, port)) == 0
 
-    wait_until(listening, 60, "Argo CD's repo server")
+    wait_until(lambda: listening(repo_port), 60, "Argo CD's repo server")
+    wait_until(lambda: listening(server_port), 60, "Argo CD's API server")
     return argocd
