@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set everything up (idempotent; the first run downloads the vLLM CPU engine, a few GB, converts
 # the SmolLM2 model and builds the local Kubernetes control plane from its Go modules, about 10
-# minutes) and run every check: ruff, mypy --strict, import-linter, pytest (every tier: unit,
-# manifests, integration, engine, e2e with the CEL tier, install).
+# minutes; KEDA and Argo CD from theirs, for the side-by-side benchmark and the GitOps tests) and
+# run every check: ruff, mypy --strict, import-linter, pytest (every tier: unit, manifests,
+# integration, engine, e2e with the CEL and Argo CD tiers, install).
 # Extra arguments go to pytest (e.g. scripts/test.sh -k crds).
 set -euo pipefail
 # shellcheck source=scripts/setup.sh
@@ -15,6 +16,8 @@ source "$TROUGHFILL_REPO/scripts/setup_demo.sh"
 source "$TROUGHFILL_REPO/scripts/setup_k8s.sh"
 # shellcheck source=scripts/setup_keda.sh
 source "$TROUGHFILL_REPO/scripts/setup_keda.sh"
+# shellcheck source=scripts/setup_argocd.sh
+source "$TROUGHFILL_REPO/scripts/setup_argocd.sh"
 cd "$TROUGHFILL_REPO"
 
 echo "== ruff"
