@@ -118,6 +118,7 @@ def test_argo_cd_syncs_troughfill_from_git_and_reports_its_health(
     suffix = uuid.uuid4().hex[:6]
     pool, template = instant_pool_and_template(suffix, "")
     pool["spec"]["defaultQuota"] = {"maxGPUs": 2, "storage": FILES}
+    pool["spec"]["drainGracePeriod"] = "0s"  # a suspended job's requests wait for its resume
     template["spec"]["engine"] = {
         "command": [sys.executable, "-m", "troughfill_dev.standin"],
         "args": ["--delay-seconds", str(ANSWER_SECONDS)],
@@ -209,6 +210,7 @@ def cancel_by_action_and_prune(
 ) -> None:
     # Back to Git's outputURL, and two more jobs: one cancelled by Argo CD's action, one pruned.
     jobs = {name: make_job(name, tmp_path / f"{name}-out") for name in ("doomed", "pruned")}
+    jobs["pruned"]["spec"]["suspend"] = True
     repo.commit(
         "two more jobs",
         {
@@ -216,17 +218,21 @@ def cancel_by_action_and_prune(
             **{f"teams/team-a/{name}.yaml": yaml.safe_dump(obj) for name, obj in jobs.items()},
         },
     )
-    for name in jobs:
-        wait_health(argocd, "team-a", "BatchInference", name, "Progressing", 120)
+    wait_health(argocd, "team-a", "BatchInference", "doomed", "Progressing", 120)
+    wait_health(argocd, "team-a", "BatchInference", "pruned", "Suspended", 120)
 
     listed = argocd.cli("app", "actions", "list", "team-a", "--kind", "BatchInference",
                         "--resource-name", "doomed", "--namespace", namespace)  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     print(f"$ argocd app actions list team-a --kind BatchInference --resource-name doomed\n{listed.stdout}",
           file=sys.__stdout__)  # fmt: skip
-    ran = argocd.cli("app", "actions", "run", "team-a", "cancel", "--kind", "BatchInference",
-                     "--resource-name", "doomed", "--namespace", namespace)  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
+    for action in ("suspend", "cancel"):
+        ran = argocd.cli("app", "actions", "run", "team-a", action, "--kind", "BatchInference",
+                         "--resource-name", "doomed", "--namespace", namespace)  # fmt: skip
+        assert ran.returncode == 0, ran.stderr
+        if action == "suspend":
+            message = wait_health(argocd, "team-a", "BatchInference", "doomed", "Suspended", 60)
+            print(f"Argo CD: BatchInference doomed Suspended (action): {message}", file=sys.__stdout__)
     assert get_job(kube, namespace, "doomed")["spec"]["cancel"] is True
     message = wait_health(argocd, "team-a", "BatchInference", "doomed", "Degraded", 120)
     print(f"Argo CD: BatchInference doomed Degraded: {message}", file=sys.__stdout__)
@@ -242,12 +248,16 @@ def cancel_by_action_and_prune(
     assert argocd.application("team-a")["status"]["sync"]["status"] == "Synced"
     assert get_job(kube, namespace, "doomed")["spec"]["cancel"] is True
 
-    # Pruned from Git: Argo CD deletes it, the operator cancels it and keeps its partial output.
+    # Pruned from Git: Argo CD deletes it, the operator cancels it and writes its output (a
+    # suspended job's: every request batch_cancelled).
     repo.commit("drop pruned", {"teams/team-a/pruned.yaml": None})
     pruned_errors = tmp_path / "pruned-out" / "errors.jsonl"
     until(pruned_errors.exists, 120, f"the pruned job's error file\n{argocd.logs()}")
     cancelled = [json.loads(line) for line in pruned_errors.read_text().splitlines()]
     answered = tmp_path / "pruned-out" / "output.jsonl"
     done = len(answered.read_text().splitlines()) if answered.exists() else 0
-    assert done + len(cancelled) == 20
-    assert {e["error"]["code"] for e in cancelled} <= {"batch_cancelled"}
+    assert (done, len(cancelled)) == (0, 20)
+    assert {e["error"]["code"] for e in cancelled} == {"batch_cancelled"}
+    until(
+        lambda: resource(argocd.application("team-a"), "BatchInference", "pruned") is None, 60, "pruned gone"
+    )
