@@ -453,14 +453,8 @@ async def _cancel_if_asked(
     if progress.state != Phase.CANCELLING:
         await ledger.transition(Phase.CANCELLING)
     report = await finalize(ledger, store, Phase.CANCELLED, config)
-    message = f"cancelled: {_summary(report)}"
-    events.append(Event(Reason.CANCEL_REQUESTED, message))
-    status.output_url, status.error_url = report.output_url, report.error_url
-    _set(
-        status, job, JobConditionType.CANCELLED,
-        value=ConditionStatus.TRUE, reason=Reason.CANCEL_REQUESTED, message=message, now=now,
-    )  # fmt: skip
-    status.finished_at = status.finished_at or now
+    event = Event(Reason.CANCEL_REQUESTED, f"cancelled: {_summary(report)}")
+    _ended(job, status, JobConditionType.CANCELLED, event, report=report, now=now, events=events)
     return await ledger.progress()
 
 
@@ -487,14 +481,35 @@ async def _expire_if_window_ended(
         return progress
     report = await finalize(ledger, store, Phase.EXPIRED, config)
     message = f"completion window {job.spec.completion_window} ended: {_summary(report)}"
-    events.append(Event(Reason.WINDOW_ENDED, message, warning=True))
+    event = Event(Reason.WINDOW_ENDED, message, warning=True)
+    _ended(job, status, JobConditionType.EXPIRED, event, report=report, now=now, events=events)
+    return await ledger.progress()
+
+
+def _ended(
+    job: BatchInference,
+    status: BatchInferenceStatus,
+    condition: JobConditionType,
+    event: Event,
+    *,
+    report: FinalReport,
+    now: datetime,
+    events: list[Event],
+) -> None:
+    """A job ended before every request was done (expired, cancelled): its merged output in the
+    status, the condition saying why, the Event."""
+    events.append(event)
     status.output_url, status.error_url = report.output_url, report.error_url
     _set(
-        status, job, JobConditionType.EXPIRED,
-        value=ConditionStatus.TRUE, reason=Reason.WINDOW_ENDED, message=message, now=now,
-    )  # fmt: skip
+        status,
+        job,
+        condition,
+        value=ConditionStatus.TRUE,
+        reason=event.reason,
+        message=event.message,
+        now=now,
+    )
     status.finished_at = status.finished_at or now
-    return await ledger.progress()
 
 
 async def _finalize_if_done(
