@@ -149,7 +149,9 @@ def test_the_example_job_completes(site: Site) -> None:
         wait_for_job(read, "the example job", stall=600, cap=1400)
     except AssertionError as error:
         pods = kubectl(site, "get", "pods", "-A", "-o", "wide", check=False)
-        raise AssertionError(f"{error}\n{pods}") from None
+        # The pool's status says why no worker starts (its SignalReady message: the query's error).
+        pools = kubectl(site, "get", "batchpools", "-o", "yaml", check=False)
+        raise AssertionError(f"{error}\n{pods}\n{pools}") from None
     out = kubectl(
         site, "-n", JOB_NAMESPACE, "wait", "--for=condition=Complete", f"batchinference/{JOB}",
         "--timeout=60s", timeout=90, check=False,
