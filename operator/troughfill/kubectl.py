@@ -30,13 +30,14 @@ from pydantic import ValidationError
 
 from troughfill import constants
 from troughfill.api.batchinference import BatchInference
-from troughfill.api.batchpool import BatchPool, NamespaceQuota
+from troughfill.api.batchpool import BatchPool
 from troughfill.api.conditions import PoolConditionType, Reason, find_condition
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.api.types import parse_duration
 from troughfill.config import Settings
 from troughfill.storage.errors import StorageError
 from troughfill.storage.objects import store_for
+from troughfill.storage.segments import ERROR_FILE, OUTPUT_FILE
 
 GROUP, VERSION = constants.API_GROUP, constants.API_VERSION
 DECISION_REASONS = frozenset(
@@ -44,7 +45,6 @@ DECISION_REASONS = frozenset(
 )
 ClusterKind = TypeVar("ClusterKind", ModelTemplate, BatchPool)
 AnyKind = TypeVar("AnyKind", BatchInference, BatchPool, ModelTemplate)
-OUTPUT_NAMES = {"outputURL": "output.jsonl", "errorURL": "errors.jsonl"}
 
 
 class PluginError(Exception):
@@ -107,8 +107,17 @@ def job_view(job: BatchInference, pool: BatchPool | None, now: datetime) -> dict
     }
 
 
-def _quota_for(pool: BatchPool, namespace: str) -> NamespaceQuota | None:
-    return next((q for q in pool.spec.quotas if q.namespace == namespace), None)
+def _share(pool: BatchPool, namespace: str) -> dict[str, Any]:
+    """A namespace's row, before its jobs are counted: its quota and weight (the default
+    quota's for a namespace the list does not name; 0 and 0 without one)."""
+    quota = next((q for q in pool.spec.quotas if q.namespace == namespace), None) or pool.spec.default_quota
+    return {
+        "namespace": namespace,
+        "jobs": 0,
+        "batchGPUs": 0,
+        "maxGPUs": quota.max_gpus if quota else 0,
+        "weight": quota.weight if quota else 0,
+    }
 
 
 def pool_view(
@@ -124,32 +133,15 @@ def pool_view(
         if template is None or template.spec.pool_ref != name:
             continue
         ns = job.metadata.ns
-        quota = _quota_for(pool, ns)
-        default = pool.spec.default_quota
-        share = shares.setdefault(
-            ns,
-            {
-                "namespace": ns,
-                "jobs": 0,
-                "batchGPUs": 0,
-                "maxGPUs": quota.max_gpus if quota else (default.max_gpus if default else 0),
-                "weight": quota.weight if quota else (default.weight if default else 0),
-            },
-        )
+        if ns not in shares:
+            shares[ns] = _share(pool, ns)
+        share = shares[ns]
         share["jobs"] += 1
         ready = job.status.workers.ready if job.status else 0
         share["batchGPUs"] += ready * template.spec.gpus_per_worker
     for quota in pool.spec.quotas:  # namespaces with a quota and no jobs show too
-        shares.setdefault(
-            quota.namespace,
-            {
-                "namespace": quota.namespace,
-                "jobs": 0,
-                "batchGPUs": 0,
-                "maxGPUs": quota.max_gpus,
-                "weight": quota.weight,
-            },
-        )
+        if quota.namespace not in shares:
+            shares[quota.namespace] = _share(pool, quota.namespace)
     signal = find_condition(status.conditions, PoolConditionType.SIGNAL_READY) if status else None
     return {
         "name": name,
@@ -337,22 +329,19 @@ def describe_text(view: Mapping[str, Any]) -> str:
         ),
         "",
         "Pool decisions about its workers:",
-        table(
-            ["TIME", "REASON", "COUNT", "MESSAGE"],
-            [[d["time"], d["reason"], d["count"], d["message"]] for d in view["decisions"]],
-        )
-        if view["decisions"]
-        else "  <none>",
+        _listing(["time", "reason", "count", "message"], view["decisions"]),
         "",
         "Events:",
-        table(
-            ["TIME", "TYPE", "REASON", "COUNT", "MESSAGE"],
-            [[e["time"], e["type"], e["reason"], e["count"], e["message"]] for e in view["events"]],
-        )
-        if view["events"]
-        else "  <none>",
+        _listing(["time", "type", "reason", "count", "message"], view["events"]),
     ]
     return "\n".join(lines)
+
+
+def _listing(keys: Sequence[str], items: Sequence[Mapping[str, Any]]) -> str:
+    """Items as a table of their `keys` (upper-cased headers), or "<none>" as kubectl describe says."""
+    if not items:
+        return "  <none>"
+    return table([key.upper() for key in keys], [[item[key] for key in keys] for item in items])
 
 
 def emit(data: Any, output: str, as_text: Callable[[], str]) -> None:
@@ -373,11 +362,10 @@ class Cluster:
     def __init__(self, kubeconfig: str | None, context: str | None) -> None:
         try:
             api = config.new_client_from_config(config_file=kubeconfig, context=context)
-            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
         except (config.ConfigException, OSError) as error:
             raise PluginError(f"no usable kubeconfig: {error}") from error
         if context is not None:
-            contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
             active = next((c for c in contexts if c["name"] == context), active)
         self.default_namespace: str = active.get("context", {}).get("namespace") or "default"
         self.custom = client.CustomObjectsApi(api)
@@ -566,8 +554,9 @@ def cmd_results(cluster: Cluster, args: argparse.Namespace) -> int:
     caller's own storage credentials (the environment's, as for any object-store client)."""
     namespace = args.namespace or cluster.default_namespace
     job = cluster.job(namespace, args.name)
-    status = job.status.model_dump(by_alias=True) if job.status else {}
-    urls = {key: str(status[key]) for key in OUTPUT_NAMES if status.get(key)}
+    status = job.status
+    named = {OUTPUT_FILE: status.output_url, ERROR_FILE: status.error_url} if status else {}
+    urls = {name: url for name, url in named.items() if url}
     if not urls:
         phase = job.status.phase.value if job.status and job.status.phase else "pending"
         raise PluginError(f"batchinference {namespace}/{args.name} has no merged output yet (phase {phase})")
@@ -575,15 +564,15 @@ def cmd_results(cluster: Cluster, args: argparse.Namespace) -> int:
     target = Path(args.dir)
     target.mkdir(parents=True, exist_ok=True)
     written = {}
-    for key, url in urls.items():
-        path = target / OUTPUT_NAMES[key]
+    for name, url in urls.items():
+        path = target / name
         try:
             with path.open("wb") as out:
                 for line in store.read_lines(url):
                     out.write(line + b"\n")
         except (OSError, StorageError) as error:
             raise PluginError(f"reading {url}: {error}") from error
-        written[OUTPUT_NAMES[key]] = {"url": url, "path": str(path), "bytes": path.stat().st_size}
+        written[name] = {"url": url, "path": str(path), "bytes": path.stat().st_size}
     emit(
         written,
         args.output,

@@ -26,14 +26,14 @@ ANSWER_SECONDS = 20
 
 
 def plugin(kube: Kube, *args: str) -> subprocess.CompletedProcess[str]:
-    """`kubectl troughfill ...` as a user runs it: kubectl finds kubectl-troughfill on PATH."""
+    """`kubectl ...` as a user with troughfill installed runs it: kubectl-troughfill on PATH."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "KUBECONFIG": str(kube.kubeconfig),
     }
     return subprocess.run(
-        [kube.kubectl(), "troughfill", *args],
+        [kube.kubectl(), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -43,7 +43,7 @@ def plugin(kube: Kube, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def ok(kube: Kube, *args: str) -> str:
-    done = plugin(kube, *args)
+    done = plugin(kube, "troughfill", *args)
     assert done.returncode == 0, done.stderr
     # (sys.__stdout__: the operator runs under click's CliRunner, which swaps sys.stdout)
     print(f"\n$ kubectl troughfill {' '.join(args)}\n{done.stdout}", file=sys.__stdout__)
@@ -76,11 +76,7 @@ def test_kubectl_troughfill_follows_steers_and_downloads_a_job(
 ) -> None:
     if not kube.local:
         pytest.skip("the workers run through the node agent")
-    listed = subprocess.run(
-        [kube.kubectl(), "plugin", "list"],
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    listed = plugin(kube, "plugin", "list")
     assert "kubectl-troughfill" in listed.stdout, listed.stdout + listed.stderr
 
     suffix = priced_pool_with_standin(kube, namespace)
@@ -148,7 +144,7 @@ def test_kubectl_troughfill_cancels_keeping_the_job_then_deletes_it(
     suffix = priced_pool_with_standin(kube, namespace)
     submit(kube, namespace, "doomed", f"tiny-{suffix}", tmp_path, 5)
     until(lambda: get_job(kube, namespace, "doomed").get("status", {}).get("phase"), 30, "doomed admitted")
-    early = plugin(kube, "results", "doomed", "-n", namespace)
+    early = plugin(kube, "troughfill", "results", "doomed", "-n", namespace)
     assert early.returncode == 1
     assert "has no merged output yet" in early.stderr, early.stderr
 
@@ -180,7 +176,7 @@ def test_kubectl_troughfill_cancels_keeping_the_job_then_deletes_it(
     ok(kube, "cancel", "doomed", "-n", namespace, "--delete")
     until(lambda: not as_json(kube, "get", "-n", namespace), 60, "the job deleted")
 
-    missing = plugin(kube, "get", "no-such-job", "-n", namespace)
+    missing = plugin(kube, "troughfill", "get", "no-such-job", "-n", namespace)
     assert missing.returncode == 1
     assert missing.stderr.startswith("error: batchinference"), missing.stderr
     assert "not found" in missing.stderr, missing.stderr

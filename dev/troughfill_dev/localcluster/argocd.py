@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from troughfill_dev.localcluster.controlplane import ControlPlane, k8s_bin_dir
+from troughfill_dev.localcluster.controlplane import ControlPlane
 from troughfill_dev.localcluster.services import LOOPBACK, ManagedProcess, RedisServer, free_port, wait_until
 from troughfill_dev.paths import manifests
 
@@ -36,16 +36,6 @@ def argocd_bin_dir() -> Path:
     if not found:
         raise FileNotFoundError("TROUGHFILL_ARGOCD_BIN is not set: source scripts/setup_argocd.sh")
     return Path(found)
-
-
-def kubectl(plane: ControlPlane, *args: str, stdin: str | None = None) -> str:
-    done = subprocess.run(
-        [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(plane.kubeconfig), *args],
-        input=stdin, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -126,20 +116,20 @@ class ArgoCD:
 
     def application(self, name: str) -> dict[str, Any]:
         found: dict[str, Any] = yaml.safe_load(
-            kubectl(self.plane, "get", "applications.argoproj.io", name, "-n", ARGOCD_NAMESPACE, "-o", "yaml")
+            self.plane.kubectl("get", "applications.argoproj.io", name, "-n", ARGOCD_NAMESPACE, "-o", "yaml")
         )
         return found
 
     def apply_application(self, app: dict[str, Any]) -> None:
-        kubectl(self.plane, "apply", "-f", "-", stdin=yaml.safe_dump(app))
+        self.plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(app))
 
 
 def install(plane: ControlPlane) -> None:
     """Argo CD's CRDs, namespace, settings and default project; troughfill's argocd-cm keys."""
     crds = argocd_bin_dir() / "crds"
     for name in ("application-crd.yaml", "appproject-crd.yaml"):
-        kubectl(plane, "apply", "--server-side", "-f", str(crds / name))
-    kubectl(plane, "wait", "--for=condition=Established", "--timeout=60s",
+        plane.kubectl("apply", "--server-side", "-f", str(crds / name))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
             "crd/applications.argoproj.io", "crd/appprojects.argoproj.io")  # fmt: skip
     labels = {"app.kubernetes.io/part-of": "argocd"}
     objects: list[dict[str, Any]] = [
@@ -171,9 +161,9 @@ def install(plane: ControlPlane) -> None:
             },
         },
     ]  # fmt: skip
-    kubectl(plane, "apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
+    plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
     # As docs/gitops.md tells admins: merged into the existing argocd-cm.
-    kubectl(plane, "apply", "--server-side", "--field-manager=troughfill",
+    plane.kubectl("apply", "--server-side", "--field-manager=troughfill",
             "-f", str(manifests() / "argocd" / "argocd-cm.yaml"))  # fmt: skip
 
 

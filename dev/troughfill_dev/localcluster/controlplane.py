@@ -227,6 +227,16 @@ class ControlPlane:
         except urllib.error.HTTPError as error:
             return int(error.code)
 
+    def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
+        """kubectl as the admin: its stdout (RuntimeError with its stderr when it fails)."""
+        done = subprocess.run(
+            [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
     def apply_json(self, path: str, body: dict[str, object]) -> int:
         """An admin POST (create); 409 (already there) counts as done."""
         request = urllib.request.Request(

@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from troughfill_dev.localcluster.controlplane import ControlPlane, k8s_bin_dir
+from troughfill_dev.localcluster.controlplane import ControlPlane
 from troughfill_dev.localcluster.services import LOOPBACK, ManagedProcess, free_port, wait_until
 
 KEDA_NAMESPACE = "keda"
@@ -74,15 +74,6 @@ def _hold_node_address(address: str) -> str | None:
         )
     atexit.register(_ip, "addr", "del", f"{address}/32", "dev", "lo")  # even if stop() never runs
     return address
-
-
-def _kubectl(plane: ControlPlane, *args: str) -> None:
-    done = subprocess.run(
-        [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(plane.kubeconfig), *args],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
 
 
 def _adapter_endpoint(plane: ControlPlane, address: str, port: int) -> None:
@@ -139,7 +130,7 @@ def start_keda(plane: ControlPlane, workdir: Path, timeout: float = 120) -> Keda
     through the API server (APIService Available)."""
     bin_dir = keda_bin_dir()
     workdir.mkdir(parents=True, exist_ok=True)
-    _kubectl(plane, "apply", "--server-side", "-f", str(bin_dir / "crds"))
+    plane.kubectl("apply", "--server-side", "-f", str(bin_dir / "crds"))
 
     def established() -> bool:
         status, body = plane.get(

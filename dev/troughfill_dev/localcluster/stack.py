@@ -2,7 +2,6 @@
 agent, the CRDs and PriorityClasses applied with kubectl, and the operator as its own process."""
 
 import json
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,6 @@ from kubernetes import client, config
 from troughfill_dev import paths
 from troughfill_dev.localcluster.controlplane import (
     ControlPlane,
-    k8s_bin_dir,
     start_control_plane,
     start_node_agent,
 )
@@ -30,13 +28,7 @@ class LocalCluster:
         return client.CoreV1Api(self.api)
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        done = subprocess.run(
-            [str(k8s_bin_dir() / "kubectl"), "--kubeconfig", str(self.plane.kubeconfig), *args],
-            input=stdin, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout
+        return self.plane.kubectl(*args, stdin=stdin, timeout=60)
 
     def stop(self) -> None:
         self.agent.stop(timeout=15)  # its pods first: they are processes of this machine
