@@ -90,3 +90,7 @@ FULL_COLLECTION_SECONDS: Final = 60.0
 # Operator replicas' peering priority counts down from here in milliseconds of start time
 # (2**42 ms is in the year 2109); times 1000 it stays below 2**53, exact in any JSON reader.
 PEERING_SENIORITY_EPOCH_MILLIS: Final = 2**42
+
+# Condition messages carry an upstream error's text (a query's, an API server's); the API allows
+# 32768 characters, a reader wants one screen.
+CONDITION_MESSAGE_MAX: Final = 1024

@@ -761,12 +761,14 @@ def test_workers_follow_the_prometheus_online_metric_and_yield_when_it_goes_stal
         prometheus.stop()  # the signal can no longer be read: after maxStaleness, batch yields
         until(lambda: not workers(), 30, "the worker gone once the signal went stale", interval=0.2)
 
-        def signal_ready() -> tuple[str, str]:
+        def signal_ready() -> tuple[str, str, str]:
             ready = next(c for c in pool_status().get("conditions", []) if c["type"] == "SignalReady")
-            return ready["status"], ready["reason"]
+            return ready["status"], ready["reason"], ready["message"]
 
         # Written after the cycle that stopped the worker, like onlineGPUs above: it may land later.
-        until(lambda: signal_ready() == ("False", "SignalStale"), 10, "SignalReady=False, SignalStale")
+        until(lambda: signal_ready()[:2] == ("False", "SignalStale"), 10, "SignalReady=False, SignalStale")
+        # The message says why: the query's error (Prometheus is down).
+        assert "online demand signal stale: ConnectionError" in signal_ready()[2], signal_ready()
         assert {"ScaleUp", "Yield"} <= pool_events(kube, f"pool-{suffix}")
     finally:
         exporter.shutdown()

@@ -18,6 +18,8 @@ credentials are a ConfigMap and Secrets an admin creates.
 import json
 import os
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,35 @@ class Site:
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
         found = sorted(self.pods_dir.glob(f"{namespace}_{pod}_*/{container}.log"))
         return found[-1].read_text(errors="replace") if found else ""
+
+    def diagnostics(self) -> str:
+        """What says why the site misbehaves: the node agent's warnings (a Service it could not
+        proxy), the operator's last log lines, and what Prometheus scrapes and answers."""
+        agent_log = self.pods_dir.parent / "agent" / "node-agent.log"
+        warnings = [
+            line
+            for line in (agent_log.read_text(errors="replace") if agent_log.exists() else "").splitlines()
+            if "WARNING" in line or "ERROR" in line
+        ]
+        operators = sorted(self.pods_dir.glob("troughfill-system_troughfill-operator-*/operator.log"))
+        operator_tail = operators[-1].read_text(errors="replace").splitlines()[-40:] if operators else []
+        try:
+            with urllib.request.urlopen(f"{self.prometheus.url}/api/v1/targets", timeout=5) as answer:
+                targets = [
+                    (t["scrapeUrl"], t["health"], t["lastError"])
+                    for t in json.load(answer)["data"]["activeTargets"]
+                ]
+            query = urllib.parse.quote('up{job="kube-state-metrics"}')
+            with urllib.request.urlopen(
+                f"{self.prometheus.url}/api/v1/query?query={query}", timeout=5
+            ) as answer:
+                up = json.load(answer)["data"]["result"]
+            scraped = f"targets: {targets}\nup: {up}"
+        except OSError as error:
+            scraped = f"Prometheus unreadable from the host: {error!r}"
+        return "\n".join(
+            ["node agent warnings:", *warnings[-30:], "operator log (last lines):", *operator_tail, scraped]
+        )
 
     def s3_fs(self) -> Any:
         return fsspec.filesystem(

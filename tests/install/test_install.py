@@ -151,7 +151,7 @@ def test_the_example_job_completes(site: Site) -> None:
         pods = kubectl(site, "get", "pods", "-A", "-o", "wide", check=False)
         # The pool's status says why no worker starts (its SignalReady message: the query's error).
         pools = kubectl(site, "get", "batchpools", "-o", "yaml", check=False)
-        raise AssertionError(f"{error}\n{pods}\n{pools}") from None
+        raise AssertionError(f"{error}\n{pods}\n{pools}\n{site.diagnostics()}") from None
     out = kubectl(
         site, "-n", JOB_NAMESPACE, "wait", "--for=condition=Complete", f"batchinference/{JOB}",
         "--timeout=60s", timeout=90, check=False,

@@ -166,6 +166,8 @@ class Observation:
     """Workers of jobs no longer active on this pool (finished, expired, suspended out, deleted)."""
     present: frozenset[str]
     """Every worker pod of the pool (namespace/name), finished or not."""
+    signal_problem: str | None = None
+    """Why this cycle's read of the online signal gave no value (the query's error)."""
 
 
 @dataclass
@@ -183,6 +185,8 @@ class Cycle:
     """Workers the API server refused to create (missing PriorityClass, quota, ...), with why."""
     phase_seconds: dict[str, float] = field(default_factory=dict)
     """How long observing, planning and acting took (a slow cycle says which)."""
+    signal_problem: str | None = None
+    """Why the online signal read gave no value this cycle (SignalReady's message says it)."""
     freed: list[tuple[str, StopMode, float]] = field(default_factory=list)
     """Stopped workers (namespace/name) found gone this cycle: their GPUs are free, so many
     seconds after the cycle that decided to stop them."""
@@ -509,7 +513,8 @@ class PoolController:
             own = tuple(by_job.pop((job.metadata.ns, job.metadata.uid_text), []))
             beats = await asyncio.gather(*(ledger.last_heartbeat(pod.name) for pod in own)) if own else []
             jobs.append(ObservedJob(job, template, admission, priority, ledger, progress, own, tuple(beats)))
-        online = await self._online(pool)  # read last: the freshest demand is what is acted on
+        # Read last: the freshest demand is what is acted on.
+        online, signal_problem = await self._online(pool)
         return Observation(
             now=self.clock(),
             capacity=capacity,
@@ -518,6 +523,7 @@ class PoolController:
             finished=tuple(pod for pod in pods if pod.finished and pod.owner_uid),
             orphans=tuple(pod for rest in by_job.values() for pod in rest if not pod.deleting),
             present=frozenset(pod.key for pod in pods),
+            signal_problem=signal_problem,
         )
 
     def _learn_cold_starts(self, seen: Observation) -> dict[str, float]:
@@ -556,7 +562,8 @@ class PoolController:
             return gpus.count
         return await asyncio.to_thread(self.cluster.node_gpus, dict(gpus.node_selector), gpus.resource_name)
 
-    async def _online(self, pool: BatchPool) -> OnlineSignal:
+    async def _online(self, pool: BatchPool) -> tuple[OnlineSignal, str | None]:
+        """The online demand, and why the read gave no value (None when it did)."""
         online = pool.spec.online
         placed, pending = await asyncio.to_thread(
             self.cluster.online_gpus,
@@ -566,9 +573,9 @@ class PoolController:
         )
         if online.gpus_in_use_query is None and not online.pressure:
             # No Prometheus query: the online pods' own GPU requests are the demand (read just now).
-            return OnlineSignal(gpus_in_use=placed, observed_at=self.clock(), pending_gpus=pending)
+            return OnlineSignal(gpus_in_use=placed, observed_at=self.clock(), pending_gpus=pending), None
         reading = await asyncio.to_thread(self.signals.read, pool.metadata.name, online)
-        return reading.online_signal(pending_gpus=pending)
+        return reading.online_signal(pending_gpus=pending), reading.error
 
     async def _missing_priority_classes(self, pool: BatchPool, state: PoolState) -> list[str]:
         now = self.clock()
@@ -586,7 +593,9 @@ class PoolController:
     # --- act ----------------------------------------------------------------------------------
 
     async def act(self, pool: BatchPool, seen: Observation, decided: Plan, state: PoolState) -> Cycle:
-        done = Cycle(decided, seen.online, seen.capacity, jobs=len(seen.jobs))
+        done = Cycle(
+            decided, seen.online, seen.capacity, jobs=len(seen.jobs), signal_problem=seen.signal_problem
+        )
         for pod in (*seen.finished, *seen.orphans):
             await asyncio.to_thread(self.cluster.delete_pod, pod.namespace, pod.name)
         by_key = {entry.key: entry for entry in seen.jobs}
@@ -749,6 +758,14 @@ class PoolController:
             metrics.JOB_COST.labels(*labels).set(dollars / (progress.completion_tokens / 1e6))
 
 
+def signal_message(cycle: Cycle) -> str:
+    """SignalReady's message: the signal's state and, when the last read failed, why."""
+    message = f"online demand signal {cycle.plan.signal.value.lower()}"
+    if cycle.plan.signal != SignalState.FRESH and cycle.signal_problem:
+        message += f": {cycle.signal_problem}"
+    return message[: constants.CONDITION_MESSAGE_MAX]
+
+
 def pool_status(pool: BatchPool, cycle: Cycle, now: datetime) -> BatchPoolStatus:
     status = pool.status.model_copy(deep=True) if pool.status else BatchPoolStatus()
     status.observed_generation = pool.metadata.generation
@@ -765,7 +782,7 @@ def pool_status(pool: BatchPool, cycle: Cycle, now: datetime) -> BatchPoolStatus
         PoolConditionType.SIGNAL_READY,
         status=ConditionStatus.TRUE if fresh else ConditionStatus.FALSE,
         reason=Reason.SIGNAL_FRESH if fresh else Reason.SIGNAL_STALE,
-        message=f"online demand signal {cycle.plan.signal.value.lower()}",
+        message=signal_message(cycle),
         now=now,
         observed_generation=pool.metadata.generation,
     )

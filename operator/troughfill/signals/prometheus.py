@@ -11,6 +11,7 @@ code. Retries are off on purpose: a slow answer is a stale answer.
 
 import contextlib
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from urllib3.util.retry import Retry
 
 from troughfill.api.batchpool import OnlineWorkload
 from troughfill.planner import OnlineSignal
+
+_OBJECT_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class SignalReading:
     firing: tuple[str, ...] = ()
     """Pressure signals above their threshold."""
     error: str | None = None
+    """Why a query gave no value this read (its exception, or that gpusInUseQuery returned
+    nothing): the pool's SignalReady condition says it."""
 
     def online_signal(self, pending_gpus: float = 0.0) -> OnlineSignal:
         """The planner's view: the last good value and when it was read, plus the cluster's pending GPUs."""
@@ -67,6 +72,13 @@ def vector_sum(result: Sequence[dict[str, Any]]) -> float | None:
             return None
         total += value
     return total
+
+
+def describe_error(error: Exception) -> str:
+    """An error's text, the same for the same failure: it lands in a condition message, and a
+    message that changed every read (urllib3 names its connection objects by address) would
+    rewrite the pool's status every cycle."""
+    return _OBJECT_ADDRESS.sub("", f"{type(error).__name__}: {error}")[:300]
 
 
 class PrometheusSignals:
@@ -110,10 +122,12 @@ class PrometheusSignals:
             try:
                 return self.query(client, promql)
             except Exception as error:  # any failure is a missing value; the reason is kept
-                errors.append(f"{type(error).__name__}: {error}"[:300])
+                errors.append(describe_error(error))
                 return None
 
         gpus = attempt(online.gpus_in_use_query) if online.gpus_in_use_query else None
+        if online.gpus_in_use_query and gpus is None and not errors:
+            errors.append("gpusInUseQuery returned no samples")
         now = self.clock()
         if gpus is not None:
             self._last_good[pool_name] = (gpus, now)
