@@ -127,6 +127,26 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    """Serve the OpenAI Batch API (troughfill.batchapi) until stopped."""
+    # Not at the top, like the operator's: worker pods run this module and never serve it.
+    from aiohttp import web  # noqa: PLC0415
+
+    from troughfill.batchapi.files import Files  # noqa: PLC0415
+    from troughfill.batchapi.kube import KubeJobs, KubeReviews  # noqa: PLC0415
+    from troughfill.batchapi.server import BatchApi  # noqa: PLC0415
+    from troughfill.kube.adapter import api_client  # noqa: PLC0415
+
+    settings = Settings()
+    kube = api_client()
+    jobs = KubeJobs(kube, settings.namespace)
+    server = BatchApi(KubeReviews(kube), jobs, Files(jobs, settings), settings)
+    port = args.port or settings.api_port
+    print(f"troughfill api: serving the OpenAI Batch API on :{port}", file=sys.stderr, flush=True)
+    web.run_app(server.app(), host=args.host, port=port, print=None, handle_signals=True)
+    return 0
+
+
 def seniority_priority(started: float) -> int:
     """A peering priority that falls with the start time: the replica that has acted longest
     keeps acting and a new one (a rollout's, a rescheduled pod's) waits paused until it has
@@ -162,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("--verbose", action="store_true")
     operator.set_defaults(handler=cmd_operator)
+
+    batch_api = commands.add_parser("api", help="serve the OpenAI Batch API (/v1/files, /v1/batches)")
+    batch_api.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    batch_api.add_argument("--port", type=int, help="port (default: TROUGHFILL_API_PORT, 8000)")
+    batch_api.set_defaults(handler=cmd_api)
 
     validate = commands.add_parser("validate", help="validate troughfill objects in YAML files")
     validate.add_argument("files", nargs="+")

@@ -48,3 +48,9 @@ class Settings(BaseSettings):
     """0: no metrics endpoint."""
     health_port: int = Field(default=8080, ge=0, le=65535)
     """0: no liveness endpoint."""
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    """`troughfill api`: where the OpenAI Batch API listens (its /metrics and probes too)."""
+    api_max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    """Largest upload the Batch API takes (OpenAI's limit: 200 MB)."""
+    api_max_file_lines: int = Field(default=50_000, gt=0)
+    """Most requests one uploaded file may hold (OpenAI's limit: 50,000)."""

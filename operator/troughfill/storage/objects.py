@@ -148,6 +148,19 @@ class ObjectStore:
         except Exception as error:
             raise ReadError("reading", url, error) from error
 
+    def read_chunks(self, url: str, size: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+        """The object's bytes as they are, `size` at a time (for streaming it elsewhere)."""
+        try:
+            fs, path = self._fs(url)
+            with fs.open(path, "rb") as stream:
+                while chunk := stream.read(size):
+                    yield chunk
+        except Exception as error:
+            raise ReadError("reading", url, error) from error
+
+    def size(self, url: str) -> int:
+        return self.size_of(self.identity(url))
+
     def read_jsonl(self, url: str) -> Iterator[dict[str, Any]]:
         for line in self.read_lines(url):
             yield json.loads(line)

@@ -1,0 +1,184 @@
+"""Uploaded files and a batch's results, in the object store under the namespace's grant.
+
+An upload lives at `<grant prefix>openai-files/<file id>/` as `data.jsonl` and `meta.json`
+(its name, size, time, purpose and the endpoints its lines call); nothing is kept anywhere
+else, so the object store is the file list. Batches the API creates write their output under
+`<grant prefix>openai-batches/<name>/`. The grant is the namespace's first writable one (pools
+in name order), the same the operator admits the batch's job under; its Secret's keys are
+the ones used, as the operator uses them.
+"""
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from troughfill.api.batchfile import RequestLine
+from troughfill.api.batchpool import StorageAccess, StorageGrant
+from troughfill.api.storage import url_problem
+from troughfill.batchapi.mapping import UPLOAD_PATTERN
+from troughfill.batchapi.ports import Jobs
+from troughfill.batchapi.wire import FileObject
+from troughfill.config import Settings
+from troughfill.errors import TroughfillError
+from troughfill.storage import ObjectStore, store_for
+from troughfill.storage.objects import STORAGE_SECRET_KEYS, join
+
+FILES_DIR = "openai-files"
+OUTPUTS_DIR = "openai-batches"
+DATA_NAME = "data.jsonl"
+META_NAME = "meta.json"
+
+
+class NoStorageError(TroughfillError):
+    """The namespace has no storage grant to keep files under (or its Secret is missing)."""
+
+
+class UploadProblem(ValueError):  # noqa: N818 - a client's mistake, told back as a 400
+    """An upload that is not a Batch input file: the first problem, with its line."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file's record (meta.json) and where its data is."""
+
+    file: FileObject
+    url: str
+    endpoints: tuple[str, ...]
+    lines: int
+
+
+def check_upload(stream: IO[bytes], max_lines: int) -> tuple[int, tuple[str, ...]]:
+    """(requests, endpoints they call) of a Batch input file; UploadProblem at the first bad line."""
+    seen: set[str] = set()
+    endpoints: set[str] = set()
+    count = 0
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        count += 1
+        if count > max_lines:
+            raise UploadProblem(f"the file has more than {max_lines} requests (this API's limit)")
+        try:
+            line = RequestLine.model_validate_json(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "line"
+            what = "not valid JSON" if first["type"] == "json_invalid" else f"{where}: {first['msg']}"
+            raise UploadProblem(f"line {number}: {what}") from None
+        if line.custom_id in seen:
+            raise UploadProblem(f"line {number}: duplicate custom_id {line.custom_id!r}")
+        seen.add(line.custom_id)
+        endpoints.add(line.url.value)
+    if not count:
+        raise UploadProblem("the file has no requests")
+    return count, tuple(sorted(endpoints))
+
+
+class Files:
+    def __init__(self, jobs: Jobs, settings: Settings) -> None:
+        self.jobs = jobs
+        self.settings = settings
+
+    # --- where ---------------------------------------------------------------------------------
+
+    def home(self, namespace: str) -> StorageGrant:
+        """The grant the namespace's files and API batches' output live under."""
+        for grant in self.jobs.grants(namespace):
+            if grant.access == StorageAccess.READ_WRITE and url_problem(grant.prefix) is None:
+                return grant
+        raise NoStorageError(
+            f"namespace {namespace!r} has no writable storage grant in any BatchPool: "
+            "an admin grants one in the pool's quota for it"
+        )
+
+    def store(self, grant: StorageGrant) -> ObjectStore:
+        if grant.secret_name is None:
+            return store_for(self.settings)
+        data = self.jobs.secret_data(grant.secret_name)
+        if data is None:
+            raise NoStorageError(f"storage grant Secret {grant.secret_name!r} is missing")
+        keys = {key: value for key, value in data.items() if key in STORAGE_SECRET_KEYS}
+        return store_for(self.settings, keys or None)
+
+    def store_covering(self, namespace: str, url: str) -> ObjectStore:
+        """The store, with credentials, of a grant of the namespace that covers `url`."""
+        if url_problem(url) is None:
+            for grant in self.jobs.grants(namespace):
+                if url.startswith(grant.prefix):
+                    return self.store(grant)
+        raise NoStorageError(f"{url} is not under a storage grant of namespace {namespace!r}")
+
+    def output_prefix(self, namespace: str, name: str) -> str:
+        return join(join(self.home(namespace).prefix, OUTPUTS_DIR), name) + "/"
+
+    # --- uploads -------------------------------------------------------------------------------
+
+    def upload(
+        self, namespace: str, file_id: str, filename: str, stream: IO[bytes], max_lines: int
+    ) -> Upload:
+        """Check `stream` (seekable) as a Batch input file, then store it and its record."""
+        lines, endpoints = check_upload(stream, max_lines)
+        size = stream.tell()
+        stream.seek(0)
+        grant = self.home(namespace)
+        store = self.store(grant)
+        directory = join(join(grant.prefix, FILES_DIR), file_id)
+        url = join(directory, DATA_NAME)
+        with store.writer(url) as target:
+            while chunk := stream.read(1 << 20):
+                target.write(chunk)
+        record = FileObject(
+            id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose="batch"
+        )
+        meta = {"file": record.model_dump(), "endpoints": list(endpoints), "lines": lines}
+        store.write_bytes(join(directory, META_NAME), json.dumps(meta).encode())
+        return Upload(record, url, endpoints, lines)
+
+    def _directory(self, namespace: str, file_id: str) -> tuple[ObjectStore, str]:
+        grant = self.home(namespace)
+        return self.store(grant), join(join(grant.prefix, FILES_DIR), file_id)
+
+    def find(self, namespace: str, file_id: str) -> Upload | None:
+        if not UPLOAD_PATTERN.match(file_id):
+            return None
+        store, directory = self._directory(namespace, file_id)
+        meta_url = join(directory, META_NAME)
+        if not store.exists(meta_url):
+            return None
+        meta: dict[str, Any] = json.loads(b"".join(store.read_chunks(meta_url)))
+        return Upload(
+            FileObject.model_validate(meta["file"]),
+            join(directory, DATA_NAME),
+            tuple(meta.get("endpoints", ())),
+            int(meta.get("lines", 0)),
+        )
+
+    def uploads(self, namespace: str) -> list[FileObject]:
+        grant = self.home(namespace)
+        store = self.store(grant)
+        root = join(grant.prefix, FILES_DIR)
+        if not store.exists(root):
+            return []
+        found = []
+        for name in store.names(root):
+            upload = self.find(namespace, name) if UPLOAD_PATTERN.match(name) else None
+            if upload is not None:
+                found.append(upload.file)
+        return found
+
+    def delete(self, namespace: str, file_id: str) -> bool:
+        if self.find(namespace, file_id) is None:
+            return False
+        store, directory = self._directory(namespace, file_id)
+        store.delete_prefix(directory)
+        return True
+
+    def chunks(self, namespace: str, url: str) -> Iterator[bytes]:
+        return self.store_covering(namespace, url).read_chunks(url)
+
+    def size(self, namespace: str, url: str) -> int:
+        return self.store_covering(namespace, url).size(url)
