@@ -242,3 +242,33 @@ def test_the_tls_overlay_serves_only_tls_and_the_operator_verifies_it() -> None:
     volume = next(v for v in operator["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # the CA, not the key
     assert env["TROUGHFILL_REDIS_TLS_CA_FILE"] == "/tls/ca.crt"
+
+
+def test_the_batch_api_acts_only_as_its_callers_may() -> None:
+    objects = build("base")
+    deployment = find(objects, "Deployment", "troughfill-api")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["troughfill", "api"]
+    assert pod["serviceAccountName"] == "troughfill-api"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert find(objects, "Service", "troughfill-api")["spec"]["ports"][0]["targetPort"] == "http"
+    role = find(objects, "ClusterRole", "troughfill-api")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert ("authentication.k8s.io", "tokenreviews", "create") in granted
+    assert ("authorization.k8s.io", "subjectaccessreviews", "create") in granted
+    # Batches: never deleted, and nothing of pools, templates or pods changed.
+    assert {v for g, r, v in granted if r == "batchinferences"} == {"get", "list", "create", "patch"}
+    assert not {
+        (g, r, v) for g, r, v in granted if r != "batchinferences" and v not in {"get", "list", "create"}
+    }
+    assert not {r for _, r, _ in granted} & {"secrets", "pods", "modeltemplates"}
+    own = find(objects, "Role", "troughfill-api")
+    assert own["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]

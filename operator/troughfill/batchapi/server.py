@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
@@ -190,28 +191,23 @@ class BatchApi:
         namespace = await self._authorize(request, "create")
         if not request.content_type.startswith("multipart/"):
             raise ApiError(400, "Upload a file as multipart/form-data with fields 'purpose' and 'file'.")
-        try:
-            reader = await request.multipart()
-        except (ValueError, AssertionError) as error:
-            raise ApiError(400, f"Malformed multipart body: {error}") from None
         purpose: str | None = None
         filename: str | None = None
         spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed below
         try:
-            while True:
-                try:
-                    part = await reader.next()
-                except ValueError as error:
-                    raise ApiError(400, f"Malformed multipart body: {error}") from None
-                if part is None:
-                    break
-                if not isinstance(part, BodyPartReader):
-                    continue
-                if part.name == "purpose":
-                    purpose = (await part.text()).strip()
-                elif part.name == "file":
-                    filename = part.filename or "upload.jsonl"
-                    await self._spool(part, spooled)
+            try:
+                reader = await request.multipart()
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, BodyPartReader):
+                        continue
+                    if part.name == "purpose":
+                        purpose = (await part.text()).strip()
+                    elif part.name == "file":
+                        filename = part.filename or "upload.jsonl"
+                        await self._spool(part, spooled)
+            except (ValueError, AssertionError, HttpProcessingError) as error:
+                # aiohttp's parser on a body that is not multipart as RFC 7578 writes it.
+                raise ApiError(400, f"Malformed multipart body: {error}".strip()) from None
             if filename is None:
                 raise ApiError(400, "Missing the 'file' field.", param="file")
             if purpose != "batch":
