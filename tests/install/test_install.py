@@ -5,18 +5,23 @@ The tests run in order and share the installation: the site's settings, then
 `kubectl apply -k manifests/examples`; then a second operator replica.
 """
 
+import base64
 import datetime as dt
 import itertools
 import json
 import re
 import secrets
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import openai
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from kubernetes import client
 
 from tests.conftest import REPO_ROOT, wait_for_job
@@ -310,3 +315,199 @@ def test_of_two_operator_replicas_exactly_one_acts_and_the_other_takes_over(site
     # The older replica took over; the Deployment's new one waits behind it.
     (handler,) = [r.name.split("_")[1] for r in replicas(site, [second]) if r.handled[second]]
     assert handler == survivor, (handler, survivor)
+
+
+# --- The OpenAI Batch API (manifests/base/api.yaml), with the official client -----------------
+
+API = "troughfill-api"
+OTHER_NAMESPACE = "team-b"
+ROUND_TRIP_REQUESTS = 1000
+BATCH_ENDED = {"completed", "failed", "expired", "cancelled"}
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def resigned(token: str, key_pem: bytes, shift_seconds: int) -> str:
+    """The ServiceAccount token with its times moved by `shift_seconds`, signed again with the
+    cluster's own ServiceAccount key: what an expired token looks like (shift < 0), or, with
+    no shift, proof that the re-signing itself is accepted."""
+    header, payload, _ = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for claim in ("iat", "nbf", "exp"):
+        if claim in claims:
+            claims[claim] += shift_seconds
+    signed = f"{header}.{b64url(json.dumps(claims).encode())}"
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return f"{signed}.{b64url(key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256()))}"
+
+
+def batch_user(site: Site, namespace: str, name: str) -> str:
+    """A ServiceAccount with the troughfill-batch-user role in `namespace`, and a token of it."""
+    kubectl(site, "-n", namespace, "create", "serviceaccount", name)
+    kubectl(
+        site, "-n", namespace, "create", "rolebinding", f"{name}-batches",
+        "--clusterrole=troughfill-batch-user", f"--serviceaccount={namespace}:{name}",
+    )  # fmt: skip
+    return kubectl(site, "-n", namespace, "create", "token", name, "--duration=2h").strip()
+
+
+def api_requests(count: int) -> bytes:
+    lines = []
+    for index in range(count):
+        body = {
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": f"Say a word about the number {index}."}],
+            "max_tokens": 8,
+        }
+        line = {"custom_id": f"q-{index:04d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        lines.append(json.dumps(line))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def wait_for_batch(client: openai.OpenAI, batch_id: str, stall: float, cap: float) -> Any:
+    """Poll a batch with the client until it has ended; fail when its counts stop moving."""
+    started = moved = time.monotonic()
+    seen: Any = None
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in BATCH_ENDED:
+            return batch
+        counts = batch.request_counts
+        progress = (batch.status, counts.completed if counts else 0, counts.failed if counts else 0)
+        now = time.monotonic()
+        if progress != seen:
+            seen, moved = progress, now
+        if now - moved > stall or now - started > cap:
+            raise AssertionError(f"batch {batch_id} did not end: {batch.model_dump_json(indent=1)}")
+        time.sleep(2.0)
+
+
+@dataclass
+class BatchApiSite:
+    base_url: str
+    alice_token: str
+    bob_token: str
+    done: dict[str, Any]
+    """What the round trip left for the tests after it: its batch, file and output ids."""
+
+    def client(self, token: str, organization: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=token, organization=organization, max_retries=0, timeout=60
+        )
+
+
+@pytest.fixture(scope="module")
+def batch_api(site: Site) -> BatchApiSite:
+    """The API rolled out; team A with a default template, team B with a grant and a bucket; a
+    ServiceAccount with troughfill-batch-user in each (alice, bob)."""
+    kubectl(site, "-n", SYSTEM, "rollout", "status", f"deployment/{API}", "--timeout=120s", timeout=150)
+    address = kubectl(site, "-n", SYSTEM, "get", "service", API, "-o", "jsonpath={.spec.clusterIP}").strip()
+    kubectl(site, "annotate", "namespace", JOB_NAMESPACE, "troughfill.io/default-template=smollm2-135m")
+    kubectl(site, "create", "namespace", OTHER_NAMESPACE)
+    kubectl(site, "-n", SYSTEM, "create", "secret", "generic", "team-b-storage", *secret_literals(ACCESS))
+    site.s3_fs().mkdir("team-b-batches")
+    # This host answers on ClusterIPs (the node agent's Service proxy), as a pod would.
+    return BatchApiSite(
+        f"http://{address}:8000/v1",
+        batch_user(site, JOB_NAMESPACE, "alice"),
+        batch_user(site, OTHER_NAMESPACE, "bob"),
+        {},
+    )
+
+
+@pytest.mark.timeout(1800)
+def test_the_official_openai_client_round_trip(site: Site, batch_api: BatchApiSite) -> None:
+    alice = batch_api.client(batch_api.alice_token)
+    data = api_requests(ROUND_TRIP_REQUESTS)
+    started = time.monotonic()
+    uploaded = alice.files.create(file=("questions.jsonl", data), purpose="batch")
+    batch = alice.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"run": "install-tier"},
+    )  # fmt: skip
+    assert batch.status == "validating"
+    listed = kubectl(site, "-n", JOB_NAMESPACE, "get", "batchinferences", "-o", "name")
+    assert f"batchinference.troughfill.io/{batch.id.removeprefix('batch_')}" in listed
+    done = wait_for_batch(alice, batch.id, stall=600, cap=1500)
+    assert done.status == "completed", done.model_dump_json(indent=1)
+    assert done.output_file_id
+    output = alice.files.content(done.output_file_id).read()
+    errors = alice.files.content(done.error_file_id).read() if done.error_file_id else b""
+    took = time.monotonic() - started
+    answered = [json.loads(line) for line in (output + errors).decode().splitlines() if line.strip()]
+    assert sorted(a["custom_id"] for a in answered) == [f"q-{i:04d}" for i in range(ROUND_TRIP_REQUESTS)]
+    counts = done.request_counts
+    assert counts is not None
+    assert (counts.total, counts.completed + counts.failed) == (ROUND_TRIP_REQUESTS, ROUND_TRIP_REQUESTS)
+    print(
+        f"\nOpenAI Batch API round trip, {ROUND_TRIP_REQUESTS} requests: {took:.1f}s from upload to "
+        f"downloaded output ({counts.completed} completed, {counts.failed} failed; in progress "
+        f"{(done.in_progress_at or 0) - done.created_at}s and completed "
+        f"{(done.completed_at or 0) - done.created_at}s after creation)",
+        file=sys.__stdout__,
+    )
+    assert any(b.id == batch.id for b in alice.batches.list())
+    batch_api.done.update(batch=batch.id, file=uploaded.id, output=done.output_file_id)
+
+
+def test_another_namespaces_token_sees_none_of_it(batch_api: BatchApiSite) -> None:
+    done = batch_api.done
+    assert done, "runs after the round trip"
+    bob = batch_api.client(batch_api.bob_token)
+    for call in (
+        lambda: bob.batches.retrieve(done["batch"]),
+        lambda: bob.batches.cancel(done["batch"]),
+        lambda: bob.files.retrieve(done["file"]),
+        lambda: bob.files.content(done["output"]),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert [b.id for b in bob.batches.list()] == []
+    bob_in_a = batch_api.client(batch_api.bob_token, organization=JOB_NAMESPACE)
+    with pytest.raises(
+        openai.PermissionDeniedError, match="may not get batchinferences in namespace 'team-a'"
+    ):
+        bob_in_a.batches.retrieve(done["batch"])
+    with pytest.raises(openai.PermissionDeniedError):
+        bob_in_a.files.content(done["output"])
+
+
+def test_tokens_the_cluster_does_not_accept(site: Site, batch_api: BatchApiSite) -> None:
+    """Expired (re-signed with the cluster's own ServiceAccount key, which it accepts unexpired)
+    and garbage tokens get OpenAI's 401."""
+    key = site.plane.pki.sa_key.read_bytes()
+    fresh = batch_api.client(resigned(batch_api.alice_token, key, 0))
+    assert isinstance(list(fresh.batches.list()), list)
+    for token in (resigned(batch_api.alice_token, key, -4 * 3600), "not-a-token"):
+        with pytest.raises(openai.AuthenticationError, match="not accepted by the cluster"):
+            batch_api.client(token).batches.list()
+
+
+def test_bad_uploads_wrong_endpoints_and_unknown_ids_get_openai_errors(batch_api: BatchApiSite) -> None:
+    alice = batch_api.client(batch_api.alice_token)
+    with pytest.raises(openai.BadRequestError, match="line 2: not valid JSON"):
+        alice.files.create(file=("bad.jsonl", api_requests(1) + b"{oops\n"), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="the batch's endpoint is /v1/embeddings"):
+        alice.batches.create(
+            input_file_id=batch_api.done["file"], endpoint="/v1/embeddings", completion_window="24h"
+        )
+    with pytest.raises(openai.NotFoundError):
+        alice.batches.retrieve("batch_no-such-batch")
+
+
+def test_a_team_names_its_template_in_metadata_and_cancels(batch_api: BatchApiSite) -> None:
+    bob = batch_api.client(batch_api.bob_token)
+    few = bob.files.create(file=("few.jsonl", api_requests(20)), purpose="batch")
+    theirs = bob.batches.create(
+        input_file_id=few.id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"troughfill.io/template": "smollm2-135m"},
+    )  # fmt: skip
+    assert bob.batches.cancel(theirs.id).status == "cancelling"
+    cancelled = wait_for_batch(bob, theirs.id, stall=120, cap=300)
+    assert cancelled.status == "cancelled", cancelled.model_dump_json(indent=1)
+    assert cancelled.cancelled_at is not None
+    with pytest.raises(openai.ConflictError, match="Cannot cancel a batch with status cancelled"):
+        bob.batches.cancel(theirs.id)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-RUNTIME = ("api", "planner", "ledger", "storage", "signals", "kube", "controller", "handlers", "worker")
+RUNTIME = ("api", "planner", "ledger", "storage", "signals", "kube", "controller", "handlers", "worker", "batchapi")
 
 
 @pytest.fixture(scope="module")
