@@ -1,7 +1,9 @@
 """The Batch API served on a loopback port from a thread, with in-memory cluster fakes."""
 
 import asyncio
+import base64
 import copy
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -11,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from troughfill.api.batchpool import StorageGrant
 from troughfill.batchapi.ports import Caller, Conflict, Rejected
@@ -109,3 +113,22 @@ def serving(api: BatchApi) -> Iterator[str]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def resigned(token: str, key_pem: bytes, shift_seconds: int) -> str:
+    """A ServiceAccount token with its times moved by `shift_seconds`, signed again with the
+    cluster's own ServiceAccount key: what an expired token looks like (shift < 0), or, with
+    no shift, proof that the re-signing itself is accepted."""
+    header, payload, _ = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for claim in ("iat", "nbf", "exp"):
+        if claim in claims:
+            claims[claim] += shift_seconds
+    signed = f"{header}.{_b64url(json.dumps(claims).encode())}"
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return f"{signed}.{_b64url(key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256()))}"

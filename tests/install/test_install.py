@@ -5,7 +5,6 @@ The tests run in order and share the installation: the site's settings, then
 `kubectl apply -k manifests/examples`; then a second operator replica.
 """
 
-import base64
 import datetime as dt
 import itertools
 import json
@@ -20,10 +19,9 @@ from typing import Any
 
 import openai
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from kubernetes import client
 
+from tests.batchapitools import resigned
 from tests.conftest import REPO_ROOT, wait_for_job
 from tests.install.conftest import BUCKET, S3_URL, Site, read_example
 from troughfill import constants
@@ -323,25 +321,6 @@ API = "troughfill-api"
 OTHER_NAMESPACE = "team-b"
 ROUND_TRIP_REQUESTS = 1000
 BATCH_ENDED = {"completed", "failed", "expired", "cancelled"}
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def resigned(token: str, key_pem: bytes, shift_seconds: int) -> str:
-    """The ServiceAccount token with its times moved by `shift_seconds`, signed again with the
-    cluster's own ServiceAccount key: what an expired token looks like (shift < 0), or, with
-    no shift, proof that the re-signing itself is accepted."""
-    header, payload, _ = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    for claim in ("iat", "nbf", "exp"):
-        if claim in claims:
-            claims[claim] += shift_seconds
-    signed = f"{header}.{b64url(json.dumps(claims).encode())}"
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    assert isinstance(key, rsa.RSAPrivateKey)
-    return f"{signed}.{b64url(key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256()))}"
 
 
 def batch_user(site: Site, namespace: str, name: str) -> str:

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import pytest
 
-RUNTIME = ("api", "planner", "ledger", "storage", "signals", "kube", "controller", "handlers", "worker", "batchapi")
+RUNTIME = (
+    "api",
+    "planner",
+    "ledger",
+    "storage",
+    "signals",
+    "kube",
+    "controller",
+    "handlers",
+    "worker",
+    "batchapi",
+)
 
 
 @pytest.fixture(scope="module")

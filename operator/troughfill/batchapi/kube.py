@@ -80,7 +80,7 @@ class KubeReviews:
         return found
 
     def allowed(self, caller: Caller, namespace: str, verb: str) -> bool:
-        key = f"{caller.username}\x00{caller.uid}\x00{namespace}\x00{verb}"
+        key = "\x00".join((caller.username, caller.uid, ",".join(caller.groups), namespace, verb))
         cached = self._access.get(key)
         if cached is not None:
             return bool(cached)
