@@ -83,7 +83,9 @@ def repository(workdir: Path) -> GitRepo:
 
 def synced_and_healthy(argocd: ArgoCD, name: str) -> bool:
     argocd.check_alive()
-    status = argocd.application(name).get("status", {})
+    listed = yaml.safe_load(argocd.plane.kubectl("-n", ARGOCD_NAMESPACE, "get", "applications", "-o", "yaml"))
+    found = [app for app in listed["items"] if app["metadata"]["name"] == name]
+    status = found[0].get("status", {}) if found else {}
     return (status.get("sync", {}).get("status"), status.get("health", {}).get("status")) == (
         "Synced",
         "Healthy",
@@ -156,9 +158,10 @@ def test_argocd_syncs_the_crds_then_the_operator_from_git(site: Site, argocd: Ar
     accounts = {p.metadata.labels.get("app.kubernetes.io/name"): p.spec.service_account_name for p in pods}
     assert accounts["troughfill-operator"] == "troughfill-operator"
     assert accounts["troughfill-api"] == "troughfill-api"
+    windows = {name: sync_window(argocd.application(name)) for name in CHILDREN}
     print(
         "\nArgo CD app of apps: "
-        + ", ".join(f"{name} synced {sync_window(argocd.application(name))}" for name in CHILDREN),
+        + ", ".join(f"{n} synced {a:%H:%M:%S}-{b:%H:%M:%S}" for n, (a, b) in windows.items()),
         file=sys.__stdout__,
     )
     # The operator Argo CD installed acts: a job naming no template fails, saying why.

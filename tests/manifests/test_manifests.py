@@ -253,6 +253,9 @@ def test_the_batch_api_acts_only_as_its_callers_may() -> None:
     assert pod["serviceAccountName"] == "troughfill-api"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Uploads spool past memory to a writable scratch volume, named by TMPDIR.
+    (scratch,) = [m["mountPath"] for m in container["volumeMounts"]]
+    assert {"name": "TMPDIR", "value": scratch} in container["env"]
     assert find(objects, "Service", "troughfill-api")["spec"]["ports"][0]["targetPort"] == "http"
     role = find(objects, "ClusterRole", "troughfill-api")
     granted = {
