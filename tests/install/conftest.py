@@ -17,6 +17,7 @@ credentials are a ConfigMap and Secrets an admin creates.
 
 import json
 import os
+import socket
 import sys
 import urllib.parse
 import urllib.request
@@ -146,10 +147,32 @@ def host_service(
     )
 
 
+SERVICE_PORTS = (80, 6379, 8000, 9090)
+"""Ports of the Services this tier makes (the object store, Redis, the Batch API, Prometheus and
+the operator's metrics): the node agent listens on each Service's ClusterIP at its port."""
+
+
+def assert_service_ports_free() -> None:
+    """A listener on 0.0.0.0 at a Service's port (a leftover metrics server of an earlier test in
+    this process, say) keeps the node agent from proxying that Service: fail saying so, before
+    a job stalls on it."""
+    for port in SERVICE_PORTS:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as error:
+                pytest.fail(
+                    f"port {port} is taken on this host ({error}; see `ss -ltnp`): "
+                    "the node agent could not proxy this tier's Services on it"
+                )
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     if os.geteuid() != 0:
         pytest.fail("the install tier runs pods in network and mount namespaces: run it as root")
+    assert_service_ports_free()
     workdir = tmp_path_factory.mktemp("install")
     images = workdir / "images.json"
     images.write_text(json.dumps(local_images()))
