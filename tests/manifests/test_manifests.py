@@ -49,6 +49,17 @@ def find(objects: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str,
     return matches[0]
 
 
+def grants_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(API group, resource, verb) for every permission a Role or ClusterRole grants."""
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_kustomize_builds(name: str) -> None:
     assert build(name)
@@ -133,13 +144,7 @@ def test_operator_deployment_has_probes_metrics_and_a_tight_security_context() -
 
 def test_operator_rbac_is_least_privilege() -> None:
     role = find(build("base"), "ClusterRole", "troughfill-operator")
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    granted = grants_of(role)
     assert all("*" not in entry for entry in granted)
     # Secrets: it creates each job's workers' Secret, and reads none outside its own namespace.
     assert {v for _, r, v in granted if r == "secrets"} == {"create"}
@@ -258,13 +263,7 @@ def test_the_batch_api_acts_only_as_its_callers_may() -> None:
     assert {"name": "TMPDIR", "value": scratch} in container["env"]
     assert find(objects, "Service", "troughfill-api")["spec"]["ports"][0]["targetPort"] == "http"
     role = find(objects, "ClusterRole", "troughfill-api")
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    granted = grants_of(role)
     assert ("authentication.k8s.io", "tokenreviews", "create") in granted
     assert ("authorization.k8s.io", "subjectaccessreviews", "create") in granted
     # Batches: never deleted, and nothing of pools, templates or pods changed.

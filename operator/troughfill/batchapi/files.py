@@ -138,14 +138,16 @@ class Files:
         store.write_bytes(join(directory, META_NAME), json.dumps(meta).encode())
         return Upload(record, url, endpoints, lines)
 
-    def _directory(self, namespace: str, file_id: str) -> tuple[ObjectStore, str]:
+    def _root(self, namespace: str) -> tuple[ObjectStore, str]:
+        """The store and the directory of the namespace's uploads (the grant resolved once)."""
         grant = self.home(namespace)
-        return self.store(grant), join(join(grant.prefix, FILES_DIR), file_id)
+        return self.store(grant), join(grant.prefix, FILES_DIR)
 
-    def find(self, namespace: str, file_id: str) -> Upload | None:
+    @staticmethod
+    def _read(store: ObjectStore, root: str, file_id: str) -> Upload | None:
         if not UPLOAD_PATTERN.match(file_id):
             return None
-        store, directory = self._directory(namespace, file_id)
+        directory = join(root, file_id)
         meta_url = join(directory, META_NAME)
         if not store.exists(meta_url):
             return None
@@ -157,24 +159,25 @@ class Files:
             int(meta.get("lines", 0)),
         )
 
+    def find(self, namespace: str, file_id: str) -> Upload | None:
+        if not UPLOAD_PATTERN.match(file_id):
+            return None
+        return self._read(*self._root(namespace), file_id)
+
     def uploads(self, namespace: str) -> list[FileObject]:
-        grant = self.home(namespace)
-        store = self.store(grant)
-        root = join(grant.prefix, FILES_DIR)
+        store, root = self._root(namespace)
         if not store.exists(root):
             return []
-        found = []
-        for name in store.names(root):
-            upload = self.find(namespace, name) if UPLOAD_PATTERN.match(name) else None
-            if upload is not None:
-                found.append(upload.file)
-        return found
+        found = (self._read(store, root, name) for name in store.names(root))
+        return [upload.file for upload in found if upload is not None]
 
     def delete(self, namespace: str, file_id: str) -> bool:
-        if self.find(namespace, file_id) is None:
+        if not UPLOAD_PATTERN.match(file_id):
             return False
-        store, directory = self._directory(namespace, file_id)
-        store.delete_prefix(directory)
+        store, root = self._root(namespace)
+        if self._read(store, root, file_id) is None:
+            return False
+        store.delete_prefix(join(root, file_id))
         return True
 
     def chunks(self, namespace: str, url: str) -> Iterator[bytes]:

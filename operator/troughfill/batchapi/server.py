@@ -9,6 +9,7 @@ deleting a file `delete`. Errors are OpenAI's: {"error": {"message", "type", "pa
 """
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
@@ -333,7 +334,8 @@ class BatchApi:
         for raw in await asyncio.to_thread(self.jobs.in_namespace, namespace):
             job = BatchInference.model_validate(raw)
             for part in (JobFile.OUTPUT, JobFile.ERRORS):
-                with _skip_missing():
+                # A job file gone between the listing and the lookup is left out.
+                with contextlib.suppress(ApiError, StorageError, NoStorageError):
                     found.append((await self._job_record(namespace, job, part))[0])
         if purpose:
             found = [f for f in found if f.purpose == purpose]
@@ -471,16 +473,6 @@ def _no_input(ident: str) -> ApiError:
     return ApiError(
         400, f"No file found with id '{ident}' in this namespace.", param="input_file_id", code="not_found"
     )
-
-
-class _skip_missing:  # noqa: N801 - a context manager used like a function
-    """A job file that vanished between the listing and the lookup is left out of a listing."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool:
-        return isinstance(error, (ApiError, StorageError, NoStorageError))
 
 
 def _limit(request: web.Request, default: int, most: int) -> int:
