@@ -48,7 +48,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(tmp_pat
                 "--header", "Authorization: Bearer token", "--max-examples", "50", "--seed", str(SEED),
                 "--workers", "1", "--no-color", "--request-timeout", "30",
             ],
-            capture_output=True, text=True, timeout=540, check=False,
+            capture_output=True, text=True, timeout=540, check=False, cwd=tmp_path,  # its cache goes there
         )  # fmt: skip
     summary = run.stdout[-4000:]
     print(summary)
