@@ -237,23 +237,35 @@ class ControlPlane:
             raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
-    def apply_json(self, path: str, body: dict[str, object]) -> int:
-        """An admin POST (create); 409 (already there) counts as done."""
-        request = urllib.request.Request(
-            f"{self.server}{path}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, context=self.ssl_context(), timeout=10) as reply:
-                return int(reply.status)
-        except urllib.error.HTTPError as error:
-            if error.code == 409:
-                return 409
-            raise RuntimeError(
-                f"POST {path}: {error.code} {error.read().decode(errors='replace')}"
-            ) from error
+    def apply_json(self, path: str, body: dict[str, object], attempts: int = 3) -> int:
+        """An admin POST (create); 409 (already there) counts as done.
+
+        A create that times out or loses its connection is sent again (up to `attempts`
+        times, 30 s each): on a busy two-core machine the API server can be slow to answer,
+        and a create that did land answers the retry with 409, which counts as done.
+        """
+        data = json.dumps(body).encode()
+        for attempt in range(1, attempts + 1):
+            request = urllib.request.Request(
+                f"{self.server}{path}",
+                data=data,
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(request, context=self.ssl_context(), timeout=30) as reply:
+                    return int(reply.status)
+            except urllib.error.HTTPError as error:
+                if error.code == 409:
+                    return 409
+                raise RuntimeError(
+                    f"POST {path}: {error.code} {error.read().decode(errors='replace')}"
+                ) from error
+            except (TimeoutError, ConnectionError, urllib.error.URLError) as error:
+                if attempt == attempts:
+                    raise RuntimeError(f"POST {path}: no answer in {attempts} tries: {error!r}") from error
+                time.sleep(1)
+        raise AssertionError("unreachable")
 
 
 def _wait_healthy(

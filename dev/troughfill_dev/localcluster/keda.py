@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import subprocess
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,7 +229,10 @@ def start_keda(plane: ControlPlane, workdir: Path, timeout: float = 120) -> Keda
         def available() -> bool:
             operator.check_alive()
             adapter.check_alive()
-            return plane.get("/apis/external.metrics.k8s.io/v1beta1")[0] == 200
+            try:
+                return plane.get("/apis/external.metrics.k8s.io/v1beta1", timeout=15)[0] == 200
+            except (TimeoutError, ConnectionError, urllib.error.URLError):
+                return False  # a slow API server (KEDA starting on a busy machine): ask again
 
         wait_until(
             available, timeout, "KEDA's external metrics API through the aggregation layer", interval=0.5
