@@ -43,6 +43,9 @@ class FakeJobs:
     objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     storage: dict[str, list[StorageGrant]] = field(default_factory=dict)
     templates: dict[str, str] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    secret_reads: int = 0
+    grant_lookups: int = 0
 
     def create(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
         name = manifest["metadata"]["name"]
@@ -78,10 +81,13 @@ class FakeJobs:
         return self.templates.get(namespace)
 
     def grants(self, namespace: str) -> list[StorageGrant]:
+        self.grant_lookups += 1
         return list(self.storage.get(namespace, []))
 
-    def secret_data(self, name: str) -> dict[str, str] | None:
-        return None
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        self.secret_reads += 1
+        found = self.secrets.get((namespace, name))
+        return dict(found) if found is not None else None
 
     def set_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """What the operator would write."""

@@ -60,12 +60,14 @@ def site(tmp_path: Path) -> Iterator[Site]:
             (ALICE.username, "team-a"): set(EVERYTHING),
             (BOB.username, "team-b"): set(EVERYTHING),
             (CAROL.username, "team-a"): {"get", "list"},
+            (ALICE.username, "team-c"): set(EVERYTHING),
         },
     )
     jobs = FakeJobs(
         storage={
             "team-a": [StorageGrant(prefix=f"file://{tmp_path}/team-a/")],
             "team-b": [StorageGrant(prefix=f"file://{tmp_path}/team-b/")],
+            "team-c": [StorageGrant(prefix=f"file://{tmp_path}/team-c/", secretName="team-c-store")],
         },
         templates={"team-a": "tiny"},
     )
@@ -180,6 +182,20 @@ def test_batches_list_newest_first_in_pages(site: Site) -> None:
     assert not rest.has_more
 
 
+def test_a_file_listing_resolves_the_grants_once_for_every_batchs_files(site: Site) -> None:
+    client = site.client()
+    uploaded = client.files.create(file=("in.jsonl", jsonl(2)), purpose="batch")
+    for _ in range(4):
+        made = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        finish(site, made.id)
+    before = site.jobs.grant_lookups
+    listed = client.files.list()
+    assert len([f for f in listed if f.purpose == "batch_output"]) == 8
+    assert site.jobs.grant_lookups - before == 2  # the uploads' home, then every job file's
+
+
 def test_cancel_asks_the_operator_and_an_ended_batch_cannot_be(site: Site) -> None:
     client = site.client()
     uploaded = client.files.create(file=("in.jsonl", jsonl(2)), purpose="batch")
@@ -278,6 +294,23 @@ def test_oversized_and_wrong_purpose_uploads(site: Site) -> None:
     assert "larger than 65536 bytes" in raised.value.message
     with pytest.raises(openai.BadRequestError, match="purpose 'fine-tune' is not supported"):
         client.files.create(file=("in.jsonl", jsonl(1)), purpose="fine-tune")
+
+
+def test_a_grants_secret_is_read_as_the_operator_reads_it(site: Site) -> None:
+    """Files under a grant with a Secret: a missing Secret is the admin's to fix (400, named);
+    once there, its keys are read once a minute, not on every request."""
+    client = site.client(organization="team-c")
+    with pytest.raises(
+        openai.BadRequestError, match="'team-c-store' not found in namespace 'troughfill-system'"
+    ):
+        client.files.create(file=("in.jsonl", jsonl(1)), purpose="batch")
+    site.jobs.secrets[("troughfill-system", "team-c-store")] = {"AWS_ACCESS_KEY_ID": "k", "other": "x"}
+    reads = site.jobs.secret_reads
+    first = client.files.create(file=("in.jsonl", jsonl(1)), purpose="batch")
+    second = client.files.create(file=("in.jsonl", jsonl(2)), purpose="batch")
+    assert {f.id for f in client.files.list()} == {first.id, second.id}
+    assert client.files.content(second.id).read() == jsonl(2)
+    assert site.jobs.secret_reads == reads + 1
 
 
 def test_unknown_ids_wrong_endpoints_and_windows(site: Site) -> None:

@@ -10,7 +10,7 @@ the ones used, as the operator uses them.
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -23,9 +23,10 @@ from troughfill.batchapi.mapping import UPLOAD_PATTERN
 from troughfill.batchapi.ports import Jobs
 from troughfill.batchapi.wire import FileObject
 from troughfill.config import Settings
+from troughfill.controller.stores import GrantSecretMissingError, JobStores
 from troughfill.errors import TroughfillError
-from troughfill.storage import ObjectStore, store_for
-from troughfill.storage.objects import STORAGE_SECRET_KEYS, join
+from troughfill.storage import ObjectStore
+from troughfill.storage.objects import join
 
 FILES_DIR = "openai-files"
 OUTPUTS_DIR = "openai-batches"
@@ -79,9 +80,10 @@ def check_upload(stream: IO[bytes], max_lines: int) -> tuple[int, tuple[str, ...
 
 
 class Files:
-    def __init__(self, jobs: Jobs, settings: Settings) -> None:
+    def __init__(self, jobs: Jobs, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.jobs = jobs
         self.settings = settings
+        self.stores = JobStores(jobs, settings, clock)  # grant Secrets read as the operator reads them
 
     # --- where ---------------------------------------------------------------------------------
 
@@ -96,18 +98,18 @@ class Files:
         )
 
     def store(self, grant: StorageGrant) -> ObjectStore:
-        if grant.secret_name is None:
-            return store_for(self.settings)
-        data = self.jobs.secret_data(grant.secret_name)
-        if data is None:
-            raise NoStorageError(f"storage grant Secret {grant.secret_name!r} is missing")
-        keys = {key: value for key, value in data.items() if key in STORAGE_SECRET_KEYS}
-        return store_for(self.settings, keys or None)
+        try:
+            return self.stores.for_grant(grant.secret_name)
+        except GrantSecretMissingError as error:
+            raise NoStorageError(str(error)) from error
 
-    def store_covering(self, namespace: str, url: str) -> ObjectStore:
-        """The store, with credentials, of a grant of the namespace that covers `url`."""
+    def store_covering(
+        self, namespace: str, url: str, grants: Sequence[StorageGrant] | None = None
+    ) -> ObjectStore:
+        """The store, with credentials, of a grant of the namespace that covers `url` (among
+        `grants` when the caller has them already, else the pools' grants now)."""
         if url_problem(url) is None:
-            for grant in self.jobs.grants(namespace):
+            for grant in self.jobs.grants(namespace) if grants is None else grants:
                 if url.startswith(grant.prefix):
                     return self.store(grant)
         raise NoStorageError(f"{url} is not under a storage grant of namespace {namespace!r}")
@@ -183,5 +185,5 @@ class Files:
     def chunks(self, namespace: str, url: str) -> Iterator[bytes]:
         return self.store_covering(namespace, url).read_chunks(url)
 
-    def size(self, namespace: str, url: str) -> int:
-        return self.store_covering(namespace, url).size(url)
+    def size(self, namespace: str, url: str, grants: Sequence[StorageGrant] | None = None) -> int:
+        return self.store_covering(namespace, url, grants).size(url)

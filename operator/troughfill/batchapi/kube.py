@@ -6,9 +6,7 @@ Secrets in its own namespace. What a caller may do is decided by SubjectAccessRe
 of these runs on its behalf.
 """
 
-import base64
 import hashlib
-import json
 import threading
 import time
 from typing import Any
@@ -22,6 +20,7 @@ from troughfill.api.batchpool import BatchPool, StorageGrant
 from troughfill.api.storage import effective
 from troughfill.batchapi.mapping import CANCEL_ANNOTATION, DEFAULT_TEMPLATE_ANNOTATION
 from troughfill.batchapi.ports import Caller, Conflict, Rejected
+from troughfill.kube.calls import api_message, secret_data
 
 REVIEW_CACHE_SECONDS = 10.0
 """A token's review and a caller's access are reused this long: one API call per client
@@ -118,7 +117,7 @@ class KubeJobs:
             )
         except ApiException as error:
             if error.status in {409, 422, 403}:
-                raise Conflict(_message(error)) from error
+                raise Conflict(api_message(error)) from error
             raise
         return made
 
@@ -156,7 +155,7 @@ class KubeJobs:
             if error.status == 404:
                 return None
             if error.status in {409, 422}:
-                raise Conflict(_message(error)) from error
+                raise Conflict(api_message(error)) from error
             raise
         return patched
 
@@ -187,18 +186,5 @@ class KubeJobs:
                 found += effective(pool.spec.default_quota.storage, namespace)
         return found
 
-    def secret_data(self, name: str) -> dict[str, str] | None:
-        try:
-            found = self.core.read_namespaced_secret(name, self.own_namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return {key: base64.b64decode(value).decode() for key, value in (found.data or {}).items()}
-
-
-def _message(error: ApiException) -> str:
-    try:
-        return str(json.loads(error.body)["message"])
-    except (TypeError, ValueError, KeyError):
-        return f"{error.status} {error.reason}"
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        return secret_data(self.core, namespace, name)

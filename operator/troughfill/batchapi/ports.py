@@ -65,6 +65,7 @@ class Jobs(Protocol):
         """The storage grants the pools give the namespace, pools in name order."""
         ...
 
-    def secret_data(self, name: str) -> dict[str, str] | None:
-        """A storage grant's Secret (in the operator's namespace)."""
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded (the API reads storage grants' Secrets, in the operator's
+        namespace; None: no such Secret)."""
         ...

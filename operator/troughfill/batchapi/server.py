@@ -13,7 +13,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from pydantic import ValidationError
 
 from troughfill.api.batchinference import BatchInference, Phase
+from troughfill.api.batchpool import StorageGrant
 from troughfill.batchapi import mapping
 from troughfill.batchapi.files import Files, NoStorageError, UploadProblem
 from troughfill.batchapi.mapping import DEFAULT_TEMPLATE_ANNOTATION, CreateProblem, JobFile
@@ -255,8 +256,11 @@ class BatchApi:
             raise not_found("file", mapping.job_file_id(part, name))
         return await self._job_record(namespace, BatchInference.model_validate(raw), part)
 
-    async def _job_record(self, namespace: str, job: BatchInference, part: JobFile) -> tuple[FileObject, str]:
-        """A job's own file (its input, output or error file) and its URL."""
+    async def _job_record(
+        self, namespace: str, job: BatchInference, part: JobFile, grants: Sequence[StorageGrant] | None = None
+    ) -> tuple[FileObject, str]:
+        """A job's own file (its input, output or error file) and its URL (found under one of
+        `grants` when given: a listing resolves the namespace's grants once)."""
         ident = mapping.job_file_id(part, job.metadata.name)
         status = job.status
         url = {
@@ -266,7 +270,7 @@ class BatchApi:
         }[part]
         if url is None:
             raise not_found("file", ident)
-        size = await asyncio.to_thread(self.files.size, namespace, url)
+        size = await asyncio.to_thread(self.files.size, namespace, url, grants)
         made = job.metadata.creationTimestamp if part == JobFile.INPUT else (status and status.finished_at)
         record = FileObject(
             id=ident,
@@ -331,12 +335,13 @@ class BatchApi:
             raise ApiError(400, f"order {order!r} must be 'asc' or 'desc'", param="order")
         limit = _limit(request, DEFAULT_FILE_PAGE, 10_000)
         found: list[FileObject] = list(await asyncio.to_thread(self.files.uploads, namespace))
+        grants = await asyncio.to_thread(self.jobs.grants, namespace)
         for raw in await asyncio.to_thread(self.jobs.in_namespace, namespace):
             job = BatchInference.model_validate(raw)
             for part in (JobFile.OUTPUT, JobFile.ERRORS):
                 # A job file gone between the listing and the lookup is left out.
                 with contextlib.suppress(ApiError, StorageError, NoStorageError):
-                    found.append((await self._job_record(namespace, job, part))[0])
+                    found.append((await self._job_record(namespace, job, part, grants))[0])
         if purpose:
             found = [f for f in found if f.purpose == purpose]
         found.sort(key=lambda f: (f.created_at, f.id), reverse=order == "desc")

@@ -16,7 +16,6 @@ What one pool remembers between cycles is one PoolState. The cluster is the Clus
 
 import asyncio
 import contextlib
-import json
 import math
 import secrets
 import time
@@ -40,6 +39,7 @@ from troughfill.api.types import LabelSelector, parse_duration
 from troughfill.controller.jobs import WorkerView
 from troughfill.controller.ports import Cluster, WorkerPod
 from troughfill.controller.stores import GrantSecretMissingError, JobStores
+from troughfill.kube.calls import api_message
 from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, job_secret, worker_pod
 from troughfill.ledger import Heartbeat, JobKeys, JobLedger, Progress, StopMode
 from troughfill.ledger.access import LedgerAccess
@@ -206,13 +206,6 @@ def selector_string(selector: LabelSelector) -> str:
             }[expression.operator]
         )
     return ",".join(terms)
-
-
-def _api_message(error: ApiException) -> str:
-    try:
-        return str(json.loads(error.body)["message"])[:500]
-    except (TypeError, ValueError, KeyError):
-        return f"{error.status} {error.reason}"
 
 
 def _epoch(value: datetime | None, default: float) -> float:
@@ -621,7 +614,7 @@ class PoolController:
                 try:
                     await asyncio.to_thread(self.cluster.create_pod, manifest)
                 except ApiException as error:
-                    done.failures.append(f"{key}: {_api_message(error)}")
+                    done.failures.append(f"{key}: {api_message(error)[:500]}")
                     break  # the next start of this job would be refused the same way
                 done.created.append(name)
         return done
@@ -642,7 +635,7 @@ class PoolController:
             done.failures.append(f"{entry.key}: {error}")
             return False
         except ApiException as error:
-            done.failures.append(f"{entry.key}: the workers' Secret: {_api_message(error)}")
+            done.failures.append(f"{entry.key}: the workers' Secret: {api_message(error)[:500]}")
             return False
         self.secrets.add(entry.uid)
         return True

@@ -1,13 +1,19 @@
 """What the controller needs of the cluster, as a Protocol: kube.adapter.KubeCluster implements it
 against the Kubernetes API; unit tests implement it in memory. Calls block (run them in a thread)."""
 
-__all__ = ["Cluster", "WorkerPod"]
+__all__ = ["Cluster", "Secrets", "WorkerPod"]
 
 from typing import Any, Protocol
 
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.modeltemplate import ModelTemplate
 from troughfill.kube.podstate import WorkerPod
+
+
+class Secrets(Protocol):
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded (None: no such Secret)."""
+        ...
 
 
 class Cluster(Protocol):

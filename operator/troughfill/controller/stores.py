@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from troughfill.api.admission import Admission
 from troughfill.config import Settings
-from troughfill.controller.ports import Cluster
+from troughfill.controller.ports import Secrets
 from troughfill.errors import TroughfillError
 from troughfill.storage import ObjectStore, store_for
 from troughfill.storage.objects import STORAGE_SECRET_KEYS
@@ -24,10 +24,13 @@ class GrantSecretMissingError(TroughfillError):
 
 
 class JobStores:
+    """Object stores with a grant's credentials, for the operator and for the Batch API (both
+    read grant Secrets in the operator's namespace, `settings.namespace`)."""
+
     def __init__(
-        self, cluster: Cluster, settings: Settings, clock: Callable[[], float] = time.monotonic
+        self, secrets: Secrets, settings: Settings, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.cluster = cluster
+        self.secrets = secrets
         self.settings = settings
         self.clock = clock
         self._read: dict[str, tuple[float, dict[str, str]]] = {}
@@ -39,7 +42,7 @@ class JobStores:
         cached = self._read.get(secret_name)
         if cached is not None and self.clock() - cached[0] < SECRET_CACHE_SECONDS:
             return cached[1]
-        data = self.cluster.secret_data(self.settings.namespace, secret_name)
+        data = self.secrets.secret_data(self.settings.namespace, secret_name)
         if data is None:
             raise GrantSecretMissingError(
                 f"storage grant Secret {secret_name!r} not found in namespace {self.settings.namespace!r}"
@@ -48,8 +51,12 @@ class JobStores:
         self._read[secret_name] = (self.clock(), keys)
         return keys
 
+    def for_grant(self, secret_name: str | None) -> ObjectStore:
+        """The store with a grant's credentials (its Secret's, or the own identity's). Blocking."""
+        return store_for(self.settings, self.credentials(secret_name) or None)
+
     def for_admission(self, admission: Admission) -> ObjectStore | None:
         """The store for a job this admission allows (None: nothing admits it now). Blocking."""
         if not admission.allowed or admission.storage is None:
             return None
-        return store_for(self.settings, self.credentials(admission.storage.secret_name) or None)
+        return self.for_grant(admission.storage.secret_name)

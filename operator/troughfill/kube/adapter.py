@@ -1,6 +1,5 @@
 """The Kubernetes adapter: the reads and writes the operator makes besides Kopf's own."""
 
-import base64
 import threading
 import time
 from typing import Any
@@ -12,6 +11,7 @@ from troughfill import constants
 from troughfill.api.batchinference import BatchInference
 from troughfill.api.batchpool import BatchPool
 from troughfill.api.modeltemplate import ModelTemplate
+from troughfill.kube import calls
 from troughfill.kube.informer import Informer
 from troughfill.kube.podstate import WorkerPod, is_deleting, is_finished, is_ready, ready_since
 
@@ -159,13 +159,7 @@ class KubeCluster:
         return len(pods)
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        try:
-            found = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return {key: base64.b64decode(value).decode() for key, value in (found.data or {}).items()}
+        return calls.secret_data(self.core, namespace, name)
 
     def create_secret(self, manifest: dict[str, Any]) -> None:
         try:
