@@ -21,6 +21,7 @@ import pytest
 from hypothesis import settings
 from redis.asyncio import Redis
 
+from tests.reporting import REPORTED
 from troughfill_dev.localcluster import RedisServer, VllmServer, start_redis, start_vllm
 
 # Shared 2-core machines time out fast examples at random; a property failing is what matters.
@@ -105,3 +106,11 @@ def vllm_engine(
     server = start_vllm(python, model, tmp_path_factory.mktemp("vllm"), env={"VLLM_SERVER_DEV_MODE": "1"})
     yield server
     server.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What tests reported (tests.reporting): measured figures and real tools' answers."""
+    if REPORTED:
+        terminalreporter.section("reported by the tests")
+        for line in REPORTED:
+            terminalreporter.write_line(line)

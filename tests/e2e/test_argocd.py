@@ -23,6 +23,7 @@ from kopf.testing import KopfRunner
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import Kube, until
 from tests.e2e.test_operator import FILES, get_job, instant_pool_and_template, job, write_requests
+from tests.reporting import report
 from troughfill_dev.localcluster.argocd import (
     ARGOCD_NAMESPACE,
     RESYNC_SECONDS,
@@ -159,20 +160,20 @@ def test_argo_cd_syncs_troughfill_from_git_and_reports_its_health(
     argocd.apply_application(application("team-a", repo, "teams/team-a", namespace))
 
     message = wait_health(argocd, "team-a", "BatchInference", "tickets", "Suspended", 120)
-    print(f"\nArgo CD: BatchInference tickets Suspended: {message}", file=sys.__stdout__)
+    report(f"\nArgo CD: BatchInference tickets Suspended: {message}")
     assert message.startswith("Suspended at 0/20 (0%)")
     message = wait_health(argocd, f"platform-{suffix}", "BatchPool", f"pool-{suffix}", "Healthy", 60)
-    print(f"Argo CD: BatchPool pool-{suffix} Healthy: {message}", file=sys.__stdout__)
+    report(f"Argo CD: BatchPool pool-{suffix} Healthy: {message}")
     message = wait_health(argocd, f"platform-{suffix}", "ModelTemplate", f"tiny-{suffix}", "Healthy", 60)
-    print(f"Argo CD: ModelTemplate tiny-{suffix} Healthy: {message}", file=sys.__stdout__)
+    report(f"Argo CD: ModelTemplate tiny-{suffix} Healthy: {message}")
 
     # Resume through Git: the job runs, Argo CD follows its progress, then it completes.
     batch["spec"]["suspend"] = False
     repo.commit("resume tickets", {"teams/team-a/tickets.yaml": yaml.safe_dump(batch)})
     message = wait_health(argocd, "team-a", "BatchInference", "tickets", "Progressing", 60)
-    print(f"Argo CD: BatchInference tickets Progressing: {message}", file=sys.__stdout__)
+    report(f"Argo CD: BatchInference tickets Progressing: {message}")
     message = wait_health(argocd, "team-a", "BatchInference", "tickets", "Healthy", 180)
-    print(f"Argo CD: BatchInference tickets Healthy: {message}", file=sys.__stdout__)
+    report(f"Argo CD: BatchInference tickets Healthy: {message}")
     assert message == "Completed 20/20 (100%): 20 completed, 0 failed of 20"
     assert get_job(kube, namespace, "tickets")["status"]["phase"] == "completed"
     # Self-heal does not fight the operator: status and defaults it owns leave the app Synced.
@@ -189,7 +190,7 @@ def test_argo_cd_syncs_troughfill_from_git_and_reports_its_health(
         return message if "outputURL is immutable" in message else None
 
     message = until(failed_sync, 120, f"a failed sync naming the immutable field\n{argocd.logs()}")
-    print(f"Argo CD: sync of team-a: {message}", file=sys.__stdout__)
+    report(f"Argo CD: sync of team-a: {message}")
     assert get_job(kube, namespace, "tickets")["spec"]["outputURL"] == batch["spec"]["outputURL"]
 
     cancel_by_action_and_prune(kube, argocd, repo, namespace, batch, job_maker(suffix, requests), tmp_path)
@@ -224,18 +225,17 @@ def cancel_by_action_and_prune(
     listed = argocd.cli("app", "actions", "list", "team-a", "--kind", "BatchInference",
                         "--resource-name", "doomed", "--namespace", namespace)  # fmt: skip
     assert listed.returncode == 0, listed.stderr
-    print(f"$ argocd app actions list team-a --kind BatchInference --resource-name doomed\n{listed.stdout}",
-          file=sys.__stdout__)  # fmt: skip
+    report(f"$ argocd app actions list team-a --kind BatchInference --resource-name doomed\n{listed.stdout}")
     for action in ("suspend", "cancel"):
         ran = argocd.cli("app", "actions", "run", "team-a", action, "--kind", "BatchInference",
                          "--resource-name", "doomed", "--namespace", namespace)  # fmt: skip
         assert ran.returncode == 0, ran.stderr
         if action == "suspend":
             message = wait_health(argocd, "team-a", "BatchInference", "doomed", "Suspended", 60)
-            print(f"Argo CD: BatchInference doomed Suspended (action): {message}", file=sys.__stdout__)
+            report(f"Argo CD: BatchInference doomed Suspended (action): {message}")
     assert get_job(kube, namespace, "doomed")["spec"]["cancel"] is True
     message = wait_health(argocd, "team-a", "BatchInference", "doomed", "Degraded", 120)
-    print(f"Argo CD: BatchInference doomed Degraded: {message}", file=sys.__stdout__)
+    report(f"Argo CD: BatchInference doomed Degraded: {message}")
     assert message.startswith("Cancelled: cancelled: ")
     assert get_job(kube, namespace, "doomed")["status"]["phase"] == "cancelled"
     errors = [

@@ -20,6 +20,7 @@ from kopf.testing import KopfRunner
 
 from tests.e2e.conftest import Kube, kubectl, until
 from tests.e2e.test_operator import FILES, apply, get_job, instant_pool_and_template, live_pods, submit
+from tests.reporting import report
 
 ANSWER_SECONDS = 20
 """The stand-in answers each request after this long: the job has a ready worker for a while."""
@@ -45,8 +46,7 @@ def plugin(kube: Kube, *args: str) -> subprocess.CompletedProcess[str]:
 def ok(kube: Kube, *args: str) -> str:
     done = plugin(kube, "troughfill", *args)
     assert done.returncode == 0, done.stderr
-    # (sys.__stdout__: the operator runs under click's CliRunner, which swaps sys.stdout)
-    print(f"\n$ kubectl troughfill {' '.join(args)}\n{done.stdout}", file=sys.__stdout__)
+    report(f"\n$ kubectl troughfill {' '.join(args)}\n{done.stdout}")
     return done.stdout
 
 

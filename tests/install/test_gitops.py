@@ -9,7 +9,6 @@ ServiceAccounts, local images as in the rest of this tier). What an admin provid
 
 import secrets
 import shutil
-import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from kubernetes import client
 
 from tests.conftest import REPO_ROOT
 from tests.install.conftest import Site
+from tests.reporting import report
 from troughfill import constants
 from troughfill_dev.localcluster.argocd import ARGOCD_NAMESPACE, ArgoCD, GitRepo, make_repo, start_argocd
 from troughfill_dev.localcluster.services import RedisServer, wait_until
@@ -159,10 +159,9 @@ def test_argocd_syncs_the_crds_then_the_operator_from_git(site: Site, argocd: Ar
     assert accounts["troughfill-operator"] == "troughfill-operator"
     assert accounts["troughfill-api"] == "troughfill-api"
     windows = {name: sync_window(argocd.application(name)) for name in CHILDREN}
-    print(
+    report(
         "\nArgo CD app of apps: "
-        + ", ".join(f"{n} synced {a:%H:%M:%S}-{b:%H:%M:%S}" for n, (a, b) in windows.items()),
-        file=sys.__stdout__,
+        + ", ".join(f"{n} synced {a:%H:%M:%S}-{b:%H:%M:%S}" for n, (a, b) in windows.items())
     )
     # The operator Argo CD installed acts: a job naming no template fails, saying why.
     site.plane.kubectl("create", "namespace", "gitops-probe")

@@ -11,7 +11,6 @@ import json
 import re
 import secrets
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from kubernetes import client
 from tests.batchapitools import resigned
 from tests.conftest import REPO_ROOT, wait_for_job
 from tests.install.conftest import BUCKET, S3_URL, Site, read_example
+from tests.reporting import report
 from troughfill import constants
 from troughfill_dev.localcluster.services import wait_until
 
@@ -66,7 +66,7 @@ def transcript(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield
     path = tmp_path_factory.getbasetemp() / "install-transcript.txt"
     path.write_text("\n".join(TRANSCRIPT))
-    print(f"\nkubectl transcript: {path}")
+    report(f"\nkubectl transcript: {path}")
 
 
 def test_site_settings_before_the_operator(site: Site) -> None:
@@ -164,7 +164,7 @@ def test_the_example_job_completes(site: Site) -> None:
         pods = kubectl(site, "get", "pods", "-A", "-o", "wide", check=False)
         raise AssertionError(f"the example job did not complete:\n{out}\n{job}\n{pods}")
     took = time.monotonic() - started
-    print(f"\nexample job complete {took:.0f}s after `kubectl apply -k manifests/examples`")
+    report(f"\nexample job complete {took:.0f}s after `kubectl apply -k manifests/examples`")
     for args in (
         ("get", "batchpools,modeltemplates", "-o", "wide"),
         ("-n", JOB_NAMESPACE, "get", "batchinferences", "-o", "wide"),
@@ -421,12 +421,11 @@ def test_the_official_openai_client_round_trip(site: Site, batch_api: BatchApiSi
     counts = done.request_counts
     assert counts is not None
     assert (counts.total, counts.completed + counts.failed) == (ROUND_TRIP_REQUESTS, ROUND_TRIP_REQUESTS)
-    print(
+    report(
         f"\nOpenAI Batch API round trip, {ROUND_TRIP_REQUESTS} requests: {took:.1f}s from upload to "
         f"downloaded output ({counts.completed} completed, {counts.failed} failed; in progress "
         f"{(done.in_progress_at or 0) - done.created_at}s and completed "
-        f"{(done.completed_at or 0) - done.created_at}s after creation)",
-        file=sys.__stdout__,
+        f"{(done.completed_at or 0) - done.created_at}s after creation)"
     )
     assert any(b.id == batch.id for b in alice.batches.list())
     batch_api.done.update(batch=batch.id, file=uploaded.id, output=done.output_file_id)

@@ -208,24 +208,39 @@ class ControlPlane:
         context.load_cert_chain(str(self.admin.cert), str(self.admin.key))
         return context
 
-    def get(self, path: str, timeout: float = 5) -> tuple[int, str]:
-        """An admin GET to the API server: (status, body)."""
-        try:
-            with urllib.request.urlopen(
-                f"{self.server}{path}", context=self.ssl_context(), timeout=timeout
-            ) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode(errors="replace")
+    def _send(
+        self, method: str, path: str, body: bytes | None, timeout: float, attempts: int
+    ) -> tuple[int, str]:
+        """One admin request, sent again when it times out or loses its connection (up to
+        `attempts` tries): on a busy two-core machine the API server can be slow to answer
+        while other control planes start. Only idempotent uses call this (a GET, a DELETE
+        where 404 counts as done, a create where 409 does). (status, body) of the answer."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        for attempt in range(1, attempts + 1):
+            request = urllib.request.Request(
+                f"{self.server}{path}", data=body, headers=headers, method=method
+            )
+            try:
+                with urllib.request.urlopen(request, context=self.ssl_context(), timeout=timeout) as reply:
+                    return int(reply.status), reply.read().decode()
+            except urllib.error.HTTPError as error:
+                return int(error.code), error.read().decode(errors="replace")
+            except (TimeoutError, ConnectionError, urllib.error.URLError) as error:
+                if attempt == attempts:
+                    raise RuntimeError(
+                        f"{method} {path}: no answer in {attempts} tries: {error!r}"
+                    ) from error
+                time.sleep(1)
+        raise AssertionError("unreachable")
+
+    def get(self, path: str, timeout: float = 5, attempts: int = 1) -> tuple[int, str]:
+        """An admin GET to the API server: (status, body). One try unless asked for more
+        (callers that poll ask again themselves)."""
+        return self._send("GET", path, None, timeout, attempts)
 
     def delete(self, path: str) -> int:
         """An admin DELETE: the status (404, already gone, counts as done)."""
-        request = urllib.request.Request(f"{self.server}{path}", method="DELETE")
-        try:
-            with urllib.request.urlopen(request, context=self.ssl_context(), timeout=10) as reply:
-                return int(reply.status)
-        except urllib.error.HTTPError as error:
-            return int(error.code)
+        return self._send("DELETE", path, None, 30, 3)[0]
 
     def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
         """kubectl as the admin: its stdout (RuntimeError with its stderr when it fails)."""
@@ -237,35 +252,13 @@ class ControlPlane:
             raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
-    def apply_json(self, path: str, body: dict[str, object], attempts: int = 3) -> int:
-        """An admin POST (create); 409 (already there) counts as done.
-
-        A create that times out or loses its connection is sent again (up to `attempts`
-        times, 30 s each): on a busy two-core machine the API server can be slow to answer,
-        and a create that did land answers the retry with 409, which counts as done.
-        """
-        data = json.dumps(body).encode()
-        for attempt in range(1, attempts + 1):
-            request = urllib.request.Request(
-                f"{self.server}{path}",
-                data=data,
-                headers={"Content-Type": "application/json"},
-                method="POST",
-            )
-            try:
-                with urllib.request.urlopen(request, context=self.ssl_context(), timeout=30) as reply:
-                    return int(reply.status)
-            except urllib.error.HTTPError as error:
-                if error.code == 409:
-                    return 409
-                raise RuntimeError(
-                    f"POST {path}: {error.code} {error.read().decode(errors='replace')}"
-                ) from error
-            except (TimeoutError, ConnectionError, urllib.error.URLError) as error:
-                if attempt == attempts:
-                    raise RuntimeError(f"POST {path}: no answer in {attempts} tries: {error!r}") from error
-                time.sleep(1)
-        raise AssertionError("unreachable")
+    def apply_json(self, path: str, body: dict[str, object]) -> int:
+        """An admin POST (create); 409 (already there) counts as done. A create that times
+        out is sent again: one that did land answers the retry with 409."""
+        status, text = self._send("POST", path, json.dumps(body).encode(), 30, 3)
+        if status >= 300 and status != 409:
+            raise RuntimeError(f"POST {path}: {status} {text}")
+        return status
 
 
 def _wait_healthy(

@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import subprocess
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def start_keda(plane: ControlPlane, workdir: Path, timeout: float = 120) -> Keda
         return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
     wait_until(established, 60, f"CRD {SCALED_OBJECT_CRD} established", interval=0.2)
-    if plane.get(f"/api/v1/namespaces/{KEDA_NAMESPACE}")[0] == 404:
+    if plane.get(f"/api/v1/namespaces/{KEDA_NAMESPACE}", timeout=15, attempts=3)[0] == 404:
         plane.apply_json(
             "/api/v1/namespaces",
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": KEDA_NAMESPACE}},
@@ -229,10 +228,8 @@ def start_keda(plane: ControlPlane, workdir: Path, timeout: float = 120) -> Keda
         def available() -> bool:
             operator.check_alive()
             adapter.check_alive()
-            try:
-                return plane.get("/apis/external.metrics.k8s.io/v1beta1", timeout=15)[0] == 200
-            except (TimeoutError, ConnectionError, urllib.error.URLError):
-                return False  # a slow API server (KEDA starting on a busy machine): ask again
+            # A slow API server (KEDA starting on a busy machine) is asked again.
+            return plane.get("/apis/external.metrics.k8s.io/v1beta1", timeout=15, attempts=3)[0] == 200
 
         wait_until(
             available, timeout, "KEDA's external metrics API through the aggregation layer", interval=0.5
