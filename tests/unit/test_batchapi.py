@@ -292,6 +292,11 @@ def test_oversized_and_wrong_purpose_uploads(site: Site) -> None:
         client.files.create(file=("big.jsonl", b"x" * (64 * 1024 + 1)), purpose="batch")
     assert raised.value.status_code == 413
     assert "larger than 65536 bytes" in raised.value.message
+    # Far over the limit: still the 413 (not a dropped connection), and the API serves on.
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.files.create(file=("huge.jsonl", b"x" * (100 << 20)), purpose="batch")
+    assert raised.value.status_code == 413
+    assert client.files.list().data == []
     with pytest.raises(openai.BadRequestError, match="purpose 'fine-tune' is not supported"):
         client.files.create(file=("in.jsonl", jsonl(1)), purpose="fine-tune")
 
