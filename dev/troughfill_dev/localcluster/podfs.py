@@ -18,6 +18,7 @@ A mount target that does not exist on the host is created there (an empty direct
 import base64
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +30,31 @@ TOKEN_SECONDS = 3607
 """What the ServiceAccount admission asks for (an hour, plus a little, as the kubelet does)."""
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# `sh -c` body: bind-mount N (source, target) pairs, then exec the command.
-MOUNT_SCRIPT = """set -e
-n=$1; shift
-while [ "$n" -gt 0 ]; do
-  src=$1; dst=$2; shift 2; n=$((n - 1))
-  if [ -d "$src" ]; then
-    mkdir -p "$dst"
-  elif [ ! -e "$dst" ]; then
-    mkdir -p "$(dirname "$dst")"; : >"$dst"
-  fi
-  mount --bind "$src" "$dst"
-done
-exec "$@"
+MOUNT_SCRIPT = """
+import ctypes, os, sys
+n = int(sys.argv[1])
+pairs = [(sys.argv[2 + 2 * i], sys.argv[3 + 2 * i]) for i in range(n)]
+command = sys.argv[2 + 2 * n:]
+# Every source is opened before anything is mounted: a later mount over one of its parents
+# (an emptyDir at /tmp over a pod directory under /tmp) cannot hide it then.
+opened = [(os.open(source, os.O_PATH), os.path.isdir(source), target) for source, target in pairs]
+# Parents before children, as container runtimes order them (containerd's sortMounts).
+opened.sort(key=lambda item: len([part for part in item[2].split("/") if part]))
+libc = ctypes.CDLL(None, use_errno=True)
+MS_BIND = 4096
+for fd, is_dir, target in opened:
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    if libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND, None) != 0:
+        error = ctypes.get_errno()
+        sys.exit(f"mount {target}: {os.strerror(error)}")
+    os.close(fd)
+os.execvp(command[0], command)
 """
+"""Run with `python -I -S -c`: bind-mount N (source, target) pairs, then exec the command."""
 
 
 class VolumeError(RuntimeError):
@@ -266,7 +278,7 @@ def wrap(argv: list[str], mounts: list[tuple[str, str]], netns: str | None) -> l
         flat = [part for pair in mounts for part in pair]
         wrapped = [
             "unshare", "--mount", "--propagation", "private", "--",
-            "/bin/sh", "-c", MOUNT_SCRIPT, "container", str(len(mounts)), *flat, *wrapped,
+            sys.executable, "-I", "-S", "-c", MOUNT_SCRIPT, str(len(mounts)), *flat, *wrapped,
         ]  # fmt: skip
     if netns:
         wrapped = ["nsenter", f"--net={netns}", "--", *wrapped]
