@@ -95,7 +95,10 @@ def test_site_settings_before_the_operator(site: Site) -> None:
 
 def test_crds_install_server_side_and_are_established(site: Site) -> None:
     kubectl(site, "apply", "--server-side", "-k", str(REPO_ROOT / "manifests" / "crds"))
-    out = kubectl(site, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    wait = ("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    out = kubectl(site, *wait, check=False)
+    if "accessor error" in out:  # kubectl read a CRD before its first conditions: docs/install.md
+        out = kubectl(site, *wait)
     assert "batchinferences.troughfill.io condition met" in out
 
 

@@ -129,8 +129,7 @@ def install(plane: ControlPlane) -> None:
     crds = argocd_bin_dir() / "crds"
     for name in ("application-crd.yaml", "appproject-crd.yaml"):
         plane.kubectl("apply", "--server-side", "-f", str(crds / name))
-    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-            "crd/applications.argoproj.io", "crd/appprojects.argoproj.io")  # fmt: skip
+    plane.wait_established(["applications.argoproj.io", "appprojects.argoproj.io"])
     labels = {"app.kubernetes.io/part-of": "argocd"}
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ARGOCD_NAMESPACE}},

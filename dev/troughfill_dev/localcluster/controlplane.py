@@ -242,6 +242,25 @@ class ControlPlane:
         """An admin DELETE: the status (404, already gone, counts as done)."""
         return self._send("DELETE", path, None, 30, 3)[0]
 
+    def wait_established(self, names: list[str] | None = None, timeout: float = 60) -> None:
+        """Until the named CRDs (None: every CRD) are Established. `kubectl wait
+        --for=condition=Established` fails at once, instead of waiting, when it reads a CRD
+        the API server has not yet given conditions (`.status.conditions accessor error: <nil>`)."""
+
+        def established() -> bool:
+            status, body = self.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", 15, 3)
+            if status != 200:
+                return False
+            items = {item["metadata"]["name"]: item for item in json.loads(body)["items"]}
+            wanted = names if names is not None else list(items)
+            for name in wanted:
+                conditions = ((items.get(name) or {}).get("status") or {}).get("conditions") or []
+                if not any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+                    return False
+            return True
+
+        wait_until(established, timeout, f"CRDs {', '.join(names or ['(all)'])} established", interval=0.2)
+
     def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
         """kubectl as the admin: its stdout (RuntimeError with its stderr when it fails)."""
         done = subprocess.run(

@@ -131,15 +131,7 @@ def start_keda(plane: ControlPlane, workdir: Path, timeout: float = 120) -> Keda
     bin_dir = keda_bin_dir()
     workdir.mkdir(parents=True, exist_ok=True)
     plane.kubectl("apply", "--server-side", "-f", str(bin_dir / "crds"))
-
-    def established() -> bool:
-        status, body = plane.get(
-            f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{SCALED_OBJECT_CRD}"
-        )
-        conditions = (json.loads(body).get("status") or {}).get("conditions") or [] if status == 200 else []
-        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
-
-    wait_until(established, 60, f"CRD {SCALED_OBJECT_CRD} established", interval=0.2)
+    plane.wait_established([SCALED_OBJECT_CRD])
     if plane.get(f"/api/v1/namespaces/{KEDA_NAMESPACE}", timeout=15, attempts=3)[0] == 404:
         plane.apply_json(
             "/api/v1/namespaces",

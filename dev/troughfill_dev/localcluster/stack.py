@@ -60,7 +60,7 @@ def start_local_cluster(workdir: Path, *, nodes: int, gpus: int) -> LocalCluster
     try:
         cluster.kubectl("apply", "--server-side", "-k", str(paths.manifests() / "crds"))
         cluster.kubectl("apply", "-f", str(paths.manifests() / "base" / "priorityclass.yaml"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        cluster.plane.wait_established()
     except BaseException:
         cluster.stop()
         raise
