@@ -139,7 +139,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = Settings()
     kube = api_client()
-    jobs = KubeJobs(kube, settings.namespace)
+    jobs = KubeJobs(kube)
     server = BatchApi(KubeReviews(kube), jobs, Files(jobs, settings), settings)
     port = args.port or settings.api_port
     print(f"troughfill api: serving the OpenAI Batch API on :{port}", file=sys.stderr, flush=True)

@@ -109,7 +109,7 @@ def site(kube: Kube, tmp_path: Path) -> Iterator[Site]:
     bob = batch_user(kube, team_b, "bob", VERBS)
     viewer = batch_user(kube, team_a, "viewer", ["get", "list", "watch"])
     settings = Settings(namespace=team_a, api_max_file_bytes=1 << 20, api_max_file_lines=1000)
-    jobs = KubeJobs(kube.api, settings.namespace)
+    jobs = KubeJobs(kube.api)
     # Reviews are not cached here: a test that changes RBAC sees it at once.
     api = BatchApi(KubeReviews(kube.api, cache_seconds=0), jobs, Files(jobs, settings), settings)
     try:

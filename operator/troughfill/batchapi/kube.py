@@ -105,10 +105,9 @@ class KubeReviews:
 
 
 class KubeJobs:
-    def __init__(self, api: client.ApiClient, own_namespace: str) -> None:
+    def __init__(self, api: client.ApiClient) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
-        self.own_namespace = own_namespace
 
     def create(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
         try:
