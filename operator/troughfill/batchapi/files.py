@@ -10,7 +10,7 @@ the ones used, as the operator uses them.
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -80,10 +80,10 @@ def check_upload(stream: IO[bytes], max_lines: int) -> tuple[int, tuple[str, ...
 
 
 class Files:
-    def __init__(self, jobs: Jobs, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, jobs: Jobs, settings: Settings) -> None:
         self.jobs = jobs
         self.settings = settings
-        self.stores = JobStores(jobs, settings, clock)  # grant Secrets read as the operator reads them
+        self.stores = JobStores(jobs, settings)  # grant Secrets read as the operator reads them
 
     # --- where ---------------------------------------------------------------------------------
 

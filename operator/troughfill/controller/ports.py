@@ -16,7 +16,7 @@ class Secrets(Protocol):
         ...
 
 
-class Cluster(Protocol):
+class Cluster(Secrets, Protocol):
     def template(self, name: str) -> ModelTemplate | None: ...
 
     def pool(self, name: str) -> BatchPool | None: ...
@@ -50,10 +50,6 @@ class Cluster(Protocol):
     def delete_pool_workers(self, pool: str) -> int: ...
 
     def delete_job_workers(self, namespace: str, job_uid: str) -> int: ...
-
-    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        """A Secret's data, decoded (None: no such Secret)."""
-        ...
 
     def create_secret(self, manifest: dict[str, Any]) -> None:
         """Create a Secret (one that exists already is left as it is)."""
