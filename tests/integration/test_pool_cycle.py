@@ -4,6 +4,7 @@ what it records (each job's WorkerView, GPU-seconds, crash loops)."""
 
 import contextlib
 import uuid
+import zlib
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,6 +115,9 @@ class FakeCluster:
 
     def fail(self, name: str) -> None:
         self.pods[name] = replace(self.pods[name], phase="Failed", ready=False)
+
+    def succeed(self, name: str) -> None:
+        self.pods[name] = replace(self.pods[name], phase="Succeeded", ready=False)
 
     def gone(self, name: str) -> None:
         del self.pods[name]
@@ -416,6 +420,28 @@ async def test_a_job_that_cannot_progress_has_its_counts_read_only_in_its_turn(
     assert sum(reads) <= 4, reads  # the first cycle, then one in PROGRESS_RECHECK_CYCLES
 
 
+async def test_a_job_has_its_turn_however_many_pools_cycle_beside_its_own(
+    world: World, reads: list[int]
+) -> None:
+    """Turns count each pool's own cycles. Counted across pools, a pool cycling third among
+    three saw only every third count, and a job whose turn was another's never had its counts
+    read again: a worker run by hand that claimed and finished between two reads left the job
+    in progress for good (an end-to-end test timed out on it). The job's pool is placed in the
+    round where, counted across pools, it would never reach the job's turn."""
+    idle = BatchPool.model_validate(pool(scaleUpDelay="0s", minUsefulTime="0s", gpus={"count": 0}))
+    others = [BatchPool.model_validate(pool(f"other-{k}", gpus={"count": 0})) for k in range(2)]
+    turn = zlib.crc32(world.job.metadata.uid_text.encode()) % pools.PROGRESS_RECHECK_CYCLES
+    place = next(p for p in range(3) if (p + 1) % 3 != turn % 3)  # counted across pools: never its turn
+    rounds = [*others[:place], idle, *others[place:]]
+    for one in rounds:
+        await world.controller.cycle(one)
+    first = sum(reads)
+    for _ in range(2 * pools.PROGRESS_RECHECK_CYCLES):
+        for one in rounds:
+            await world.controller.cycle(one)
+    assert (first, sum(reads) - first) == (1, 2), reads  # then once in PROGRESS_RECHECK_CYCLES
+
+
 async def test_a_job_with_workers_has_its_counts_read_every_cycle(world: World, reads: list[int]) -> None:
     first = await world.controller.cycle(world.pool)
     assert first.created
@@ -447,3 +473,16 @@ async def test_the_planner_assumes_the_cold_start_the_templates_workers_took(wor
     assert assumed == [declared, 40.0, 40.0]  # two starts, then four (30, 30, 40, 40), then six
     gauge = "troughfill_template_cold_start_estimate_seconds"
     assert metrics.REGISTRY.get_sample_value(gauge, {"template": "tiny"}) == 40.0
+
+
+async def test_a_job_whose_workers_just_finished_has_its_counts_read(world: World, reads: list[int]) -> None:
+    """A worker that exits has just recorded what it finished (its last results may have come
+    and gone between two reads): the cycle that sees its pod finished reads the job's counts,
+    not only the job's turn one in PROGRESS_RECHECK_CYCLES cycles later."""
+    first = await world.controller.cycle(world.pool)
+    assert first.created
+    for name in first.created:
+        world.cluster.succeed(name)
+    reads.clear()
+    await world.controller.cycle(world.pool)
+    assert reads == [1]

@@ -65,8 +65,9 @@ CRASH_LOOP_SECONDS = 300.0
 PRIORITY_CLASS_RECHECK_SECONDS = 30.0
 DELETION_COST_MIN_SECONDS = 30.0
 PROGRESS_RECHECK_CYCLES = 30
-"""A job that cannot have progressed (no worker, no lease) has its counts read every this many
-cycles anyway (a thirtieth of them each cycle: once a minute at the default 2 s cycle)."""
+"""A job that can hardly have progressed (no worker pod, no lease) has its counts read every this
+many cycles of its pool anyway (a thirtieth of them each cycle: once a minute at the default 2 s
+cycle)."""
 PARSED_JOBS_KEPT = 100_000
 """Parsed jobs remembered across cycles, at most (far more than a cluster holds live)."""
 """A serving worker's pod-deletion-cost is patched at most this often (unsaved tokens move
@@ -114,6 +115,10 @@ class PoolState:
     """Job uid -> the planner's state of it and what that was built from (`snapshot`)."""
     alerting: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Job uid -> (namespace, name) of its at-risk and crash-loop gauges, removed when it leaves."""
+    progress_tick: int = 0
+    """This pool's cycles so far, for `_progresses`' turns: counted per pool, since with one
+    count for all pools a pool cycling among n others sees only every n-th value, and a job
+    whose turn is one of the others would never have its counts read again."""
 
     def crash_loop(self, uid: str, now: float) -> str | None:
         """Why the job gets no new worker now, when its workers keep failing."""
@@ -346,7 +351,6 @@ class PoolController:
         """uid -> the job's ledger client (`_ledger`)."""
         self._progress: dict[str, tuple[str | None, Progress]] = {}
         """job uid -> (its resourceVersion then, its ledger counts) as cycles last read them."""
-        self._tick = 0
         self._admissions: dict[str, tuple[tuple[object, ...], Admission]] = {}
         """job uid -> (the generations it was admitted at, its admission)."""
         self.cold_starts = ColdStarts()
@@ -398,13 +402,17 @@ class PoolController:
     async def _progresses(
         self,
         matched: list[tuple[BatchInference, ModelTemplate, Admission, int, JobLedger]],
-        pods: dict[tuple[str, str], list[WorkerPod]],
+        with_pods: set[tuple[str, str]],
+        state: PoolState,
     ) -> list[Progress]:
         """Each job's ledger counts, read in one round trip for the jobs whose counts can have
-        moved: with workers or leases, not yet indexed, changed since (a new resourceVersion), or
-        in this cycle's thirtieth of the rest. A job with no worker and no lease cannot progress, so
-        a thousand waiting jobs cost a thirtieth of a thousand reads a cycle, not a thousand."""
-        self._tick += 1
+        moved: with worker pods (finished ones too) or leases, not yet indexed, changed since (a
+        new resourceVersion), or in this pool's turn for it (one cycle in PROGRESS_RECHECK_CYCLES).
+        A job with no worker pod and no lease at its last read can rarely have moved (a worker run
+        by hand whose claims all came and went between two reads: its turn finds that), so a
+        thousand waiting jobs cost a thirtieth of a thousand reads a cycle, not a thousand."""
+        state.progress_tick += 1
+        turn = state.progress_tick % PROGRESS_RECHECK_CYCLES
         wanted: list[JobLedger] = []
         for job, _, _, _, ledger in matched:
             uid = job.metadata.uid_text
@@ -414,8 +422,8 @@ class PoolController:
                 or cached[0] != job.metadata.resourceVersion
                 or cached[1].leases
                 or not cached[1].indexed
-                or (job.metadata.ns, uid) in pods
-                or zlib.crc32(uid.encode()) % PROGRESS_RECHECK_CYCLES == self._tick % PROGRESS_RECHECK_CYCLES
+                or (job.metadata.ns, uid) in with_pods
+                or zlib.crc32(uid.encode()) % PROGRESS_RECHECK_CYCLES == turn
             ):
                 wanted.append(ledger)
         fresh = dict(
@@ -500,7 +508,10 @@ class PoolController:
             if klass not in priorities:
                 priorities[klass] = await asyncio.to_thread(self.cluster.priority_value, klass)
             matched.append((job, template, admission, priorities[klass], self._ledger(job)))
-        progresses = await self._progresses(matched, by_job)
+        # A pod that finished since the last cycle is the worker that may have recorded the
+        # job's last results on its way out: its job's counts are read too.
+        with_pods = {(pod.namespace, pod.owner_uid) for pod in pods if pod.owner_uid}
+        progresses = await self._progresses(matched, with_pods, state)
         jobs: list[ObservedJob] = []
         for (job, template, admission, priority, ledger), progress in zip(matched, progresses, strict=True):
             own = tuple(by_job.pop((job.metadata.ns, job.metadata.uid_text), []))
