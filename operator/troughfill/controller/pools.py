@@ -64,14 +64,14 @@ CRASH_LOOP_FAILURES = 3
 CRASH_LOOP_SECONDS = 300.0
 PRIORITY_CLASS_RECHECK_SECONDS = 30.0
 DELETION_COST_MIN_SECONDS = 30.0
+"""A serving worker's pod-deletion-cost is patched at most this often (unsaved tokens move
+every second); becoming ready is written at once."""
 PROGRESS_RECHECK_CYCLES = 30
 """A job that can hardly have progressed (no worker pod, no lease) has its counts read every this
 many cycles of its pool anyway (a thirtieth of them each cycle: once a minute at the default 2 s
 cycle)."""
 PARSED_JOBS_KEPT = 100_000
 """Parsed jobs remembered across cycles, at most (far more than a cluster holds live)."""
-"""A serving worker's pod-deletion-cost is patched at most this often (unsaved tokens move
-every second); becoming ready is written at once."""
 
 
 # --- what one pool remembers ------------------------------------------------------------------
