@@ -64,6 +64,10 @@ MAX_CONDITIONS: Final = 16
 # string, and Redis refuses a value over 512 MB (about 44.7M requests). Past this the job fails
 # at indexing, saying so, instead of meeting Redis's error.
 MAX_REQUESTS_PER_JOB: Final = 40_000_000
+# A longer input line is not kept (it becomes an error line): reading holds at most this much of
+# one line, whatever the input looks like (a file without newlines included). The ledger refuses
+# a request span longer than this too (a tenant can write its job's spans).
+MAX_LINE_BYTES: Final = 4 << 20
 
 # vLLM's HTTP server closes idle keep-alive connections after 5 s by default; on a busy host its
 # event loop can stall past that and close a connection a request was just sent on ("Server

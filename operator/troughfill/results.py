@@ -21,13 +21,14 @@ from troughfill import constants
 from troughfill.api.batchfile import ErrorCode, RequestLine, classify_line, error_record
 from troughfill.api.batchinference import Endpoint, Phase
 from troughfill.errors import TroughfillError
-from troughfill.ledger import JobConfig, JobLedger, LedgerClosedError, Outcome, id_buckets
+from troughfill.ledger import JobConfig, JobLedger, LedgerClosedError, LedgerCorruptError, Outcome, id_buckets
 from troughfill.storage import (
     ERROR_FILE,
     MAX_LINE_BYTES,
     OUTPUT_FILE,
     Line,
     ObjectStore,
+    ReadError,
     RecordKind,
     SegmentRecord,
     StorageError,
@@ -223,11 +224,13 @@ async def finalize(
     else:
         await ledger.transition(Phase.FINALIZING)
     progress = await ledger.progress()
+    if progress.corrupt:
+        raise LedgerCorruptError("the ledger", progress.corrupt)
     if outcome == Phase.COMPLETED and progress.finished < progress.total:
         raise MergeError(f"{progress.total - progress.finished} requests are not done; finalize as expired")
     output_url, error_url = join(config.output_url, OUTPUT_FILE), join(config.output_url, ERROR_FILE)
     async with _published(store, output_url) as outputs, _published(store, error_url) as errors:
-        counts = await _merge(ledger, store, segments, outputs, errors)
+        counts = await _merge(ledger, store, segments, outputs, errors, total=progress.total)
         unfinished_code = ErrorCode.CANCELLED if outcome == Phase.CANCELLED else ErrorCode.EXPIRED
         counts[RecordKind.ERROR] += await _write_final_errors(
             ledger, store, config.input_url, errors, total=progress.total, unfinished_code=unfinished_code
@@ -298,15 +301,40 @@ def _line_bytes(record: dict[str, Any]) -> bytes:
 
 
 def _read_all(store: ObjectStore, segments: str, segment_id: str) -> list[StoredRecord]:
-    return list(read_segment(store, segments, segment_id))
+    try:
+        return list(read_segment(store, segments, segment_id))
+    except (ValueError, UnicodeDecodeError) as error:  # a segment is a worker's (a tenant's) writing
+        raise MergeError(f"segment {join(segments, segment_id)}.jsonl cannot be read: {error}") from None
+
+
+def _stored_segments(store: ObjectStore, segments: str) -> set[str]:
+    try:
+        names = store.names(segments)
+    except ReadError as error:
+        if error.transient:
+            raise
+        return set()  # no segment stored (a directory never made); a committed one is then missing
+    return {name.removesuffix(".jsonl") for name in names if name.endswith(".jsonl")}
 
 
 async def _merge(
-    ledger: JobLedger, store: ObjectStore, segments: str, outputs: IO[bytes], errors: IO[bytes]
+    ledger: JobLedger,
+    store: ObjectStore,
+    segments: str,
+    outputs: IO[bytes],
+    errors: IO[bytes],
+    *,
+    total: int,
 ) -> dict[RecordKind, int]:
+    """Each committed segment's won records into the output or error file. Only segments stored
+    under the job's own directory are read (listed once): the ledger says which, storage says
+    they are the job's own."""
     counts = {RecordKind.OUTPUT: 0, RecordKind.ERROR: 0}
+    stored = await asyncio.to_thread(_stored_segments, store, segments)
     async for segment_id in ledger.segments():
-        won = await ledger.segment_won(segment_id)
+        if segment_id not in stored:
+            raise MergeError(f"committed segment {segment_id} is not stored under {segments}")
+        won = await ledger.segment_won(segment_id, total)
         records = await asyncio.to_thread(_read_all, store, segments, segment_id)
         chosen: dict[RecordKind, list[bytes]] = {RecordKind.OUTPUT: [], RecordKind.ERROR: []}
         for item in records:
@@ -336,7 +364,7 @@ async def _write_final_errors(
     """Error lines for requests that never got a result: dead letters, then unfinished ones."""
     written = 0
     batch: list[tuple[int, str]] = []
-    async for item in ledger.dead_letters():
+    async for item in ledger.dead_letters(total):
         batch.append(item)
         if len(batch) >= INDEX_BATCH_LINES:
             written += await _error_lines(ledger, store, input_url, errors, batch)

@@ -241,7 +241,7 @@ async def test_a_crash_makes_suspects_that_are_retried_alone_and_only_solo_crash
     progress = await ledger.progress()
     assert (progress.completed, progress.dead, progress.failed_attempts) == (3, 1, 0)
     assert progress.all_done
-    assert [(i, code) async for i, code in ledger.dead_letters()] == [(2, "request_crashed_engine")]
+    assert [(i, code) async for i, code in ledger.dead_letters(10)] == [(2, "request_crashed_engine")]
 
 
 async def drain_lease(ledger: JobLedger, store: ObjectStore, owner: str, claim: Claim) -> None:

@@ -81,6 +81,9 @@ class Reason(StrEnum):
     REQUEST_QUOTA_EXCEEDED = "RequestQuotaExceeded"
     MERGE_FAILED = "MergeFailed"
     LEDGER_UNAVAILABLE = "LedgerUnavailable"
+    LEDGER_CORRUPT = "LedgerCorrupt"
+    """The job's ledger holds what troughfill does not write (its pods can write it): the job
+    fails, its workers stop, nothing is merged; no other job is affected."""
     HEALTHY = "Healthy"
     WORKERS_READY = "WorkersReady"
     WAITING_FOR_TROUGH = "WaitingForTrough"

@@ -37,7 +37,15 @@ from troughfill.api.conditions import (
 from troughfill.api.modeltemplate import ModelTemplate, ModelTemplateStatus
 from troughfill.api.storage import as_prefix
 from troughfill.api.types import parse_duration
-from troughfill.ledger import TERMINAL, JobConfig, JobKeys, JobLedger, OutputClaims, Progress
+from troughfill.ledger import (
+    TERMINAL,
+    JobConfig,
+    JobKeys,
+    JobLedger,
+    LedgerCorruptError,
+    OutputClaims,
+    Progress,
+)
 from troughfill.ledger.access import LedgerAccess
 from troughfill.planner import Limit
 from troughfill.results import (
@@ -388,6 +396,10 @@ async def refresh_status(
     config = job_config(job)
     retry_in = None
     progress = await ledger.progress()
+    if progress.corrupt:
+        return await _ledger_corrupt(
+            job, status, ledger, progress.corrupt, now=now, retention_seconds=retention_seconds
+        )
     if progress.input_changed and progress.state not in TERMINAL:  # a worker found it changed
         await ledger.transition(Phase.FAILED)
         events += _fail(status, job, Reason.INPUT_CHANGED, progress.input_changed, now).events
@@ -400,6 +412,10 @@ async def refresh_status(
             job, status, ledger, store, config=config, progress=progress, now=now, events=events
         )
         progress = await _finalize_if_done(status, ledger, store, config, progress, events=events)
+    except LedgerCorruptError as error:  # met while merging: a span, a dead letter, a segment
+        return await _ledger_corrupt(
+            job, status, ledger, str(error), now=now, retention_seconds=retention_seconds
+        )
     except (StorageError, MergeError) as error:
         writing = isinstance(error, StorageError) and not isinstance(error, ReadError)
         reason = Reason.OUTPUT_UNWRITABLE if writing else Reason.MERGE_FAILED
@@ -432,6 +448,30 @@ async def refresh_status(
         _set(status, job, JobConditionType.RUNNING, value=ConditionStatus.FALSE, reason=Reason.POOL_NOT_FOUND,
              message="no pool plans this job now: its template's pool is gone", now=now)  # fmt: skip
     return StatusUpdate(status, events, retry_in)
+
+
+async def _ledger_corrupt(
+    job: BatchInference,
+    status: BatchInferenceStatus,
+    ledger: JobLedger,
+    what: str,
+    *,
+    now: datetime,
+    retention_seconds: float | None,
+) -> StatusUpdate:
+    """The job's ledger holds what neither the operator nor its workers write (its pods hold its
+    ledger credentials): the job fails, naming what, its workers stop, nothing is merged from a
+    ledger that cannot be trusted, and its keys go after the retention time."""
+    message = (
+        f"the job's ledger holds what troughfill does not write ({what}); the job's workers are stopped and "
+        "its results are not merged. Anything holding the job's credentials (its pods) can write there"
+    )
+    await ledger.condemn(what)
+    update = _fail(status, job, Reason.LEDGER_CORRUPT, message, now)
+    _workers_ended(job, status, Phase.FAILED, now)
+    if retention_seconds is not None:
+        await ledger.expire_after(retention_seconds)
+    return update
 
 
 async def _cancel_if_asked(
@@ -615,17 +655,20 @@ async def cancel(
     cannot be read (`config` None: its output location is not taken from Redis), nor for one no
     storage grant admits any more (`store` None).
     """
-    state = await ledger.state()
     report = None
-    if config is not None and store is not None and state is not None and state not in TERMINAL:
-        if state == Phase.FINALIZING:
-            progress = await ledger.progress()
-            outcome = Phase.COMPLETED if progress.all_done else Phase.EXPIRED
-            report = await finalize(ledger, store, outcome, config)
-        else:
-            if state != Phase.CANCELLING:
-                await ledger.transition(Phase.CANCELLING)
-            report = await finalize(ledger, store, Phase.CANCELLED, config)
+    try:
+        state = await ledger.state()
+        if config is not None and store is not None and state is not None and state not in TERMINAL:
+            if state == Phase.FINALIZING:
+                progress = await ledger.progress()
+                outcome = Phase.COMPLETED if progress.all_done else Phase.EXPIRED
+                report = await finalize(ledger, store, outcome, config)
+            else:
+                if state != Phase.CANCELLING:
+                    await ledger.transition(Phase.CANCELLING)
+                report = await finalize(ledger, store, Phase.CANCELLED, config)
+    except LedgerCorruptError:
+        report = None  # nothing is merged from a ledger that cannot be trusted; the job still goes
     await ledger.delete()
     await LedgerAccess(ledger.client).revoke(ledger.keys)  # its workers' Redis user goes with it
     if config is not None:

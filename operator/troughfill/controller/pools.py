@@ -289,6 +289,7 @@ def _job_state(
         job.spec.suspend
         or job.spec.cancel
         or bool(progress.refused)
+        or bool(progress.corrupt)  # it fails (jobs.refresh_status); its workers stop now
         or not progress.indexed
         or crash_looping
         or not entry.admission.allowed  # the template or pool changed since: no worker runs it now

@@ -26,7 +26,18 @@ from troughfill.ledger.keys import JobKeys
 
 ACCESS_KEY = f"{constants.REDIS_KEY_PREFIX}:ledger-access-key"
 USER_PREFIX = "troughfill-job-"
-SCRIPTS = ("CLAIM", "RENEW", "RELEASE", "NACK", "REAP", "COMMIT", "TRANSITION", "CLOSE", "SAVE_PARTIALS")
+SCRIPTS = (
+    "CLAIM",
+    "RENEW",
+    "RELEASE",
+    "NACK",
+    "REAP",
+    "COMMIT",
+    "TRANSITION",
+    "CLOSE",
+    "SAVE_PARTIALS",
+    "PROGRESS_MANY",
+)
 CATEGORY_RULES = (
     "-@all",
     "+@read",

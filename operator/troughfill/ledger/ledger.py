@@ -2,19 +2,23 @@
 
 import hashlib
 import json
+import re
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+import pydantic
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
+from troughfill import constants
+from troughfill.api.batchfile import ErrorCode
 from troughfill.api.batchinference import Endpoint, Phase
 from troughfill.config import Settings
 from troughfill.errors import TroughfillError
@@ -51,6 +55,19 @@ def id_buckets(expected_ids: int) -> int:
         buckets *= 2
     return buckets
 
+
+DEAD_CODES = frozenset(code.encode() for code in (ErrorCode.MAX_ATTEMPTS, ErrorCode.CRASHED_ENGINE))
+"""The error codes the ledger's scripts dead-letter requests with."""
+MAX_HEARTBEAT_BYTES = 4096
+"""A heartbeat is about 200 bytes; a longer value is not read."""
+MAX_TOKENS: Final = 2**53
+"""Token counts past this are not ones any job reaches (and a float could not hold them)."""
+MAX_TEXT_FIELD = 2048
+"""The longest free-text field (a worker's report, a refusal) the operator carries on."""
+
+SEGMENT_ID = re.compile(rb"[a-z0-9][a-z0-9.-]{0,252}-[0-9a-f]{16}")
+"""What `storage.segments.new_segment_id` makes of a writer's name (a pod name, or "index"): no
+slash, so a committed id names an object in the job's own segment directory and nowhere else."""
 
 MAX_CONNECTIONS = 64
 """Connections one process keeps to the ledger at most; more callers at once wait their turn."""
@@ -156,6 +173,10 @@ class Progress:
     """The ended job's keys are set to expire."""
     input_changed: str | None = None
     """A worker found the input changed since it was indexed (what it saw)."""
+    corrupt: str | None = None
+    """What in the job's ledger could not be read (the key and field, and why): a job's pods
+    hold its ledger credentials, so anything there may be whatever a tenant wrote. The job fails
+    with LedgerCorrupt; the other fields are then zero, not read."""
 
     @property
     def finished(self) -> int:
@@ -175,6 +196,16 @@ class Partial:
 
 class LedgerClosedError(TroughfillError):
     """The job no longer accepts results (finalizing or terminal)."""
+
+
+class LedgerCorruptError(TroughfillError, ValueError):
+    """A value in a job's ledger is not one the operator or the job's workers write. Everything a
+    job's pods can write is tenant-controlled (they hold the job's credentials), so every read of
+    it is parsed defensively and a bad value fails that job alone, naming where it was."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
 
 
 class JobNotRecordedError(TroughfillError, LookupError):
@@ -269,8 +300,12 @@ class JobLedger:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def state(self) -> Phase | None:
-        value = await self.client.hget(self.keys.key("meta"), "state")
-        return Phase(_text(value)) if value else None
+        """The job's state; LedgerCorruptError when meta or its state is not one we write."""
+        try:
+            value = await self.client.hget(self.keys.key("meta"), "state")
+        except redis.exceptions.ResponseError as error:  # WRONGTYPE: meta is not a hash
+            raise LedgerCorruptError("meta", str(error)) from None
+        return _phase(value) if value else None
 
     async def transition(self, target: Phase) -> bool:
         """Move to `target` if the table allows it from the current state.
@@ -282,10 +317,16 @@ class JobLedger:
         moved, current = await self._run("TRANSITION", target.value, self._now(), *sources)
         if moved:
             return True
-        state = Phase(_text(current)) if current else None
+        state = _phase(current) if current else None
         if state == target:
             return False
         raise InvalidTransitionError(state, target)
+
+    async def condemn(self, why: str) -> None:
+        """End a job whose ledger is corrupt: failed and closed, whatever its keys say now."""
+        await self.client.register_script(lua.CONDEMN)(
+            keys=[self.keys.key("meta")], args=[self._local_now(), why]
+        )
 
     async def close(self) -> None:
         """Accept no more results; what is committed now is what finalize merges."""
@@ -376,9 +417,24 @@ class JobLedger:
         for first, last in runs:
             pipe.getrange(self.keys.key(OFFSETS), first * SPAN.size, (last + 1) * SPAN.size - 1)
         found: dict[int, tuple[int, int]] = {}
-        for (first, _), blob in zip(runs, await pipe.execute(), strict=True):
-            for k, span in enumerate(SPAN.iter_unpack(blob)):
-                found[first + k] = span
+        try:
+            blobs = await pipe.execute()
+        except redis.exceptions.ResponseError as error:
+            raise LedgerCorruptError(OFFSETS, str(error)) from None
+        for (first, last), blob in zip(runs, blobs, strict=True):
+            if len(blob) != (last - first + 1) * SPAN.size:
+                raise LedgerCorruptError(
+                    OFFSETS, f"no span recorded for request {first + len(blob) // SPAN.size}"
+                )
+            for k, (start, length) in enumerate(SPAN.iter_unpack(blob)):
+                # The operator indexed no line longer than this: a longer span was written by
+                # someone else, and reading it would hold that much in memory.
+                if length > constants.MAX_LINE_BYTES:
+                    raise LedgerCorruptError(
+                        OFFSETS,
+                        f"request {first + k} spans {length} bytes, over a line's {constants.MAX_LINE_BYTES}",
+                    )
+                found[first + k] = (start, length)
         return [found[i] for i in indices]
 
     # --- work ----------------------------------------------------------------------------------
@@ -524,8 +580,15 @@ class JobLedger:
         await self.client.unlink(self.keys.key(f"worker:{worker}"))
 
     async def last_heartbeat(self, worker: str) -> Heartbeat | None:
-        value = await self.client.get(self.keys.key(f"worker:{worker}"))
-        return Heartbeat.model_validate_json(value) if value else None
+        """The worker's last beat; None when there is none or it cannot be read (what a worker
+        says of itself is advice: nothing the operator decides may fail on it)."""
+        try:
+            value = await self.client.get(self.keys.key(f"worker:{worker}"))
+            if not value or len(value) > MAX_HEARTBEAT_BYTES:
+                return None
+            return Heartbeat.model_validate_json(value)
+        except (redis.exceptions.ResponseError, pydantic.ValidationError):
+            return None
 
     async def request_stop(self, worker: str, mode: StopMode, ttl: float = 600.0) -> None:
         """How `worker` should stop on its next SIGTERM (the operator sets this before deleting it)."""
@@ -542,33 +605,57 @@ class JobLedger:
     # --- reading back ------------------------------------------------------------------------
 
     async def progress(self) -> Progress:
-        pipe = self.client.pipeline(transaction=False)
-        self._queue_progress(pipe)
-        return _progress_from(*await pipe.execute())
-
-    def _queue_progress(self, pipe: Any) -> None:
-        pipe.hgetall(self.keys.key("meta"))
-        pipe.hgetall(self.keys.key("counters"))
-        pipe.zcard(self.keys.key("leases"))
+        """The job's state and counts (`Progress.corrupt` says what could not be read)."""
+        return (await progress_of(self.client, [self]))[0]
 
     async def segments(self, page: int = 1000) -> AsyncIterator[str]:
-        """Committed segment ids, in commit order."""
+        """Committed segment ids, in commit order; LedgerCorruptError on one that is not an id
+        a worker makes (`SEGMENT_ID`: a name, never a path into another job's directory)."""
         start = 0
         while True:
-            chunk = await self.client.lrange(self.keys.key("segments"), start, start + page - 1)
+            try:
+                chunk = await self.client.lrange(self.keys.key("segments"), start, start + page - 1)
+            except redis.exceptions.ResponseError as error:
+                raise LedgerCorruptError("segments", str(error)) from None
             for item in chunk:
+                if not SEGMENT_ID.fullmatch(_bytes(item)):
+                    raise LedgerCorruptError("segments", f"{_shown(item)} is not a segment id")
                 yield _text(item)
             if len(chunk) < page:
                 return
             start += page
 
-    async def segment_won(self, segment_id: str) -> set[int]:
-        blob = _bytes(await self.client.get(self.keys.segment_won(segment_id)))
-        return {index for (index,) in WON.iter_unpack(blob)}
+    async def segment_won(self, segment_id: str, total: int) -> set[int]:
+        """The requests this segment's commit won; LedgerCorruptError when the record is larger
+        than any commit of `total` requests makes, or names a request past them."""
+        key = self.keys.segment_won(segment_id)
+        try:
+            size = await self.client.strlen(key)
+            if size > total * WON.size or size % WON.size:
+                raise LedgerCorruptError(
+                    f"segwon:{segment_id}", f"{size} bytes for a job of {total} requests"
+                )
+            blob = _bytes(await self.client.get(key))
+        except redis.exceptions.ResponseError as error:
+            raise LedgerCorruptError(f"segwon:{segment_id}", str(error)) from None
+        won = {index for (index,) in WON.iter_unpack(blob)}
+        if won and max(won) >= total:
+            raise LedgerCorruptError(f"segwon:{segment_id}", f"request {max(won)} of a job of {total}")
+        return won
 
-    async def dead_letters(self) -> AsyncIterator[tuple[int, str]]:
-        async for index, code in self.client.hscan_iter(self.keys.key("dead"), count=1000):
-            yield int(index), _text(code)
+    async def dead_letters(self, total: int) -> AsyncIterator[tuple[int, str]]:
+        """(request, error code) of each dead-lettered request; LedgerCorruptError on an entry
+        that is not a request of this job with a known code."""
+        try:
+            async for index, code in self.client.hscan_iter(self.keys.key("dead"), count=1000):
+                number = _count("dead", index, total - 1)
+                if code not in DEAD_CODES:
+                    raise LedgerCorruptError(
+                        f"dead.{number}", f"{_shown(code)} is not an error code the ledger writes"
+                    )
+                yield number, _text(code)
+        except redis.exceptions.ResponseError as error:
+            raise LedgerCorruptError("dead", str(error)) from None
 
     async def unfinished(self, total: int, batch: int = 10_000) -> AsyncIterator[list[int]]:
         """Requests not done, at most `batch` at a time, reading the done bitmap 64 KiB at a time."""
@@ -622,42 +709,121 @@ def _glob_escape(text: str) -> str:
 
 
 async def progress_of(client: Redis, ledgers: Sequence["JobLedger"]) -> list[Progress]:
-    """Every ledger's progress in one round trip (a pool cycle reads all its jobs')."""
+    """Every ledger's progress in one round trip (a pool cycle reads all its jobs'). A job whose
+    keys hold what no writer of ours writes gets `Progress.corrupt`; the others are unaffected."""
     if not ledgers:
         return []
     keys = [ledger.keys.key(name) for ledger in ledgers for name in ("meta", "counters", "leases")]
-    replies = await client.register_script(lua.PROGRESS_MANY)(keys=keys)
+    replies = await client.register_script(lua.PROGRESS_MANY)(
+        keys=keys, args=[lua.PROGRESS_MAX_FIELDS, lua.PROGRESS_MAX_BYTES]
+    )
     return [
-        _progress_from(_pairs(replies[3 * k]), _pairs(replies[3 * k + 1]), int(replies[3 * k + 2]))
-        for k in range(len(ledgers))
+        _progress_from(replies[3 * k], replies[3 * k + 1], replies[3 * k + 2]) for k in range(len(ledgers))
     ]
 
 
-def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
-    """A script's HGETALL reply (field, value, field, value, ...) as a dictionary."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+def _pairs(where: str, flat: object) -> dict[str, bytes]:
+    """A script's HGETALL reply (field, value, field, value, ...) as a dictionary; the script
+    answers a string instead when the key could not be read (wrong type, too large)."""
+    if not isinstance(flat, list):
+        raise LedgerCorruptError(where, _text(flat) or "not a hash")
+    fields = {}
+    for name, value in zip(flat[::2], flat[1::2], strict=True):
+        try:
+            fields[_bytes(name).decode("ascii")] = _bytes(value)
+        except UnicodeDecodeError:
+            raise LedgerCorruptError(where, f"a field named {_shown(name)}") from None
+    return fields
 
 
-def _progress_from(meta_raw: dict[bytes, bytes], counters_raw: dict[bytes, bytes], leases: int) -> Progress:
-    meta = {_text(k): _text(v) for k, v in meta_raw.items()}
-    counters = {_text(k): int(v) for k, v in counters_raw.items()}
+def _shown(value: object, limit: int = 40) -> str:
+    """A tenant-written value, quoted for a message: printable, and short."""
+    text = _bytes(value).decode("utf-8", "replace")
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return repr(clean + ("..." if len(text) > limit else ""))
+
+
+def _count(where: str, raw: bytes | str, limit: int) -> int:
+    """A whole number in [0, limit], or LedgerCorruptError saying where."""
+    value = _bytes(raw)
+    if not value.isdigit() or len(value) > 20 or int(value) > limit:
+        raise LedgerCorruptError(where, f"{_shown(value)} is not a count from 0 to {limit}")
+    return int(value)
+
+
+def _phase(raw: bytes | str, where: str = "meta.state") -> Phase:
+    try:
+        return Phase(_bytes(raw).decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise LedgerCorruptError(where, f"{_shown(raw)} is not a job state") from None
+
+
+def _moment(where: str, raw: bytes) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1e11:  # also false for NaN
+        raise LedgerCorruptError(where, f"{_shown(raw)} is not a time")
+    return value
+
+
+def _free_text(raw: bytes | None) -> str | None:
+    """A report a worker or the operator wrote (printed in conditions): decoded, printable, bounded."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace")[:MAX_TEXT_FIELD]
+    return "".join(c if c.isprintable() or c == " " else " " for c in text)
+
+
+def _progress_from(meta_raw: object, counters_raw: object, leases: object) -> Progress:
+    try:
+        return _read_progress(_pairs("meta", meta_raw), _pairs("counters", counters_raw), leases)
+    except LedgerCorruptError as error:
+        return Progress(
+            state=None, total=0, completed=0, failed=0, dead=0, failed_attempts=0, prompt_tokens=0,
+            completion_tokens=0, cached_tokens=0, wasted_tokens=0, leases=0, indexed=False,
+            corrupt=str(error),
+        )  # fmt: skip
+
+
+REQUEST_COUNTERS = ("completed", "failed", "dead", "resumed")
+TOKEN_COUNTERS = ("failed_attempts", "prompt_tokens", "completion_tokens", "cached_tokens", "wasted_tokens")
+
+
+def _read_progress(meta: dict[str, bytes], counters_raw: dict[str, bytes], leases: object) -> Progress:
+    if not isinstance(leases, int) or leases < 0:
+        raise LedgerCorruptError("leases", _text(leases) or "not a sorted set")
+    limit = constants.MAX_REQUESTS_PER_JOB
+    counters = {
+        name: _count(f"counters.{name}", counters_raw.get(name, b"0"), limit) for name in REQUEST_COUNTERS
+    }
+    counters |= {
+        name: _count(f"counters.{name}", counters_raw.get(name, b"0"), MAX_TOKENS) for name in TOKEN_COUNTERS
+    }
+    total = _count("meta.total", meta.get("total", b"0"), limit)
+    if counters["completed"] + counters["failed"] > total and meta.get("indexed") == b"1":
+        raise LedgerCorruptError(
+            "counters",
+            f"{counters['completed']} completed and {counters['failed']} failed of {total} requests",
+        )
     return Progress(
-        state=Phase(meta["state"]) if "state" in meta else None,
-        total=int(meta.get("total", 0)),
-        completed=counters.get("completed", 0),
-        failed=counters.get("failed", 0),
-        dead=counters.get("dead", 0),
-        failed_attempts=counters.get("failed_attempts", 0),
-        prompt_tokens=counters.get("prompt_tokens", 0),
-        completion_tokens=counters.get("completion_tokens", 0),
-        cached_tokens=counters.get("cached_tokens", 0),
-        wasted_tokens=counters.get("wasted_tokens", 0),
-        resumed=counters.get("resumed", 0),
-        refused=meta.get("refused"),
-        cleaned=meta.get("cleaned") == "1",
-        expiring=meta.get("expiring") == "1",
-        input_changed=meta.get("input_changed"),
-        leases=int(leases),
-        indexed=meta.get("indexed") == "1",
-        state_times={k[3:]: float(v) for k, v in meta.items() if k.startswith("at:")},
+        state=_phase(meta["state"]) if "state" in meta else None,
+        total=total,
+        completed=counters["completed"],
+        failed=counters["failed"],
+        dead=counters["dead"],
+        failed_attempts=counters["failed_attempts"],
+        prompt_tokens=counters["prompt_tokens"],
+        completion_tokens=counters["completion_tokens"],
+        cached_tokens=counters["cached_tokens"],
+        wasted_tokens=counters["wasted_tokens"],
+        resumed=counters["resumed"],
+        refused=_free_text(meta.get("refused")),
+        cleaned=meta.get("cleaned") == b"1",
+        expiring=meta.get("expiring") == b"1",
+        input_changed=_free_text(meta.get("input_changed")),
+        leases=leases,
+        indexed=meta.get("indexed") == b"1",
+        state_times={k[3:]: _moment(f"meta.{k}", v) for k, v in meta.items() if k.startswith("at:")},
     )

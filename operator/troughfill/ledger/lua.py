@@ -304,12 +304,38 @@ return written
 # KEYS: meta, counters, leases of each job in turn -> {meta fields, counter fields, lease count}
 # of each: a pool cycle's progress reads in one command (a pipeline of three commands a job cost
 # the client five times as much).
+# KEYS: meta, counters, leases of each job; ARGV: most fields, most bytes of a hash ->
+# {fields, fields, leases} per job. A key of the wrong type or over the bounds answers a string
+# saying so (a tenant's pods can write their job's keys: one job's keys must not fail the read of
+# every job, nor make the operator hold whatever they were filled with).
+PROGRESS_MAX_FIELDS = 256
+PROGRESS_MAX_BYTES = 256 << 10
 PROGRESS_MANY = """
+local most_fields, most_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function hash(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then return {} end
+  if kind ~= 'hash' then return 'a ' .. kind .. ', not a hash' end
+  local count = redis.call('HLEN', key)
+  if count > most_fields then return count .. ' fields, over ' .. most_fields end
+  local fields = redis.call('HKEYS', key)
+  local size = 0
+  for _, field in ipairs(fields) do
+    size = size + #field + redis.call('HSTRLEN', key, field)
+    if size > most_bytes then return 'over ' .. most_bytes .. ' bytes' end
+  end
+  return redis.call('HGETALL', key)
+end
 local out = {}
 for i = 1, #KEYS, 3 do
-  out[#out + 1] = redis.call('HGETALL', KEYS[i])
-  out[#out + 1] = redis.call('HGETALL', KEYS[i + 1])
-  out[#out + 1] = redis.call('ZCARD', KEYS[i + 2])
+  out[#out + 1] = hash(KEYS[i])
+  out[#out + 1] = hash(KEYS[i + 1])
+  local kind = redis.call('TYPE', KEYS[i + 2])['ok']
+  if kind == 'zset' or kind == 'none' then
+    out[#out + 1] = redis.call('ZCARD', KEYS[i + 2])
+  else
+    out[#out + 1] = 'a ' .. kind .. ', not a sorted set'
+  end
 end
 return out
 """
@@ -338,4 +364,12 @@ for k = 1, #ARGV, 2 do
   flags[#flags + 1] = redis.call('HSETNX', KEYS[1] .. ARGV[k], ARGV[k + 1], '') == 1 and '1' or '0'
 end
 return table.concat(flags)
+"""
+
+# KEYS: meta; ARGV: now, why -> 1. The job's ledger holds what no writer of ours writes: the job
+# fails whatever its state says (and whatever type its meta key was made), and accepts no result.
+CONDEMN = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then redis.call('DEL', KEYS[1]) end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'closed', '1', 'at:failed', ARGV[1], 'corrupt', ARGV[2])
+return 1
 """

@@ -18,9 +18,7 @@ from troughfill.config import Settings
 from troughfill.storage.errors import ReadError, StorageError, WriteError
 
 READ_CHUNK_BYTES = 1 << 20
-MAX_LINE_BYTES = 4 << 20
-"""A longer input line is not kept (it becomes an error line): reading holds at most this much
-of one line, whatever the input looks like (a file without newlines included)."""
+MAX_LINE_BYTES = constants.MAX_LINE_BYTES
 # Ranges closer than this are fetched in one read: one round trip beats two small ones.
 RANGE_MERGE_GAP_BYTES = 64 << 10
 
