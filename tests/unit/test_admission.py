@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import pydantic
 import pytest
 
 from tests.builders import batch_inference, pool, template
@@ -275,3 +276,33 @@ def test_storage_within_the_grants_is_admitted_with_the_grants_credentials(
     assert decision.allowed, decision.message
     assert decision.storage is not None
     assert decision.storage.secret_name == secret
+
+
+def test_a_default_grants_secret_is_the_namespaces_own() -> None:
+    """Under defaultQuota, {namespace} in secretName is the job's namespace too, and a Secret every
+    namespace would share is refused: each job's workers get a copy of their grant's credentials."""
+    per_namespace = pool(
+        quotas=[],
+        defaultQuota={
+            "maxGPUs": 1,
+            "storage": [{"prefix": "s3://batch/{namespace}/", "secretName": "s3-{namespace}"}],
+        },
+    )
+    job = BatchInference.model_validate(
+        batch_inference(
+            namespace="team-c", inputURL="s3://batch/team-c/in.jsonl", outputURL="s3://batch/team-c/o/"
+        )
+    )
+    admission = admit(job, ModelTemplate.model_validate(template()), BatchPool.model_validate(per_namespace))
+    assert admission.allowed, admission.message
+    assert admission.storage is not None
+    assert admission.storage.secret_name == "s3-team-c"
+    shared = pool(
+        quotas=[],
+        defaultQuota={
+            "maxGPUs": 1,
+            "storage": [{"prefix": "s3://batch/{namespace}/", "secretName": "batch-storage"}],
+        },
+    )
+    with pytest.raises(pydantic.ValidationError, match="secretName"):
+        BatchPool.model_validate(shared)

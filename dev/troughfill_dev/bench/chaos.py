@@ -52,7 +52,8 @@ from troughfill_dev.localcluster.stack import create_namespace, start_local_clus
 
 ACTIONS = ("worker", "operator", "redis", "prometheus", "apiserver", "signal", "store")
 BUCKET = "soak"
-GRANT_SECRET = "soak-s3"
+GRANT_SECRET = "soak-s3-default"
+"""The jobs' namespace's Secret of the pool's default grant (soak-s3-{namespace})."""
 GPUS = 2
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -123,7 +124,8 @@ class Soak:
                 "headroomGPUs": 0, "scaleUpDelay": "0s", "minUsefulTime": "0s", "drainGracePeriod": "5s",
                 "signal": {"maxStaleness": "30s"},
                 "defaultQuota": {
-                    "maxGPUs": GPUS, "storage": [{"prefix": f"s3://{BUCKET}/", "secretName": GRANT_SECRET}],
+                    "maxGPUs": GPUS,
+                    "storage": [{"prefix": f"s3://{BUCKET}/", "secretName": "soak-s3-{namespace}"}],
                 },
             },
         }  # fmt: skip

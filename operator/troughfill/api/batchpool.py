@@ -109,6 +109,25 @@ class StorageGrant(ApiModel):
 
 StorageGrants = Annotated[list[StorageGrant], Field(default_factory=list, max_length=32)]
 
+PER_NAMESPACE_SECRET_PATTERN = r"^([-a-z0-9.]|\{namespace\})*\{namespace\}([-a-z0-9.]|\{namespace\})*$"
+PerNamespaceSecretName = Annotated[
+    str, StringConstraints(pattern=PER_NAMESPACE_SECRET_PATTERN, min_length=1, max_length=180)
+]
+
+
+class DefaultStorageGrant(StorageGrant):
+    """A storage grant of `defaultQuota`: every namespace without a quota of its own gets it,
+    with {namespace} in its prefix and its Secret's name standing for the job's namespace."""
+
+    secret_name: PerNamespaceSecretName | None = None
+    """Secret in the operator's namespace with the credentials for this namespace's prefix; it
+    must contain {namespace} (e.g. batch-{namespace}): a job's workers get a copy of their grant's
+    credentials, so one Secret shared by every namespace would hand each namespace's pods
+    credentials that reach every other namespace's prefix. Unset: the pods' own identity."""
+
+
+DefaultStorageGrants = Annotated[list[DefaultStorageGrant], Field(default_factory=list, max_length=32)]
+
 
 class NamespaceQuota(ApiModel):
     namespace: DnsLabel
@@ -130,8 +149,9 @@ class DefaultQuota(ApiModel):
 
     max_gpus: int = Field(ge=0, alias="maxGPUs")
     weight: int = Field(default=1, ge=1, le=1000)
-    storage: StorageGrants
-    """Storage grants for those namespaces; {namespace} in a prefix is the job's namespace."""
+    storage: DefaultStorageGrants
+    """Storage grants for those namespaces; {namespace} in a prefix or a Secret's name is the
+    job's namespace."""
     max_requests: int | None = Field(default=None, ge=1, le=constants.MAX_REQUESTS_PER_JOB * 100)
     """Unfinished requests each such namespace's jobs may hold in the ledger together."""
 

@@ -6,6 +6,7 @@ is written (`.` and `..` segments, empty segments, percent-escapes in file paths
 file paths) is refused before any grant is consulted.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from troughfill.api.batchpool import StorageAccess, StorageGrant
@@ -49,10 +50,16 @@ class Granted:
         return self.output.secret_name
 
 
-def effective(grants: list[StorageGrant], namespace: str) -> list[StorageGrant]:
-    """The grants with {namespace} replaced by the job's namespace."""
+def effective(grants: Sequence[StorageGrant], namespace: str) -> list[StorageGrant]:
+    """The grants with {namespace} replaced by the job's namespace, in prefixes and Secrets' names."""
     return [
-        grant.model_copy(update={"prefix": grant.prefix.replace(NAMESPACE_PLACEHOLDER, namespace)})
+        StorageGrant(
+            prefix=grant.prefix.replace(NAMESPACE_PLACEHOLDER, namespace),
+            access=grant.access,
+            secret_name=grant.secret_name.replace(NAMESPACE_PLACEHOLDER, namespace)
+            if grant.secret_name
+            else None,
+        )
         for grant in grants
     ]
 
