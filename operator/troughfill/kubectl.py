@@ -17,6 +17,7 @@ the views are pure functions of the objects read (`job_view`, `pool_view`, `desc
 import argparse
 import json
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -230,9 +231,24 @@ def _duration(seconds: float | None) -> str:
     return f"{whole}s"
 
 
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(value: object) -> str:
+    """Text a tenant may have written (a message, a URL, metadata), safe on an admin's terminal:
+    control characters (escape sequences, carriage returns, newlines) and bidirectional overrides
+    shown as escapes, never sent raw."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(
+        ascii(c)[1:-1] if unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS else c for c in text
+    )
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """kubectl's plain table: upper-case headers, columns three spaces apart."""
-    cells = [list(headers), *([("-" if v is None else str(v)) for v in row] for row in rows)]
+    """kubectl's plain table: upper-case headers, columns three spaces apart; every cell printable."""
+    cells = [list(headers), *([("-" if v is None else printable(v)) for v in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
         "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -319,8 +335,8 @@ def describe_text(view: Mapping[str, Any]) -> str:
         ),
         f"ETA:          {_duration(view['etaSeconds'])}, window left {_duration(view['windowLeftSeconds'])}"
         + (" (at risk)" if view["onTrack"] is False else ""),
-        f"Output:       {view['outputURL'] or '-'}",
-        f"Errors:       {view['errorURL'] or '-'}",
+        f"Output:       {printable(view['outputURL'] or '-')}",
+        f"Errors:       {printable(view['errorURL'] or '-')}",
         "",
         "Conditions:",
         table(
@@ -633,5 +649,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster = Cluster(args.kubeconfig, args.context)
         return COMMANDS[args.command](cluster, args)
     except PluginError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(error)}", file=sys.stderr)
         return 1

@@ -161,6 +161,28 @@ def test_describe_keeps_only_the_pools_decisions_about_this_jobs_workers() -> No
     assert "Events:\n  <none>" in text
 
 
+def test_what_a_tenant_wrote_reaches_the_terminal_as_text_never_as_control_sequences() -> None:
+    """A condition message, an Event and a URL carrying an escape sequence (clear the screen,
+    retitle the window), a carriage return that would overwrite the line, and a right-to-left
+    override: describe and get print each as visible escapes."""
+    hostile = "done\x1b[2J\x1b]0;owned\x07\rFAKE \u202etxt.exe"
+    job = running_job(
+        "classify",
+        outputURL="s3://bucket/out\x1b[31m/output.jsonl",
+        conditions=[
+            {"type": "Failed", "status": "True", "reason": "InputChanged", "message": hostile,
+             "lastTransitionTime": NOW.isoformat()},
+        ],
+    )  # fmt: skip
+    events = [{"type": "Warning", "reason": "X", "message": hostile, "count": 1, "lastTimestamp": "t"}]
+    text = describe_text(describe_view(job, None, events, [], NOW))
+    table_text = jobs_table([job_view(job, None, NOW)], all_namespaces=True)
+    for shown in (text, table_text):
+        assert not any(c in shown for c in "\x1b\x07\r\u202e")
+    assert "done\\x1b[2J\\x1b]0;owned\\x07\\rFAKE \\u202etxt.exe" in text
+    assert "out\\x1b[31m" in text
+
+
 @pytest.mark.parametrize(
     ("argv", "command"),
     [
