@@ -166,6 +166,22 @@ def test_online_rising_makes_workers_yield_lowest_priority_first() -> None:
     assert result.batch_gpus == 5
 
 
+def test_unsaved_work_a_worker_reports_orders_only_its_own_jobs_workers() -> None:
+    """Two jobs of one priority each have a worker draining, and online needs one more GPU: the
+    most recently started yields, whatever either worker says it has unsaved (a tenant's workers
+    report that themselves: claiming 10^12 tokens must not make another tenant's yield first)."""
+    liar = job("a/liar", max_workers=4, workers=tuple(
+        WorkerState(f"a{i}", started_at=NOW - 100 + i, unsaved_tokens=10**12,
+                    stopping=StopMode.DRAIN if i == 3 else None)
+        for i in range(4)
+    ))  # fmt: skip
+    honest = job("b/honest", max_workers=4, workers=tuple(
+        WorkerState(f"b{i}", started_at=NOW - 900, stopping=StopMode.DRAIN if i == 3 else None) for i in range(4)
+    ))  # fmt: skip
+    result = plan(snapshot(liar, honest, pool_policy=pool(9), signal=online(1)))
+    assert stop_modes(result) == {"a3": StopMode.YIELD}
+
+
 def test_draining_workers_are_told_to_yield_when_online_needs_their_gpus() -> None:
     draining = (WorkerState("d0", started_at=0, stopping=StopMode.DRAIN),)
     running = workers(3)

@@ -110,8 +110,18 @@ def growth_cap(memory: PlannerMemory, now: float, delay: float) -> int | None:
 
 
 def victim_order(worker: WorkerState) -> tuple[bool, int, float, str]:
-    """Cheapest to stop first: not ready yet, least unsaved work, most recently started."""
+    """Which of one job's workers to stop first: not ready yet, least unsaved work, most recently
+    started. Unsaved work is what the worker says of itself (its heartbeat), so it orders only
+    its own job's workers; between jobs, `yield_order` decides."""
     return (worker.ready, worker.unsaved_tokens, -worker.started_at, worker.name)
+
+
+def yield_order(job: JobState, worker: WorkerState) -> tuple[int, bool, float, str, str]:
+    """Which victim yields first across jobs: lowest priority, not ready yet, most recently
+    started. Only what the operator itself knows (the priority it admitted, the pod's readiness
+    and creation time): a job's workers report their unsaved work themselves, and a tenant
+    reporting more than it has must not put another tenant's workers ahead of its own."""
+    return (job.priority, worker.ready, -worker.started_at, job.key, worker.name)
 
 
 class _Allocation:
@@ -360,7 +370,7 @@ def _choose_stops(
     if excess > 0:
         # Online needs the GPUs now: lowest priority, cheapest first, yield instead of draining
         # (a worker already draining is told to yield instead).
-        drains.sort(key=lambda jw: (jw[0].priority, victim_order(jw[1]), jw[0].key))
+        drains.sort(key=lambda jw: yield_order(*jw))
     for job, worker in drains:
         if excess > 0:
             excess -= job.gpus_per_worker
