@@ -176,7 +176,8 @@ def test_unsaved_work_a_worker_reports_orders_only_its_own_jobs_workers() -> Non
         for i in range(4)
     ))  # fmt: skip
     honest = job("b/honest", max_workers=4, workers=tuple(
-        WorkerState(f"b{i}", started_at=NOW - 900, stopping=StopMode.DRAIN if i == 3 else None) for i in range(4)
+        WorkerState(f"b{i}", started_at=NOW - 900, stopping=StopMode.DRAIN if i == 3 else None)
+        for i in range(4)
     ))  # fmt: skip
     result = plan(snapshot(liar, honest, pool_policy=pool(9), signal=online(1)))
     assert stop_modes(result) == {"a3": StopMode.YIELD}
