@@ -158,12 +158,16 @@ class Worker:
             return ExitCode.OK if self.stopping.is_set() else ExitCode.ENGINE_DIED
         lease_seconds = config.lease_seconds
         background = [
-            asyncio.create_task(supervised("heartbeat", lambda: self._heartbeat(lease_seconds))),
-            asyncio.create_task(supervised("tuning", self._tune)),
-            asyncio.create_task(supervised("engine watch", self._watch_engine)),
+            asyncio.create_task(
+                supervised("heartbeat", lambda: self._heartbeat(lease_seconds)), name="heartbeat"
+            ),
+            asyncio.create_task(supervised("tuning", self._tune), name="tuning"),
+            asyncio.create_task(supervised("engine watch", self._watch_engine), name="engine watch"),
         ]
         if self.options.resume:
-            background.append(asyncio.create_task(supervised("checkpoints", self._checkpoint)))
+            background.append(
+                asyncio.create_task(supervised("checkpoints", self._checkpoint), name="checkpoints")
+            )
         try:
             await self._loop()
             mode = await self._stop_mode()
@@ -188,7 +192,12 @@ class Worker:
         finally:
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            # A cancel delivered while a task awaits the ledger can be lost in the client library
+            # (see _checkpoint): waiting for the tasks without a bound hung the worker's exit.
+            _, stuck = await asyncio.wait(background, timeout=BACKGROUND_STOP_SECONDS)
+            if stuck:
+                names = ", ".join(sorted(task.get_name() for task in stuck))
+                log.warning("background tasks did not stop within %.0fs: %s", BACKGROUND_STOP_SECONDS, names)
             await self.ledger.clear_heartbeat(self.options.worker_id)
         await self.ledger.record_waste(self.stats.wasted_tokens)
         return ExitCode.ENGINE_DIED if self.engine_dead else ExitCode.OK
@@ -666,6 +675,8 @@ def shortest_first(item: Item) -> tuple[int, int]:
     return (budget if budget is not None else 1 << 62, item.index)
 
 
+BACKGROUND_STOP_SECONDS = 5.0
+"""How long a stopping worker waits for its background tasks (heartbeat, checkpoints) to end."""
 SUPERVISOR_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 STORE_PAUSE_SECONDS = 5.0
 """How long a worker waits before claiming again when the input could not be read."""
