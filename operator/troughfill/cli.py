@@ -1,6 +1,7 @@
 """The `troughfill` command."""
 
 import argparse
+import logging
 import os
 import secrets
 import sys
@@ -147,6 +148,32 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    """Serve the ledger service (troughfill.ledger.service) until stopped."""
+    from aiohttp import web  # noqa: PLC0415
+
+    from troughfill.ledger import connect  # noqa: PLC0415
+    from troughfill.ledger.service import LedgerService, Limits  # noqa: PLC0415
+
+    settings = Settings()
+    logging.basicConfig(level=os.environ.get("TROUGHFILL_LOG_LEVEL", "INFO"))
+
+    async def app() -> web.Application:
+        client = connect(settings)
+        service = LedgerService(client, Limits(settings.ledger_calls_per_second, settings.ledger_burst))
+        application = service.app()
+
+        async def close(_: web.Application) -> None:
+            await client.aclose()
+
+        application.on_cleanup.append(close)
+        return application
+
+    port = args.port or settings.ledger_port
+    web.run_app(app(), host=args.host, port=port, print=None, handle_signals=True)
+    return 0
+
+
 def seniority_priority(started: float) -> int:
     """A peering priority that falls with the start time: the replica that has acted longest
     keeps acting and a new one (a rollout's, a rescheduled pod's) waits paused until it has
@@ -187,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch_api.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
     batch_api.add_argument("--port", type=int, help="port (default: TROUGHFILL_API_PORT, 8000)")
     batch_api.set_defaults(handler=cmd_api)
+
+    ledger = commands.add_parser(
+        "ledger", help="serve the ledger service: the only way workers reach the ledger (their job's token)"
+    )
+    ledger.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    ledger.add_argument("--port", type=int, default=0, help="default: TROUGHFILL_LEDGER_PORT")
+    ledger.set_defaults(handler=cmd_ledger)
 
     validate = commands.add_parser("validate", help="validate troughfill objects in YAML files")
     validate.add_argument("files", nargs="+")

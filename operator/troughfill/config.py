@@ -23,6 +23,20 @@ class Settings(BaseSettings):
     """CA certificate (PEM file) that signed the ledger Redis's TLS certificate (rediss://)."""
     redis_tls_ca_pem: str | None = None
     """The same CA as PEM text (worker pods get it so; the operator reads its file and passes it on)."""
+    ledger_url: str | None = None
+    """The ledger service (workers: the operator sets it; unset, a worker uses Redis directly
+    with the redis_* settings, as on a developer's machine)."""
+    ledger_token: SecretStr | None = None
+    """A worker's job token for the ledger service (from its job's Secret)."""
+    ledger_ca_file: str | None = None
+    """CA certificate (PEM file) of the ledger service's TLS certificate (https:// URLs)."""
+    worker_ledger_url: str = f"http://{constants.LEDGER_SERVICE_NAME}.{constants.OPERATOR_NAMESPACE}.svc:{constants.LEDGER_SERVICE_PORT}"
+    """The operator: the ledger service's URL as worker pods reach it (they get it with their job's token)."""
+    ledger_port: int = Field(default=constants.LEDGER_SERVICE_PORT, ge=1, le=65535)
+    """`troughfill ledger`: where the ledger service listens (its /metrics and /healthz too)."""
+    ledger_calls_per_second: float = Field(default=2000.0, gt=0)
+    """Each job's ledger calls a second over all its workers, per service replica (429 past it)."""
+    ledger_burst: float = Field(default=4000.0, ge=1)
     s3_endpoint_url: str | None = None
     """S3-protocol endpoint for s3:// URLs (MinIO, Ceph, ...); AWS when unset. Credentials come
     from the usual AWS_* variables or the pod's identity."""

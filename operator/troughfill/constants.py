@@ -44,6 +44,15 @@ DEFAULT_BATCH_PRIORITY_VALUE: Final = -100
 
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
 OPERATOR_NAMESPACE: Final = "troughfill-system"
+# The ledger service (manifests/base/ledger.yaml): workers reach the ledger only through it.
+LEDGER_SERVICE_NAME: Final = "troughfill-ledger"
+LEDGER_SERVICE_PORT: Final = 8090
+# Keys of a job's Secret that its worker container reads (never the whole Secret).
+SECRET_LEDGER_TOKEN: Final = "TROUGHFILL_LEDGER_TOKEN"
+STORAGE_SECRET_KEYS: Final = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION"}
+)
+"""What of a storage grant's Secret is used (and copied to the job's workers); nothing else."""
 
 REDIS_KEY_PREFIX: Final = "troughfill"
 

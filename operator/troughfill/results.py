@@ -22,6 +22,7 @@ from troughfill.api.batchfile import ErrorCode, RequestLine, classify_line, erro
 from troughfill.api.batchinference import Endpoint, Phase
 from troughfill.errors import TroughfillError
 from troughfill.ledger import JobConfig, JobLedger, LedgerClosedError, LedgerCorruptError, Outcome, id_buckets
+from troughfill.ledger.port import WorkerLedger
 from troughfill.storage import (
     ERROR_FILE,
     MAX_LINE_BYTES,
@@ -74,7 +75,7 @@ class IndexReport:
     invalid: int = 0
 
 
-async def _config(ledger: JobLedger, config: JobConfig | None) -> JobConfig:
+async def _config(ledger: WorkerLedger, config: JobConfig | None) -> JobConfig:
     return config if config is not None else await ledger.config()
 
 
@@ -148,7 +149,7 @@ async def _store_errors(
 
 
 async def load_requests(
-    ledger: JobLedger, store: ObjectStore, indices: list[int], input_url: str | None = None
+    ledger: WorkerLedger, store: ObjectStore, indices: list[int], input_url: str | None = None
 ) -> list[RequestLine]:
     """The parsed input lines of these requests, in the same order (one ranged read per run)."""
     url = input_url if input_url is not None else (await ledger.config()).input_url
@@ -165,7 +166,7 @@ class ResultWriter:
     durable, and a segment counts only for the requests its commit won.
     """
 
-    ledger: JobLedger
+    ledger: WorkerLedger
     store: ObjectStore
     output_url: str
     writer: str

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from troughfill_dev.localcluster.controlplane import (
     start_node_agent,
 )
 from troughfill_dev.localcluster.nodeagent import GPU_RESOURCE
-from troughfill_dev.localcluster.services import RedisServer
+from troughfill_dev.localcluster.services import LedgerServer, RedisServer, start_ledger
 from troughfill_dev.localcluster.services import wait_until as until
 from troughfill_dev.localcluster.stack import create_namespace
 
@@ -144,11 +145,27 @@ def crds(kube: Kube) -> None:
         )
 
 
+LEDGERS: dict[str, LedgerServer] = {}
+"""One ledger service per Redis for the session (started on first use, stopped at exit)."""
+
+
+def ledger_service(redis_server: RedisServer) -> LedgerServer:
+    """The ledger service in front of this Redis: the only way worker pods reach the ledger."""
+    running = LEDGERS.get(redis_server.url)
+    if running is None or not running.managed.running():
+        running = LEDGERS[redis_server.url] = start_ledger(
+            Path(tempfile.mkdtemp(prefix="ledger-")), redis_server.url
+        )
+    return running
+
+
 def operator_settings(redis_server: RedisServer) -> dict[str, str]:
-    """The operator's settings here: this Redis, half-second cycles, worker pods that run
-    `python -m troughfill.cli`, no metrics or health endpoints (tests that want one set it)."""
+    """The operator's settings here: this Redis, its ledger service for the workers, half-second
+    cycles, worker pods that run `python -m troughfill.cli`, no metrics or health endpoints
+    (tests that want one set it)."""
     return {
         "TROUGHFILL_REDIS_URL": redis_server.url,
+        "TROUGHFILL_WORKER_LEDGER_URL": ledger_service(redis_server).url,
         "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": "0.5",
         "TROUGHFILL_METRICS_PORT": "0",
         "TROUGHFILL_HEALTH_PORT": "0",

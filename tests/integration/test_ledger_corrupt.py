@@ -84,7 +84,7 @@ async def two_jobs(client: Redis, workdir: Path) -> TwoJobs:
     signals = FakeSignals(clock)
     checked: Cluster = cluster
     controller = PoolController(
-        checked, signals, client, WorkerEnvironment(redis_url="redis://redis:6379/0"),
+        checked, signals, client, WorkerEnvironment(ledger_url="http://ledger:8090"),
         JobStores(checked, Settings()), clock=clock,
     )  # fmt: skip
     world = TwoJobs(cluster, signals, controller, pool_object, parsed[0], parsed[1], *ledgers, clock)

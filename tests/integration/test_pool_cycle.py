@@ -26,6 +26,7 @@ from troughfill.controller.ports import Cluster, WorkerPod
 from troughfill.controller.stores import JobStores
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import JobKeys, JobLedger, StopMode
+from troughfill.ledger.credentials import LedgerKey, read_token
 from troughfill.planner import Limit
 from troughfill.signals.prometheus import SignalReading
 from troughfill.storage import ObjectStore
@@ -168,7 +169,7 @@ async def world(aredis: Redis, tmp_path: Path) -> World:
         templates={"tiny": template_object}, pools={"gpus": pool_object}, raw_jobs=[wire], clock=clock
     )
     signals = FakeSignals(clock)
-    environment = WorkerEnvironment(redis_url="redis://redis:6379/0")
+    environment = WorkerEnvironment(ledger_url="http://ledger:8090")
     checked: Cluster = cluster  # the fake is a Cluster as far as mypy can tell
     stores = JobStores(checked, Settings())
     controller = PoolController(checked, signals, aredis, environment, stores, clock=clock)
@@ -383,16 +384,19 @@ async def test_workers_get_their_jobs_own_secret_with_the_grants_credentials(wor
     assert len(cycle.created) == 2
     (secret,) = [key for key in world.cluster.secrets if key[0] == "team-a"]
     data = world.cluster.secrets[secret]
-    assert set(data) == {
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "TROUGHFILL_REDIS_USERNAME",  # the job's own Redis user (see test_ledger_access)
-        "TROUGHFILL_REDIS_PASSWORD",
-    }
+    # The grant's storage keys and the job's ledger token: no Redis credential of any kind.
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TROUGHFILL_LEDGER_TOKEN"}
     assert (data["AWS_ACCESS_KEY_ID"], data["AWS_SECRET_ACCESS_KEY"]) == ("a", "b")
-    assert data["TROUGHFILL_REDIS_USERNAME"] == f"troughfill-job-{world.job.metadata.uid_text}"
+    key = await LedgerKey(world.controller.redis).get()
+    assert read_token(key, data["TROUGHFILL_LEDGER_TOKEN"]) == world.ledger.keys  # this job's, alone
     for manifest in world.cluster.created:
-        assert manifest["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": secret[1]}}]
+        container = manifest["spec"]["containers"][0]
+        assert "envFrom" not in container  # named keys only, never the whole Secret
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e
+                and "secretKeyRef" in e["valueFrom"]}  # fmt: skip
+        assert {ref["name"] for ref in refs.values()} == {secret[1]}
+        assert refs["TROUGHFILL_LEDGER_TOKEN"]["optional"] is False
+        assert not any(e["name"].startswith("TROUGHFILL_REDIS") for e in container["env"])
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import pytest
 from pydantic import ValidationError
 
 from troughfill.config import Settings
-from troughfill.ledger.ledger import without_credentials
 
 
 def test_defaults_point_at_loopback() -> None:
@@ -33,18 +32,6 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TROUGHFILL_METRICS_PORT", "70000")
     with pytest.raises(ValidationError, match="metrics_port"):
         Settings()
-
-
-@pytest.mark.parametrize(
-    ("url", "public"),
-    [
-        ("redis://:secret@redis.troughfill-system.svc:6379/0", "redis://redis.troughfill-system.svc:6379/0"),
-        ("rediss://operator:secret@10.0.0.1:6380/2", "rediss://10.0.0.1:6380/2"),
-        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-    ],
-)
-def test_workers_get_the_redis_url_without_the_operators_credentials(url: str, public: str) -> None:
-    assert without_credentials(url) == public
 
 
 def test_every_setting_is_documented(repo_root: Path) -> None:

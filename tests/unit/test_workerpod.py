@@ -42,7 +42,7 @@ def pod() -> dict[str, Any]:
     job, template, pool = examples()
     admission = admit(job, template, pool)
     assert admission.allowed, admission.message
-    environment = WorkerEnvironment(redis_url="redis://redis.troughfill-system:6379/0")
+    environment = WorkerEnvironment(ledger_url="http://troughfill-ledger.troughfill-system.svc:8090")
     return worker_pod("ticket-triage-w-1", job, template, pool, admission, environment=environment)
 
 
@@ -71,8 +71,9 @@ def test_the_pod_is_owned_by_its_job_and_labelled_for_selection(pod: dict[str, A
     assert meta["labels"][constants.LABEL_JOB_UID] == "1234-abcd"
     assert meta["labels"][constants.LABEL_COMPONENT] == constants.COMPONENT_WORKER
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    # No Redis password of the operator's: the job's own Redis user comes from the job's Secret.
-    assert not any(name.startswith("TROUGHFILL_REDIS_") and name != "TROUGHFILL_REDIS_URL" for name in env)
+    # No Redis at all: the ledger service, with the job's token from the job's Secret.
+    assert not any(name.startswith("TROUGHFILL_REDIS_") for name in env)
+    assert env["TROUGHFILL_LEDGER_URL"]["value"] == "http://troughfill-ledger.troughfill-system.svc:8090"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
@@ -108,7 +109,7 @@ def test_deletion_cost_follows_the_planners_victim_order() -> None:
 def test_object_store_endpoint_style_and_credentials_reach_the_worker() -> None:
     job, template, pool = examples()
     environment = WorkerEnvironment(
-        redis_url="redis://redis:6379/0",
+        ledger_url="http://ledger:8090",
         s3_endpoint_url="http://s3.object-store.svc",
         s3_addressing_style="path",
     )
@@ -117,8 +118,17 @@ def test_object_store_endpoint_style_and_credentials_reach_the_worker() -> None:
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["TROUGHFILL_S3_ENDPOINT_URL"] == "http://s3.object-store.svc"
     assert env["TROUGHFILL_S3_ADDRESSING_STYLE"] == "path"
-    # The job's own Secret (its grant's credentials), named after the job and its uid.
-    assert container["envFrom"] == [{"secretRef": {"name": job_secret_name(job)}}]
+    # The job's own Secret (its grant's credentials and ledger token), named after the job and
+    # its uid, read key by key: never the whole Secret (the tenant can put anything in it).
+    assert "envFrom" not in container
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert set(refs) == {"TROUGHFILL_LEDGER_TOKEN", *constants.STORAGE_SECRET_KEYS}
+    assert {ref["name"] for ref in refs.values()} == {job_secret_name(job)}
+    assert {name for name, ref in refs.items() if not ref["optional"]} == {"TROUGHFILL_LEDGER_TOKEN"}
     assert job_secret_name(job) == "ticket-triage-troughfill-1234-abc"
     kubernetes_validate.validate(made, kubernetes_validate.latest_version(), strict=True)
 
@@ -141,15 +151,13 @@ def test_a_slow_first_start_is_allowed_several_cold_starts_before_a_restart(pod:
     assert "initialDelaySeconds" not in container["livenessProbe"]  # liveness only judges after startup
 
 
-def test_workers_get_the_ledgers_tls_ca_not_any_password() -> None:
+def test_workers_get_the_ledger_services_url_and_no_redis_credential() -> None:
     job, template, pool = examples()
-    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    environment = WorkerEnvironment(redis_url="rediss://redis:6379/0", redis_tls_ca_pem=pem)
+    environment = WorkerEnvironment(ledger_url="https://ledger:8090")
     made = worker_pod("w", job, template, pool, admit(job, template, pool), environment=environment)
     env = {item["name"]: item for item in made["spec"]["containers"][0]["env"]}
-    assert env["TROUGHFILL_REDIS_URL"]["value"] == "rediss://redis:6379/0"
-    assert env["TROUGHFILL_REDIS_TLS_CA_PEM"]["value"] == pem
-    assert "TROUGHFILL_REDIS_PASSWORD" not in env  # its job's Redis user is in the job's Secret
+    assert env["TROUGHFILL_LEDGER_URL"]["value"] == "https://ledger:8090"
+    assert not [name for name in env if "REDIS" in name]
     assert made["metadata"]["labels"][constants.LABEL_LEDGER_CLIENT] == "true"
 
 
@@ -178,7 +186,12 @@ def test_template_env_takes_secret_and_configmap_keys_of_the_jobs_namespace() ->
     ]
     template = ModelTemplate.model_validate(template_wire)
     made = worker_pod(
-        "w", job, template, pool, admit(job, template, pool), environment=WorkerEnvironment("r")
+        "w",
+        job,
+        template,
+        pool,
+        admit(job, template, pool),
+        environment=WorkerEnvironment("http://ledger:8090"),
     )
     env = {item["name"]: item for item in made["spec"]["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token", "optional": False}}

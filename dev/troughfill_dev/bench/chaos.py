@@ -46,11 +46,11 @@ from kubernetes import client
 from troughfill import constants
 from troughfill_dev.bench import online_gpus_gauge, run_in_scratch
 from troughfill_dev.bench.scale import worker_pids
-from troughfill_dev.localcluster import start_prometheus, start_redis, start_s3
+from troughfill_dev.localcluster import start_ledger, start_prometheus, start_redis, start_s3
 from troughfill_dev.localcluster.services import VLLM_ENV, ManagedProcess, wait_until
 from troughfill_dev.localcluster.stack import create_namespace, start_local_cluster, start_operator
 
-ACTIONS = ("worker", "operator", "redis", "prometheus", "apiserver", "signal", "store")
+ACTIONS = ("worker", "operator", "ledger", "redis", "prometheus", "apiserver", "signal", "store")
 BUCKET = "soak"
 GRANT_SECRET = "soak-s3-default"
 """The jobs' namespace's Secret of the pool's default grant (soak-s3-{namespace})."""
@@ -114,6 +114,7 @@ class Soak:
                 },
             },
         )
+        self.ledger = start_ledger(self.workdir / "ledger", self.redis.url)
         self.operator = self._start_operator()
         kind = {"apiVersion": constants.GROUP_VERSION}
         pool = {
@@ -152,10 +153,11 @@ class Soak:
             prometheus_url=self.prometheus.url,
             interval=1.0,
             extra_env={"TROUGHFILL_S3_ENDPOINT_URL": self.s3.url},
+            ledger=self.ledger,
         )
 
     def stop(self) -> None:
-        for name in ("operator", "cluster", "prometheus", "redis", "s3"):
+        for name in ("operator", "ledger", "cluster", "prometheus", "redis", "s3"):
             process = getattr(self, name, None)
             if process is not None:
                 process.stop()
@@ -218,6 +220,10 @@ class Soak:
             self.operator.kill()
             time.sleep(down)
             self.operator = self._start_operator()
+        elif action == "ledger":
+            self.ledger.managed.kill()
+            time.sleep(down)
+            self.ledger.restart()
         elif action == "redis":
             self.redis.managed.kill()
             time.sleep(down)

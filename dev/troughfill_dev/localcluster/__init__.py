@@ -7,6 +7,7 @@ on a free 127.0.0.1 port in a scratch directory.
 """
 
 from troughfill_dev.localcluster.services import (
+    LedgerServer,
     ManagedProcess,
     PrometheusServer,
     RedisServer,
@@ -14,6 +15,7 @@ from troughfill_dev.localcluster.services import (
     VllmServer,
     free_port,
     split_cpus,
+    start_ledger,
     start_prometheus,
     start_redis,
     start_s3,
@@ -22,6 +24,7 @@ from troughfill_dev.localcluster.services import (
 )
 
 __all__ = [
+    "LedgerServer",
     "ManagedProcess",
     "PrometheusServer",
     "RedisServer",
@@ -29,6 +32,7 @@ __all__ = [
     "VllmServer",
     "free_port",
     "split_cpus",
+    "start_ledger",
     "start_prometheus",
     "start_redis",
     "start_s3",

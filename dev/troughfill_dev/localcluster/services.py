@@ -153,6 +153,8 @@ class RedisServer:
     password: str | None
     managed: ManagedProcess
     tls: "TlsFiles | None" = None
+    extra_args: tuple[str, ...] = ()
+    """More redis-server options (e.g. renaming commands away, as managed services do)."""
 
     @property
     def url(self) -> str:
@@ -163,7 +165,9 @@ class RedisServer:
     def restart(self) -> None:
         """Start again on the same port and data directory (after `stop` or `kill`)."""
         self.managed.stop()
-        self.managed = _launch_redis(self.port, self.workdir, self.appendonly, self.password, self.tls)
+        self.managed = _launch_redis(
+            self.port, self.workdir, self.appendonly, self.password, self.tls, extra_args=self.extra_args
+        )
 
     def stop(self) -> None:
         self.managed.stop()
@@ -198,7 +202,13 @@ def make_tls(workdir: Path) -> TlsFiles:
 
 
 def _launch_redis(
-    port: int, workdir: Path, appendonly: bool, password: str | None, tls: TlsFiles | None = None
+    port: int,
+    workdir: Path,
+    appendonly: bool,
+    password: str | None,
+    tls: TlsFiles | None = None,
+    *,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
     listen = (
         ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
@@ -224,6 +234,7 @@ def _launch_redis(
         args += ["--appendonly", "yes", "--appendfsync", "everysec"]
     if password:
         args += ["--requirepass", password]
+    args += list(extra_args)
     managed = ManagedProcess("redis", args, workdir)
 
     def ready() -> bool:
@@ -235,14 +246,59 @@ def _launch_redis(
 
 
 def start_redis(
-    workdir: Path, *, appendonly: bool = True, password: str | None = None, tls: TlsFiles | None = None
+    workdir: Path,
+    *,
+    appendonly: bool = True,
+    password: str | None = None,
+    tls: TlsFiles | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RedisServer:
     """A redis-server on a free loopback port, AOF with fsync every second unless told otherwise;
     with `tls`, it speaks TLS only (rediss://)."""
     port = free_port()
-    return RedisServer(
-        port, workdir, appendonly, password, _launch_redis(port, workdir, appendonly, password, tls), tls
-    )
+    managed = _launch_redis(port, workdir, appendonly, password, tls, extra_args=extra_args)
+    return RedisServer(port, workdir, appendonly, password, managed, tls, tuple(extra_args))
+
+
+@dataclass
+class LedgerServer:
+    """`troughfill ledger` (the ledger service workers call) on a loopback port."""
+
+    port: int
+    workdir: Path
+    redis_url: str
+    managed: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def restart(self) -> None:
+        """Start again on the same port (after `stop` or `kill`)."""
+        self.managed.stop()
+        self.managed = _launch_ledger(self.port, self.workdir, self.redis_url)
+
+    def stop(self) -> None:
+        self.managed.stop()
+
+
+def _launch_ledger(port: int, workdir: Path, redis_url: str) -> ManagedProcess:
+    env = {"TROUGHFILL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "troughfill.cli", "ledger", "--host", LOOPBACK, "--port", str(port)]
+    managed = ManagedProcess("ledger", args, workdir, env=env)
+
+    def ready() -> bool:
+        managed.check_alive()
+        return http_ok(f"http://{LOOPBACK}:{port}/healthz")
+
+    wait_until(ready, 60, f"the ledger service on port {port}", interval=0.1)
+    return managed
+
+
+def start_ledger(workdir: Path, redis_url: str) -> LedgerServer:
+    """The ledger service on a free loopback port, talking to the Redis at `redis_url`."""
+    port = free_port()
+    return LedgerServer(port, workdir, redis_url, _launch_ledger(port, workdir, redis_url))
 
 
 @dataclass

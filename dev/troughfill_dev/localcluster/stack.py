@@ -14,7 +14,13 @@ from troughfill_dev.localcluster.controlplane import (
     start_control_plane,
     start_node_agent,
 )
-from troughfill_dev.localcluster.services import ManagedProcess, http_ok, wait_until
+from troughfill_dev.localcluster.services import (
+    LedgerServer,
+    ManagedProcess,
+    http_ok,
+    start_ledger,
+    wait_until,
+)
 
 
 @dataclass
@@ -67,6 +73,18 @@ def start_local_cluster(workdir: Path, *, nodes: int, gpus: int) -> LocalCluster
     return cluster
 
 
+@dataclass
+class OperatorProcess(ManagedProcess):
+    """The operator's process, and the ledger service it started for its workers (stopped with it)."""
+
+    ledger: LedgerServer | None = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        if self.ledger is not None:
+            self.ledger.stop()
+
+
 def start_operator(
     workdir: Path,
     cluster: LocalCluster,
@@ -76,12 +94,16 @@ def start_operator(
     interval: float,
     metrics_port: int = 0,
     extra_env: dict[str, str] | None = None,
-) -> ManagedProcess:
+    ledger: LedgerServer | None = None,
+) -> OperatorProcess:
     """`troughfill operator --standalone` on this cluster, its worker pods running
-    `python -m troughfill.cli` of this interpreter; returns once it serves (or has started)."""
+    `python -m troughfill.cli` of this interpreter and calling `ledger` (a ledger service of the
+    operator's own when None, stopped with it); returns once it serves (or has started)."""
+    serving = ledger if ledger is not None else start_ledger(workdir / "ledger", redis_url)
     env = {
         "KUBECONFIG": str(cluster.plane.kubeconfig),
         "TROUGHFILL_REDIS_URL": redis_url,
+        "TROUGHFILL_WORKER_LEDGER_URL": serving.url,
         "TROUGHFILL_PROMETHEUS_URL": prometheus_url,
         "TROUGHFILL_RECONCILE_INTERVAL_SECONDS": str(interval),
         "TROUGHFILL_METRICS_PORT": str(metrics_port),
@@ -90,8 +112,12 @@ def start_operator(
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
-    operator = ManagedProcess(
-        "operator", [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"], workdir, env=env
+    operator = OperatorProcess(
+        "operator",
+        [sys.executable, "-m", "troughfill.cli", "operator", "--standalone"],
+        workdir,
+        env=env,
+        ledger=None if ledger is not None else serving,
     )
 
     def started() -> bool:

@@ -46,7 +46,6 @@ from troughfill.ledger import (
     OutputClaims,
     Progress,
 )
-from troughfill.ledger.access import LedgerAccess
 from troughfill.planner import Limit
 from troughfill.results import (
     FinalReport,
@@ -670,7 +669,6 @@ async def cancel(
     except LedgerCorruptError:
         report = None  # nothing is merged from a ledger that cannot be trusted; the job still goes
     await ledger.delete()
-    await LedgerAccess(ledger.client).revoke(ledger.keys)  # its workers' Redis user goes with it
     if config is not None:
         await OutputClaims(ledger.client).release(as_prefix(config.output_url), ledger.keys)
     return report

@@ -42,7 +42,7 @@ from troughfill.controller.stores import GrantSecretMissingError, JobStores
 from troughfill.kube.calls import api_message
 from troughfill.kube.workerpod import WorkerEnvironment, deletion_cost, job_secret, worker_pod
 from troughfill.ledger import Heartbeat, JobKeys, JobLedger, Progress, StopMode
-from troughfill.ledger.access import LedgerAccess
+from troughfill.ledger.credentials import LedgerKey
 from troughfill.ledger.ledger import progress_of
 from troughfill.planner import (
     ColdStarts,
@@ -341,7 +341,7 @@ class PoolController:
         self.redis = redis
         self.environment = environment
         self.stores = stores
-        self.access = LedgerAccess(redis)
+        self.ledger_key = LedgerKey(redis)
         self.clock = clock
         self.pools: dict[str, PoolState] = {}
         self.secrets: set[str] = set()
@@ -362,8 +362,6 @@ class PoolController:
         marks = [time.perf_counter()]
         seen = await self.observe(pool, state)
         marks.append(time.perf_counter())
-        # Redis restarted (or this operator did): the workers' users and scripts again.
-        await self.access.ensure([entry.ledger.keys for entry in seen.jobs])
         self._note_failures(state, seen)
         crash_looping = frozenset(uid for uid in state.failures if state.crash_loop(uid, seen.now))
         cold_starts = self._learn_cold_starts(seen)
@@ -633,15 +631,14 @@ class PoolController:
 
     async def _job_secret(self, entry: ObservedJob, done: Cycle) -> bool:
         """Make the job's workers' Secret before its first worker: its storage grant's
-        credentials and its own Redis user (which this makes too). False, with the reason among
-        the cycle's failures, when it cannot be made."""
+        credentials and its ledger token (ledger.credentials). False, with the reason among the
+        cycle's failures, when it cannot be made."""
         if entry.uid in self.secrets:
             return True
         granted = entry.admission.storage
         try:
             data = await asyncio.to_thread(self.stores.credentials, granted.secret_name if granted else None)
-            user, password = await self.access.grant(entry.ledger.keys)
-            data = {**data, "TROUGHFILL_REDIS_USERNAME": user, "TROUGHFILL_REDIS_PASSWORD": password}
+            data = {**data, constants.SECRET_LEDGER_TOKEN: await self.ledger_key.token(entry.ledger.keys)}
             await asyncio.to_thread(self.cluster.create_secret, job_secret(entry.job, data))
         except GrantSecretMissingError as error:
             done.failures.append(f"{entry.key}: {error}")

@@ -39,7 +39,6 @@ from troughfill.controller.stores import GrantSecretMissingError, JobStores
 from troughfill.kube.adapter import KubeCluster, WatchedCluster, api_client
 from troughfill.kube.workerpod import WorkerEnvironment
 from troughfill.ledger import TERMINAL, JobKeys, JobLedger, StopMode, connect
-from troughfill.ledger.ledger import without_credentials
 from troughfill.results import MergeError
 from troughfill.signals import PrometheusSignals
 from troughfill.storage import ObjectStore, StorageError
@@ -104,8 +103,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         PrometheusSignals(own.prometheus_url, own.prometheus_timeout_seconds),
         memo.redis,
         WorkerEnvironment(
-            redis_url=without_credentials(own.redis_url),  # workers use their job's own user
-            redis_tls_ca_pem=_tls_ca(own),
+            ledger_url=own.worker_ledger_url,  # workers reach the ledger only through its service
             s3_endpoint_url=own.s3_endpoint_url,
             s3_addressing_style=own.s3_addressing_style,
             worker_command=own.worker_command,
@@ -116,14 +114,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.collections = FullCollections(constants.FULL_COLLECTION_SECONDS, metrics.FULL_COLLECTION.observe)
     memo.collections.take_over()
     memo.collector = asyncio.create_task(memo.collections.run(), name="full collections")
-
-
-def _tls_ca(settings: Settings) -> str | None:
-    """The ledger's CA as PEM text for worker pods (from the file the operator's pod mounts)."""
-    if settings.redis_tls_ca_file:
-        with open(settings.redis_tls_ca_file, encoding="ascii") as pem:
-            return pem.read()
-    return settings.redis_tls_ca_pem
 
 
 @kopf.on.cleanup()

@@ -55,9 +55,8 @@ def deletion_cost(ready: bool, unsaved_tokens: int) -> str:
 class WorkerEnvironment:
     """Operator-wide settings every worker needs (where the ledger and object storage are)."""
 
-    redis_url: str
-    redis_tls_ca_pem: str | None = None
-    """The CA of the ledger Redis's TLS certificate (public: it goes in the pod spec)."""
+    ledger_url: str
+    """The ledger service (workers hold no Redis credential: they call it with their job's token)."""
     s3_endpoint_url: str | None = None
     s3_addressing_style: str = "auto"
     worker_command: tuple[str, ...] = ("troughfill",)
@@ -83,8 +82,8 @@ def owner_reference(job: BatchInference) -> dict[str, Any]:
 
 def job_secret(job: BatchInference, data: dict[str, str]) -> dict[str, Any]:
     """The job's workers' Secret: its storage grant's credentials (copied from the admin's Secret
-    in the operator's namespace) and its own Redis user. Owned by the job: deleting the job
-    deletes it."""
+    in the operator's namespace) and its ledger token. Owned by the job: deleting the job deletes
+    it."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -101,6 +100,20 @@ def job_secret(job: BatchInference, data: dict[str, str]) -> dict[str, Any]:
         },
         "stringData": dict(data),
     }
+
+
+def secret_env(job: BatchInference) -> list[dict[str, Any]]:
+    """The worker's variables from its job's Secret, each key by name (never the whole Secret:
+    the Secret is in the tenant's namespace, and whatever else was put in it stays out of the
+    worker). The ledger token is required; storage credentials are there only for grants with a
+    Secret."""
+    name = job_secret_name(job)
+    required = [(constants.SECRET_LEDGER_TOKEN, False)]
+    optional = [(key, True) for key in sorted(constants.STORAGE_SECRET_KEYS)]
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": is_optional}}}
+        for key, is_optional in required + optional
+    ]
 
 
 def job_ref(job: BatchInference) -> str:
@@ -164,10 +177,9 @@ def worker_pod(
     ]  # fmt: skip
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "TROUGHFILL_REDIS_URL", "value": environment.redis_url},
+        {"name": "TROUGHFILL_LEDGER_URL", "value": environment.ledger_url},
+        *secret_env(job),
     ]
-    if environment.redis_tls_ca_pem:
-        env.append({"name": "TROUGHFILL_REDIS_TLS_CA_PEM", "value": environment.redis_tls_ca_pem})
     if environment.s3_endpoint_url:
         env.append({"name": "TROUGHFILL_S3_ENDPOINT_URL", "value": environment.s3_endpoint_url})
     if environment.s3_addressing_style != "auto":
@@ -185,8 +197,6 @@ def worker_pod(
         "command": command,
         "env": env,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-        # The job's own Secret: its storage credentials and its Redis user, nobody else's.
-        "envFrom": [{"secretRef": {"name": job_secret_name(job)}}],
         "resources": resources,
         # Ready once the engine answers and the worker heartbeats. The engine's cold start is
         # the template's estimate, but a first start can take several times it (compiling,

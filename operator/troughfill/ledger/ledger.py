@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import pydantic
 import redis.asyncio as aioredis
@@ -101,14 +100,6 @@ def connect(settings: Settings, *, patient: bool = False) -> Redis:
     )
     client: Redis = aioredis.Redis(connection_pool=pool)
     return client
-
-
-def without_credentials(url: str) -> str:
-    """The Redis URL with any user and password taken out (what worker pods are given: their
-    credentials are their job's own Redis user)."""
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=host))
 
 
 @dataclass(frozen=True)
@@ -438,6 +429,17 @@ class JobLedger:
         return [found[i] for i in indices]
 
     # --- work ----------------------------------------------------------------------------------
+
+    async def indexed_total(self) -> int | None:
+        """The job's request count once it is indexed; None before (or with no such job)."""
+        indexed, total = await self.client.hmget(self.keys.key("meta"), ["indexed", "total"])
+        if indexed != b"1" or total is None:
+            return None
+        return _count("meta.total", total, constants.MAX_REQUESTS_PER_JOB)
+
+    async def lease_seconds(self) -> float:
+        """How long a lease lasts without a renewal (fixed when the job was created)."""
+        return await self._lease_time()
 
     async def _lease_time(self) -> float:
         if self._lease_seconds is None:  # fixed at creation: read once

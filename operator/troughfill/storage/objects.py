@@ -265,8 +265,8 @@ CREDENTIAL_KEYS = {
 }
 """Keys of a storage grant's Secret, and the s3fs options they become."""
 REGION_KEYS = ("AWS_REGION", "AWS_DEFAULT_REGION")
-STORAGE_SECRET_KEYS = frozenset({*CREDENTIAL_KEYS, *REGION_KEYS})
-"""What of a storage grant's Secret is used (and copied to the job's workers); nothing else."""
+STORAGE_SECRET_KEYS = constants.STORAGE_SECRET_KEYS
+assert {*CREDENTIAL_KEYS, *REGION_KEYS} == STORAGE_SECRET_KEYS
 
 
 def store_for(settings: Settings, credentials: Mapping[str, str] | None = None) -> ObjectStore:

@@ -7,10 +7,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from troughfill import constants
 from troughfill.config import Settings
+from troughfill.errors import TroughfillError
 from troughfill.ledger import JobKeys, JobLedger, StopMode, connect
+from troughfill.ledger.port import WorkerLedger
+from troughfill.ledger.remote import RemoteLedger
 from troughfill.storage import store_for
 from troughfill.worker.concurrency import ConcurrencyPolicy
 from troughfill.worker.engine import EngineClient, EngineProcess
@@ -105,9 +109,29 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
     check.set_defaults(handler=cmd_check)
 
 
+def job_ledger(settings: Settings, keys: JobKeys) -> tuple[WorkerLedger, Callable[[], Awaitable[None]]]:
+    """The job's ledger and how to close it: through the ledger service with the job's token
+    (worker pods: they hold no Redis credential), or, where no service is configured (a
+    developer's machine, tests), Redis directly with the settings' credentials."""
+    if settings.ledger_url:
+        if settings.ledger_token is None:
+            raise TroughfillError(
+                "TROUGHFILL_LEDGER_URL is set but TROUGHFILL_LEDGER_TOKEN (the job's token) is not"
+            )
+        remote = RemoteLedger(
+            keys,
+            settings.ledger_url,
+            settings.ledger_token.get_secret_value(),
+            ca_file=settings.ledger_ca_file,
+        )
+        return remote, remote.aclose
+    client = connect(settings, patient=True)  # a Redis restart is a pause, not the end of the worker
+    return JobLedger(client, keys), client.aclose
+
+
 async def _run(args: argparse.Namespace) -> int:
     settings = Settings()
-    client = connect(settings, patient=True)  # a Redis restart is a pause, not the end of the worker
+    ledger, close_ledger = job_ledger(settings, args.job)
     command = [
         part.replace(constants.ENGINE_PORT_PLACEHOLDER, str(args.engine_port))
         for part in (args.engine_command or [])
@@ -135,7 +159,7 @@ async def _run(args: argparse.Namespace) -> int:
         stop_mode=args.on_sigterm,
         drain_timeout=args.drain_timeout,
     )
-    worker = Worker(JobLedger(client, args.job), store_for(settings), engine, options)
+    worker = Worker(ledger, store_for(settings), engine, options)
     install_signal_handlers(worker)
     try:
         code = await worker.run()
@@ -143,7 +167,7 @@ async def _run(args: argparse.Namespace) -> int:
         await engine.close()
         if process is not None:
             await asyncio.to_thread(process.stop)
-        await client.aclose()
+        await close_ledger()
     s = worker.stats
     logging.getLogger("troughfill.worker").info(
         "exit %s: %d results, %d errors, %d retried, %d resumed, %d tokens wasted",
@@ -166,11 +190,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _check(args: argparse.Namespace) -> int:
-    client = connect(Settings())
+    ledger, close_ledger = job_ledger(Settings(), args.job)
     try:
-        beat = await JobLedger(client, args.job).last_heartbeat(args.worker_id)
+        beat = await ledger.last_heartbeat(args.worker_id)
     finally:
-        await client.aclose()
+        await close_ledger()
     if beat is None:
         print(f"no heartbeat from {args.worker_id}", file=sys.stderr)
         return 1

@@ -27,7 +27,8 @@ import aiohttp
 
 from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.api.batchinference import Endpoint
-from troughfill.ledger import Heartbeat, JobConfig, JobLedger, LedgerClosedError, Outcome, Partial, StopMode
+from troughfill.ledger import Heartbeat, JobConfig, LedgerClosedError, Outcome, Partial, StopMode
+from troughfill.ledger.port import WorkerLedger
 from troughfill.results import InputChangedError, ResultWriter, check_input, load_requests
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord, StorageError
 from troughfill.worker import calls
@@ -104,7 +105,7 @@ class Stats:
 
 class Worker:
     def __init__(
-        self, ledger: JobLedger, store: ObjectStore, engine: EngineClient, options: WorkerOptions
+        self, ledger: WorkerLedger, store: ObjectStore, engine: EngineClient, options: WorkerOptions
     ) -> None:
         self.ledger = ledger
         self.store = store
