@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from troughfill import constants
 from troughfill.api import Endpoint
 from troughfill.api.batchfile import RequestLine, output_record
 from troughfill.ledger import Claim, JobConfig, JobKeys, JobLedger, Outcome
 from troughfill.ledger.ledger import Redis
+from troughfill.ledger.port import WorkerLedger
+from troughfill.ledger.service import LedgerService, Limits
 from troughfill.results import ResultWriter, load_requests
 from troughfill.storage import ObjectStore, RecordKind, SegmentRecord
+from troughfill_dev.localcluster import free_port
 
 
 @dataclass
@@ -71,7 +76,7 @@ def tokens_for(index: int) -> int:
     return 1 + index % 5
 
 
-def fake_result(ledger: JobLedger, index: int, request: RequestLine) -> tuple[SegmentRecord, Outcome]:
+def fake_result(ledger: WorkerLedger, index: int, request: RequestLine) -> tuple[SegmentRecord, Outcome]:
     """What an engine would answer, derived from the request so tests can check it."""
     body = {
         "object": "chat.completion",
@@ -91,7 +96,7 @@ def fake_result(ledger: JobLedger, index: int, request: RequestLine) -> tuple[Se
 class FakeWorker:
     """Claims, 'generates' and commits through the real ledger and storage."""
 
-    ledger: JobLedger
+    ledger: WorkerLedger
     store: ObjectStore
     output_url: str
     name: str
@@ -134,7 +139,7 @@ class FakeWorker:
 
 
 async def drain(
-    ledger: JobLedger, store: ObjectStore, output_url: str, name: str = "rescuer", chunk: int = 50
+    ledger: WorkerLedger, store: ObjectStore, output_url: str, name: str = "rescuer", chunk: int = 50
 ) -> None:
     """A healthy worker finishing whatever is pending."""
     worker = FakeWorker(ledger, store, output_url, name)
@@ -161,3 +166,20 @@ def standin_worker(keys: JobKeys, *standin_args: str, concurrency: int = 8) -> l
         "--port", constants.ENGINE_PORT_PLACEHOLDER,
         *standin_args,
     ]  # fmt: skip
+
+
+@dataclass
+class Service:
+    url: str
+    client: Redis
+    service: LedgerService
+
+
+async def serve(client: Redis, limits: Limits | None = None) -> tuple[Service, web.AppRunner]:
+    """The ledger service (the real aiohttp application) on a free loopback port."""
+    service = LedgerService(client, limits)
+    runner = web.AppRunner(service.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return Service(f"http://127.0.0.1:{port}", client, service), runner

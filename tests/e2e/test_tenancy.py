@@ -1,6 +1,6 @@
 """Team B attacks team A on one cluster (real API server, real Redis with a password, a real
 S3-protocol server, worker pods run by the node agent): every attempt is refused with a clear
-message, by the API server, admission, or Redis's ACLs, and team A's job completes with every
+message, by the API server, admission, or the ledger service, and team A's job completes with every
 custom_id exactly once. The NetworkPolicy's part is checked in the manifests tier
 (tests/manifests) and the admission policy's in the install tier: the in-process operator here
 does not run under the operator's ServiceAccount.
@@ -11,6 +11,8 @@ The table of attacks and outcomes this prints is the one in docs/security.md.
 import base64
 import json
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ import yaml
 from kopf.testing import KopfRunner
 
 from tests.conftest import wait_for_job
-from tests.e2e.conftest import Kube, kubectl, operator_settings, until
+from tests.e2e.conftest import Kube, kubectl, ledger_service, operator_settings, until
 from tests.e2e.test_operator import (
     condition,
     engine_pool_and_template,
@@ -141,9 +143,25 @@ def flag_attacks(t: Tenancy) -> None:
         )
 
 
-def ledger_attacks(t: Tenancy, redis_port: int) -> None:
-    """Team B's own job runs; its workers' Secret and pod hold its own Redis user, which reaches
-    nothing of team A's; Redis without credentials refuses everything."""
+def ledger_call(url: str, operation: str, token: str, body: dict[str, Any]) -> tuple[int, str]:
+    """One raw call to the ledger service, as a tenant's own program in its pod would make it."""
+    request = urllib.request.Request(
+        f"{url}/v1/job/{operation}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def ledger_attacks(t: Tenancy, redis_port: int, ledger_url: str) -> None:
+    """Team B's own job runs; its workers' Secret and pod hold its job's ledger token and no Redis
+    credential at all; with the token, team B reaches nothing of team A's through the ledger
+    service; Redis without credentials refuses everything."""
     core = t.kube.core
     assert kubectl_apply(t.kube, t.b_job("legit"))[0] == 0
     a_uid = get_job(t.kube, t.team_a, "victim")["metadata"]["uid"]
@@ -155,38 +173,39 @@ def ledger_attacks(t: Tenancy, redis_port: int) -> None:
     )
     data = {k: base64.b64decode(v).decode() for k, v in secrets[0].data.items()}
     assert PASSWORD not in json.dumps(data)
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", constants.SECRET_LEDGER_TOKEN}
     selector = f"{constants.LABEL_COMPONENT}={constants.COMPONENT_WORKER}"
     pods = until(
         lambda: core.list_namespaced_pod(t.team_b, label_selector=selector).items, 60, "team B's worker pod"
     )
-    assert PASSWORD not in json.dumps([e.to_dict() for e in pods[0].spec.containers[0].env])
+    env = [e.to_dict() for e in pods[0].spec.containers[0].env]
+    assert PASSWORD not in json.dumps(env)
+    assert not [e["name"] for e in env if "REDIS" in e["name"]]
     t.refused(
-        "read the operator's Redis password from its own worker pod or Secret",
-        "not there: they hold the job's own Redis user; the URL carries no password",
+        "read a Redis credential from its own worker pod or Secret",
+        "none there: its job's ledger token and storage keys; workers never connect to Redis",
     )
-    as_b = redis.Redis(
-        host="127.0.0.1",
-        port=redis_port,
-        username=data["TROUGHFILL_REDIS_USERNAME"],
-        password=data["TROUGHFILL_REDIS_PASSWORD"],
-    )
-    meta = f"troughfill:{{{t.team_a}/victim/{a_uid}}}:meta"
-    user = data["TROUGHFILL_REDIS_USERNAME"]
-    for what, command in [
-        ("HSET team A's meta output_url s3://attacker/", ("HSET", meta, "output_url", "s3://attacker/")),
-        ("read team A's meta", ("HGETALL", meta)),
-        ("list every job's keys (KEYS *)", ("KEYS", "*")),
-        ("list every job's keys (SCAN)", ("SCAN", "0")),
-        ("run a script of its own that loops forever (EVAL)", ("EVAL", "while true do end", "0")),
-        ("load a script (SCRIPT LOAD)", ("SCRIPT", "LOAD", "return 1")),
-        ("FLUSHALL", ("FLUSHALL",)),
-        ("widen its own user (ACL SETUSER ~*)", ("ACL", "SETUSER", user, "~*")),
-    ]:
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            as_b.execute_command(*command)
-        t.refused(f"Redis as its workers' user: {what}", "Redis ACL: NOPERM")
-    as_b.close()
+    token = data[constants.SECRET_LEDGER_TOKEN]
+    mac = token.split(".")[1]
+    a_ref = base64.urlsafe_b64encode(f"{t.team_a}/victim/{a_uid}".encode()).decode().rstrip("=")
+    for what, operation, bad_token, body, status, fragment in [
+        ("claim team A's requests with A's name under its own token's MAC", "claim", f"{a_ref}.{mac}",
+         {"worker": "x", "max_count": 10}, 401, "not valid"),
+        ("claim with no token", "claim", "", {"worker": "x", "max_count": 10}, 401, "token is required"),
+        ("claim 2^32 requests at once (a script looping for minutes)", "claim", token,
+         {"worker": "x", "max_count": 2**32}, 400, "max_count"),
+        ("commit a segment id that is a path into team A's segments", "commit", token,
+         {"segment_id": f"../../{t.team_a}/w-0123456789abcdef", "outcomes": []}, 400, "segment_id"),
+        ("save a partial output for a request its job does not have", "save-partials", token,
+         {"partials": {"999999": {"text": "x", "tokens": 1}}}, 400, "not one of this job's"),
+        ("send a Redis command in a body", "claim", token,
+         {"worker": "x", "max_count": 1, "command": ["FLUSHALL"]}, 400, "command"),
+    ]:  # fmt: skip
+        code, answer = ledger_call(ledger_url, operation, bad_token, body)
+        assert (code, fragment in answer) == (status, True), (what, code, answer)
+        t.refused(f"ledger service with its job's token: {what}", f"ledger service: {status}")
     anonymous = redis.Redis(host="127.0.0.1", port=redis_port)
+    meta = f"troughfill:{{{t.team_a}/victim/{a_uid}}}:meta"
     with pytest.raises(redis.exceptions.AuthenticationError):
         anonymous.execute_command("HSET", meta, "output_url", "s3://attacker/")
     anonymous.close()
@@ -278,7 +297,7 @@ def test_team_b_cannot_reach_team_as_data_ledger_or_engine_and_team_a_completes(
         assert kubectl_apply(kube, twin)[0] == 0
         assert failed_with(kube, team_a, "twin")["reason"] == "OutputInUse"
         t.refused("a second live job on team A's output prefix (in team A)", "admission: `OutputInUse`")
-        ledger_attacks(t, ledger_redis.port)
+        ledger_attacks(t, ledger_redis.port, ledger_service(ledger_redis).url)
         # Team A's job, untouched by all of it, completes.
         ended = wait_for_job(lambda: get_job(kube, team_a, "victim"), "team A's job")
         assert ended["status"]["phase"] == "completed", ended["status"]

@@ -1,5 +1,5 @@
-"""The ledger over TLS, end to end: the operator connects with the CA file its pod mounts, and a
-worker with the CA the operator passes in its pod spec and its job's own Redis user."""
+"""The ledger over TLS, end to end: the operator and the ledger service connect with the CA file
+their pods mount; a worker reaches the ledger only through the service, with its job's token."""
 
 import uuid
 from collections.abc import Iterator
@@ -9,10 +9,11 @@ import pytest
 import redis.exceptions
 from redis.asyncio import Redis
 
-from tests.ledgertools import create_job, drain, request_line, write_input
+from tests.ledgertools import create_job, drain, request_line, serve, write_input
 from troughfill.config import Settings
 from troughfill.ledger import JobKeys, JobLedger, connect
-from troughfill.ledger.access import LedgerAccess
+from troughfill.ledger.credentials import LedgerKey
+from troughfill.ledger.remote import RemoteLedger
 from troughfill.results import index_input
 from troughfill.storage import ObjectStore
 from troughfill_dev.localcluster.services import RedisServer, make_tls, start_redis
@@ -42,20 +43,13 @@ async def test_operator_and_worker_speak_tls_with_their_own_credentials(
         input_url = write_input(tmp_path / "in.jsonl", [request_line(f"r{i}") for i in range(5)])
         await create_job(ledger, input_url, (tmp_path / "out").as_uri())
         await index_input(ledger, ObjectStore())
-        access = LedgerAccess(operator)
-        await access.load_scripts()
-        user, password = await access.grant(keys)
-        worker_settings = Settings(
-            redis_url=url,
-            redis_username=user,
-            redis_password=password,
-            redis_tls_ca_pem=tls_redis.tls.ca.read_text(),  # what the pod spec carries
-        )
-        worker = connect(worker_settings)
+        served, runner = await serve(operator)  # the service's own connection, over TLS too
+        worker = RemoteLedger(keys, served.url, await LedgerKey(operator).token(keys))
         try:
-            await drain(JobLedger(worker, keys), ObjectStore(), (tmp_path / "out").as_uri())
+            await drain(worker, ObjectStore(), (tmp_path / "out").as_uri())
         finally:
             await worker.aclose()
+            await runner.cleanup()
         assert (await ledger.progress()).completed == 5
     finally:
         await operator.aclose()

@@ -174,18 +174,28 @@ def test_users_cannot_edit_pools_or_templates() -> None:
     assert writable == {"batchinferences"}
 
 
-def test_redis_is_reachable_only_from_the_operator_and_pods_only_it_may_label() -> None:
+def test_redis_is_reachable_only_from_the_operator_and_the_ledger_service() -> None:
     policy = find(build("base"), "NetworkPolicy", "troughfill-redis")
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "troughfill-redis"}
     (rule,) = policy["spec"]["ingress"]
-    operator, workers = rule["from"]
-    assert operator["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": constants.OPERATOR_NAMESPACE  # set by the API server
-    }
-    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "troughfill-operator"}
+    # Peers without a namespaceSelector are in the policy's own namespace (troughfill-system).
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "troughfill-operator"}}},
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "troughfill-ledger"}}},
+    ]
+
+
+def test_the_ledger_service_is_reachable_from_pods_only_the_operator_may_label() -> None:
+    objects = build("base")
+    policy = find(objects, "NetworkPolicy", "troughfill-ledger")
+    (rule,) = policy["spec"]["ingress"]
+    workers, monitoring = rule["from"]
     assert workers["podSelector"]["matchLabels"] == {constants.LABEL_LEDGER_CLIENT: "true"}
-    # Nothing keyed on a label users may set on their own pods.
-    assert all(constants.LABEL_PART_OF not in peer["podSelector"]["matchLabels"] for peer in rule["from"])
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert all(
+        constants.LABEL_PART_OF not in peer.get("podSelector", {}).get("matchLabels", {})
+        for peer in rule["from"]
+    )
     # The worker label is one only the operator's ServiceAccount may set.
     admission = find(build("policy"), "ValidatingAdmissionPolicy", "troughfill-ledger-client")
     (check,) = admission["spec"]["validations"]
@@ -194,6 +204,17 @@ def test_redis_is_reachable_only_from_the_operator_and_pods_only_it_may_label() 
     assert admission["spec"]["variables"][0]["expression"] == f"'{constants.LABEL_LEDGER_CLIENT}'"
     binding = find(build("policy"), "ValidatingAdmissionPolicyBinding", "troughfill-ledger-client")
     assert binding["spec"]["validationActions"] == ["Deny"]
+    # The service: the Redis password and nothing of the cluster's (no API token mounted).
+    pod = find(objects, "Deployment", "troughfill-ledger")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["troughfill", "ledger"]
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    service = find(objects, "Service", constants.LEDGER_SERVICE_NAME)
+    assert service["spec"]["ports"][0]["port"] == constants.LEDGER_SERVICE_PORT
+    operator = find(objects, "Deployment", "troughfill-operator")["spec"]["template"]["spec"]
+    env = {e["name"] for e in operator["containers"][0]["env"]}
+    assert "TROUGHFILL_WORKER_LEDGER_URL" not in env  # the default names this Service
 
 
 def test_redis_needs_a_password_and_never_evicts_below_its_memory_limit() -> None:
@@ -247,6 +268,10 @@ def test_the_tls_overlay_serves_only_tls_and_the_operator_verifies_it() -> None:
     volume = next(v for v in operator["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # the CA, not the key
     assert env["TROUGHFILL_REDIS_TLS_CA_FILE"] == "/tls/ca.crt"
+    ledger = find(objects, "Deployment", "troughfill-ledger")["spec"]["template"]["spec"]
+    ledger_env = {e["name"]: e.get("value") for e in ledger["containers"][0]["env"]}
+    assert ledger_env["TROUGHFILL_REDIS_URL"] == env["TROUGHFILL_REDIS_URL"]
+    assert ledger_env["TROUGHFILL_REDIS_TLS_CA_FILE"] == "/tls/ca.crt"
 
 
 def test_the_batch_api_acts_only_as_its_callers_may() -> None:
