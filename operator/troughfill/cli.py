@@ -170,7 +170,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         return application
 
     port = args.port or settings.ledger_port
-    web.run_app(app(), host=args.host, port=port, print=None, handle_signals=True)
+    # No access log: thousands of calls a second; /metrics counts them by operation and status.
+    web.run_app(app(), host=args.host, port=port, print=None, handle_signals=True, access_log=None)
     return 0
 
 

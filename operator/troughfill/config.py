@@ -66,5 +66,8 @@ class Settings(BaseSettings):
     """`troughfill api`: where the OpenAI Batch API listens (its /metrics and probes too)."""
     api_max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     """Largest upload the Batch API takes (OpenAI's limit: 200 MB)."""
+    api_max_concurrent_uploads: int = Field(default=4, gt=0)
+    """Uploads `troughfill api` takes at once (each may spool up to api_max_file_bytes to its
+    scratch volume); more get 429 with retry-after."""
     api_max_file_lines: int = Field(default=50_000, gt=0)
     """Most requests one uploaded file may hold (OpenAI's limit: 50,000)."""

@@ -59,14 +59,18 @@ def _next_batch(lines: Iterator[Line], size: int, max_bytes: int = INDEX_BATCH_B
     return batch
 
 
-def _classify(line: Line, endpoint: Endpoint) -> tuple[RequestLine | None, str | None, str]:
+def _classify(line: Line, endpoint: Endpoint) -> tuple[str | None, str | None, str]:
+    """(custom_id, error code, message) of one input line. The parsed line is dropped at once:
+    indexing keeps where each line is, never its body, so a batch holds its raw bytes and one
+    parsed line at a time."""
     if line.oversized:
         return (
             None,
             ErrorCode.LINE_TOO_LONG,
             f"line is {line.length} bytes, over the {MAX_LINE_BYTES} allowed",
         )
-    return classify_line(line.data, endpoint)
+    request, code, message = classify_line(line.data, endpoint)
+    return (request.custom_id if request is not None else None), code, message
 
 
 @dataclass
@@ -103,14 +107,13 @@ async def index_input(
     while batch := await asyncio.to_thread(_next_batch, lines, INDEX_BATCH_LINES):
         buckets = buckets or id_buckets(_expected_lines(size, batch))
         parsed = [_classify(line, config.endpoint) for line in batch]
-        valid_ids = [request.custom_id for request, code, _ in parsed if code is None and request is not None]
+        valid_ids = [custom_id for custom_id, code, _ in parsed if code is None and custom_id is not None]
         fresh = iter(await ledger.add_custom_ids(valid_ids, buckets))
-        for line, (request, problem, detail) in zip(batch, parsed, strict=True):
+        for line, (custom_id, problem, detail) in zip(batch, parsed, strict=True):
             code, message = problem, detail
             if code is None and not next(fresh):
                 code, message = ErrorCode.DUPLICATE_CUSTOM_ID, "custom_id appears on an earlier line"
             if code is not None:
-                custom_id = request.custom_id if request else None
                 record = error_record(
                     ledger.job_token, line.index, custom_id, code, message=message, line=line.number
                 )

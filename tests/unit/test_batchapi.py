@@ -5,7 +5,11 @@ writing status) is faked here; tests/e2e/test_batchapi.py runs the same client a
 local cluster with real workers.
 """
 
+import concurrent.futures
+import io
 import json
+import threading
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +20,9 @@ import pytest
 import requests
 
 from tests.batchapitools import FakeJobs, FakeReviews, serving
+from troughfill import constants
 from troughfill.api.batchpool import StorageGrant
-from troughfill.batchapi.files import Files
+from troughfill.batchapi.files import Files, UploadProblem, check_upload
 from troughfill.batchapi.mapping import job_name
 from troughfill.batchapi.openapi import document
 from troughfill.batchapi.ports import Caller, Jobs, Reviews
@@ -299,6 +304,60 @@ def test_oversized_and_wrong_purpose_uploads(site: Site) -> None:
     assert client.files.list().data == []
     with pytest.raises(openai.BadRequestError, match="purpose 'fine-tune' is not supported"):
         client.files.create(file=("in.jsonl", jsonl(1)), purpose="fine-tune")
+
+
+def test_a_line_is_read_at_most_its_limit_and_checked_before_it_is_parsed() -> None:
+    """A 19 MiB line is refused after reading 4 MiB of it (the API pod held +382 MiB before),
+    and a line of a million tiny objects before it is parsed."""
+    huge = io.BytesIO(jsonl(1) + b'{"custom_id": "x", "body": "' + b"a" * (19 << 20) + b'"}\n')
+    with pytest.raises(UploadProblem, match=f"line 2: over {constants.MAX_LINE_BYTES} bytes"):
+        check_upload(huge, 100)
+    assert huge.tell() <= len(jsonl(1)) + constants.MAX_LINE_BYTES + 1
+    nested = io.BytesIO(b'{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": ['
+                        + b"{}," * 1_000_000 + b"{}]}\n")  # fmt: skip
+    tracemalloc.start()
+    try:
+        with pytest.raises(UploadProblem, match="JSON objects and arrays, over the 65536 allowed"):
+            check_upload(nested, 100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the raw line and no parse of it
+
+
+def test_uploads_beyond_the_limit_at_once_get_429_with_retry_after(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each upload may spool up to the file limit to the pod's scratch volume: more than
+    api_max_concurrent_uploads at once are told to come back (the official client would retry)."""
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+    real = Files.upload
+
+    def slow(self: Files, *args: Any) -> Any:
+        entered.release()
+        release.wait(30)
+        return real(self, *args)
+
+    monkeypatch.setattr(Files, "upload", slow)
+    limit = Settings().api_max_concurrent_uploads
+    with concurrent.futures.ThreadPoolExecutor(limit) as pool:
+        held = [
+            pool.submit(site.client().files.create, file=(f"in{i}.jsonl", jsonl(1)), purpose="batch")
+            for i in range(limit)
+        ]
+        for _ in range(limit):
+            assert entered.acquire(timeout=30)
+        answer = requests.post(
+            f"{site.url}/v1/files", headers={"Authorization": "Bearer alice-token"},
+            files={"file": ("x.jsonl", jsonl(1))}, data={"purpose": "batch"}, timeout=10,
+        )  # fmt: skip
+        assert answer.status_code == 429
+        assert answer.headers["retry-after"] == "5"
+        assert answer.json()["error"]["code"] == "rate_limit_exceeded"
+        release.set()
+        assert all(future.result(timeout=30).purpose == "batch" for future in held)
+    assert site.client().files.create(file=("after.jsonl", jsonl(1)), purpose="batch").bytes > 0
 
 
 def test_a_grants_secret_is_read_as_the_operator_reads_it(site: Site) -> None:

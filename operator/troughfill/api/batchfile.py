@@ -149,11 +149,28 @@ def error_record(
     return {"id": request_id(job_token, index), "custom_id": custom_id, "response": response, "error": error}
 
 
+MAX_JSON_CONTAINERS = 65_536
+"""The most JSON objects and arrays one input line may hold (counted before parsing: a line of
+`[{},{},...]` is 3 bytes an object raw and some 100 parsed, so the raw size alone does not bound
+what parsing one line holds). A real request holds a few hundred."""
+
+
+def line_problem(raw: bytes) -> str | None:
+    """Why a line is refused before it is parsed (None: it may be parsed)."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        return f"line holds {containers} JSON objects and arrays, over the {MAX_JSON_CONTAINERS} allowed"
+    return None
+
+
 def classify_line(raw: bytes, endpoint: Endpoint) -> tuple[RequestLine | None, str | None, str]:
     """(parsed line, error code, message) for one raw input line; the code is None when it is valid.
 
     Duplicate custom_ids need the whole file and are the caller's to detect.
     """
+    problem = line_problem(raw)
+    if problem is not None:
+        return None, ErrorCode.INVALID_REQUEST, problem
     try:
         line = RequestLine.model_validate_json(raw)
     except ValidationError as error:

@@ -16,7 +16,8 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from troughfill.api.batchfile import RequestLine
+from troughfill import constants
+from troughfill.api.batchfile import RequestLine, line_problem
 from troughfill.api.batchpool import StorageAccess, StorageGrant
 from troughfill.api.storage import url_problem
 from troughfill.batchapi.mapping import UPLOAD_PATTERN
@@ -57,12 +58,20 @@ def check_upload(stream: IO[bytes], max_lines: int) -> tuple[int, tuple[str, ...
     seen: set[str] = set()
     endpoints: set[str] = set()
     count = 0
-    for number, raw in enumerate(stream, start=1):
+    number = 0
+    # Read a line at a time, at most a line's limit: a file of one huge line never sits in memory.
+    while raw := stream.readline(constants.MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > constants.MAX_LINE_BYTES:
+            raise UploadProblem(f"line {number}: over {constants.MAX_LINE_BYTES} bytes (this API's limit)")
         if not raw.strip():
             continue
         count += 1
         if count > max_lines:
             raise UploadProblem(f"the file has more than {max_lines} requests (this API's limit)")
+        problem = line_problem(raw)
+        if problem is not None:
+            raise UploadProblem(f"line {number}: {problem}")
         try:
             line = RequestLine.model_validate_json(raw)
         except ValidationError as error:

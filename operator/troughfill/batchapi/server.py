@@ -49,6 +49,8 @@ MAX_PAGE = 100
 DEFAULT_BATCH_PAGE = 20
 DEFAULT_FILE_PAGE = 10_000
 SPOOL_BYTES = 8 << 20
+UPLOAD_RETRY_SECONDS = 5
+"""What a caller refused for too many uploads at once is told to wait."""
 
 REQUESTS = Counter(
     "troughfill_api_requests_total", "Batch API requests by route and HTTP status", ["route", "status"]
@@ -64,17 +66,21 @@ class ApiError(Exception):
 
     def __init__(
         self, status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None,
-        code: str | None = None,
+        code: str | None = None, retry_after: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.retry_after = retry_after
 
     def response(self) -> web.Response:
         body = ErrorResponse(
             error=ErrorBody(message=str(self), type=self.kind, param=self.param, code=self.code)
         )
-        # The official client retries 409 and 5xx by default; these answers will not change.
-        headers = {"x-should-retry": "false"} if self.status < 500 else {}
+        headers: dict[str, str] = {}
+        if self.retry_after is not None:  # the official client waits this long and tries again
+            headers["retry-after"] = str(self.retry_after)
+        elif self.status < 500:  # it retries 409 and 5xx by default; these answers will not change
+            headers["x-should-retry"] = "false"
         return web.json_response(body.model_dump(), status=self.status, headers=headers)
 
 
@@ -125,6 +131,8 @@ class BatchApi:
         self.jobs = jobs
         self.files = files
         self.settings = settings
+        self._uploads = 0
+        """Uploads in progress now (api_max_concurrent_uploads at most)."""
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[openai_errors])
@@ -195,6 +203,13 @@ class BatchApi:
             raise ApiError(400, "Upload a file as multipart/form-data with fields 'purpose' and 'file'.")
         purpose: str | None = None
         filename: str | None = None
+        if self._uploads >= self.settings.api_max_concurrent_uploads:
+            # Each upload may spool up to api_max_file_bytes to the pod's scratch volume.
+            raise ApiError(
+                429, f"{self._uploads} uploads are in progress, this API's limit; try again shortly",
+                "rate_limit_error", code="rate_limit_exceeded", retry_after=UPLOAD_RETRY_SECONDS,
+            )  # fmt: skip
+        self._uploads += 1
         spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed below
         try:
             try:
@@ -235,6 +250,7 @@ class BatchApi:
                 ) from None
         finally:
             spooled.close()
+            self._uploads -= 1
         return web.json_response(upload.file.model_dump())
 
     async def _spool(self, part: BodyPartReader, spooled: Any) -> None:

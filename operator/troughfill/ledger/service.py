@@ -120,6 +120,8 @@ class LedgerService:
         self.limits = limits or Limits()
         self._jobs: OrderedDict[JobKeys, _Job] = OrderedDict()
         self._key_read_at = 0.0
+        self._tokens: dict[str, JobKeys] = {}
+        """Tokens verified under the current key (a job's workers send the same one each call)."""
         self._operations: dict[str, Handler] = {
             "config": self._config,
             "claim": self._claim,
@@ -200,12 +202,18 @@ class LedgerService:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise RefusedError(401, "a job's ledger token is required (Authorization: Bearer ...)")
-        keys = read_token(await self.key.get(), token)
-        if keys is None and time.monotonic() - self._key_read_at > KEY_RELOAD_SECONDS:
-            self._key_read_at = time.monotonic()  # Redis lost its data (and the key) since
-            keys = read_token(await self.key.get(fresh=True), token)
+        keys = self._tokens.get(token)
         if keys is None:
-            raise RefusedError(401, "the ledger token is not valid")
+            keys = read_token(await self.key.get(), token)
+            if keys is None and time.monotonic() - self._key_read_at > KEY_RELOAD_SECONDS:
+                self._key_read_at = time.monotonic()  # Redis lost its data (and the key) since
+                self._tokens.clear()
+                keys = read_token(await self.key.get(fresh=True), token)
+            if keys is None:
+                raise RefusedError(401, "the ledger token is not valid")
+            if len(self._tokens) >= JOBS_KEPT:
+                self._tokens.clear()
+            self._tokens[token] = keys
         job = self._jobs.get(keys)
         if job is None:
             job = _Job(
@@ -275,11 +283,8 @@ class LedgerService:
         )
 
     async def _commit(self, job: _Job, body: wire.CommitBody) -> int:
-        await self._check_indices(job, (o.index for o in body.outcomes))
-        outcomes = [
-            Outcome(o.index, o.failed, o.prompt_tokens, o.completion_tokens, o.cached_tokens, o.resumed)
-            for o in body.outcomes
-        ]
+        await self._check_indices(job, (o[0] for o in body.outcomes))
+        outcomes = [Outcome(*o) for o in body.outcomes]
         return await job.ledger.commit(body.segment_id, outcomes, body.lease_id)
 
     async def _save_partials(self, job: _Job, body: wire.SavePartialsBody) -> int:

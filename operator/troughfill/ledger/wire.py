@@ -7,6 +7,7 @@ name only indices below its job's total, send at most MAX_BATCH of them, claim a
 and send text no longer than a request's output could be.
 """
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -36,7 +37,8 @@ WorkerId = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", min_length=1, max_length=253)
 ]
 """A worker's id: its pod's name (a DNS subdomain)."""
-SegmentId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{0,252}-[0-9a-f]{16}$")]
+SEGMENT_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,252}-[0-9a-f]{16}")
+SegmentId = Annotated[str, StringConstraints(pattern=f"^{SEGMENT_ID.pattern}$")]
 """What storage.segments.new_segment_id makes: a name, never a path."""
 Index = Annotated[int, Field(ge=0, lt=constants.MAX_REQUESTS_PER_JOB)]
 LeaseId = Annotated[int, Field(ge=1, le=(1 << 62))]
@@ -71,13 +73,9 @@ class NackBody(LeaseBody):
     how: StopHow
 
 
-class OutcomeWire(Body):
-    index: Index
-    failed: bool = False
-    prompt_tokens: Tokens = 0
-    completion_tokens: Tokens = 0
-    cached_tokens: Tokens = 0
-    resumed: bool = False
+OutcomeWire = tuple[Index, bool, Tokens, Tokens, Tokens, bool]
+"""One request's result as the ledger counts it: index, failed, prompt, completion and cached
+tokens, resumed (an array, not an object: a commit carries many)."""
 
 
 class CommitBody(Body):
