@@ -73,6 +73,10 @@ MAX_CONDITIONS: Final = 16
 # string, and Redis refuses a value over 512 MB (about 44.7M requests). Past this the job fails
 # at indexing, saying so, instead of meeting Redis's error.
 MAX_REQUESTS_PER_JOB: Final = 40_000_000
+# Unfinished requests a namespace's jobs may hold in the ledger together unless its quota says
+# otherwise: an indexed request costs about 30-45 bytes of Redis (bench.ledger), so this is about
+# 225 MB of the ledger's 1.5 GB. One namespace's legitimate 40M-request job (1.3 GB) filled it.
+DEFAULT_MAX_REQUESTS_PER_NAMESPACE: Final = 5_000_000
 # A longer input line is not kept (it becomes an error line): reading holds at most this much of
 # one line, whatever the input looks like (a file without newlines included). The ledger refuses
 # a request span longer than this too (a tenant can write its job's spans).

@@ -2,6 +2,7 @@
 a real Redis ledger: errors the Kopf way, and cleanup that does not depend on a parseable spec."""
 
 import asyncio
+import collections
 import dataclasses
 import importlib
 import logging
@@ -25,6 +26,7 @@ from troughfill.api import BatchInference, BatchPool, ModelTemplate, admit
 from troughfill.api.batchpool import BatchPoolStatus
 from troughfill.config import Settings
 from troughfill.controller import jobs
+from troughfill.controller.stores import JobStores
 from troughfill.planner import Limit
 from troughfill.storage import ERROR_FILE, ObjectStore, WriteError
 
@@ -349,3 +351,61 @@ def test_successful_timer_runs_are_not_logged_but_failures_and_other_handlers_ar
     assert not quiet.filter(record(logging.INFO, "Timer 'reconcile_job' succeeded."))
     assert quiet.filter(record(logging.ERROR, "Timer 'reconcile_job' failed temporarily: Redis unavailable"))
     assert quiet.filter(record(logging.INFO, "Handler 'start_job' succeeded."))
+
+
+@dataclasses.dataclass
+class Admitting:
+    """The cluster reads start_job makes: the template, its pool, every job."""
+
+    capped: BatchPool
+    listed: list[dict[str, Any]]
+
+    def template(self, name: str) -> ModelTemplate:
+        return ModelTemplate.model_validate(template())
+
+    def pool(self, name: str) -> BatchPool:
+        return self.capped
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.listed
+
+
+async def test_two_jobs_of_a_namespace_starting_at_once_do_not_pass_its_cap_together(
+    handlers: ModuleType, aredis: Redis, tmp_path: Path, events: list[dict[str, Any]]
+) -> None:
+    """maxRequests 5, two jobs of 4 requests created together: counted one at a time, the second
+    sees the first's 4 (from the ledger, before any status says so) and fails; without that, each
+    counted the other as 0 and both ran."""
+    capped = BatchPool.model_validate(
+        pool(
+            quotas=[
+                {"namespace": "team-a", "maxGPUs": 4, "maxRequests": 5, "storage": [{"prefix": "file:///"}]}
+            ]
+        )
+    )
+    wires = []
+    for name in ("first", "second"):
+        input_url = write_input(tmp_path / name / "in.jsonl", [request_line(f"{name}-{i}") for i in range(4)])
+        wire = batch_inference(name, inputURL=input_url, outputURL=(tmp_path / name / "out").as_uri() + "/")
+        wire["metadata"].update(
+            uid=uuid.uuid4().hex, generation=1, creationTimestamp=datetime.now(UTC).isoformat()
+        )
+        wires.append(wire)
+    cluster = Admitting(capped, wires)
+    memo = kopf.Memo(
+        quiet=jobs.QuietJobs(), redis=aredis, cluster=cluster, stores=JobStores(cluster, Settings()),
+        admitting=collections.defaultdict(asyncio.Lock),
+    )  # fmt: skip
+    patches = [kopf.Patch(), kopf.Patch()]
+    await asyncio.gather(
+        *(
+            handlers.start_job(body=kopf.Body(wire), patch=patch, memo=memo, logger=LOG)
+            for wire, patch in zip(wires, patches, strict=True)
+        )
+    )
+    phases = sorted(patch.status["phase"] for patch in patches)
+    assert phases == ["failed", "in_progress"], phases
+    failed = next(p for p in patches if p.status["phase"] == "failed")
+    (condition,) = [c for c in failed.status["conditions"] if c["type"] == "Failed"]
+    assert condition["reason"] == "RequestQuotaExceeded"
+    assert "its other jobs hold 4" in condition["message"]

@@ -5,7 +5,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
 from troughfill import constants
 from troughfill.api.base import ApiModel, Rule, StatusModel, list_map, list_set
@@ -129,6 +129,12 @@ class DefaultStorageGrant(StorageGrant):
 DefaultStorageGrants = Annotated[list[DefaultStorageGrant], Field(default_factory=list, max_length=32)]
 
 
+def _default_when_null(value: object) -> object:
+    """maxRequests was nullable (unlimited) before it had a default: a pool stored then reads as
+    the default, not as an error."""
+    return constants.DEFAULT_MAX_REQUESTS_PER_NAMESPACE if value is None else value
+
+
 class NamespaceQuota(ApiModel):
     namespace: DnsLabel
     max_gpus: int = Field(ge=0, alias="maxGPUs")
@@ -139,9 +145,13 @@ class NamespaceQuota(ApiModel):
     """PriorityClasses this namespace's jobs may name, besides the pool's default."""
     storage: StorageGrants
     """Where this namespace's jobs may read input and write output; nothing else is allowed."""
-    max_requests: int | None = Field(default=None, ge=1, le=constants.MAX_REQUESTS_PER_JOB * 100)
+    max_requests: int = Field(
+        default=constants.DEFAULT_MAX_REQUESTS_PER_NAMESPACE, ge=1, le=constants.MAX_REQUESTS_PER_JOB * 100
+    )
     """Unfinished requests this namespace's jobs may hold in the ledger together (its share of
-    Redis's memory); unlimited when unset."""
+    Redis's memory; an indexed request costs about 30-45 bytes)."""
+
+    _stored_null = field_validator("max_requests", mode="before")(_default_when_null)
 
 
 class DefaultQuota(ApiModel):
@@ -152,8 +162,12 @@ class DefaultQuota(ApiModel):
     storage: DefaultStorageGrants
     """Storage grants for those namespaces; {namespace} in a prefix or a Secret's name is the
     job's namespace."""
-    max_requests: int | None = Field(default=None, ge=1, le=constants.MAX_REQUESTS_PER_JOB * 100)
+    max_requests: int = Field(
+        default=constants.DEFAULT_MAX_REQUESTS_PER_NAMESPACE, ge=1, le=constants.MAX_REQUESTS_PER_JOB * 100
+    )
     """Unfinished requests each such namespace's jobs may hold in the ledger together."""
+
+    _stored_null = field_validator("max_requests", mode="before")(_default_when_null)
 
 
 GPU_HOUR_COST_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?$"

@@ -130,14 +130,19 @@ def _quota_message(job: BatchInference, admission: Admission, unfinished: int) -
 
 
 async def namespace_unfinished(client: Redis, raw_jobs: list[dict[str, Any]], job: BatchInference) -> int:
-    """Requests the namespace's other running jobs have not finished (what its cap counts)."""
+    """Requests the namespace's other jobs that have not ended hold unfinished in the ledger (what
+    its cap counts). From the ledger, not from status: a job started a moment ago has its
+    requests indexed before its status says so (the caller counts and starts one job of a
+    namespace at a time). The counts are the operator's and the ledger service's: workers cannot
+    write the ledger."""
     total = 0
+    ended = {phase.value for phase in TERMINAL}
     for raw in raw_jobs:
         meta = raw.get("metadata", {})
         phase = (raw.get("status") or {}).get("phase")
         if meta.get("namespace") != job.metadata.ns or meta.get("uid") == job.metadata.uid_text:
             continue
-        if phase not in {Phase.VALIDATING.value, Phase.IN_PROGRESS.value, Phase.FINALIZING.value}:
+        if phase in ended:
             continue
         keys = JobKeys(meta["namespace"], meta["name"], meta["uid"])
         progress = await JobLedger(client, keys).progress()

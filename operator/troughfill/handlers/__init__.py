@@ -12,6 +12,7 @@ per-object logger (Events only from warnings up: settings.posting.level).
 """
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -98,6 +99,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.redis = connect(own)
     memo.stores = JobStores(memo.cluster, own)
     memo.quiet = jobs.QuietJobs()
+    memo.admitting = collections.defaultdict(asyncio.Lock)
     memo.pools = PoolController(
         memo.cluster,
         PrometheusSignals(own.prometheus_url, own.prometheus_timeout_seconds),
@@ -229,18 +231,21 @@ async def start_job(
         except GrantSecretMissingError as error:
             admission = Admission(False, Reason.STORAGE_NOT_GRANTED, str(error))
             store = None
-        unfinished = 0
-        if admission.allowed and admission.max_requests is not None:  # the namespace's cap counts them
-            listed = await asyncio.to_thread(memo.cluster.jobs)
-            unfinished = await jobs.namespace_unfinished(memo.redis, listed, job)
-        update = await jobs.start(
-            job,
-            admission,
-            jobs.ledger_for(job, memo.redis),
-            store,
-            jobs.now_utc(),
-            namespace_unfinished=unfinished,
-        )
+        # One job of a namespace is counted and indexed at a time: two of its jobs starting at
+        # once would each see the other's requests uncounted and pass the cap together.
+        async with memo.admitting[job.metadata.ns]:
+            unfinished = 0
+            if admission.allowed and admission.max_requests is not None:  # the namespace's cap counts them
+                listed = await asyncio.to_thread(memo.cluster.jobs)
+                unfinished = await jobs.namespace_unfinished(memo.redis, listed, job)
+            update = await jobs.start(
+                job,
+                admission,
+                jobs.ledger_for(job, memo.redis),
+                store,
+                jobs.now_utc(),
+                namespace_unfinished=unfinished,
+            )
     _write(patch, body, update, logger)
 
 
