@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     """`troughfill api`: where the OpenAI Batch API listens (its /metrics and probes too)."""
     api_max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     """Largest upload the Batch API takes (OpenAI's limit: 200 MB)."""
+    api_calls_per_second: float = Field(default=20.0, gt=0)
+    """`troughfill api`: each caller's calls a second (by its username; 429 with retry-after past it)."""
+    api_burst: float = Field(default=100.0, ge=1)
+    """`troughfill api`: how many calls a caller may make at once above that rate."""
     api_max_concurrent_uploads: int = Field(default=4, gt=0)
     """Uploads `troughfill api` takes at once (each may spool up to api_max_file_bytes to its
     scratch volume); more get 429 with retry-after."""

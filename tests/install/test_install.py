@@ -207,6 +207,41 @@ def test_only_the_operator_may_label_a_pod_a_ledger_client(site: Site) -> None:
     assert "ValidatingAdmissionPolicy 'troughfill-ledger-client'" in refused, refused
 
 
+def test_only_the_operator_may_change_a_worker_pods_labels_owner_or_image(site: Site) -> None:
+    """A tenant with `edit` may update its pods: relabelling a worker hid it from its pool's
+    planner, and `kubectl set image` swapped its engine. The worker here is made as the
+    operator's ServiceAccount makes one (impersonated), on no node (it never runs); the cluster
+    admin, like a tenant, is refused each change; the operator is not."""
+    operator = "system:serviceaccount:troughfill-system:troughfill-operator"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "worker-lookalike",
+            "namespace": JOB_NAMESPACE,
+            "labels": {constants.LABEL_POOL: "gpus", constants.LABEL_JOB_UID: "0123"},
+        },
+        "spec": {
+            "nodeSelector": {"troughfill.test/no-such-node": "true"},
+            "containers": [{"name": "worker", "image": "troughfill/operator:0.1.0", "command": ["true"]}],
+        },
+    }
+    kubectl(site, "apply", f"--as={operator}", "-f", "-", stdin=json.dumps(pod))
+    for change in (
+        ["label", "pod", "worker-lookalike", f"{constants.LABEL_POOL}-"],
+        ["label", "pod", "worker-lookalike", f"{constants.LABEL_JOB_UID}=4567", "--overwrite"],
+        ["label", "pod", "worker-lookalike", "troughfill.io/extra=1"],
+        ["set", "image", "pod/worker-lookalike", "worker=evil/engine:latest"],
+    ):
+        refused = kubectl(site, *change, "-n", JOB_NAMESPACE, check=False)
+        assert "ValidatingAdmissionPolicy 'troughfill-worker-pods'" in refused, (change, refused)
+        assert "troughfill.io/ labels, owner and images are the operator's" in refused, refused
+    kubectl(site, "label", "pod", "worker-lookalike", "team=a", "-n", JOB_NAMESPACE)  # its own labels: fine
+    kubectl(site, "label", "pod", "worker-lookalike", f"{constants.LABEL_POOL}-", "-n", JOB_NAMESPACE,
+            f"--as={operator}")  # fmt: skip
+    kubectl(site, "delete", "pod", "worker-lookalike", "-n", JOB_NAMESPACE, "--wait=false")
+
+
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] ")
 HANDOVER_SECONDS = 1.0
 """Kopf's peering hands over on a watch event both replicas see: the one resuming and the one

@@ -23,10 +23,11 @@ from tests.batchapitools import FakeJobs, FakeReviews, serving
 from troughfill import constants
 from troughfill.api.batchpool import StorageGrant
 from troughfill.batchapi.files import Files, UploadProblem, check_upload
+from troughfill.batchapi.kube import TimedCache
 from troughfill.batchapi.mapping import job_name
 from troughfill.batchapi.openapi import document
 from troughfill.batchapi.ports import Caller, Jobs, Reviews
-from troughfill.batchapi.server import BatchApi
+from troughfill.batchapi.server import BatchApi, CallerLimits
 from troughfill.config import Settings
 
 ALICE = Caller("system:serviceaccount:team-a:alice", uid="a")
@@ -358,6 +359,23 @@ def test_uploads_beyond_the_limit_at_once_get_429_with_retry_after(
         release.set()
         assert all(future.result(timeout=30).purpose == "batch" for future in held)
     assert site.client().files.create(file=("after.jsonl", jsonl(1)), purpose="batch").bytes > 0
+
+
+def test_each_caller_has_a_rate_of_its_own_and_is_told_when_to_come_back() -> None:
+    limits = CallerLimits(rate=2.0, burst=3.0)
+    assert [limits.take("alice", 100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limits.take("alice", 100.0) == pytest.approx(0.5)  # one call's worth at 2/s
+    assert limits.take("bob", 100.0) == 0.0  # alice's flood costs bob nothing
+    assert limits.take("alice", 100.6) == 0.0
+
+
+def test_the_token_cache_evicts_the_oldest_answer_not_every_answer() -> None:
+    cache = TimedCache(ttl=60, size=3)
+    for key in ("a", "b", "c"):
+        cache.put(key, key.upper())
+    cache.put("d", "D")  # a fourth token: only the oldest answer goes
+    assert [cache.get(k) for k in "abcd"] == [None, "B", "C", "D"]
+    assert len(cache) == 3
 
 
 def test_a_grants_secret_is_read_as_the_operator_reads_it(site: Site) -> None:

@@ -40,7 +40,10 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(tmp_pat
     jobs = FakeJobs(
         storage={"team-a": [StorageGrant(prefix=f"file://{tmp_path}/team-a/")]}, templates={"team-a": "t"}
     )
-    settings = Settings(api_max_file_bytes=1 << 20, api_max_file_lines=1000)
+    # Schemathesis sends as fast as it can: the per-caller rate is not what it checks here.
+    settings = Settings(
+        api_max_file_bytes=1 << 20, api_max_file_lines=1000, api_calls_per_second=1e6, api_burst=1e6
+    )
     with serving(BatchApi(reviews, jobs, Files(jobs, settings), settings)) as url:
         run = subprocess.run(
             [

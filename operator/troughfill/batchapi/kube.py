@@ -9,6 +9,7 @@ of these runs on its behalf.
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from kubernetes import client
@@ -28,10 +29,17 @@ request would double the API server's load under a polling client; a revoked tok
 removed RoleBinding takes effect within this."""
 
 
-class _TimedCache:
-    def __init__(self, ttl: float) -> None:
+CACHE_ENTRIES = 10_000
+
+
+class TimedCache:
+    """Answers kept `ttl` seconds, at most `size` of them: past that the oldest goes (a flood of
+    new tokens evicts old answers one by one, instead of clearing every caller's at once)."""
+
+    def __init__(self, ttl: float, size: int = CACHE_ENTRIES) -> None:
         self.ttl = ttl
-        self._items: dict[str, tuple[float, Any]] = {}
+        self.size = size
+        self._items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Any:
@@ -43,17 +51,21 @@ class _TimedCache:
 
     def put(self, key: str, value: Any) -> None:
         with self._lock:
-            if len(self._items) > 10_000:
-                self._items.clear()
+            self._items.pop(key, None)
             self._items[key] = (time.monotonic(), value)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class KubeReviews:
     def __init__(self, api: client.ApiClient, cache_seconds: float = REVIEW_CACHE_SECONDS) -> None:
         self.auth = client.AuthenticationV1Api(api)
         self.authz = client.AuthorizationV1Api(api)
-        self._tokens = _TimedCache(cache_seconds)
-        self._access = _TimedCache(cache_seconds)
+        self._tokens = TimedCache(cache_seconds)
+        self._access = TimedCache(cache_seconds)
 
     def authenticate(self, token: str) -> Caller | Rejected:
         key = hashlib.sha256(token.encode()).hexdigest()

@@ -14,6 +14,7 @@ ERRORS = {
     "401": "No token, or one the cluster does not accept",
     "403": "SubjectAccessReview denies the caller this in the namespace",
     "404": "No such object in the namespace",
+    "429": "Over the caller's rate, or too many uploads at once; retry-after says when to try again",
 }
 
 

@@ -11,8 +11,10 @@ deleting a file `delete`. Errors are OpenAI's: {"error": {"message", "type", "pa
 import asyncio
 import contextlib
 import logging
+import math
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -125,6 +127,27 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         LATENCY.labels(route).observe(time.monotonic() - started)
 
 
+class CallerLimits:
+    """A token bucket per caller (its username, as TokenReview says): `rate` calls a second,
+    `burst` at once. Kept for the callers of the last CALLERS_KEPT, the least recent dropped."""
+
+    CALLERS_KEPT = 10_000
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, caller: str, now: float) -> float:
+        """0 if the caller may call now (counted), else the seconds until it may."""
+        tokens, at = self._buckets.pop(caller, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self._buckets[caller] = (tokens - 1 if tokens >= 1 else tokens, now)
+        while len(self._buckets) > self.CALLERS_KEPT:
+            self._buckets.popitem(last=False)
+        return wait
+
+
 class BatchApi:
     def __init__(self, reviews: Reviews, jobs: Jobs, files: Files, settings: Settings) -> None:
         self.reviews = reviews
@@ -133,6 +156,7 @@ class BatchApi:
         self.settings = settings
         self._uploads = 0
         """Uploads in progress now (api_max_concurrent_uploads at most)."""
+        self._limits = CallerLimits(settings.api_calls_per_second, settings.api_burst)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[openai_errors])
@@ -168,6 +192,12 @@ class BatchApi:
             raise ApiError(
                 401, f"The token was not accepted by the cluster: {found.reason}", code="invalid_api_key"
             )
+        wait = self._limits.take(found.username, time.monotonic())
+        if wait:
+            raise ApiError(
+                429, f"{found.username} is over this API's rate ({self.settings.api_calls_per_second:g}/s)",
+                "rate_limit_error", code="rate_limit_exceeded", retry_after=max(1, math.ceil(wait)),
+            )  # fmt: skip
         namespace = self._namespace(request, found)
         if not await asyncio.to_thread(self.reviews.allowed, found, namespace, verb):
             raise ApiError(
