@@ -124,6 +124,10 @@ class Container:
     retry_at: float = 0.0
     """When to try starting it again while it waits (0: never)."""
     isolated: bool = False
+    environment: dict[str, str] | None = None
+    """The environment it was started with: exec probes run with it, as they run inside the
+    container on a real node (not resolved again: a probe every few seconds re-reading each
+    Secret key it names kept a busy agent's probes late)."""
     """Runs in namespaces of its own (exec probes enter them)."""
 
 
@@ -534,6 +538,7 @@ class NodeAgent:
             container.retry_at = time.monotonic() + CONFIG_RETRY_SECONDS
             return
         container.waiting = None
+        container.environment = env
         try:
             argv = [_expand(a, env) for a in argv]
             if not argv:
@@ -687,7 +692,7 @@ class NodeAgent:
     def _run_probe(self, local: LocalPod, container: Container, probe: dict[str, Any]) -> bool:
         timeout = float(probe.get("timeoutSeconds", 1))
         if "exec" in probe:
-            env = self._environment(local, container.spec)
+            env = container.environment or self._environment(local, container.spec)
             command = list(probe["exec"]["command"])
             if container.isolated and container.process is not None:
                 command = exec_in(container.process.pid, command)
