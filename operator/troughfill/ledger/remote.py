@@ -51,8 +51,17 @@ class LedgerServiceError(TroughfillError):
 class RemoteLedger:
     """One job's ledger through the ledger service at `url`, as `token` (the job's)."""
 
-    def __init__(self, keys: JobKeys, url: str, token: str, *, ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        keys: JobKeys,
+        url: str,
+        token: str,
+        *,
+        ca_file: str | None = None,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
         self.keys = keys
+        self.retry_seconds = retry_seconds
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
         self._ca_file = ca_file
@@ -83,7 +92,7 @@ class RemoteLedger:
             payload = json.dumps(body, separators=(",", ":")).encode()
         else:
             payload = (body or wire.Empty()).model_dump_json().encode()
-        deadline = time.monotonic() + RETRY_SECONDS
+        deadline = time.monotonic() + self.retry_seconds
         attempt = 0
         while True:
             try:

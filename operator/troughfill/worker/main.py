@@ -14,11 +14,15 @@ from troughfill.config import Settings
 from troughfill.errors import TroughfillError
 from troughfill.ledger import JobKeys, JobLedger, StopMode, connect
 from troughfill.ledger.port import WorkerLedger
-from troughfill.ledger.remote import RemoteLedger
+from troughfill.ledger.remote import RETRY_SECONDS, RemoteLedger
 from troughfill.storage import store_for
 from troughfill.worker.concurrency import ConcurrencyPolicy
 from troughfill.worker.engine import EngineClient, EngineProcess
 from troughfill.worker.runner import ExitCode, Worker, WorkerOptions, install_signal_handlers
+
+PROBE_RETRY_SECONDS = 3.0
+"""How long `worker check` keeps asking a ledger service that does not answer (its probe's
+timeout is 10 s)."""
 
 
 def job_keys(text: str) -> JobKeys:
@@ -109,7 +113,9 @@ def add_arguments(commands: "argparse._SubParsersAction[argparse.ArgumentParser]
     check.set_defaults(handler=cmd_check)
 
 
-def job_ledger(settings: Settings, keys: JobKeys) -> tuple[WorkerLedger, Callable[[], Awaitable[None]]]:
+def job_ledger(
+    settings: Settings, keys: JobKeys, *, patient: bool = True
+) -> tuple[WorkerLedger, Callable[[], Awaitable[None]]]:
     """The job's ledger and how to close it: through the ledger service with the job's token
     (worker pods: they hold no Redis credential), or, where no service is configured (a
     developer's machine, tests), Redis directly with the settings' credentials."""
@@ -123,9 +129,10 @@ def job_ledger(settings: Settings, keys: JobKeys) -> tuple[WorkerLedger, Callabl
             settings.ledger_url,
             settings.ledger_token.get_secret_value(),
             ca_file=settings.ledger_ca_file,
+            retry_seconds=RETRY_SECONDS if patient else PROBE_RETRY_SECONDS,
         )
         return remote, remote.aclose
-    client = connect(settings, patient=True)  # a Redis restart is a pause, not the end of the worker
+    client = connect(settings, patient=patient)  # a Redis restart is a pause, not the end of the worker
     return JobLedger(client, keys), client.aclose
 
 
@@ -190,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _check(args: argparse.Namespace) -> int:
-    ledger, close_ledger = job_ledger(Settings(), args.job)
+    ledger, close_ledger = job_ledger(Settings(), args.job, patient=False)  # a probe answers in seconds
     try:
         beat = await ledger.last_heartbeat(args.worker_id)
     finally:
