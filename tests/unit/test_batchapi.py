@@ -27,8 +27,9 @@ from troughfill.batchapi.kube import TimedCache
 from troughfill.batchapi.mapping import job_name
 from troughfill.batchapi.openapi import document
 from troughfill.batchapi.ports import Caller, Jobs, Reviews
-from troughfill.batchapi.server import BatchApi, CallerLimits
+from troughfill.batchapi.server import BatchApi
 from troughfill.config import Settings
+from troughfill.ratelimit import KeyedLimits
 
 ALICE = Caller("system:serviceaccount:team-a:alice", uid="a")
 BOB = Caller("system:serviceaccount:team-b:bob", uid="b")
@@ -362,7 +363,7 @@ def test_uploads_beyond_the_limit_at_once_get_429_with_retry_after(
 
 
 def test_each_caller_has_a_rate_of_its_own_and_is_told_when_to_come_back() -> None:
-    limits = CallerLimits(rate=2.0, burst=3.0)
+    limits = KeyedLimits(rate=2.0, burst=3.0)
     assert [limits.take("alice", 100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert limits.take("alice", 100.0) == pytest.approx(0.5)  # one call's worth at 2/s
     assert limits.take("bob", 100.0) == 0.0  # alice's flood costs bob nothing

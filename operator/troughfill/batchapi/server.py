@@ -14,7 +14,6 @@ import logging
 import math
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ from troughfill.batchapi.wire import (
     Page,
 )
 from troughfill.config import Settings
+from troughfill.ratelimit import KeyedLimits
 from troughfill.storage import StorageError
 
 log = logging.getLogger("troughfill.api")
@@ -127,27 +127,6 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         LATENCY.labels(route).observe(time.monotonic() - started)
 
 
-class CallerLimits:
-    """A token bucket per caller (its username, as TokenReview says): `rate` calls a second,
-    `burst` at once. Kept for the callers of the last CALLERS_KEPT, the least recent dropped."""
-
-    CALLERS_KEPT = 10_000
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def take(self, caller: str, now: float) -> float:
-        """0 if the caller may call now (counted), else the seconds until it may."""
-        tokens, at = self._buckets.pop(caller, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-        self._buckets[caller] = (tokens - 1 if tokens >= 1 else tokens, now)
-        while len(self._buckets) > self.CALLERS_KEPT:
-            self._buckets.popitem(last=False)
-        return wait
-
-
 class BatchApi:
     def __init__(self, reviews: Reviews, jobs: Jobs, files: Files, settings: Settings) -> None:
         self.reviews = reviews
@@ -156,7 +135,8 @@ class BatchApi:
         self.settings = settings
         self._uploads = 0
         """Uploads in progress now (api_max_concurrent_uploads at most)."""
-        self._limits = CallerLimits(settings.api_calls_per_second, settings.api_burst)
+        self._limits = KeyedLimits(settings.api_calls_per_second, settings.api_burst)
+        """A token bucket per caller (its username, as TokenReview says)."""
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[openai_errors])

@@ -44,6 +44,7 @@ from troughfill.ledger.ledger import (
     Outcome,
     Partial,
 )
+from troughfill.ratelimit import KeyedLimits
 
 log = logging.getLogger("troughfill.ledger.service")
 
@@ -75,32 +76,8 @@ class RefusedError(Exception):
 
 
 @dataclass
-class TokenBucket:
-    """`rate` calls a second on average, `burst` at once."""
-
-    rate: float
-    burst: float
-    tokens: float = field(init=False)
-    at: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.burst
-        self.at = time.monotonic()
-
-    def take(self, now: float) -> float:
-        """0 if a call may go now (and it is counted), else the seconds until one may."""
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
-@dataclass
 class _Job:
     ledger: JobLedger
-    bucket: TokenBucket
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONCURRENT_CALLS_PER_JOB))
     total: int | None = None
     """The job's request count once indexed (fixed from then on: the operator wrote it)."""
@@ -119,6 +96,7 @@ class LedgerService:
         self.key = LedgerKey(client)
         self.limits = limits or Limits()
         self._jobs: OrderedDict[JobKeys, _Job] = OrderedDict()
+        self._rates = KeyedLimits(self.limits.calls_per_second, self.limits.burst, kept=JOBS_KEPT)
         self._key_read_at = 0.0
         self._tokens: dict[str, JobKeys] = {}
         """Tokens verified under the current key (a job's workers send the same one each call)."""
@@ -163,7 +141,7 @@ class LedgerService:
                 raise RefusedError(404, f"no operation {operation!r}")
             job = await self._authenticate(request)
             body = wire.OPERATIONS[operation].model_validate_json(await request.read() or b"{}")
-            wait = job.bucket.take(time.monotonic())
+            wait = self._rates.take(job.ledger.keys, time.monotonic())
             if wait:
                 raise RefusedError(429, "over this job's rate of ledger calls", retry_after=wait)
             async with job.slots:
@@ -216,9 +194,7 @@ class LedgerService:
             self._tokens[token] = keys
         job = self._jobs.get(keys)
         if job is None:
-            job = _Job(
-                JobLedger(self.client, keys), TokenBucket(self.limits.calls_per_second, self.limits.burst)
-            )
+            job = _Job(JobLedger(self.client, keys))
             self._jobs[keys] = job
             if len(self._jobs) > JOBS_KEPT:
                 self._jobs.popitem(last=False)
