@@ -152,12 +152,14 @@ def test_argocd_syncs_the_crds_then_the_operator_from_git(site: Site, argocd: Ar
     assert health == {
         ("Deployment", "troughfill-operator"): "Healthy",
         ("Deployment", "troughfill-api"): "Healthy",
+        ("Deployment", "troughfill-ledger"): "Healthy",
         ("StatefulSet", "troughfill-redis"): "Healthy",
     }, health
     pods = client.CoreV1Api(site.api).list_namespaced_pod(SYSTEM).items
     accounts = {p.metadata.labels.get("app.kubernetes.io/name"): p.spec.service_account_name for p in pods}
     assert accounts["troughfill-operator"] == "troughfill-operator"
     assert accounts["troughfill-api"] == "troughfill-api"
+    assert accounts["troughfill-ledger"] == "troughfill-ledger"
     windows = {name: sync_window(argocd.application(name)) for name in CHILDREN}
     report(
         "\nArgo CD app of apps: "
