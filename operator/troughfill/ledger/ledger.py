@@ -439,9 +439,6 @@ class JobLedger:
 
     async def lease_seconds(self) -> float:
         """How long a lease lasts without a renewal (fixed when the job was created)."""
-        return await self._lease_time()
-
-    async def _lease_time(self) -> float:
         if self._lease_seconds is None:  # fixed at creation: read once
             stored = await self.client.hget(self.keys.key("meta"), "lease_seconds")
             self._lease_seconds = float(stored) if stored else DEFAULT_LEASE_SECONDS
@@ -450,7 +447,7 @@ class JobLedger:
     async def claim(self, worker: str, max_count: int, *, idle: bool = False) -> Claim | None:
         """Lease up to `max_count` pending requests (retries first), or None if there are none now.
         An `idle` worker (holding nothing) gets a suspect alone first, if there is one."""
-        lease_seconds = await self._lease_time()
+        lease_seconds = await self.lease_seconds()
         lease_id, _, indices, attempts, solo = await self._run(
             "CLAIM", worker, max_count, self._now(), lease_seconds, "1" if idle else "0"
         )
@@ -466,7 +463,7 @@ class JobLedger:
 
     async def renew(self, worker: str, lease_id: int) -> bool:
         """Extend a lease by the job's lease time; False if it already expired or is not ours."""
-        lease_seconds = await self._lease_time()
+        lease_seconds = await self.lease_seconds()
         return bool(await self._run("RENEW", worker, lease_id, self._now(), lease_seconds))
 
     async def release(self, worker: str, lease_id: int) -> int:

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,7 +211,7 @@ class LedgerService:
             job.total = total
         return job.total
 
-    async def _check_indices(self, job: _Job, indices: list[int] | Any) -> None:
+    async def _check_indices(self, job: _Job, indices: Iterable[int]) -> None:
         total = await self._total(job)
         beyond = [index for index in indices if index >= total]
         if beyond:
